@@ -1,0 +1,5 @@
+"""`python -m proxy` is `pgmux`."""
+
+from proxy.cli import main
+
+main()

@@ -1,0 +1,256 @@
+"""Proxy: the listeners, the pool registry, the cancel-key registry, the janitor and the process lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import hmac
+import secrets
+import signal
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.auth.secrets import UserSecret
+from proxy.client import ClientConnection, ClientState
+from proxy.logs import get_logger
+from proxy.pool import Pool, PoolConfig, PoolKey, ServerBudget
+from proxy.protocol import errors
+from proxy.settings import DatabaseSettings, Settings, Upstream, parse_upstream_url, split_address
+
+log = get_logger("app")
+
+JANITOR_PERIOD = 1.0
+
+
+@dataclass(frozen=True)
+class LoginTarget:
+    """Where a client's login leads: the pool it will use and the secret its password is checked against."""
+
+    pool: Pool
+    secret: UserSecret | None
+
+
+@dataclass
+class _Database:
+    name: str
+    settings: DatabaseSettings
+    upstream: Upstream
+    budget: ServerBudget
+
+
+class Proxy:
+    """One running pgmux: owns every connection, pool and task it starts."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pools: dict[PoolKey, Pool] = {}
+        self.clients: set[ClientConnection] = set()
+        self.rejections: collections.Counter[str] = collections.Counter()
+        self.addresses: list[tuple[str, int]] = []  # where the listeners are bound, in listener order
+        self.draining = False
+        self._databases = {
+            name: _Database(name, db, parse_upstream_url(db.url.get_secret_value()),
+                            ServerBudget(db.max_db_connections if db.max_db_connections is not None
+                                         else settings.max_db_connections))
+            for name, db in settings.all_databases().items()
+        }
+        self._user_budgets: dict[str, ServerBudget] = {}
+        self._secrets: dict[tuple[str, str], UserSecret | None] = {}
+        self._cancel_keys: dict[int, ClientConnection] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._servers: list[asyncio.Server] = []
+        self._janitor: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    # ---- tasks ------------------------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Start a task that the proxy owns: it is tracked until done, and its failure is logged."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    # ---- listening ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for listener in self.settings.all_listeners():
+            host, port = split_address(listener.address)
+            server = await loop.create_server(lambda listener=listener: self._accept(listener), host, port,
+                                              reuse_address=True, backlog=4096)
+            self._servers.append(server)
+            bound = server.sockets[0].getsockname()
+            self.addresses.append((bound[0], bound[1]))
+            log.info("listening on %s:%d (%s pooling, %s auth)", bound[0], bound[1], listener.pool_mode.value,
+                     listener.auth_type.value)
+        self._janitor = self.spawn(self._run_janitor(), name="janitor")
+
+    def _accept(self, listener: Any) -> ClientConnection:
+        client = ClientConnection(self, listener)
+        self.clients.add(client)
+        return client
+
+    def client_limit_error(self) -> errors.PgError | None:
+        """The refusal for a new connection, decided before any authentication work is spent on it."""
+        if self.draining:
+            return errors.shutting_down()
+        if len(self.clients) > self.settings.max_client_conn:
+            self.count_rejection("max_client_conn")
+            return errors.too_many_clients(self.settings.max_client_conn)
+        return None
+
+    # ---- routing a login to a pool --------------------------------------------------------------
+
+    def login_target(self, database: str, user: str) -> LoginTarget:
+        db = self._databases.get(database)
+        if db is None:
+            self.count_rejection("unknown_database")
+            raise errors.unknown_database(database)
+        secret = self._secret(db, user)
+        upstream = db.upstream
+        if secret is not None and secret.password is not None:
+            upstream = dataclasses.replace(upstream, user=user, password=secret.password)
+        elif secret is None:
+            # Only a trust listener lets an unknown user this far; the upstream decides about it.
+            upstream = dataclasses.replace(upstream, user=user, password=None)
+        # A user known only by a hash or verifier logs in upstream as the database's own user.
+        return LoginTarget(self._pool(db, upstream), secret)
+
+    def _secret(self, db: _Database, user: str) -> UserSecret | None:
+        key = (db.name, user)
+        if key not in self._secrets:
+            configured = self.settings.users.get(user)
+            if configured is not None:
+                self._secrets[key] = UserSecret.from_config(user, configured.password.get_secret_value())
+            elif user == db.upstream.user and db.upstream.password is not None:
+                self._secrets[key] = UserSecret(user, password=db.upstream.password)
+            else:
+                self._secrets[key] = None
+        return self._secrets[key]
+
+    def _pool(self, db: _Database, upstream: Upstream) -> Pool:
+        key = PoolKey(db.name, upstream.user)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = Pool(key, self._pool_config(db, upstream), self._budgets(db, upstream.user), self.spawn)
+            self.pools[key] = pool
+        return pool
+
+    def _budgets(self, db: _Database, user: str) -> tuple[ServerBudget, ...]:
+        budget = self._user_budgets.get(user)
+        if budget is None:
+            budget = self._user_budgets[user] = ServerBudget(self.settings.max_user_connections)
+        return db.budget, budget
+
+    def _pool_config(self, db: _Database, upstream: Upstream) -> PoolConfig:
+        s, d = self.settings, db.settings
+        return PoolConfig(
+            upstream=upstream,
+            pool_size=d.pool_size if d.pool_size is not None else s.default_pool_size,
+            min_pool_size=d.min_pool_size if d.min_pool_size is not None else s.min_pool_size,
+            reserve_pool_size=d.reserve_pool_size if d.reserve_pool_size is not None else s.reserve_pool_size,
+            reserve_pool_timeout=s.reserve_pool_timeout,
+            query_wait_timeout=s.query_wait_timeout,
+            server_idle_timeout=s.server_idle_timeout,
+            server_lifetime=s.server_lifetime,
+            server_connect_timeout=s.server_connect_timeout,
+            server_login_retry=s.server_login_retry,
+            server_reset_query=s.server_reset_query,
+        )
+
+    # ---- cancel requests ----------------------------------------------------------------------
+
+    def register_cancel_key(self, client: ClientConnection) -> tuple[int, bytes]:
+        while True:
+            process_id = secrets.randbelow(2**31 - 1) + 1
+            if process_id not in self._cancel_keys:
+                break
+        self._cancel_keys[process_id] = client
+        return process_id, secrets.token_bytes(4)
+
+    def cancel(self, process_id: int, secret: bytes) -> None:
+        """Forward a CancelRequest to the server the client uses now; drop it silently otherwise."""
+        client = self._cancel_keys.get(process_id)
+        if client is None or not hmac.compare_digest(client.cancel_key[1], secret):
+            log.info("cancel request with an unknown key ignored")
+            return
+        server = client.server
+        if server is None or not client.pending:
+            log.info("cancel request ignored: no query running", extra={"conn": client.id})
+            return
+        log.info("forwarding cancel request to %s", server.id, extra={"conn": client.id})
+        self.spawn(server.send_cancel(self.settings.server_connect_timeout), name=f"cancel {server.id}")
+
+    def forget_client(self, client: ClientConnection) -> None:
+        self.clients.discard(client)
+        process_id = client.cancel_key[0]
+        if self._cancel_keys.get(process_id) is client:
+            del self._cancel_keys[process_id]
+
+    # ---- counters -----------------------------------------------------------------------------
+
+    def count_rejection(self, reason: str) -> None:
+        self.rejections[reason] += 1
+
+    # ---- upkeep and shutdown ------------------------------------------------------------------
+
+    async def _run_janitor(self) -> None:
+        while True:
+            await asyncio.sleep(JANITOR_PERIOD)
+            now = time.monotonic()
+            for pool in list(self.pools.values()):
+                pool.maintain(now)
+
+    async def stop(self, graceful: bool = True) -> None:
+        """Stop listening; let transactions finish (up to shutdown_timeout) if graceful; close everything."""
+        if self.draining:
+            graceful = False
+        self.draining = True
+        for server in self._servers:
+            server.close()
+        if graceful:
+            deadline = time.monotonic() + self.settings.shutdown_timeout
+            while time.monotonic() < deadline:
+                for client in list(self.clients):
+                    if client.state in (ClientState.IDLE, ClientState.STARTUP, ClientState.AUTH):
+                        client.fail(errors.shutting_down())
+                if not self.clients:
+                    break
+                await asyncio.sleep(0.05)
+        for client in list(self.clients):
+            client.fail(errors.shutting_down())
+        for pool in self.pools.values():
+            pool.close_all("pgmux is shutting down")
+        if self._janitor is not None:
+            self._janitor.cancel()
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        await asyncio.sleep(0)
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def run(settings: Settings, on_ready: Any = None) -> None:
+    """Serve until SIGTERM (drain) or SIGINT (fast stop)."""
+    proxy = Proxy(settings)
+    await proxy.start()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, lambda: proxy.spawn(proxy.stop(graceful=True), name="shutdown"))
+    loop.add_signal_handler(signal.SIGINT, lambda: proxy.spawn(proxy.stop(graceful=False), name="shutdown"))
+    if on_ready is not None:
+        on_ready(proxy)
+    await proxy.wait_stopped()
+    log.info("pgmux stopped")

@@ -1,0 +1,266 @@
+"""pgmux verifying an app that connects to it: one small state machine per login attempt (SCRAM, md5, trust)."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import secrets
+import struct
+from typing import NoReturn
+
+from scramp import ScramException, ScramMechanism
+from scramp.utils import ServerError
+
+from proxy.auth.secrets import (
+    SCRAM_SHA_256,
+    AuthMethod,
+    ScramAuthInfo,
+    UserSecret,
+    md5_password_hash,
+    md5_salted_response,
+)
+from proxy.protocol import messages
+
+_MD5_SALT_LEN = 4
+_MOCK_SALT_LEN = 16
+_MOCK_ITERATIONS = 4096
+# Mock SCRAM salts are derived from the user name with this per-process key, as PostgreSQL derives
+# them from its cluster-wide mock nonce: the same unknown user sees the same salt on every attempt,
+# just as a real user does, so a changing salt does not reveal that the user does not exist.
+_MOCK_SALT_KEY = secrets.token_bytes(32)
+_MAX_SHOWN_MECHANISM = 64  # a hostile client must not fill the logs through the reason text
+
+NO_PASSWORD_KNOWN = "no password known for user"
+WRONG_PASSWORD = "wrong password"
+
+
+class AuthenticationFailed(Exception):
+    """The client did not prove who it is. ``reason`` is for pgmux's logs only.
+
+    The client itself must get one and the same error whatever the reason, so that it cannot tell
+    an unknown user from a wrong password.
+    """
+
+    def __init__(self, user: str, reason: str) -> None:
+        super().__init__(f"authentication failed for user {user!r}: {reason}")
+        self.user = user
+        self.reason = reason
+
+
+class _Stage(enum.Enum):
+    NEW = "new"
+    AWAITING_PASSWORD = "awaiting PasswordMessage"
+    AWAITING_SASL_INITIAL = "awaiting SASLInitialResponse"
+    AWAITING_SASL_RESPONSE = "awaiting SASLResponse"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ClientAuthenticator:
+    """One login attempt: ``start()`` once, then feed each 'p' message body to ``receive()``.
+
+    Neither returns AuthenticationOk: the caller sends it once ``done`` is True.
+    """
+
+    method: AuthMethod  # the method actually run (md5 configured + SCRAM verifier only => SCRAM)
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self._stage = _Stage.NEW
+
+    def start(self) -> bytes:
+        """The first Authentication request to send (b"" when none is needed)."""
+        if self._stage is not _Stage.NEW:
+            raise RuntimeError("ClientAuthenticator.start() called twice")
+        return self._start()
+
+    def receive(self, body: bytes) -> bytes:
+        """Consume the body of the client's 'p' message; return the bytes to send next (may be b"")."""
+        expected = self._stage
+        if expected not in (_Stage.AWAITING_PASSWORD, _Stage.AWAITING_SASL_INITIAL, _Stage.AWAITING_SASL_RESPONSE):
+            self._fail(f"client sent a password message while authentication was {expected.value}")
+        return self._receive(expected, bytes(body))
+
+    @property
+    def done(self) -> bool:
+        """True once the client is authenticated."""
+        return self._stage is _Stage.DONE
+
+    def _start(self) -> bytes:
+        raise NotImplementedError
+
+    def _receive(self, stage: _Stage, body: bytes) -> bytes:
+        raise NotImplementedError
+
+    def _fail(self, reason: str) -> NoReturn:
+        # Once failed, every later message is refused too: the caller should already be closing.
+        self._stage = _Stage.FAILED
+        raise AuthenticationFailed(self.user, reason)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} user={self.user!r} method={self.method.value} stage={self._stage.value}>"
+
+
+class _TrustAuthenticator(ClientAuthenticator):
+    method = AuthMethod.TRUST
+
+    def _start(self) -> bytes:
+        self._stage = _Stage.DONE
+        return b""
+
+
+class _Md5Authenticator(ClientAuthenticator):
+    method = AuthMethod.MD5
+
+    def __init__(self, user: str, md5_hash: str | None, missing_reason: str | None = None) -> None:
+        super().__init__(user)
+        # Without a real hash, a random one keeps the work done (and so the timing) the same as for
+        # a known user; missing_reason then fails the attempt once the client has answered.
+        self._md5_hash = md5_hash if md5_hash is not None else "md5" + secrets.token_hex(16)
+        self._missing_reason = missing_reason if md5_hash is None else None
+        self._salt = b""
+
+    def _start(self) -> bytes:
+        self._salt = secrets.token_bytes(_MD5_SALT_LEN)
+        self._stage = _Stage.AWAITING_PASSWORD
+        return messages.authentication_md5(self._salt)
+
+    def _receive(self, stage: _Stage, body: bytes) -> bytes:
+        answer = messages.parse_password(body)
+        expected = md5_salted_response(self._md5_hash, self._salt)
+        matches = hmac.compare_digest(answer, expected)
+        if self._missing_reason is not None:
+            self._fail(self._missing_reason)
+        if not matches:
+            self._fail(WRONG_PASSWORD)
+        self._stage = _Stage.DONE
+        return b""
+
+
+class _ScramAuthenticator(ClientAuthenticator):
+    method = AuthMethod.SCRAM_SHA_256
+
+    def __init__(self, user: str, auth_info: ScramAuthInfo, missing_reason: str | None = None) -> None:
+        super().__init__(user)
+        self._missing_reason = missing_reason
+        # PostgreSQL ignores the user name inside the SCRAM messages (the startup packet's user is
+        # authoritative), so the lookup ignores it too.
+        self._server = ScramMechanism(SCRAM_SHA_256).make_server(lambda _scram_user: auth_info)
+
+    def _start(self) -> bytes:
+        self._stage = _Stage.AWAITING_SASL_INITIAL
+        # Only the plain mechanism: -PLUS needs channel binding to a client TLS session pgmux lacks.
+        return messages.authentication_sasl([SCRAM_SHA_256])
+
+    def _receive(self, stage: _Stage, body: bytes) -> bytes:
+        if stage is _Stage.AWAITING_SASL_INITIAL:
+            return self._receive_client_first(body)
+        return self._receive_client_final(body)
+
+    def _receive_client_first(self, body: bytes) -> bytes:
+        try:
+            mechanism, data = messages.parse_sasl_initial_response(body)
+        except (ValueError, struct.error):
+            self._fail("malformed SCRAM message: unreadable SASLInitialResponse")
+        if mechanism != SCRAM_SHA_256:
+            self._fail(f"client chose unsupported SASL mechanism {mechanism[:_MAX_SHOWN_MECHANISM]!r}")
+        client_first = self._decode(data)
+        for_scramp, bare = self._neutralise_username(client_first)
+        try:
+            self._server.set_client_first(for_scramp)
+            # The proof the client sends is computed over the bare message it actually sent, so
+            # scramp must sign and verify that one, not the copy with the placeholder user name.
+            self._server.client_first_bare = bare
+            server_first = self._server.get_server_first()
+        except ScramException as exc:
+            self._fail(_scram_reason(exc))
+        self._stage = _Stage.AWAITING_SASL_RESPONSE
+        return messages.authentication_sasl_continue(server_first.encode())
+
+    def _receive_client_final(self, body: bytes) -> bytes:
+        client_final = self._decode(body)
+        try:
+            self._server.set_client_final(client_final)
+        except ScramException as exc:
+            if exc.server_error is ServerError.INVALID_PROOF:
+                self._fail(self._missing_reason or WRONG_PASSWORD)
+            self._fail(_scram_reason(exc))
+        if self._missing_reason is not None:
+            # Unreachable in practice (the mock keys are random), but never let a mock exchange pass.
+            self._fail(self._missing_reason)
+        server_final = self._server.get_server_final()
+        self._stage = _Stage.DONE
+        return messages.authentication_sasl_final(server_final.encode())
+
+    def _decode(self, data: bytes) -> str:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            self._fail("malformed SCRAM message: not UTF-8")
+
+    def _neutralise_username(self, client_first: str) -> tuple[str, str]:
+        """Return (client-first with user name "*", the client-first-message-bare as sent).
+
+        libpq sends an empty user name ("n=,r=..."), which RFC 5802 and so scramp reject; PostgreSQL
+        accepts any user name there and ignores it. Replacing it for scramp's parser, while keeping
+        the original bare message for the signatures, accepts what PostgreSQL accepts.
+        """
+        first_comma = client_first.find(",")
+        second_comma = client_first.find(",", first_comma + 1) if first_comma >= 0 else -1
+        if second_comma < 0:
+            self._fail("malformed SCRAM message: client-first-message has no GS2 header")
+        gs2_header, bare = client_first[: second_comma + 1], client_first[second_comma + 1 :]
+        username_end = bare.find(",")
+        if not bare.startswith("n=") or username_end < 0:
+            self._fail("malformed SCRAM message: client-first-message has no user name attribute")
+        return f"{gs2_header}n=*{bare[username_end:]}", bare
+
+
+def _scram_reason(exc: ScramException) -> str:
+    if exc.server_error is ServerError.CHANNEL_BINDING_NOT_SUPPORTED:
+        return "client requires SCRAM channel binding, which pgmux does not offer without client TLS"
+    return f"malformed SCRAM message: {exc}"
+
+
+def _mock_scram_auth_info(user: str) -> ScramAuthInfo:
+    salt = hmac.new(_MOCK_SALT_KEY, user.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()[:_MOCK_SALT_LEN]
+    # Random keys: no proof can match them, so the exchange runs to the end and then fails.
+    return salt, secrets.token_bytes(32), secrets.token_bytes(32), _MOCK_ITERATIONS
+
+
+def client_authenticator(method: AuthMethod, user: str, secret: UserSecret | None) -> ClientAuthenticator:
+    """The authenticator for one login of ``user`` under the configured ``method``.
+
+    ``secret`` None means the user is unknown: the full exchange still runs (PostgreSQL's "mock
+    authentication") and then fails, so that the flow does not reveal which users exist.
+    """
+    method = AuthMethod(method)
+    if secret is not None and secret.user != user:
+        raise ValueError(f"secret for user {secret.user!r} given to authenticate user {user!r}")
+    if method is AuthMethod.TRUST:
+        return _TrustAuthenticator(user)
+    if method is AuthMethod.MD5:
+        if secret is not None and secret.md5_hash is not None:
+            return _Md5Authenticator(user, secret.md5_hash)
+        if secret is not None and secret.password is not None:
+            return _Md5Authenticator(user, md5_password_hash(user, secret.password))
+        if secret is None or secret.scram_verifier is None:
+            return _Md5Authenticator(user, None, NO_PASSWORD_KNOWN)
+        # Only a SCRAM verifier is known: like PostgreSQL, md5 in the configuration means "md5 or
+        # better", and SCRAM is the only thing a verifier can serve.
+    return _scram_authenticator(user, secret)
+
+
+def _scram_authenticator(user: str, secret: UserSecret | None) -> ClientAuthenticator:
+    if secret is None or (secret.password is None and secret.scram_verifier is None):
+        if secret is not None and secret.md5_hash is not None:
+            reason = "only an md5 hash is known for user, which cannot serve SCRAM"
+        else:
+            reason = NO_PASSWORD_KNOWN
+        return _ScramAuthenticator(user, _mock_scram_auth_info(user), reason)
+    try:
+        auth_info = secret.scram_auth_info()
+    except ValueError as exc:
+        return _ScramAuthenticator(user, _mock_scram_auth_info(user), str(exc))
+    return _ScramAuthenticator(user, auth_info)

@@ -1,0 +1,162 @@
+"""pgmux logging in to PostgreSQL as a client: answers each Authentication request of one server login."""
+
+from __future__ import annotations
+
+import enum
+
+from scramp import ScramClient, ScramException
+
+from proxy.auth.secrets import SCRAM_SHA_256, md5_password_hash, md5_salted_response
+from proxy.protocol import messages
+
+_SCRAM_SHA_256_PLUS = SCRAM_SHA_256 + "-PLUS"
+_MD5_SALT_LEN = 4
+# PostgreSQL ignores the user name inside SCRAM (the startup packet's user counts). libpq sends an
+# empty one, which scramp cannot; "*" is what PgJDBC sends for the same reason, and it also spares
+# role names from SASLprep.
+_SCRAM_PLACEHOLDER_USER = "*"
+
+# Authentication request codes pgmux does not implement, by the names PostgreSQL's docs use.
+_UNSUPPORTED_METHODS: dict[int, str] = {
+    2: "KerberosV5",
+    6: "SCM credentials",
+    7: "GSSAPI",
+    8: "GSSAPI continuation",
+    9: "SSPI",
+}
+
+
+class ServerAuthError(Exception):
+    """Logging in to PostgreSQL failed on pgmux's side; the message says why and never holds the password."""
+
+
+class _Stage(enum.Enum):
+    NEW = "new"
+    PASSWORD_SENT = "password sent"
+    AWAITING_SASL_CONTINUE = "awaiting SASLContinue"
+    AWAITING_SASL_FINAL = "awaiting SASLFinal"
+    SASL_VERIFIED = "SCRAM server signature verified"
+    DONE = "authenticated"
+
+
+class ServerAuthenticator:
+    """Answers the server's Authentication requests for one login of ``user``."""
+
+    def __init__(self, user: str, password: str | None) -> None:
+        self.user = user
+        self._password = password
+        self._stage = _Stage.NEW
+        self._scram: ScramClient | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once the server has sent AuthenticationOk."""
+        return self._stage is _Stage.DONE
+
+    def respond(self, code: int, payload: bytes) -> bytes | None:
+        """Given one Authentication request (code, payload as from messages.parse_authentication),
+        return the whole message to send back, or None when nothing is to be sent."""
+        if code == messages.AUTH_OK:
+            return self._ok()
+        if code == messages.AUTH_CLEARTEXT_PASSWORD:
+            self._expect(_Stage.NEW, "AuthenticationCleartextPassword")
+            password = self._require_password()
+            self._stage = _Stage.PASSWORD_SENT
+            return messages.password_message(password.encode("utf-8"))
+        if code == messages.AUTH_MD5_PASSWORD:
+            return self._md5(payload)
+        if code == messages.AUTH_SASL:
+            return self._sasl_start(payload)
+        if code == messages.AUTH_SASL_CONTINUE:
+            return self._sasl_continue(payload)
+        if code == messages.AUTH_SASL_FINAL:
+            return self._sasl_final(payload)
+        name = _UNSUPPORTED_METHODS.get(code, "an unknown method")
+        raise ServerAuthError(
+            f"server requested {name} authentication (code {code}) for user {self.user!r}, "
+            "which pgmux does not support"
+        )
+
+    def _ok(self) -> None:
+        if self._stage in (_Stage.AWAITING_SASL_CONTINUE, _Stage.AWAITING_SASL_FINAL):
+            # A server that skips SASLFinal never proved it knows the password: refuse it, as libpq does.
+            raise ServerAuthError(
+                f"server sent AuthenticationOk before completing the SCRAM exchange for user {self.user!r}"
+            )
+        self._stage = _Stage.DONE
+        return None
+
+    def _md5(self, payload: bytes) -> bytes:
+        self._expect(_Stage.NEW, "AuthenticationMD5Password")
+        password = self._require_password()
+        if len(payload) != _MD5_SALT_LEN:
+            raise ServerAuthError(f"server sent an md5 salt of {len(payload)} bytes, expected {_MD5_SALT_LEN}")
+        self._stage = _Stage.PASSWORD_SENT
+        return messages.password_message(md5_salted_response(md5_password_hash(self.user, password), payload))
+
+    def _sasl_start(self, payload: bytes) -> bytes:
+        self._expect(_Stage.NEW, "AuthenticationSASL")
+        password = self._require_password()
+        try:
+            mechanisms = messages.parse_sasl_mechanisms(payload)
+        except UnicodeDecodeError:
+            raise ServerAuthError("server sent an unreadable list of SASL mechanisms") from None
+        if SCRAM_SHA_256 not in mechanisms:
+            if _SCRAM_SHA_256_PLUS in mechanisms:
+                raise ServerAuthError(
+                    "server offers only SCRAM-SHA-256-PLUS (channel binding), which pgmux does not support"
+                )
+            raise ServerAuthError(f"server offers no SASL mechanism pgmux supports: {mechanisms[:8]}")
+        # When a TLS server also offers -PLUS, plain SCRAM-SHA-256 (GS2 flag "n") is still accepted
+        # unless the server insists on channel binding, which pgmux cannot provide yet.
+        try:
+            self._scram = ScramClient([SCRAM_SHA_256], _SCRAM_PLACEHOLDER_USER, password)
+            client_first = self._scram.get_client_first()
+        except ScramException as exc:
+            # scramp names the SASLprep rule the password breaks; it never quotes the password.
+            raise ServerAuthError(
+                f"password configured for user {self.user!r} cannot be used for SCRAM: {exc}"
+            ) from None
+        self._stage = _Stage.AWAITING_SASL_CONTINUE
+        return messages.sasl_initial_response(SCRAM_SHA_256, client_first.encode("utf-8"))
+
+    def _sasl_continue(self, payload: bytes) -> bytes:
+        self._expect(_Stage.AWAITING_SASL_CONTINUE, "AuthenticationSASLContinue")
+        assert self._scram is not None
+        try:
+            self._scram.set_server_first(self._decode(payload))
+            client_final = self._scram.get_client_final()
+        except ScramException as exc:
+            raise ServerAuthError(f"server sent an unusable SCRAM server-first-message: {exc}") from None
+        self._stage = _Stage.AWAITING_SASL_FINAL
+        return messages.sasl_response(client_final.encode("utf-8"))
+
+    def _sasl_final(self, payload: bytes) -> None:
+        self._expect(_Stage.AWAITING_SASL_FINAL, "AuthenticationSASLFinal")
+        assert self._scram is not None
+        try:
+            self._scram.set_server_final(self._decode(payload))
+        except ScramException as exc:
+            # Mostly "server signature doesn't match": the server does not know the password.
+            raise ServerAuthError(f"SCRAM server verification failed for user {self.user!r}: {exc}") from None
+        self._stage = _Stage.SASL_VERIFIED
+        return None
+
+    def _require_password(self) -> str:
+        if self._password is None:
+            raise ServerAuthError(f"server asked for a password but none is configured for user {self.user!r}")
+        return self._password
+
+    def _expect(self, stage: _Stage, request: str) -> None:
+        if self._stage is not stage:
+            raise ServerAuthError(f"server sent {request} out of order (authentication was {self._stage.value})")
+
+    @staticmethod
+    def _decode(payload: bytes) -> str:
+        try:
+            return payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ServerAuthError("server sent a SCRAM message that is not UTF-8") from None
+
+    def __repr__(self) -> str:
+        return f"<ServerAuthenticator user={self.user!r} stage={self._stage.value}>"

@@ -1,0 +1,86 @@
+"""Command line: `pgmux serve | demo | check-config | version`; setting flags go to pydantic-settings."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from proxy import __version__
+from proxy.logs import get_logger, setup_logging
+from proxy.settings import Settings, load_settings
+
+log = get_logger("cli")
+
+_EPILOG = """\
+Any setting can be given as a flag (--default-pool-size 10, --upstream-url postgresql://...),
+as a PGMUX_* environment variable (PGMUX_DEFAULT_POOL_SIZE=10) or in the TOML file;
+flags win over the environment, which wins over the file. `pgmux check-config --help` lists them all.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pgmux", description="A PostgreSQL connection pooler.",
+                                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in [
+        ("serve", "run the pooler against the configured upstream(s)"),
+        ("demo", "start an embedded PostgreSQL and pgmux in front of it; print the URLs"),
+        ("check-config", "validate the configuration and print it with secrets redacted"),
+        ("version", "print the version"),
+    ]:
+        command = sub.add_parser(name, help=text, description=text, add_help=False)
+        command.add_argument("--config", type=Path, default=None, help="TOML file (default: ./pgmux.toml if present)")
+    return parser
+
+
+def load_or_exit(config: Path | None, setting_flags: list[str], **overrides: object) -> Settings:
+    try:
+        return load_settings(config, setting_flags, **overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
+        print(f"pgmux: invalid configuration: {problems}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"pgmux: invalid configuration: {exc}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, setting_flags = _parser().parse_known_args(argv)
+    if args.command == "version":
+        print(f"pgmux {__version__}")
+        return
+    if args.command == "demo":
+        from proxy.demo import run_demo
+
+        run_demo(setting_flags)
+        return
+    settings = load_or_exit(args.config, setting_flags)
+    if args.command == "check-config":
+        print(json.dumps(settings.redacted(), indent=2))
+        return
+    setup_logging(settings.log_format, settings.log_level)
+    serve(settings)
+
+
+def serve(settings: Settings) -> None:
+    from proxy.app import run
+
+    install_uvloop()
+    try:
+        asyncio.run(run(settings))
+    except KeyboardInterrupt:
+        pass
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        log.info("uvloop is not installed; using the standard asyncio loop")
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

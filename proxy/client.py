@@ -1,0 +1,478 @@
+"""ClientConnection: one application connection — startup, authentication, and relay to a linked server."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import re
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+from proxy.auth.client_auth import AuthenticationFailed, ClientAuthenticator, client_authenticator
+from proxy.logs import get_logger
+from proxy.protocol import errors
+from proxy.protocol import messages as m
+from proxy.protocol.errors import PgError
+from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation
+from proxy.protocol.startup import (
+    CancelRequest,
+    GSSENCRequest,
+    SSLRequest,
+    StartupMessage,
+    read_startup_packet,
+)
+from proxy.server import ServerConnection, ServerState
+from proxy.settings import ListenerSettings, PoolMode
+
+if TYPE_CHECKING:
+    from proxy.app import Proxy
+    from proxy.pool import Pool
+
+log = get_logger("client")
+_ids = itertools.count(1)
+
+# Parameters the server reports with ParameterStatus and a client may set: they follow the client
+# from server to server. Others a client sends at startup are SET on each server it is linked to.
+SYNCED_PARAMETERS = frozenset({
+    "client_encoding", "DateStyle", "IntervalStyle", "TimeZone", "standard_conforming_strings",
+    "application_name", "search_path",
+})
+_PARAMETER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+_OPTION = re.compile(r"(?:-c\s*|--)([A-Za-z_][A-Za-z0-9_.]*)=((?:\\.|[^\s\\])*)")
+
+_LOGIN_CAPTURE = frozenset(range(256))
+_RELAY_CAPTURE = frozenset({m.TERMINATE})
+_RELAY_COUNTED = frozenset({m.SYNC, m.QUERY, m.FUNCTION_CALL})  # each earns exactly one ReadyForQuery
+_QUEUE_HIGH_WATER = 1 << 20  # bytes queued while waiting for a server before we stop reading
+
+
+class ClientState(enum.Enum):
+    STARTUP = "startup"
+    AUTH = "auth"
+    LOGIN = "login"  # authenticated, being welcomed
+    IDLE = "idle"  # between transactions, no server
+    WAITING = "waiting"  # in line for a server
+    ACTIVE = "active"  # linked to a server
+    CLOSED = "closed"
+
+
+def _quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class ClientConnection(asyncio.Protocol):
+    """An application connection, relayed to a pooled server one transaction (or session) at a time."""
+
+    def __init__(self, proxy: Proxy, listener: ListenerSettings) -> None:
+        self.id = f"c{next(_ids)}"
+        self.proxy = proxy
+        self.listener = listener
+        self.transaction_mode = listener.pool_mode is PoolMode.TRANSACTION
+        self.state = ClientState.STARTUP
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.user = ""
+        self.database = ""
+        self.pool: Pool | None = None
+        self.server: ServerConnection | None = None
+        self.params: dict[str, str] = {}  # the reported parameters as this client believes them
+        self.unreported: dict[str, str] = {}  # other startup parameters, SET on each server
+        self.pending = 0  # Sync/Query/FunctionCall sent to the server and not yet answered
+        self.cancel_key = (0, b"")
+        self.connected_at = time.monotonic()
+        self._startup_buffer = bytearray()
+        self._scanner = FrameScanner(_LOGIN_CAPTURE, max_length=1 << 16)
+        self._auth: ClientAuthenticator | None = None
+        self._queued: list[bytes] = []
+        self._queued_bytes = 0
+        self._task: asyncio.Task[None] | None = None
+        self._login_timer: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"<ClientConnection {self.id} {self.state.value} {self.user}@{self.database}>"
+
+    # ---- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self.transport.set_write_buffer_limits(high=256 * 1024)
+        refusal = self.proxy.client_limit_error()
+        if refusal is not None:
+            self.fail(refusal)
+            return
+        timeout = self.proxy.settings.client_login_timeout
+        if timeout:
+            self._login_timer = asyncio.get_running_loop().call_later(timeout, self._login_timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            if self.state is ClientState.ACTIVE or self.state is ClientState.IDLE or self.state is ClientState.WAITING:
+                self._relay(data)
+            elif self.state is ClientState.STARTUP:
+                self._startup(data)
+            elif self.state is ClientState.AUTH:
+                self._authenticate(data)
+            elif self.state is ClientState.LOGIN:
+                self._queue(data)
+        except ProtocolViolation as exc:
+            self.fail(errors.protocol_violation(str(exc)), reason="protocol_error")
+        except PgError as exc:
+            self.fail(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state is ClientState.CLOSED:
+            return
+        self._finish(f"client disconnected{f': {exc}' if exc else ''}")
+
+    def pause_writing(self) -> None:
+        # The app reads slower than the server sends: stop reading the server until it catches up.
+        if self.server is not None:
+            self.server.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.server is not None:
+            self.server.resume_reading()
+
+    # ---- used by the linked server -------------------------------------------------------------
+
+    def write(self, data: bytes | memoryview) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and self.transport.is_reading():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing() and not self.transport.is_reading():
+            self.transport.resume_reading()
+
+    def on_ready_for_query(self, status: m.TransactionStatus) -> None:
+        if self.pending:
+            self.pending -= 1
+        if not self.pending and status is m.TransactionStatus.IDLE and self.transaction_mode:
+            self._unlink_and_release()
+
+    def on_parameter_status(self, name: str, value: str) -> None:
+        if name in SYNCED_PARAMETERS:
+            self.params[name] = value
+
+    def on_server_lost(self, server: ServerConnection) -> None:
+        upstream = server.upstream.redacted()
+        self.server = None
+        self.fail(errors.server_connection_lost(upstream), reason="server_lost")
+
+    # ---- startup and authentication -----------------------------------------------------------
+
+    def _startup(self, data: bytes) -> None:
+        self._startup_buffer += data
+        while self.state is ClientState.STARTUP:
+            parsed = read_startup_packet(self._startup_buffer)
+            if parsed is None:
+                return
+            packet, used = parsed
+            del self._startup_buffer[:used]
+            if isinstance(packet, (SSLRequest, GSSENCRequest)):
+                if self._startup_buffer:
+                    raise ProtocolViolation("data after SSLRequest/GSSENCRequest before the reply")
+                self.write(b"N")  # no client-side TLS/GSS yet: the client continues in plaintext
+            elif isinstance(packet, CancelRequest):
+                self.proxy.cancel(packet.process_id, packet.secret_key)
+                self._close_quietly("cancel request handled")
+                return
+            else:
+                self._begin_login(packet)
+        if self._startup_buffer:
+            rest = bytes(self._startup_buffer)
+            self._startup_buffer.clear()
+            self._authenticate(rest)
+
+    def _begin_login(self, startup: StartupMessage) -> None:
+        self.user = startup.user
+        self.database = startup.database
+        if not self.user:
+            raise errors.protocol_violation("no PostgreSQL user name specified in startup packet")
+        self._take_parameters(startup)
+        if startup.minor > 0 or self._unsupported_options:
+            # Tell newer clients we speak 3.0 and which _pq_ extensions we ignored; they carry on.
+            self.write(m.negotiate_protocol_version(0, self._unsupported_options))
+        target = self.proxy.login_target(self.database, self.user)
+        self.pool = target.pool
+        self.state = ClientState.AUTH
+        self._auth = client_authenticator(self.listener.auth_type, self.user, target.secret)
+        first = self._auth.start()
+        if first:
+            self.write(first)
+        if self._auth.done:
+            self._authenticated()
+
+    def _take_parameters(self, startup: StartupMessage) -> None:
+        ignored = self.proxy.settings.ignore_startup_parameters
+        self._unsupported_options: list[str] = []
+        for name, value in startup.parameters.items():
+            if name in ("user", "database") or name in ignored:
+                continue
+            if name.startswith("_pq_."):
+                self._unsupported_options.append(name)
+            elif name == "options":
+                for option_name, option_value in self._parse_options(value):
+                    self._set_startup_parameter(option_name, option_value)
+            elif name == "replication" or not _PARAMETER_NAME.match(name):
+                raise errors.unsupported_startup_parameter(name)
+            else:
+                self._set_startup_parameter(name, value)
+
+    @staticmethod
+    def _parse_options(value: str) -> list[tuple[str, str]]:
+        found = [(name, re.sub(r"\\(.)", r"\1", raw)) for name, raw in _OPTION.findall(value)]
+        if _OPTION.sub("", value).strip():
+            raise errors.unsupported_startup_parameter("options")
+        return [(name.replace("-", "_"), v) for name, v in found]
+
+    def _set_startup_parameter(self, name: str, value: str) -> None:
+        if name in SYNCED_PARAMETERS:
+            self.params[name] = value
+        else:
+            self.unreported[name] = value
+
+    def _authenticate(self, data: bytes) -> None:
+        assert self._auth is not None
+        segments = self._scanner.feed(data)
+        for index, segment in enumerate(segments):
+            if self.state is not ClientState.AUTH:
+                # Bytes pipelined behind the last auth message: keep them for after the welcome.
+                self._queue(bytes(segment.data) if type(segment) is Frame else bytes(segment))
+                continue
+            if type(segment) is not Frame:
+                continue  # captures everything: only incomplete tails come back raw, and they stay inside
+            if segment.kind == m.TERMINATE:
+                self._close_quietly("client left during authentication")
+                return
+            if segment.kind != m.PASSWORD:
+                raise errors.protocol_violation(f"expected a password message, got {chr(segment.kind)!r}")
+            try:
+                reply = self._auth.receive(bytes(segment.data[5:]))
+            except AuthenticationFailed as exc:
+                self.proxy.count_rejection("auth_failed")
+                log.warning("authentication failed for user %r: %s", self.user, exc.reason, extra={"conn": self.id})
+                self.fail(errors.password_authentication_failed(self.user))
+                return
+            if reply:
+                self.write(reply)
+            if self._auth.done:
+                self._authenticated()
+
+    def _authenticated(self) -> None:
+        self.state = ClientState.LOGIN
+        self._scanner = FrameScanner(_RELAY_CAPTURE, counted=_RELAY_COUNTED)
+        self._task = self.proxy.spawn(self._welcome(), name=f"welcome {self.id}")
+
+    async def _welcome(self) -> None:
+        assert self.pool is not None
+        try:
+            await self.pool.warm_up()
+        except PgError as exc:
+            self.fail(PgError(exc.sqlstate, exc.message, hint=exc.hint, severity=errors.Severity.FATAL))
+            return
+        if self.state is not ClientState.LOGIN:
+            return
+        params = dict(self.pool.server_params or {})
+        params.update(self.params)
+        self.params = {k: v for k, v in params.items() if k in SYNCED_PARAMETERS}
+        self.cancel_key = self.proxy.register_cancel_key(self)
+        process_id, secret = self.cancel_key
+        self.write(m.authentication_ok() + m.parameter_statuses(params)
+                   + m.backend_key_data(process_id, int.from_bytes(secret, "big", signed=True))
+                   + m.ready_for_query())
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+        self._task = None
+        self.state = ClientState.IDLE
+        log.info("login ok: %s@%s from %s (%s mode)", self.user, self.database, self.peer,
+                 self.listener.pool_mode.value, extra={"conn": self.id})
+        queued = self._take_queued()
+        for chunk in queued:
+            self._relay(chunk)
+
+    # ---- relay ------------------------------------------------------------------------------------
+
+    def _relay(self, data: bytes) -> None:
+        scanner = self._scanner
+        before = scanner.count
+        segments = scanner.feed(data)
+        self.pending += scanner.count - before
+        for segment in segments:
+            if type(segment) is Frame:  # only Terminate is captured
+                self._relay_until_terminate(segments)
+                return
+        server = self.server
+        if server is not None:
+            server.write(data)
+        elif self.state is ClientState.IDLE:
+            server = self.pool.take_idle() if self.pool is not None else None
+            if server is not None:
+                self._link(server)
+                server.write(data)
+            else:
+                self._queue(data)
+                self._wait_for_server()
+        else:
+            self._queue(data)
+
+    def _relay_until_terminate(self, segments: list) -> None:
+        """The client sent Terminate: pass on what came before it, then end the session cleanly."""
+        before = b"".join(bytes(s) for s in itertools.takewhile(lambda s: type(s) is not Frame, segments))
+        if before:
+            if self.server is not None:
+                self.server.write(before)
+            else:
+                self._queue(before)
+        self._close_quietly("client sent Terminate")
+
+    def _queue(self, data: bytes) -> None:
+        self._queued.append(data)
+        self._queued_bytes += len(data)
+        if self._queued_bytes > _QUEUE_HIGH_WATER:
+            self.pause_reading()
+
+    def _take_queued(self) -> list[bytes]:
+        queued, self._queued, self._queued_bytes = self._queued, [], 0
+        self.resume_reading()
+        return queued
+
+    def _wait_for_server(self) -> None:
+        self.state = ClientState.WAITING
+        self._task = self.proxy.spawn(self._acquire(), name=f"acquire {self.id}")
+
+    async def _acquire(self) -> None:
+        assert self.pool is not None
+        try:
+            server = await self.pool.acquire()
+        except PgError as exc:
+            self._task = None
+            self.state = ClientState.IDLE
+            self._reject_waiting(exc)
+            return
+        self._task = None
+        if self.state is not ClientState.WAITING:
+            self.pool.release(server)
+            return
+        self._link(server)
+        for chunk in self._take_queued():
+            server.write(chunk)
+
+    def _reject_waiting(self, error: PgError) -> None:
+        """Could not get a server: answer like a server error would, so the session stays usable."""
+        reason = "wait_timeout" if error.sqlstate is errors.SqlState.TOO_MANY_CONNECTIONS else "upstream_unavailable"
+        self.proxy.count_rejection(reason)
+        log.warning("no server for %s: %s", self.pool.key if self.pool else "?", error, extra={"conn": self.id})
+        self._queued, self._queued_bytes = [], 0
+        self.resume_reading()
+        # Discard everything already sent for this transaction; the client gets one error and one
+        # ReadyForQuery per Sync/Query it is waiting on, just as PostgreSQL would answer.
+        answers = max(self.pending, 1)
+        self.pending = 0
+        self.write(error.to_bytes() + m.ready_for_query() * answers)
+
+    def _link(self, server: ServerConnection) -> None:
+        self.server = server
+        server.client = self
+        self.state = ClientState.ACTIVE
+        sql = self._parameter_sync_sql(server)
+        if sql:
+            server.send_internal(sql)
+
+    def _parameter_sync_sql(self, server: ServerConnection) -> str | None:
+        statements = [f"SET {name} TO {_quote_literal(value)}"
+                      for name, value in self.params.items() if server.params.get(name) != value]
+        for name in self.unreported.keys() | server.unreported.keys():
+            wanted = self.unreported.get(name)
+            if server.unreported.get(name) == wanted:
+                continue
+            if wanted is None:
+                statements.append(f"RESET {name}")
+                del server.unreported[name]
+            else:
+                statements.append(f"SET {name} TO {_quote_literal(wanted)}")
+                server.unreported[name] = wanted
+        return ";".join(statements) if statements else None
+
+    def _unlink_and_release(self) -> None:
+        server = self.server
+        assert server is not None and self.pool is not None
+        self.server = None
+        self.state = ClientState.IDLE
+        server.resume_reading()
+        self.pool.stats_xacts += 1
+        self.pool.release(server)
+
+    # ---- ending -----------------------------------------------------------------------------------
+
+    def _login_timed_out(self) -> None:
+        if self.state in (ClientState.STARTUP, ClientState.AUTH, ClientState.LOGIN):
+            self.proxy.count_rejection("login_timeout")
+            self.fail(PgError(errors.SqlState.PROTOCOL_VIOLATION,
+                              f"client_login_timeout={self.proxy.settings.client_login_timeout:g}s reached "
+                              "before the login finished", severity=errors.Severity.FATAL))
+
+    def fail(self, error: PgError, reason: str | None = None) -> None:
+        """Send the error; a FATAL one also ends the connection."""
+        if reason:
+            self.proxy.count_rejection(reason)
+        if self.state is ClientState.CLOSED:
+            return
+        self.write(error.to_bytes())
+        if error.severity is errors.Severity.FATAL:
+            log.info("closing client: %s", error, extra={"conn": self.id})
+            self._finish(str(error))
+            if self.transport is not None:
+                self.transport.close()
+
+    def _close_quietly(self, reason: str) -> None:
+        self._finish(reason)
+        if self.transport is not None:
+            self.transport.close()
+
+    def _finish(self, reason: str) -> None:
+        """Leave the pool: return or clean the linked server, drop out of line, forget the cancel key."""
+        if self.state is ClientState.CLOSED:
+            return
+        was_logged_in = self.state not in (ClientState.STARTUP, ClientState.AUTH)
+        self.state = ClientState.CLOSED
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        self.proxy.forget_client(self)
+        server, self.server = self.server, None
+        if server is not None and self.pool is not None:
+            self._return_server(server, self.pool)
+        if was_logged_in:
+            log.info("client gone: %s", reason, extra={"conn": self.id})
+
+    def _return_server(self, server: ServerConnection, pool: Pool) -> None:
+        """Never put back a server in an unknown state: release it clean, clean it, or close it."""
+        if server.state is not ServerState.ACTIVE:
+            return
+        server.client = None
+        server.resume_reading()
+        if self.pending:
+            # Mid-query, mid-COPY or with unread results: its state cannot be known. Stop the query, close it.
+            self.proxy.spawn(server.send_cancel(), name=f"cancel {server.id}")
+            pool.close_server(server, f"client {self.id} left with a query in progress")
+            return
+        cleanup = []
+        if server.tx_status is not m.TransactionStatus.IDLE:
+            cleanup.append("ROLLBACK")
+        if not self.transaction_mode and pool.config.server_reset_query:
+            cleanup.append(pool.config.server_reset_query)
+        if cleanup:
+            pool.reset_and_release(server, cleanup, f"client {self.id} left")
+        else:
+            pool.release(server)

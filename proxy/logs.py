@@ -1,0 +1,67 @@
+"""Structured logging: one line per event with a connection id, plain or JSON, passwords redacted everywhere."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+
+LOGGER_NAME = "pgmux"
+
+# postgresql://user:secret@host -> postgresql://user:***@host ; password=secret -> password=***
+_URL_PASSWORD = re.compile(r"(?P<head>\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<secret>[^@\s]*)(?P<tail>@)", re.IGNORECASE)
+_KEYWORD_PASSWORD = re.compile(r"(?P<head>\bpassword\s*[=:]\s*['\"]?)(?P<secret>[^\s'\"&,;]+)", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Hide passwords in URLs and key=value DSNs; the one place every printed string goes through."""
+    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}***{m['tail']}", text)
+    return _KEYWORD_PASSWORD.sub(lambda m: f"{m['head']}***", text)
+
+
+class _RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "msg": redact(record.getMessage()),
+        }
+        conn = getattr(record, "conn", None)
+        if conn:
+            entry["conn"] = conn
+        if record.exc_info:
+            entry["exc"] = redact(self.formatException(record.exc_info))
+        return json.dumps(entry)
+
+
+class _ConnIdFilter(logging.Filter):
+    """Puts the connection id (``extra={"conn": "c42"}``) at the front of plain lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        conn = getattr(record, "conn", None)
+        record.conn_prefix = f"{conn} " if conn else ""
+        return True
+
+
+def setup_logging(log_format: str = "plain", level: str = "info", stream: object = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)s %(conn_prefix)s%(message)s"))
+    handler.addFilter(_ConnIdFilter())
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.handlers[:] = [handler]
+    logger.setLevel(level.upper())
+    logger.propagate = False
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(f"{LOGGER_NAME}.{name}")

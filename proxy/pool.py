@@ -1,0 +1,349 @@
+"""Pool: the backend connections of one (database, user) — idle LIFO, active set, FIFO waiters, limits, upkeep."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from proxy.logs import get_logger
+from proxy.protocol import errors
+from proxy.protocol.errors import PgError
+from proxy.protocol.messages import TransactionStatus
+from proxy.server import InternalQueryFailed, ServerConnection, ServerLoginError, ServerState
+from proxy.settings import PoolMode, Upstream
+
+log = get_logger("pool")
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    database: str
+    user: str
+
+    def __str__(self) -> str:
+        return f"{self.database}/{self.user}"
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """The settings one pool runs by, resolved from the global settings and its database's overrides."""
+
+    upstream: Upstream
+    pool_size: int
+    min_pool_size: int
+    reserve_pool_size: int
+    reserve_pool_timeout: float
+    query_wait_timeout: float
+    server_idle_timeout: float
+    server_lifetime: float
+    server_connect_timeout: float
+    server_login_retry: float
+    server_reset_query: str
+
+
+class ServerBudget:
+    """Counts backends across the pools that share a limit (max_db_connections / max_user_connections)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # 0 means unlimited
+        self.used = 0
+        self.pools: list[Pool] = []
+
+    def has_room(self) -> bool:
+        return not self.limit or self.used < self.limit
+
+    def freed(self) -> None:
+        self.used -= 1
+        for pool in self.pools:
+            if pool.waiters:
+                pool.grow()
+                if not self.has_room():
+                    return
+
+
+class Waiter:
+    """A client waiting in line for a server; handing a server to one that gave up is impossible."""
+
+    __slots__ = ("future", "since")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.future: asyncio.Future[ServerConnection] = loop.create_future()
+        self.since = time.monotonic()
+
+    def give(self, server: ServerConnection) -> bool:
+        if self.future.done():
+            return False
+        self.future.set_result(server)
+        return True
+
+    def fail(self, error: PgError) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+class Pool:
+    """Lends servers to clients; never holds more than pool_size (+ reserve) backends."""
+
+    def __init__(self, key: PoolKey, config: PoolConfig, budgets: tuple[ServerBudget, ...],
+                 spawn: Callable[..., asyncio.Task[None]]) -> None:
+        self.key = key
+        self.config = config
+        self.idle: deque[ServerConnection] = deque()
+        self.active: set[ServerConnection] = set()
+        self.login: set[ServerConnection] = set()
+        self.resetting: set[ServerConnection] = set()
+        self.closing: set[ServerConnection] = set()
+        self.waiters: deque[Waiter] = deque()
+        self.server_params: dict[str, str] | None = None  # what a fresh server reports; clients start from these
+        self._budgets = budgets
+        for budget in budgets:
+            budget.pools.append(self)
+        self._spawn = spawn
+        self._reserve_open = False
+        self._retry_at = 0.0  # no new logins before this (monotonic) time after a failed one
+        self.last_connect_error: str | None = None
+        # Plain counters, read at scrape time.
+        self.stats_xacts = 0
+        self.stats_wait_time = 0.0
+        self.stats_server_connects = 0
+        self.stats_server_connect_failures = 0
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.key} idle={len(self.idle)} active={len(self.active)} login={len(self.login)} waiting={len(self.waiters)}>"
+
+    @property
+    def total(self) -> int:
+        return len(self.idle) + len(self.active) + len(self.login) + len(self.resetting) + len(self.closing)
+
+    @property
+    def limit(self) -> int:
+        return self.config.pool_size + (self.config.reserve_pool_size if self._reserve_open else 0)
+
+    # ---- the one place server states change --------------------------------------------------
+
+    def _move(self, server: ServerConnection, state: ServerState) -> None:
+        old = server.state
+        if old is ServerState.IDLE:
+            self.idle.remove(server)
+        elif old is ServerState.ACTIVE:
+            self.active.discard(server)
+        elif old is ServerState.LOGIN:
+            self.login.discard(server)
+        elif old is ServerState.RESETTING:
+            self.resetting.discard(server)
+        elif old is ServerState.CLOSING:
+            self.closing.discard(server)
+        server.state = state
+        if state is ServerState.IDLE:
+            server.idle_since = time.monotonic()
+            self.idle.append(server)
+        elif state is ServerState.ACTIVE:
+            self.active.add(server)
+        elif state is ServerState.LOGIN:
+            self.login.add(server)
+        elif state is ServerState.RESETTING:
+            self.resetting.add(server)
+        elif state is ServerState.CLOSING:
+            self.closing.add(server)
+
+    # ---- acquire / release ----------------------------------------------------------------------
+
+    def take_idle(self) -> ServerConnection | None:
+        """The fast path: a ready server now, if one is idle and nobody is ahead in line."""
+        if self.waiters or not self.idle:
+            return None
+        server = self.idle.pop()  # LIFO keeps the hottest server busy and lets the rest time out
+        # _move would search the deque for it again; it is already out.
+        server.state = ServerState.ACTIVE
+        self.active.add(server)
+        return server
+
+    async def acquire(self) -> ServerConnection:
+        """Wait in line (FIFO) for a server; raises PgError 53300 after query_wait_timeout."""
+        server = self.take_idle()
+        if server is not None:
+            return server
+        loop = asyncio.get_running_loop()
+        waiter = Waiter(loop)
+        self.waiters.append(waiter)
+        reserve_timer = None
+        if self.config.reserve_pool_size:
+            reserve_timer = loop.call_later(self.config.reserve_pool_timeout, self._open_reserve)
+        self.grow()
+        if self._in_login_backoff() and not (self.idle or self.active or self.login or self.resetting):
+            # The upstream just refused us and no server will come back soon: fail fast, not at the timeout.
+            self.waiters.remove(waiter)
+            raise errors.upstream_unavailable(self.config.upstream.redacted(), self.last_connect_error or "")
+        timeout = self.config.query_wait_timeout
+        try:
+            async with asyncio.timeout(timeout or None):
+                return await waiter.future
+        except TimeoutError:
+            raise errors.wait_timeout(str(self.key), timeout, len(self.active), len(self.waiters) - 1,
+                                      self.config.pool_size) from None
+        except asyncio.CancelledError:
+            # Cancelled just as a server was handed over: give it back rather than lose it.
+            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+                self.release(waiter.future.result())
+            raise
+        finally:
+            self.stats_wait_time += time.monotonic() - waiter.since
+            if reserve_timer is not None:
+                reserve_timer.cancel()
+            try:
+                self.waiters.remove(waiter)
+            except ValueError:
+                pass
+
+    def release(self, server: ServerConnection) -> None:
+        """Take back a server that is known clean (idle, no transaction, nothing pending)."""
+        if server.state in (ServerState.CLOSING, ServerState.CLOSED):
+            return
+        server.client = None
+        if self.config.server_lifetime and time.monotonic() - server.created_at > self.config.server_lifetime:
+            self.close_server(server, "server_lifetime reached")
+            return
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if waiter.give(server):
+                if server.state is not ServerState.ACTIVE:
+                    self._move(server, ServerState.ACTIVE)
+                return
+        if self._budget_wanted_elsewhere():
+            self.close_server(server, "another pool of the database needs the connection")
+            return
+        self._move(server, ServerState.IDLE)
+        if not self.waiters:
+            self._reserve_open = False
+
+    def _budget_wanted_elsewhere(self) -> bool:
+        for budget in self._budgets:
+            if not budget.has_room() and any(p.waiters for p in budget.pools if p is not self):
+                return True
+        return False
+
+    def reset_and_release(self, server: ServerConnection, statements: list[str], reason: str) -> None:
+        """Clean a server (ROLLBACK, then DISCARD ALL) in the background; close it if that fails."""
+        server.client = None
+        self._move(server, ServerState.RESETTING)
+
+        async def reset() -> None:
+            try:
+                # One query each: DISCARD ALL refuses to run inside the implicit block of a multi-statement query.
+                for sql in statements:
+                    await server.run_internal(sql)
+                if server.tx_status is not TransactionStatus.IDLE:
+                    raise InternalQueryFailed(f"server still in a transaction after {statements}")
+            except InternalQueryFailed as exc:
+                self.close_server(server, f"{reason}: reset failed: {exc}")
+                return
+            self.release(server)
+
+        self._spawn(reset(), name=f"reset {server.id}")
+
+    def close_server(self, server: ServerConnection, reason: str) -> None:
+        """Start closing a server; it leaves the pool's counts only once its socket is gone (server_lost)."""
+        if server.state in (ServerState.CLOSING, ServerState.CLOSED):
+            return
+        log.info("closing server: %s", reason, extra={"conn": server.id})
+        self._move(server, ServerState.CLOSING)
+        server.close(reason)
+
+    def server_lost(self, server: ServerConnection) -> None:
+        """Called by the server itself once its connection is gone, whatever the cause."""
+        for collection in (self.active, self.login, self.resetting, self.closing):
+            collection.discard(server)
+        try:
+            self.idle.remove(server)
+        except ValueError:
+            pass
+        for budget in self._budgets:
+            budget.freed()
+        if server.client is not None:
+            server.client.on_server_lost(server)
+            server.client = None
+        log.info("server connection ended: %s", server.close_reason, extra={"conn": server.id})
+        if self.waiters:
+            self.grow()
+
+    # ---- growing ---------------------------------------------------------------------------------
+
+    def _open_reserve(self) -> None:
+        if self.waiters and self.config.reserve_pool_size:
+            self._reserve_open = True
+            log.info("pool %s: opening the reserve pool (%d waiting)", self.key, len(self.waiters))
+            self.grow()
+
+    def grow(self) -> None:
+        """Open servers for the clients in line, within every limit."""
+        while len(self.waiters) > len(self.login) and self._has_room():
+            self._start_connect()
+
+    def _has_room(self) -> bool:
+        return (self.total < self.limit and all(budget.has_room() for budget in self._budgets)
+                and not self._in_login_backoff())
+
+    def _in_login_backoff(self) -> bool:
+        return time.monotonic() < self._retry_at
+
+    def _start_connect(self) -> None:
+        server = ServerConnection(self.config.upstream, self.server_lost)
+        self._move(server, ServerState.LOGIN)
+        for budget in self._budgets:
+            budget.used += 1
+        self._spawn(self._connect(server), name=f"connect {server.id}")
+
+    async def _connect(self, server: ServerConnection) -> None:
+        try:
+            await server.login(self.config.server_connect_timeout)
+        except ServerLoginError as exc:
+            self.stats_server_connect_failures += 1
+            self.last_connect_error = exc.reason
+            if self.config.server_login_retry:
+                self._retry_at = time.monotonic() + self.config.server_login_retry
+                asyncio.get_running_loop().call_later(self.config.server_login_retry, self.grow)
+            log.warning("pool %s: could not log in to %s: %s", self.key, self.config.upstream.redacted(),
+                        exc.reason, extra={"conn": server.id})
+            if not self.idle and not self.active:
+                # Nobody will release a server soon: tell the clients in line now instead of at their timeout.
+                error = errors.upstream_unavailable(self.config.upstream.redacted(), exc.reason)
+                while self.waiters:
+                    self.waiters.popleft().fail(error)
+            return
+        if server.state is not ServerState.LOGIN:
+            return  # lost or closed while logging in; server_lost has done the bookkeeping
+        self.stats_server_connects += 1
+        if self.server_params is None:
+            self.server_params = dict(server.params)
+        log.info("server connected to %s", self.config.upstream.redacted(), extra={"conn": server.id})
+        self._move(server, ServerState.ACTIVE)  # release() files it as idle or hands it to a waiter
+        self.release(server)
+
+    async def warm_up(self) -> None:
+        """Make sure the pool knows the server's parameters (needed for a client's welcome)."""
+        if self.server_params is not None:
+            return
+        server = await self.acquire()
+        self.release(server)
+
+    # ---- upkeep ------------------------------------------------------------------------------------
+
+    def maintain(self, now: float) -> None:
+        """Janitor work: drop servers idle or alive too long, keep min_pool_size warm."""
+        config = self.config
+        keep = config.min_pool_size
+        for server in list(self.idle):
+            if config.server_lifetime and now - server.created_at > config.server_lifetime:
+                self.close_server(server, "server_lifetime reached")
+            elif (config.server_idle_timeout and now - server.idle_since > config.server_idle_timeout
+                  and self.total > keep):
+                self.close_server(server, "server_idle_timeout reached")
+        while self.total < keep and self._has_room():
+            self._start_connect()
+
+    def close_all(self, reason: str) -> None:
+        for server in [*self.idle, *self.active, *self.login, *self.resetting]:
+            self.close_server(server, reason)

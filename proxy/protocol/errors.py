@@ -1,0 +1,142 @@
+"""SQLSTATE catalogue and ErrorResponse/NoticeResponse encoding: every error pgmux itself sends is built here."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from proxy.protocol.messages import ERROR_RESPONSE, NOTICE_RESPONSE, message, read_cstring
+
+
+class SqlState(str, enum.Enum):
+    """The SQLSTATE codes pgmux uses, named as PostgreSQL's errcodes.txt names them."""
+
+    TOO_MANY_CONNECTIONS = "53300"
+    CONNECTION_FAILURE = "08006"
+    SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION = "08001"
+    PROTOCOL_VIOLATION = "08P01"
+    INVALID_PASSWORD = "28P01"
+    INVALID_AUTHORIZATION_SPECIFICATION = "28000"
+    INVALID_CATALOG_NAME = "3D000"
+    FEATURE_NOT_SUPPORTED = "0A000"
+    ADMIN_SHUTDOWN = "57P01"
+    IDLE_SESSION_TIMEOUT = "57P05"
+    IDLE_IN_TRANSACTION_SESSION_TIMEOUT = "25P03"
+    QUERY_CANCELED = "57014"
+    INSUFFICIENT_PRIVILEGE = "42501"
+    INTERNAL_ERROR = "XX000"
+
+
+class Severity(str, enum.Enum):
+    ERROR = "ERROR"
+    FATAL = "FATAL"
+    NOTICE = "NOTICE"
+    WARNING = "WARNING"
+
+
+@dataclass(frozen=True)
+class PgError(Exception):
+    """An error pgmux reports to a client; ``severity`` FATAL means the connection is closed after it."""
+
+    sqlstate: SqlState
+    message: str
+    hint: str | None = None
+    detail: str | None = None
+    severity: Severity = Severity.ERROR
+
+    def __str__(self) -> str:
+        return f"{self.severity.value} {self.sqlstate.value} {self.message}"
+
+    def to_bytes(self) -> bytes:
+        return error_response(self.severity, self.sqlstate, self.message, hint=self.hint, detail=self.detail)
+
+
+def _fields(severity: Severity, sqlstate: str, text: str, hint: str | None, detail: str | None) -> bytes:
+    parts = [b"S", severity.value.encode(), b"\x00", b"V", severity.value.encode(), b"\x00",
+             b"C", sqlstate.encode(), b"\x00", b"M", text.encode(), b"\x00"]
+    if detail:
+        parts += [b"D", detail.encode(), b"\x00"]
+    if hint:
+        parts += [b"H", hint.encode(), b"\x00"]
+    parts.append(b"\x00")
+    return b"".join(parts)
+
+
+def error_response(severity: Severity, sqlstate: SqlState | str, text: str, *,
+                   hint: str | None = None, detail: str | None = None) -> bytes:
+    code = sqlstate.value if isinstance(sqlstate, SqlState) else sqlstate
+    return message(ERROR_RESPONSE, _fields(severity, code, text, hint, detail))
+
+
+def notice_response(text: str, *, sqlstate: str = "00000", hint: str | None = None) -> bytes:
+    return message(NOTICE_RESPONSE, _fields(Severity.NOTICE, sqlstate, text, hint, None))
+
+
+def parse_error_fields(body: bytes | memoryview) -> dict[str, str]:
+    """Decode the fields of an ErrorResponse/NoticeResponse body keyed by their one-letter codes."""
+    fields: dict[str, str] = {}
+    data = bytes(body)
+    offset = 0
+    while offset < len(data) and data[offset] != 0:
+        code = chr(data[offset])
+        value, offset = read_cstring(data, offset + 1)
+        fields[code] = value
+    return fields
+
+
+# ---- the catalogue: every refusal a client can get from pgmux ---------------------------------
+
+def unknown_database(name: str) -> PgError:
+    return PgError(SqlState.INVALID_CATALOG_NAME, f'database "{name}" does not exist in pgmux',
+                   hint="Add it under [databases] in the pgmux config, or check the database name in the URL.",
+                   severity=Severity.FATAL)
+
+
+def password_authentication_failed(user: str) -> PgError:
+    return PgError(SqlState.INVALID_PASSWORD, f'password authentication failed for user "{user}"',
+                   severity=Severity.FATAL)
+
+
+def unknown_user(user: str) -> PgError:
+    # Same text as a wrong password so that probing cannot tell which user names exist.
+    return password_authentication_failed(user)
+
+
+def protocol_violation(reason: str) -> PgError:
+    return PgError(SqlState.PROTOCOL_VIOLATION, f"protocol violation: {reason}", severity=Severity.FATAL)
+
+
+def unsupported_startup_parameter(name: str) -> PgError:
+    return PgError(SqlState.PROTOCOL_VIOLATION, f"unsupported startup parameter: {name}",
+                   hint=f"Add {name} to ignore_startup_parameters in the pgmux config to drop it.",
+                   severity=Severity.FATAL)
+
+
+def upstream_unavailable(upstream: str, reason: str) -> PgError:
+    return PgError(SqlState.CONNECTION_FAILURE, f"pgmux could not connect to the upstream server {upstream}: {reason}",
+                   hint="Check that PostgreSQL is running and that the upstream URL in the pgmux config is right.")
+
+
+def server_connection_lost(upstream: str) -> PgError:
+    return PgError(SqlState.CONNECTION_FAILURE,
+                   f"the server connection to {upstream} was lost while it served this client",
+                   hint="The transaction was not committed unless the server said so; retry it.",
+                   severity=Severity.FATAL)
+
+
+def too_many_clients(limit: int) -> PgError:
+    return PgError(SqlState.TOO_MANY_CONNECTIONS,
+                   f"too many client connections to pgmux: no more connections allowed (max_client_conn={limit} reached)",
+                   hint="Retry later, close idle connections, or raise max_client_conn in the pgmux config.",
+                   severity=Severity.FATAL)
+
+
+def wait_timeout(pool: str, timeout: float, active: int, waiting: int, pool_size: int) -> PgError:
+    return PgError(SqlState.TOO_MANY_CONNECTIONS,
+                   f"no server connection available for pool {pool} within query_wait_timeout={timeout:g}s "
+                   f"({active} of {pool_size} busy, {waiting} waiting)",
+                   hint="Retry later, shorten transactions, or raise default_pool_size / query_wait_timeout.")
+
+
+def shutting_down() -> PgError:
+    return PgError(SqlState.ADMIN_SHUTDOWN, "pgmux is shutting down", severity=Severity.FATAL)

@@ -1,0 +1,203 @@
+"""Message type codes of the PostgreSQL v3 protocol and builders/parsers for the messages pgmux itself speaks."""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterable, Mapping
+
+# Frontend (client -> server) message types.
+BIND = ord("B")
+CLOSE = ord("C")
+COPY_DATA = ord("d")
+COPY_DONE = ord("c")
+COPY_FAIL = ord("f")
+DESCRIBE = ord("D")
+EXECUTE = ord("E")
+FLUSH = ord("H")
+FUNCTION_CALL = ord("F")
+PARSE = ord("P")
+PASSWORD = ord("p")  # also SASLInitialResponse / SASLResponse / GSSResponse
+QUERY = ord("Q")
+SYNC = ord("S")
+TERMINATE = ord("X")
+
+# Backend (server -> client) message types.
+AUTHENTICATION = ord("R")
+BACKEND_KEY_DATA = ord("K")
+BIND_COMPLETE = ord("2")
+CLOSE_COMPLETE = ord("3")
+COMMAND_COMPLETE = ord("C")
+COPY_IN_RESPONSE = ord("G")
+COPY_OUT_RESPONSE = ord("H")
+COPY_BOTH_RESPONSE = ord("W")
+DATA_ROW = ord("D")
+EMPTY_QUERY_RESPONSE = ord("I")
+ERROR_RESPONSE = ord("E")
+FUNCTION_CALL_RESPONSE = ord("V")
+NEGOTIATE_PROTOCOL_VERSION = ord("v")
+NO_DATA = ord("n")
+NOTICE_RESPONSE = ord("N")
+NOTIFICATION_RESPONSE = ord("A")
+PARAMETER_DESCRIPTION = ord("t")
+PARAMETER_STATUS = ord("S")
+PARSE_COMPLETE = ord("1")
+PORTAL_SUSPENDED = ord("s")
+READY_FOR_QUERY = ord("Z")
+ROW_DESCRIPTION = ord("T")
+
+# Authentication request codes carried by an AUTHENTICATION message.
+AUTH_OK = 0
+AUTH_CLEARTEXT_PASSWORD = 3
+AUTH_MD5_PASSWORD = 5
+AUTH_SASL = 10
+AUTH_SASL_CONTINUE = 11
+AUTH_SASL_FINAL = 12
+
+INT32 = struct.Struct("!i")
+UINT32 = struct.Struct("!I")
+HEADER = struct.Struct("!cI")
+_TYPED_HEADER = struct.Struct("!BI")
+_TWO_INT32 = struct.Struct("!ii")
+
+
+class TransactionStatus(enum.Enum):
+    """The status byte of ReadyForQuery."""
+
+    IDLE = ord("I")
+    IN_TRANSACTION = ord("T")
+    FAILED = ord("E")
+
+
+def message(kind: int, body: bytes = b"") -> bytes:
+    """Frame ``body`` as one typed message."""
+    return _TYPED_HEADER.pack(kind, len(body) + 4) + body
+
+
+def cstring(text: str) -> bytes:
+    return text.encode() + b"\x00"
+
+
+def read_cstring(body: bytes | memoryview, offset: int) -> tuple[str, int]:
+    """Decode a NUL-terminated string at ``offset``; return it and the offset after the NUL."""
+    data = bytes(body)
+    end = data.index(b"\x00", offset)
+    return data[offset:end].decode("utf-8", "replace"), end + 1
+
+
+# ---- backend messages pgmux sends to clients -------------------------------------------------
+
+def authentication_ok() -> bytes:
+    return message(AUTHENTICATION, INT32.pack(AUTH_OK))
+
+
+def authentication_cleartext() -> bytes:
+    return message(AUTHENTICATION, INT32.pack(AUTH_CLEARTEXT_PASSWORD))
+
+
+def authentication_md5(salt: bytes) -> bytes:
+    return message(AUTHENTICATION, INT32.pack(AUTH_MD5_PASSWORD) + salt)
+
+
+def authentication_sasl(mechanisms: Iterable[str]) -> bytes:
+    body = INT32.pack(AUTH_SASL) + b"".join(cstring(m) for m in mechanisms) + b"\x00"
+    return message(AUTHENTICATION, body)
+
+
+def authentication_sasl_continue(data: bytes) -> bytes:
+    return message(AUTHENTICATION, INT32.pack(AUTH_SASL_CONTINUE) + data)
+
+
+def authentication_sasl_final(data: bytes) -> bytes:
+    return message(AUTHENTICATION, INT32.pack(AUTH_SASL_FINAL) + data)
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    return message(PARAMETER_STATUS, cstring(name) + cstring(value))
+
+
+def parameter_statuses(params: Mapping[str, str]) -> bytes:
+    return b"".join(parameter_status(k, v) for k, v in params.items())
+
+
+def backend_key_data(process_id: int, secret_key: int) -> bytes:
+    return message(BACKEND_KEY_DATA, _TWO_INT32.pack(process_id, secret_key))
+
+
+def ready_for_query(status: TransactionStatus = TransactionStatus.IDLE) -> bytes:
+    return message(READY_FOR_QUERY, bytes((status.value,)))
+
+
+def negotiate_protocol_version(newest_minor: int, unsupported_options: Iterable[str]) -> bytes:
+    options = list(unsupported_options)
+    body = INT32.pack(newest_minor) + INT32.pack(len(options)) + b"".join(cstring(o) for o in options)
+    return message(NEGOTIATE_PROTOCOL_VERSION, body)
+
+
+def command_complete(tag: str) -> bytes:
+    return message(COMMAND_COMPLETE, cstring(tag))
+
+
+def close_complete() -> bytes:
+    return message(CLOSE_COMPLETE)
+
+
+# ---- frontend messages pgmux sends to servers ------------------------------------------------
+
+def query(sql: str) -> bytes:
+    return message(QUERY, cstring(sql))
+
+
+def terminate() -> bytes:
+    return message(TERMINATE)
+
+
+def password_message(password: bytes) -> bytes:
+    return message(PASSWORD, password + b"\x00")
+
+
+def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
+    return message(PASSWORD, cstring(mechanism) + INT32.pack(len(data)) + data)
+
+
+def sasl_response(data: bytes) -> bytes:
+    return message(PASSWORD, data)
+
+
+# ---- parsers for message bodies (body = the bytes after the 5-byte header) ------------------
+
+def parse_parameter_status(body: bytes | memoryview) -> tuple[str, str]:
+    name, offset = read_cstring(body, 0)
+    value, _ = read_cstring(body, offset)
+    return name, value
+
+
+def parse_backend_key_data(body: bytes | memoryview) -> tuple[int, int]:
+    # Protocol 3.2 allows longer secrets; pgmux negotiates 3.0, where the secret is 4 bytes.
+    return _TWO_INT32.unpack_from(body, 0)
+
+
+def parse_authentication(body: bytes | memoryview) -> tuple[int, bytes]:
+    """Return the authentication request code and its payload."""
+    (code,) = INT32.unpack_from(body, 0)
+    return code, bytes(body[4:])
+
+
+def parse_sasl_mechanisms(payload: bytes) -> list[str]:
+    return [m.decode() for m in payload.split(b"\x00") if m]
+
+
+def parse_sasl_initial_response(body: bytes | memoryview) -> tuple[str, bytes]:
+    """Return the chosen mechanism and the client-first-message of a SASLInitialResponse."""
+    mechanism, offset = read_cstring(body, 0)
+    (length,) = INT32.unpack_from(body, offset)
+    data = bytes(body[offset + 4:])
+    if length != -1 and length != len(data):
+        raise ValueError("SASLInitialResponse length does not match its data")
+    return mechanism, data
+
+
+def parse_password(body: bytes | memoryview) -> bytes:
+    """The payload of a PasswordMessage: the password (cleartext or md5 hash) without its NUL."""
+    data = bytes(body)
+    return data[:-1] if data.endswith(b"\x00") else data

@@ -1,0 +1,301 @@
+"""Configuration: one frozen Settings model from CLI flags > PGMUX_* env > TOML file > defaults; upstream URL parsing."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from proxy.auth.secrets import AuthMethod
+
+DEFAULT_CONFIG_FILE = Path("pgmux.toml")
+
+
+class PoolMode(str, enum.Enum):
+    TRANSACTION = "transaction"
+    SESSION = "session"
+
+
+class SslMode(str, enum.Enum):
+    DISABLE = "disable"
+    ALLOW = "allow"
+    PREFER = "prefer"
+    REQUIRE = "require"
+    VERIFY_CA = "verify-ca"
+    VERIFY_FULL = "verify-full"
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> Any:
+    """Accept 5, 2.5, "250ms", "5s", "2m", "1h"; bare numbers are seconds, as in PgBouncer."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(f"{value!r} is not a duration: use seconds or a number with ms, s, m or h")
+        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return value
+
+
+def _non_negative(value: float) -> float:
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_non_negative)]
+Count = Annotated[int, Field(ge=0)]
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where and as whom pgmux connects for one database."""
+
+    host: str
+    port: int
+    database: str
+    user: str
+    password: str | None
+    sslmode: SslMode
+    sslrootcert: str | None
+
+    @property
+    def unix_socket(self) -> str | None:
+        """The socket path when ``host`` names a directory, as libpq does."""
+        return f"{self.host}/.s.PGSQL.{self.port}" if self.host.startswith("/") else None
+
+    def redacted(self) -> str:
+        """The URL with its password hidden: the only form of it that may be logged or shown."""
+        auth = quote(self.user, safe="") + (":***" if self.password is not None else "")
+        host = quote(self.host, safe="") if self.unix_socket else self.host
+        return f"postgresql://{auth}@{host}:{self.port}/{self.database}?sslmode={self.sslmode.value}"
+
+    def __repr__(self) -> str:
+        return f"Upstream({self.redacted()})"
+
+
+def parse_upstream_url(url: str) -> Upstream:
+    """Parse a libpq-style URL (postgres:// or postgresql://), including ``?host=/socket/dir``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ValueError("upstream URL must start with postgresql://")
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    host = query.pop("host", None) or unquote(parts.hostname or "") or "localhost"
+    try:
+        port = int(query.pop("port", None) or parts.port or 5432)
+    except ValueError as exc:
+        raise ValueError(f"upstream URL has an invalid port: {exc}") from None
+    user = unquote(query.pop("user", None) or parts.username or "")
+    if not user:
+        raise ValueError("upstream URL must name a user (postgresql://USER:PASSWORD@host/db)")
+    password = query.pop("password", None)
+    if password is None and parts.password is not None:
+        password = unquote(parts.password)
+    database = unquote(query.pop("dbname", None) or parts.path.lstrip("/") or user)
+    try:
+        sslmode = SslMode(query.pop("sslmode", "prefer"))
+    except ValueError:
+        raise ValueError(f"unknown sslmode; use one of {', '.join(m.value for m in SslMode)}") from None
+    sslrootcert = query.pop("sslrootcert", None)
+    if query:
+        raise ValueError(f"unsupported upstream URL parameter(s): {', '.join(sorted(query))}")
+    return Upstream(host, port, database, user, password, sslmode, sslrootcert)
+
+
+def _valid_upstream_url(value: SecretStr) -> SecretStr:
+    parse_upstream_url(value.get_secret_value())
+    return value
+
+
+UpstreamUrl = Annotated[SecretStr, AfterValidator(_valid_upstream_url)]
+
+
+def _valid_address(value: str) -> str:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return value
+
+
+Address = Annotated[str, AfterValidator(_valid_address)]
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseSettings(_Section):
+    """One `[databases.NAME]` entry: the upstream and per-database pool overrides (PgBouncer names)."""
+
+    url: UpstreamUrl
+    pool_size: Count | None = None
+    min_pool_size: Count | None = None
+    reserve_pool_size: Count | None = None
+    max_db_connections: Count | None = None
+
+
+class ListenerSettings(_Section):
+    """One `[[listeners]]` entry: its own pool mode and client authentication."""
+
+    address: Address
+    pool_mode: PoolMode = PoolMode.TRANSACTION
+    auth_type: AuthMethod = AuthMethod.SCRAM_SHA_256
+
+
+class UserSettings(_Section):
+    """One `[users.NAME]` entry: a plaintext password, an md5 hash (md5...) or a SCRAM verifier (SCRAM-SHA-256$...)."""
+
+    password: SecretStr
+
+
+class Settings(BaseSettings):
+    """Everything pgmux can be told; validated once, then frozen."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PGMUX_", env_nested_delimiter="__", extra="forbid", frozen=True,
+        cli_kebab_case=True, cli_implicit_flags=True,
+    )
+
+    # Shorthands for the smallest sidecar: one upstream, one listener.
+    upstream_url: UpstreamUrl | None = None
+    listen: Address | None = None
+    pool_mode: PoolMode = PoolMode.TRANSACTION
+    auth_type: AuthMethod = AuthMethod.SCRAM_SHA_256
+
+    databases: dict[str, DatabaseSettings] = {}
+    listeners: list[ListenerSettings] = []
+    users: dict[str, UserSettings] = {}
+
+    # Pool sizing and limits, as PgBouncer names them.
+    default_pool_size: Annotated[int, Field(ge=1)] = 20
+    min_pool_size: Count = 0
+    reserve_pool_size: Count = 0
+    reserve_pool_timeout: Duration = 5.0
+    max_client_conn: Annotated[int, Field(ge=1)] = 1000
+    max_db_connections: Count = 0
+    max_user_connections: Count = 0
+
+    # Timeouts (seconds; 0 disables where PgBouncer allows it).
+    server_idle_timeout: Duration = 600.0
+    server_lifetime: Duration = 3600.0
+    server_connect_timeout: Duration = 15.0
+    server_login_retry: Duration = 15.0
+    query_wait_timeout: Duration = 120.0
+    client_login_timeout: Duration = 60.0
+    client_idle_timeout: Duration = 0.0
+    idle_transaction_timeout: Duration = 0.0
+    shutdown_timeout: Duration = 30.0
+
+    server_reset_query: str = "DISCARD ALL"
+    ignore_startup_parameters: list[str] = []
+    max_prepared_statements: Count = 200
+
+    metrics_listen: Address | None = None
+    log_format: Literal["plain", "json"] = "plain"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init kwargs carry the CLI flags; the TOML path is chosen by load_settings.
+        toml_file = settings_cls.model_config.get("toml_file")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file))
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _check_whole(self) -> "Settings":
+        if self.upstream_url is not None:
+            name = parse_upstream_url(self.upstream_url.get_secret_value()).database
+            if name in self.databases:
+                raise ValueError(f"upstream_url names database {name!r}, which [databases.{name}] defines too")
+        if not self.upstream_url and not self.databases:
+            raise ValueError("no upstream: set upstream_url (PGMUX_UPSTREAM_URL) or add a [databases.NAME] section")
+        # Port 0 (any free port, used by tests) may repeat.
+        addresses = [listener.address for listener in self.all_listeners() if not listener.address.endswith(":0")]
+        if len(set(addresses)) != len(addresses):
+            raise ValueError(f"two listeners share an address: {addresses}")
+        for name, user in self.users.items():
+            _check_user_secret(name, user.password.get_secret_value())
+        return self
+
+    def all_databases(self) -> dict[str, DatabaseSettings]:
+        """The [databases] sections plus the one the upstream_url shorthand names."""
+        databases = dict(self.databases)
+        if self.upstream_url is not None:
+            name = parse_upstream_url(self.upstream_url.get_secret_value()).database
+            databases[name] = DatabaseSettings(url=self.upstream_url)
+        return databases
+
+    def all_listeners(self) -> list[ListenerSettings]:
+        """The [[listeners]] plus the one the listen shorthand names; 127.0.0.1:6432 when neither is set."""
+        listeners = list(self.listeners)
+        if self.listen is not None or not listeners:
+            listeners.insert(0, ListenerSettings(address=self.listen or "127.0.0.1:6432",
+                                                 pool_mode=self.pool_mode, auth_type=self.auth_type))
+        return listeners
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration as plain data with every secret hidden (for check-config and logs)."""
+        data = self.model_dump(mode="json")
+        if self.upstream_url is not None:
+            data["upstream_url"] = parse_upstream_url(self.upstream_url.get_secret_value()).redacted()
+        for name, database in self.databases.items():
+            data["databases"][name]["url"] = parse_upstream_url(database.url.get_secret_value()).redacted()
+        for name in self.users:
+            data["users"][name]["password"] = "***"
+        return data
+
+
+def _check_user_secret(user: str, value: str) -> None:
+    from proxy.auth.secrets import UserSecret
+
+    try:
+        UserSecret.from_config(user, value)
+    except ValueError as exc:
+        raise ValueError(f"users.{user}.password: {exc}") from None
+
+
+def load_settings(config_file: Path | None = None, cli_args: list[str] | None = None, **overrides: Any) -> Settings:
+    """Build Settings from (highest first) CLI flags, overrides, PGMUX_* env, the TOML file, defaults.
+
+    ``config_file`` None means ``pgmux.toml`` in the working directory if it exists.
+    """
+    if config_file is None and DEFAULT_CONFIG_FILE.exists():
+        config_file = DEFAULT_CONFIG_FILE
+    if config_file is not None and not config_file.exists():
+        raise FileNotFoundError(f"config file {config_file} does not exist")
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(toml_file=config_file)
+
+    kwargs: dict[str, Any] = dict(overrides)
+    if cli_args is not None:
+        kwargs["_cli_parse_args"] = cli_args
+    loaded = _FromFile(**kwargs)
+    return Settings.model_construct(**{name: getattr(loaded, name) for name in Settings.model_fields})
