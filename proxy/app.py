@@ -13,6 +13,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.admission import Admission
 from proxy.auth.secrets import UserSecret
 from proxy.client import ClientConnection, ClientState
 from proxy.logs import get_logger
@@ -22,7 +23,7 @@ from proxy.settings import DatabaseSettings, Settings, Upstream, parse_upstream_
 
 log = get_logger("app")
 
-JANITOR_PERIOD = 1.0
+JANITOR_PERIOD = 0.25  # how often timeouts are checked: their resolution
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ class Proxy:
                                          else settings.max_db_connections))
             for name, db in settings.all_databases().items()
         }
+        self.admission = Admission(
+            settings.max_client_conn, settings.max_db_client_connections, settings.max_user_client_connections,
+            {name: db.max_db_client_connections for name, db in settings.all_databases().items()
+             if db.max_db_client_connections is not None})
         self._user_budgets: dict[str, ServerBudget] = {}
         self._secrets: dict[tuple[str, str], UserSecret | None] = {}
         self._cancel_keys: dict[int, ClientConnection] = {}
@@ -102,11 +107,12 @@ class Proxy:
     def client_limit_error(self) -> errors.PgError | None:
         """The refusal for a new connection, decided before any authentication work is spent on it."""
         if self.draining:
+            self.count_rejection("shutdown")
             return errors.shutting_down()
-        if len(self.clients) > self.settings.max_client_conn:
+        refusal = self.admission.check_connection(len(self.clients))
+        if refusal is not None:
             self.count_rejection("max_client_conn")
-            return errors.too_many_clients(self.settings.max_client_conn)
-        return None
+        return refusal
 
     # ---- routing a login to a pool --------------------------------------------------------------
 
@@ -160,6 +166,7 @@ class Proxy:
             reserve_pool_size=d.reserve_pool_size if d.reserve_pool_size is not None else s.reserve_pool_size,
             reserve_pool_timeout=s.reserve_pool_timeout,
             query_wait_timeout=s.query_wait_timeout,
+            max_wait_clients=s.max_wait_clients,
             server_idle_timeout=s.server_idle_timeout,
             server_lifetime=s.server_lifetime,
             server_connect_timeout=s.server_connect_timeout,
@@ -209,6 +216,8 @@ class Proxy:
             now = time.monotonic()
             for pool in list(self.pools.values()):
                 pool.maintain(now)
+            for client in list(self.clients):
+                client.check_timeouts(now)
 
     async def stop(self, graceful: bool = True) -> None:
         """Stop listening; let transactions finish (up to shutdown_timeout) if graceful; close everything."""

@@ -15,7 +15,7 @@ from proxy.logs import get_logger
 from proxy.protocol import errors
 from proxy.protocol import messages as m
 from proxy.protocol.errors import PgError
-from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation
+from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation, end_of_first
 from proxy.protocol.startup import (
     CancelRequest,
     GSSENCRequest,
@@ -45,6 +45,8 @@ _OPTION = re.compile(r"(?:-c\s*|--)([A-Za-z_][A-Za-z0-9_.]*)=((?:\\.|[^\s\\])*)"
 _LOGIN_CAPTURE = frozenset(range(256))
 _RELAY_CAPTURE = frozenset({m.TERMINATE})
 _RELAY_COUNTED = frozenset({m.SYNC, m.QUERY, m.FUNCTION_CALL})  # each earns exactly one ReadyForQuery
+_RELAY_NEUTRAL = frozenset({m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL})  # inside a COPY the Query already counted
+_BATCH_ENDS_AND_TERMINATE = _RELAY_COUNTED | {m.TERMINATE}
 _QUEUE_HIGH_WATER = 1 << 20  # bytes queued while waiting for a server before we stop reading
 
 
@@ -87,6 +89,11 @@ class ClientConnection(asyncio.Protocol):
         self._auth: ClientAuthenticator | None = None
         self._queued: list[bytes] = []
         self._queued_bytes = 0
+        self._rejected_batch = False  # answering a refused request: skipping to its batch end
+        self._admitted = False  # counted by Admission until the connection ends
+        self.last_active = self.connected_at  # the last time a request or an answer passed
+        self.query_started = 0.0  # when the oldest unanswered request was sent, 0 when none
+        self._cancel_sent = False
         self._task: asyncio.Task[None] | None = None
         self._login_timer: asyncio.TimerHandle | None = None
 
@@ -100,10 +107,9 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self.transport.set_write_buffer_limits(high=256 * 1024)
-        refusal = self.proxy.client_limit_error()
-        if refusal is not None:
-            self.fail(refusal)
-            return
+        # Decided now, told after the StartupMessage: drivers expect their SSLRequest answered first,
+        # and a CancelRequest must get through even when pgmux is full.
+        self._refusal = self.proxy.client_limit_error()
         timeout = self.proxy.settings.client_login_timeout
         if timeout:
             self._login_timer = asyncio.get_running_loop().call_later(timeout, self._login_timed_out)
@@ -155,7 +161,13 @@ class ClientConnection(asyncio.Protocol):
     def on_ready_for_query(self, status: m.TransactionStatus) -> None:
         if self.pending:
             self.pending -= 1
-        if not self.pending and status is m.TransactionStatus.IDLE and self.transaction_mode:
+        if not self.pending:
+            self.last_active = time.monotonic()
+            self.query_started = 0.0
+            self._cancel_sent = False
+        # Release only at a true boundary: every request answered and no part of the next one sent.
+        if (not self.pending and status is m.TransactionStatus.IDLE and self.transaction_mode
+                and not self._scanner.mid_batch):
             self._unlink_and_release()
 
     def on_parameter_status(self, name: str, value: str) -> None:
@@ -193,6 +205,8 @@ class ClientConnection(asyncio.Protocol):
             self._authenticate(rest)
 
     def _begin_login(self, startup: StartupMessage) -> None:
+        if self._refusal is not None:
+            raise self._refusal
         self.user = startup.user
         self.database = startup.database
         if not self.user:
@@ -202,6 +216,12 @@ class ClientConnection(asyncio.Protocol):
             # Tell newer clients we speak 3.0 and which _pq_ extensions we ignored; they carry on.
             self.write(m.negotiate_protocol_version(0, self._unsupported_options))
         target = self.proxy.login_target(self.database, self.user)
+        refusal = self.proxy.admission.admit(self.database, self.user)
+        if refusal is not None:
+            error, reason = refusal
+            self.proxy.count_rejection(reason)
+            raise error
+        self._admitted = True
         self.pool = target.pool
         self.state = ClientState.AUTH
         self._auth = client_authenticator(self.listener.auth_type, self.user, target.secret)
@@ -269,7 +289,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _authenticated(self) -> None:
         self.state = ClientState.LOGIN
-        self._scanner = FrameScanner(_RELAY_CAPTURE, counted=_RELAY_COUNTED)
+        self._scanner = FrameScanner(_RELAY_CAPTURE, counted=_RELAY_COUNTED, neutral=_RELAY_NEUTRAL)
         self._task = self.proxy.spawn(self._welcome(), name=f"welcome {self.id}")
 
     async def _welcome(self) -> None:
@@ -295,44 +315,59 @@ class ClientConnection(asyncio.Protocol):
         self.state = ClientState.IDLE
         log.info("login ok: %s@%s from %s (%s mode)", self.user, self.database, self.peer,
                  self.listener.pool_mode.value, extra={"conn": self.id})
-        queued = self._take_queued()
-        for chunk in queued:
-            self._relay(chunk)
+        if self._queued:
+            self._relay(b"".join(self._take_queued()))
 
     # ---- relay ------------------------------------------------------------------------------------
 
     def _relay(self, data: bytes) -> None:
+        """Client bytes after login: to the linked server, or queued until the pool lends one."""
+        if self.server is not None:
+            self._forward(data)
+            return
+        if self.state is ClientState.IDLE and not self._queued and not self._rejected_batch:
+            if data[0] == m.TERMINATE:
+                # Saying goodbye between transactions needs no server (and must not wait for one).
+                self._close_quietly("client sent Terminate")
+                return
+            server = self.pool.take_idle()  # type: ignore[union-attr]
+            if server is not None:  # the fast path: a warm server and nobody in line
+                self._link(server)
+                self._forward(data)
+                return
+        self._queue(data)
+        if self.state is ClientState.IDLE:
+            if self._rejected_batch:
+                self._skip_rejected_batch()
+            else:
+                self._wait_for_server()
+
+    def _forward(self, data: bytes) -> None:
         scanner = self._scanner
         before = scanner.count
         segments = scanner.feed(data)
-        self.pending += scanner.count - before
+        if scanner.count != before:
+            if not self.pending:
+                self.query_started = time.monotonic()
+            self.pending += scanner.count - before
         for segment in segments:
             if type(segment) is Frame:  # only Terminate is captured
-                self._relay_until_terminate(segments)
+                self._forward_until_terminate(segments)
                 return
-        server = self.server
-        if server is not None:
-            server.write(data)
-        elif self.state is ClientState.IDLE:
-            server = self.pool.take_idle() if self.pool is not None else None
-            if server is not None:
-                self._link(server)
-                server.write(data)
-            else:
-                self._queue(data)
-                self._wait_for_server()
-        else:
-            self._queue(data)
+        self.server.write(data)  # type: ignore[union-attr]
 
-    def _relay_until_terminate(self, segments: list) -> None:
+    def _forward_until_terminate(self, segments: list) -> None:
         """The client sent Terminate: pass on what came before it, then end the session cleanly."""
         before = b"".join(bytes(s) for s in itertools.takewhile(lambda s: type(s) is not Frame, segments))
-        if before:
-            if self.server is not None:
-                self.server.write(before)
-            else:
-                self._queue(before)
+        if before and self.server is not None:
+            self.server.write(before)
         self._close_quietly("client sent Terminate")
+
+    def _forward_queued(self) -> None:
+        for chunk in self._take_queued():
+            if self.server is None:
+                return
+            self._forward(chunk)
 
     def _queue(self, data: bytes) -> None:
         self._queued.append(data)
@@ -355,29 +390,50 @@ class ClientConnection(asyncio.Protocol):
             server = await self.pool.acquire()
         except PgError as exc:
             self._task = None
-            self.state = ClientState.IDLE
-            self._reject_waiting(exc)
+            if self.state is ClientState.WAITING:
+                self.state = ClientState.IDLE
+                self._reject_batch(exc)
             return
         self._task = None
         if self.state is not ClientState.WAITING:
             self.pool.release(server)
             return
         self._link(server)
-        for chunk in self._take_queued():
-            server.write(chunk)
+        self._forward_queued()
 
-    def _reject_waiting(self, error: PgError) -> None:
-        """Could not get a server: answer like a server error would, so the session stays usable."""
+    def _reject_batch(self, error: PgError) -> None:
+        """No server came: fail the waiting request as PostgreSQL fails one, keeping the session usable.
+
+        The client gets the ErrorResponse now; everything up to its next Sync (or the Query itself)
+        is discarded and answered with one ReadyForQuery, and what it pipelined after that is served.
+        """
         reason = "wait_timeout" if error.sqlstate is errors.SqlState.TOO_MANY_CONNECTIONS else "upstream_unavailable"
+        if "max_wait_clients" in error.message:
+            reason = "queue_full"
         self.proxy.count_rejection(reason)
-        log.warning("no server for %s: %s", self.pool.key if self.pool else "?", error, extra={"conn": self.id})
-        self._queued, self._queued_bytes = [], 0
-        self.resume_reading()
-        # Discard everything already sent for this transaction; the client gets one error and one
-        # ReadyForQuery per Sync/Query it is waiting on, just as PostgreSQL would answer.
-        answers = max(self.pending, 1)
-        self.pending = 0
-        self.write(error.to_bytes() + m.ready_for_query() * answers)
+        log.warning("request refused: %s", error, extra={"conn": self.id})
+        self.write(error.to_bytes())
+        self._rejected_batch = True
+        self._skip_rejected_batch()
+
+    def _skip_rejected_batch(self) -> None:
+        queued = b"".join(self._take_queued())
+        try:
+            end = end_of_first(queued, _BATCH_ENDS_AND_TERMINATE)
+        except ProtocolViolation as exc:
+            self.fail(errors.protocol_violation(str(exc)), reason="protocol_error")
+            return
+        if end is None:
+            if queued:
+                self._queue(queued)  # the batch's end has not arrived yet: wait for more bytes
+            return
+        if queued[end - 5] == m.TERMINATE:
+            self._close_quietly("client sent Terminate")
+            return
+        self._rejected_batch = False
+        self.write(m.ready_for_query())
+        if end < len(queued):
+            self._relay(queued[end:])
 
     def _link(self, server: ServerConnection) -> None:
         self.server = server
@@ -388,18 +444,33 @@ class ClientConnection(asyncio.Protocol):
             server.send_internal(sql)
 
     def _parameter_sync_sql(self, server: ServerConnection) -> str | None:
-        statements = [f"SET {name} TO {_quote_literal(value)}"
-                      for name, value in self.params.items() if server.params.get(name) != value]
+        """SQL that makes ``server`` match this client's parameters, or None when it already does.
+
+        The server's view is updated now, not when the reply comes: the next client linked to it
+        must compare against what this SQL will have done. set_config takes the value as a plain
+        string, so list values such as search_path keep their meaning.
+        """
+        changes: list[tuple[str, str]] = []
+        for name, value in self.params.items():
+            if server.params.get(name) != value:
+                changes.append((name, value))
+                server.params[name] = value
+        resets: list[str] = []
         for name in self.unreported.keys() | server.unreported.keys():
             wanted = self.unreported.get(name)
             if server.unreported.get(name) == wanted:
                 continue
             if wanted is None:
-                statements.append(f"RESET {name}")
+                resets.append(f"RESET {name}")
                 del server.unreported[name]
             else:
-                statements.append(f"SET {name} TO {_quote_literal(wanted)}")
+                changes.append((name, wanted))
                 server.unreported[name] = wanted
+        statements = resets
+        if changes:
+            calls = ", ".join(f"pg_catalog.set_config({_quote_literal(name)}, {_quote_literal(value)}, false)"
+                              for name, value in changes)
+            statements.append(f"SELECT {calls}")
         return ";".join(statements) if statements else None
 
     def _unlink_and_release(self) -> None:
@@ -410,6 +481,30 @@ class ClientConnection(asyncio.Protocol):
         server.resume_reading()
         self.pool.stats_xacts += 1
         self.pool.release(server)
+
+    # ---- timeouts (checked by the janitor) --------------------------------------------------------
+
+    def check_timeouts(self, now: float) -> None:
+        settings = self.proxy.settings
+        server = self.server
+        if self.pending:
+            if (settings.query_timeout and server is not None and not self._cancel_sent
+                    and now - self.query_started > settings.query_timeout):
+                self._cancel_sent = True
+                log.info("query_timeout=%gs reached: cancelling the query", settings.query_timeout,
+                         extra={"conn": self.id})
+                self.proxy.spawn(server.send_cancel(settings.server_connect_timeout), name=f"cancel {server.id}")
+            return
+        if self.state not in (ClientState.IDLE, ClientState.ACTIVE):
+            return
+        idle_for = now - self.last_active
+        in_transaction = server is not None and server.tx_status is not m.TransactionStatus.IDLE
+        if in_transaction and settings.idle_transaction_timeout and idle_for > settings.idle_transaction_timeout:
+            self.proxy.count_rejection("idle_transaction_timeout")
+            self.fail(errors.idle_transaction_timeout(settings.idle_transaction_timeout))
+        elif not in_transaction and settings.client_idle_timeout and idle_for > settings.client_idle_timeout:
+            self.proxy.count_rejection("client_idle_timeout")
+            self.fail(errors.client_idle_timeout(settings.client_idle_timeout))
 
     # ---- ending -----------------------------------------------------------------------------------
 
@@ -450,6 +545,9 @@ class ClientConnection(asyncio.Protocol):
             self._task.cancel()
             self._task = None
         self.proxy.forget_client(self)
+        if self._admitted:
+            self._admitted = False
+            self.proxy.admission.leave(self.database, self.user)
         server, self.server = self.server, None
         if server is not None and self.pool is not None:
             self._return_server(server, self.pool)

@@ -37,6 +37,7 @@ class PoolConfig:
     reserve_pool_size: int
     reserve_pool_timeout: float
     query_wait_timeout: float
+    max_wait_clients: int
     server_idle_timeout: float
     server_lifetime: float
     server_connect_timeout: float
@@ -54,6 +55,18 @@ class ServerBudget:
 
     def has_room(self) -> bool:
         return not self.limit or self.used < self.limit
+
+    def make_room_for(self, requester: "Pool", wanted: int) -> None:
+        """At the limit with clients waiting in ``requester``: close idle servers of the other pools.
+
+        Servers already closing will free their slots soon, so only the shortfall is evicted; the
+        slot reaches the requester through freed() once the socket is gone.
+        """
+        closing = sum(len(pool.closing) for pool in self.pools)
+        for pool in self.pools:
+            while pool is not requester and pool.idle and closing < wanted:
+                pool.close_server(pool.idle[0], f"max connections reached: room needed for pool {requester.key}")
+                closing += 1
 
     def freed(self) -> None:
         self.used -= 1
@@ -166,6 +179,9 @@ class Pool:
         server = self.take_idle()
         if server is not None:
             return server
+        if self.config.max_wait_clients and len(self.waiters) >= self.config.max_wait_clients:
+            raise errors.wait_queue_full(str(self.key), len(self.waiters), self.config.max_wait_clients,
+                                         len(self.active), self.config.pool_size)
         loop = asyncio.get_running_loop()
         waiter = Waiter(loop)
         self.waiters.append(waiter)
@@ -281,6 +297,11 @@ class Pool:
         """Open servers for the clients in line, within every limit."""
         while len(self.waiters) > len(self.login) and self._has_room():
             self._start_connect()
+        wanted = len(self.waiters) - len(self.login)
+        if wanted > 0 and self.total < self.limit and not self._in_login_backoff():
+            for budget in self._budgets:
+                if not budget.has_room():
+                    budget.make_room_for(self, wanted)
 
     def _has_room(self) -> bool:
         return (self.total < self.limit and all(budget.has_room() for budget in self._budgets)

@@ -150,6 +150,7 @@ class DatabaseSettings(_Section):
     min_pool_size: Count | None = None
     reserve_pool_size: Count | None = None
     max_db_connections: Count | None = None
+    max_db_client_connections: Count | None = None
 
 
 class ListenerSettings(_Section):
@@ -192,6 +193,9 @@ class Settings(BaseSettings):
     max_client_conn: Annotated[int, Field(ge=1)] = 1000
     max_db_connections: Count = 0
     max_user_connections: Count = 0
+    max_db_client_connections: Count = 0
+    max_user_client_connections: Count = 0
+    max_wait_clients: Count = 0  # per pool; 0 = no cap on the line (load shedding off)
 
     # Timeouts (seconds; 0 disables where PgBouncer allows it).
     server_idle_timeout: Duration = 600.0
@@ -202,6 +206,7 @@ class Settings(BaseSettings):
     client_login_timeout: Duration = 60.0
     client_idle_timeout: Duration = 0.0
     idle_transaction_timeout: Duration = 0.0
+    query_timeout: Duration = 0.0
     shutdown_timeout: Duration = 30.0
 
     server_reset_query: str = "DISCARD ALL"

@@ -303,7 +303,7 @@ def postgres_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsPostgr
 # pgmux fixtures (the lead adds them here): `pgmux` factory with settings, drivers.
 # ---------------------------------------------------------------------------
 
-from harness import RunningPgmux, start_pgmux  # noqa: E402
+from harness import PgmuxProcess, RunningPgmux, start_pgmux  # noqa: E402
 
 
 @pytest.fixture
@@ -324,3 +324,25 @@ def pgmux(postgres: PostgresServer) -> Iterator[Any]:
     yield start
     for running in started:
         running.stop()
+
+
+@pytest.fixture
+def pgmux_process(postgres: PostgresServer, tmp_path: Path) -> Iterator[Any]:
+    """Factory: ``pgmux_process(*flags, **env)`` runs `python -m proxy serve` as a real process.
+
+    For what an in-process pgmux cannot show: signals, the CLI, and drivers whose blocking calls
+    hold the GIL (psycopg's cancel()). Every process is stopped by its pid after the test.
+    """
+    started: list[PgmuxProcess] = []
+
+    def start(*flags: str, **env: str) -> PgmuxProcess:
+        env.setdefault("PGMUX_UPSTREAM_URL", postgres.dsn(APP.name, APP.password, APP_DATABASE, sslmode="disable"))
+        process = PgmuxProcess(["serve", "--listen", "127.0.0.1:0", *flags], env,
+                               tmp_path / f"pgmux-{len(started)}.log")
+        started.append(process)
+        process.wait_for_log("listening on")
+        return process
+
+    yield start
+    for process in started:
+        process.stop()

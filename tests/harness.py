@@ -106,6 +106,13 @@ class PgmuxProcess:
             time.sleep(0.05)
         raise TimeoutError(f"{text!r} not in pgmux log:\n{self.log_path.read_text(errors='replace')}")
 
+    def ports(self) -> list[int]:
+        """The ports pgmux reported listening on, in listener order."""
+        import re
+
+        output = self.wait_for_log("listening on")
+        return [int(port) for port in re.findall(r"listening on [^ ]+:(\d+) ", output)]
+
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
 

@@ -131,6 +131,42 @@ def too_many_clients(limit: int) -> PgError:
                    severity=Severity.FATAL)
 
 
+def too_many_database_clients(database: str, limit: int) -> PgError:
+    return PgError(SqlState.TOO_MANY_CONNECTIONS,
+                   f'too many client connections for database "{database}": client connections exceeded '
+                   f"(max_db_client_connections={limit} reached)",
+                   hint="Retry later, or raise max_db_client_connections for this database in the pgmux config.",
+                   severity=Severity.FATAL)
+
+
+def too_many_user_clients(user: str, limit: int) -> PgError:
+    return PgError(SqlState.TOO_MANY_CONNECTIONS,
+                   f'too many client connections for user "{user}": client connections exceeded '
+                   f"(max_user_client_connections={limit} reached)",
+                   hint="Retry later, or raise max_user_client_connections in the pgmux config.",
+                   severity=Severity.FATAL)
+
+
+def wait_queue_full(pool: str, waiting: int, limit: int, active: int, pool_size: int) -> PgError:
+    return PgError(SqlState.TOO_MANY_CONNECTIONS,
+                   f"too many clients waiting for pool {pool}: {waiting} already in line "
+                   f"(max_wait_clients={limit} reached; {active} of {pool_size} busy)",
+                   hint="Retry with backoff, or raise default_pool_size / max_wait_clients in the pgmux config.")
+
+
+def client_idle_timeout(timeout: float) -> PgError:
+    return PgError(SqlState.IDLE_SESSION_TIMEOUT,
+                   f"terminating connection due to idle timeout (client_idle_timeout={timeout:g}s)",
+                   severity=Severity.FATAL)
+
+
+def idle_transaction_timeout(timeout: float) -> PgError:
+    return PgError(SqlState.IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+                   f"terminating connection due to idle-in-transaction timeout (idle_transaction_timeout={timeout:g}s)",
+                   hint="The transaction was rolled back. Commit or roll back sooner, or raise idle_transaction_timeout.",
+                   severity=Severity.FATAL)
+
+
 def wait_timeout(pool: str, timeout: float, active: int, waiting: int, pool_size: int) -> PgError:
     return PgError(SqlState.TOO_MANY_CONNECTIONS,
                    f"no server connection available for pool {pool} within query_wait_timeout={timeout:g}s "

@@ -34,31 +34,43 @@ class FrameScanner:
     slice of the received chunk, and a body longer than the chunk streams through as it arrives, so
     a 1 GiB COPY row costs no more memory than the socket's read size. Captured messages come back
     whole, as a zero-copy slice when they fit in one chunk.
+
+    Types in ``counted`` (the batch ends: Sync, Query, FunctionCall) are only tallied in ``count``
+    as their headers pass. ``mid_batch`` tells whether a message has begun since the last batch end,
+    i.e. whether the server has been sent part of a request it has not been asked to answer yet;
+    types in ``neutral`` (COPY data) neither open nor close a batch.
     """
 
-    __slots__ = ("_capture", "_counted", "_max_length", "_remaining", "_partial", "_partial_total", "count")
+    __slots__ = ("_capture", "_counted", "_neutral", "_max_length", "_remaining", "_partial",
+                 "_partial_total", "count", "mid_batch")
 
     def __init__(self, capture: frozenset[int], max_length: int = MAX_MESSAGE_LENGTH,
-                 counted: frozenset[int] = frozenset()) -> None:
+                 counted: frozenset[int] = frozenset(), neutral: frozenset[int] = frozenset()) -> None:
         self._capture = capture
-        self._counted = counted  # types only tallied in ``count`` as their headers pass, never assembled
-        self.count = 0
+        self._counted = counted
+        self._neutral = neutral
         self._max_length = max_length
         self._remaining = 0  # body bytes still to stream through for a message not captured
         self._partial = bytearray()  # an incomplete header, or an incomplete captured message
         self._partial_total = 0  # size of the captured message being assembled; 0 while assembling a header
+        self.count = 0
+        self.mid_batch = False
 
     @property
     def at_boundary(self) -> bool:
         """True when the bytes fed so far end exactly at a message boundary."""
         return not self._remaining and not self._partial
 
-    def _header(self, kind: int, length: int) -> int:
+    def _check(self, kind: int, length: int) -> None:
         if length < 4 or length > self._max_length:
             raise ProtocolViolation(f"invalid length {length} for message type {chr(kind)!r}")
+
+    def _note(self, kind: int) -> None:
         if kind in self._counted:
             self.count += 1
-        return length + 1
+            self.mid_batch = False
+        elif kind not in self._neutral:
+            self.mid_batch = True
 
     def feed(self, data: bytes) -> list[Segment]:
         out: list[Segment] = []
@@ -72,6 +84,9 @@ class FrameScanner:
         elif self._partial:
             pos = run_start = self._continue_partial(view, out)
         capture = self._capture
+        counted = self._counted
+        neutral = self._neutral
+        max_length = self._max_length
         unpack = _HEADER.unpack_from
         while pos < end:
             if end - pos < HEADER_SIZE:
@@ -80,7 +95,14 @@ class FrameScanner:
                 self._partial += view[pos:]
                 return out
             kind, length = unpack(data, pos)
-            total = self._header(kind, length)
+            if length < 4 or length > max_length:
+                self._check(kind, length)
+            if kind in counted:
+                self.count += 1
+                self.mid_batch = False
+            elif kind not in neutral:
+                self.mid_batch = True
+            total = length + 1
             if kind in capture:
                 if run_start < pos:
                     out.append(view[run_start:pos])
@@ -111,7 +133,9 @@ class FrameScanner:
             if len(partial) < HEADER_SIZE:
                 return pos
             kind, length = _HEADER.unpack_from(partial, 0)
-            total = self._header(kind, length)
+            self._check(kind, length)
+            self._note(kind)
+            total = length + 1
             if kind not in self._capture:
                 # Stream this message: its header goes out now, its body as it arrives.
                 out.append(bytes(partial))
@@ -131,3 +155,19 @@ class FrameScanner:
             partial.clear()
             self._partial_total = 0
         return pos
+
+
+def end_of_first(data: bytes, kinds: frozenset[int]) -> int | None:
+    """Offset just past the first whole message of one of ``kinds`` in ``data`` (which starts at a boundary)."""
+    pos = 0
+    end = len(data)
+    while end - pos >= HEADER_SIZE:
+        kind, length = _HEADER.unpack_from(data, pos)
+        if length < 4 or length > MAX_MESSAGE_LENGTH:
+            raise ProtocolViolation(f"invalid length {length} for message type {chr(kind)!r}")
+        pos += length + 1
+        if pos > end:
+            return None
+        if kind in kinds:
+            return pos
+    return None

@@ -1,0 +1,51 @@
+"""Admission: the global, per-database and per-user client limits, decided before any authentication work."""
+
+from __future__ import annotations
+
+import collections
+
+from proxy.protocol import errors
+from proxy.protocol.errors import PgError
+
+
+class Admission:
+    """Counts logged-in clients per database and per user; refuses the one over a limit with 53300.
+
+    A client is counted from its StartupMessage (before authentication, so a flood of logins cannot
+    buy work past the limit) until it disconnects.
+    """
+
+    def __init__(self, max_client_conn: int, max_db_client_connections: int, max_user_client_connections: int,
+                 db_overrides: dict[str, int] | None = None) -> None:
+        self.max_client_conn = max_client_conn
+        self.max_db_client_connections = max_db_client_connections
+        self.max_user_client_connections = max_user_client_connections
+        self.db_overrides = db_overrides or {}
+        self.per_database: collections.Counter[str] = collections.Counter()
+        self.per_user: collections.Counter[str] = collections.Counter()
+
+    def check_connection(self, connected: int) -> PgError | None:
+        """For a new socket, ``connected`` counting it: the max_client_conn refusal, if any."""
+        if connected > self.max_client_conn:
+            return errors.too_many_clients(self.max_client_conn)
+        return None
+
+    def admit(self, database: str, user: str) -> tuple[PgError, str] | None:
+        """Count a login for (database, user), or return the refusal and its reason without counting it."""
+        db_limit = self.db_overrides.get(database, self.max_db_client_connections)
+        if db_limit and self.per_database[database] >= db_limit:
+            return errors.too_many_database_clients(database, db_limit), "db_client_limit"
+        user_limit = self.max_user_client_connections
+        if user_limit and self.per_user[user] >= user_limit:
+            return errors.too_many_user_clients(user, user_limit), "user_client_limit"
+        self.per_database[database] += 1
+        self.per_user[user] += 1
+        return None
+
+    def leave(self, database: str, user: str) -> None:
+        self.per_database[database] -= 1
+        if self.per_database[database] <= 0:
+            del self.per_database[database]
+        self.per_user[user] -= 1
+        if self.per_user[user] <= 0:
+            del self.per_user[user]
