@@ -9,7 +9,7 @@ import hmac
 import secrets
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,7 +230,7 @@ class Proxy:
             deadline = time.monotonic() + self.settings.shutdown_timeout
             while time.monotonic() < deadline:
                 for client in list(self.clients):
-                    if client.state in (ClientState.IDLE, ClientState.STARTUP, ClientState.AUTH):
+                    if client.at_transaction_boundary():
                         client.fail(errors.shutting_down())
                 if not self.clients:
                     break
@@ -248,17 +248,80 @@ class Proxy:
         await asyncio.sleep(0)
         self._stopped.set()
 
+    def reload(self, settings: Settings) -> None:
+        """Apply a new configuration without dropping connected clients.
+
+        Pool sizes, limits and timeouts take effect at once (surplus idle servers close at the next
+        janitor pass); added databases accept logins; removed ones refuse new logins while their
+        connected clients finish; a changed upstream gets fresh servers as the old ones come back.
+        Listeners are bound at start and need a restart to change.
+        """
+        if [l.model_dump() for l in settings.all_listeners()] != [l.model_dump() for l in self.settings.all_listeners()]:
+            log.warning("reload: listener changes need a restart; keeping the current listeners")
+        self.settings = settings
+        self.admission.max_client_conn = settings.max_client_conn
+        self.admission.max_db_client_connections = settings.max_db_client_connections
+        self.admission.max_user_client_connections = settings.max_user_client_connections
+        self.admission.db_overrides = {name: db.max_db_client_connections
+                                       for name, db in settings.all_databases().items()
+                                       if db.max_db_client_connections is not None}
+        new_databases = settings.all_databases()
+        for name in list(self._databases):
+            if name not in new_databases:
+                log.info("reload: database %s removed; its connected clients may finish", name)
+                del self._databases[name]
+        for name, db_settings in new_databases.items():
+            upstream = parse_upstream_url(db_settings.url.get_secret_value())
+            limit = (db_settings.max_db_connections if db_settings.max_db_connections is not None
+                     else settings.max_db_connections)
+            current = self._databases.get(name)
+            if current is None:
+                self._databases[name] = _Database(name, db_settings, upstream, ServerBudget(limit))
+                log.info("reload: database %s added", name)
+                continue
+            current.settings = db_settings
+            current.budget.limit = limit
+            if current.upstream != upstream:
+                log.info("reload: database %s now points at %s", name, upstream.redacted())
+                current.upstream = upstream
+        for budget in self._user_budgets.values():
+            budget.limit = settings.max_user_connections
+        self._secrets.clear()
+        for key, pool in self.pools.items():
+            db = self._databases.get(key.database)
+            if db is None:
+                continue
+            upstream = db.upstream
+            if key.user != upstream.user:
+                # A pool of a [users] entry: same place, that user's own credentials.
+                secret = self._secret(db, key.user)
+                password = secret.password if secret is not None else None
+                upstream = dataclasses.replace(upstream, user=key.user, password=password)
+            pool.reconfigure(self._pool_config(db, upstream))
+        log.info("configuration reloaded")
+
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
 
-async def run(settings: Settings, on_ready: Any = None) -> None:
-    """Serve until SIGTERM (drain) or SIGINT (fast stop)."""
+async def run(settings: Settings, on_ready: Any = None, reload_settings: Callable[[], Settings] | None = None) -> None:
+    """Serve until SIGTERM (drain) or SIGINT (fast stop); SIGHUP reloads via ``reload_settings``."""
     proxy = Proxy(settings)
     await proxy.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, lambda: proxy.spawn(proxy.stop(graceful=True), name="shutdown"))
     loop.add_signal_handler(signal.SIGINT, lambda: proxy.spawn(proxy.stop(graceful=False), name="shutdown"))
+    if reload_settings is not None:
+        def on_hangup() -> None:
+            log.info("SIGHUP: reloading the configuration")
+            try:
+                new_settings = reload_settings()
+            except Exception as exc:  # an invalid file must never take the running pooler down
+                log.error("reload refused, keeping the current configuration: %s", exc)
+                return
+            proxy.reload(new_settings)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
     if on_ready is not None:
         on_ready(proxy)
     await proxy.wait_stopped()

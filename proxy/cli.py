@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -64,15 +65,15 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(settings.redacted(), indent=2))
         return
     setup_logging(settings.log_format, settings.log_level)
-    serve(settings)
+    serve(settings, lambda: load_settings(args.config, setting_flags))
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = None) -> None:
     from proxy.app import run
 
     install_uvloop()
     try:
-        asyncio.run(run(settings))
+        asyncio.run(run(settings, reload_settings=reload_settings))
     except KeyboardInterrupt:
         pass
 

@@ -482,6 +482,14 @@ class ClientConnection(asyncio.Protocol):
         self.pool.stats_xacts += 1
         self.pool.release(server)
 
+    def at_transaction_boundary(self) -> bool:
+        """True when closing now loses nothing: no request in flight and no transaction open."""
+        if self.state in (ClientState.STARTUP, ClientState.AUTH, ClientState.IDLE):
+            return not self._queued
+        if self.state is ClientState.ACTIVE and self.server is not None:
+            return not self.pending and self.server.tx_status is m.TransactionStatus.IDLE
+        return False
+
     # ---- timeouts (checked by the janitor) --------------------------------------------------------
 
     def check_timeouts(self, now: float) -> None:

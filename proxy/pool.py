@@ -117,6 +117,7 @@ class Pool:
         self._spawn = spawn
         self._reserve_open = False
         self._retry_at = 0.0  # no new logins before this (monotonic) time after a failed one
+        self._generation_started = 0.0  # servers created before this are retired when they come back
         self.last_connect_error: str | None = None
         # Plain counters, read at scrape time.
         self.stats_xacts = 0
@@ -221,6 +222,12 @@ class Pool:
         server.client = None
         if self.config.server_lifetime and time.monotonic() - server.created_at > self.config.server_lifetime:
             self.close_server(server, "server_lifetime reached")
+            return
+        if server.created_at < self._generation_started:
+            self.close_server(server, "upstream changed by reload")
+            return
+        if self.total - len(self.closing) > self.limit:
+            self.close_server(server, "pool is over its size (lowered by reload)")
             return
         while self.waiters:
             waiter = self.waiters.popleft()
@@ -352,10 +359,26 @@ class Pool:
 
     # ---- upkeep ------------------------------------------------------------------------------------
 
+    def reconfigure(self, config: PoolConfig) -> None:
+        """Take new settings; servers of a changed upstream are replaced as they come back idle."""
+        if config.upstream != self.config.upstream:
+            self._generation_started = time.monotonic()
+            for server in list(self.idle):
+                self.close_server(server, "upstream changed by reload")
+        self.config = config
+        self._trim()
+        self.grow()
+
+    def _trim(self) -> None:
+        """Close idle servers beyond the pool's limit (after pool_size was lowered)."""
+        while self.idle and self.total - len(self.closing) > self.limit:
+            self.close_server(self.idle[0], "pool_size lowered")
+
     def maintain(self, now: float) -> None:
         """Janitor work: drop servers idle or alive too long, keep min_pool_size warm."""
         config = self.config
         keep = config.min_pool_size
+        self._trim()
         for server in list(self.idle):
             if config.server_lifetime and now - server.created_at > config.server_lifetime:
                 self.close_server(server, "server_lifetime reached")

@@ -171,7 +171,7 @@ class Settings(BaseSettings):
     """Everything pgmux can be told; validated once, then frozen."""
 
     model_config = SettingsConfigDict(
-        env_prefix="PGMUX_", env_nested_delimiter="__", extra="forbid", frozen=True,
+        env_prefix="PGMUX_", env_nested_delimiter="__", env_ignore_empty=True, extra="forbid", frozen=True,
         cli_kebab_case=True, cli_implicit_flags=True,
     )
 

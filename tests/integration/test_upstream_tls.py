@@ -139,6 +139,8 @@ def test_disable_keeps_the_connection_in_plaintext(pgmux, postgres_tls) -> None:
 
 def test_require_against_a_server_without_tls_is_refused(pgmux, postgres) -> None:
     # The `postgres` fixture server (embedded wheel) is built without OpenSSL, so it answers 'N'.
+    if postgres.psql("SHOW ssl").strip() == "on":
+        pytest.skip("this PostgreSQL has TLS on; the refusal needs one without")
     proxy = pgmux(server_login_retry=0, upstream_url=postgres.dsn(APP.name, APP.password, APP_DATABASE,
                                                                   sslmode="require"))
 
@@ -148,9 +150,6 @@ def test_require_against_a_server_without_tls_is_refused(pgmux, postgres) -> Non
                                   database=APP_DATABASE, ssl=False, timeout=10)
         return caught.value
 
-    ssl_on = postgres.psql("SHOW ssl").strip()
-    if ssl_on == "on":
-        pytest.skip("this PostgreSQL has TLS on; the refusal needs one without")
     error = asyncio.run(run())
     assert error.sqlstate in ("08006", "08001")
     assert "sslmode=require" in str(error)

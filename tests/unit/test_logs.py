@@ -122,7 +122,7 @@ def test_json_output_is_one_object_per_line_with_conn_ids(pgmux_log) -> None:
     assert "s3cret" not in output
 
 
-def test_log_level_filters_and_output_stays_on_the_pgmux_logger(pgmux_log, caplog) -> None:
+def test_log_level_filters_and_output_stays_on_the_pgmux_logger(pgmux_log) -> None:
     stream = io.StringIO()
     setup_logging("json", "warning", stream=stream)
     log = get_logger("app")
