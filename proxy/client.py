@@ -297,7 +297,8 @@ class ClientConnection(asyncio.Protocol):
         try:
             await self.pool.warm_up()
         except PgError as exc:
-            self.fail(PgError(exc.sqlstate, exc.message, hint=exc.hint, severity=errors.Severity.FATAL))
+            self.fail(PgError(exc.sqlstate, exc.message, hint=exc.hint, severity=errors.Severity.FATAL),
+                      reason="upstream_unavailable")
             return
         if self.state is not ClientState.LOGIN:
             return

@@ -141,6 +141,8 @@ class EmbeddedPostgres:
     # elsewhere for sun_path length, that too.
     _owned_dirs: tuple[Path, ...] = field(default=(), repr=False, compare=False)
     _stopped: bool = field(default=False, repr=False, compare=False)
+    # The `-c` settings it was launched with, so restart() brings back the same server.
+    _settings: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def dsn(
         self,
@@ -175,6 +177,37 @@ class EmbeddedPostgres:
         for path in (*self._owned_dirs, self.data_dir, self.socket_dir):
             _remove_tree(path)
         self._stopped = True
+
+    def restart(self, down_for: float = 0.0, startup_timeout: float = 30.0) -> None:
+        """Fast-shutdown the postmaster, stay down ``down_for`` seconds, start it again on the same port and data.
+
+        Returns once the new postmaster accepts connections; ``pid`` is then the new one. Every
+        connection to the old postmaster is gone (its clients saw 57P01 or a closed socket).
+        """
+        if self._stopped:
+            raise RuntimeError("restart() after stop(): the data directory is gone")
+        self._halt()
+        if down_for > 0:
+            time.sleep(down_for)
+        deadline = time.monotonic() + startup_timeout
+        relaunched = _launch(
+            self.bin_dir, self.data_dir, self.socket_dir, self.log_file, self.port, self.password,
+            self._settings, _server_os_user(), self._owned_dirs,
+        )
+        self.pid, self._process = relaunched.pid, relaunched._process
+        try:
+            _wait_until_ready(self, deadline)
+        except _ServerExited as exited:
+            raise RuntimeError(
+                f"embedded PostgreSQL exited with code {exited.returncode} while restarting on port {self.port}; "
+                f"last lines of its log:\n{_log_tail(self.log_file)}"
+            ) from None
+        except TimeoutError:
+            self._halt()
+            raise RuntimeError(
+                f"embedded PostgreSQL did not accept connections on {self.host}:{self.port} again "
+                f"within {startup_timeout:g}s after a restart; last lines of its log:\n{_log_tail(self.log_file)}"
+            ) from None
 
     def _halt(self) -> None:
         """Make sure the postmaster is gone, leaving its files in place."""
@@ -518,6 +551,7 @@ def _launch(
         bin_dir=bin_dir,
         _process=process,
         _owned_dirs=owned_dirs,
+        _settings=dict(settings),
     )
 
 

@@ -12,13 +12,24 @@ LOGGER_NAME = "pgmux"
 
 # postgresql://user:secret@host -> postgresql://user:***@host ; password=secret -> password=***
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<secret>[^@\s]*)(?P<tail>@)", re.IGNORECASE)
-_KEYWORD_PASSWORD = re.compile(r"(?P<head>\bpassword\s*[=:]\s*['\"]?)(?P<secret>[^\s'\"&,;]+)", re.IGNORECASE)
+# ?password=secret&... in a URL query runs to the next '&'.
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<secret>[^&\s#]*)", re.IGNORECASE)
+# password='a b' / password="a b" keep their quotes; an unquoted value runs to white space (libpq).
+_KEYWORD_PASSWORD = re.compile(
+    r"""(?P<head>(?<![?&])\bpassword["']?\s*[=:]\s*)(?:(?P<quote>['"])(?P<quoted>(?:(?!(?P=quote))[^\\]|\\.)*)(?P=quote)|(?P<bare>[^\s'"]+))""",
+    re.IGNORECASE)
+
+
+def _hide_keyword(match: re.Match[str]) -> str:
+    quote = match["quote"] or ""
+    return f"{match['head']}{quote}***{quote}"
 
 
 def redact(text: str) -> str:
     """Hide passwords in URLs and key=value DSNs; the one place every printed string goes through."""
     text = _URL_PASSWORD.sub(lambda m: f"{m['head']}***{m['tail']}", text)
-    return _KEYWORD_PASSWORD.sub(lambda m: f"{m['head']}***", text)
+    text = _QUERY_PASSWORD.sub(lambda m: f"{m['head']}***", text)
+    return _KEYWORD_PASSWORD.sub(_hide_keyword, text)
 
 
 class _RedactingFormatter(logging.Formatter):

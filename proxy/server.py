@@ -222,12 +222,12 @@ class ServerConnection(asyncio.Protocol):
         except TimeoutError:
             self.close("login timed out")
             raise ServerLoginError(f"timed out after server_connect_timeout={timeout:g}s") from None
-        except OSError as exc:
-            self.close("connect failed")
-            raise ServerLoginError(exc.strerror or str(exc)) from None
         except ssl.SSLError as exc:
             self.close("TLS failed")
             raise ServerLoginError(f"TLS handshake failed: {exc.reason or exc}") from None
+        except OSError as exc:
+            self.close("connect failed")
+            raise ServerLoginError(exc.strerror or str(exc)) from None
         except ServerLoginError:
             self.close("login failed")
             raise

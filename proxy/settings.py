@@ -80,7 +80,12 @@ class Upstream:
     def redacted(self) -> str:
         """The URL with its password hidden: the only form of it that may be logged or shown."""
         auth = quote(self.user, safe="") + (":***" if self.password is not None else "")
-        host = quote(self.host, safe="") if self.unix_socket else self.host
+        if self.unix_socket:
+            host = quote(self.host, safe="")
+        elif ":" in self.host:
+            host = f"[{self.host}]"  # an IPv6 address
+        else:
+            host = self.host
         return f"postgresql://{auth}@{host}:{self.port}/{self.database}?sslmode={self.sslmode.value}"
 
     def __repr__(self) -> str:
@@ -96,8 +101,10 @@ def parse_upstream_url(url: str) -> Upstream:
     host = query.pop("host", None) or unquote(parts.hostname or "") or "localhost"
     try:
         port = int(query.pop("port", None) or parts.port or 5432)
-    except ValueError as exc:
-        raise ValueError(f"upstream URL has an invalid port: {exc}") from None
+    except ValueError:
+        # urlsplit's own message would quote what it took for the port: possibly part of the password.
+        raise ValueError("upstream URL has an invalid port; percent-encode '/', '@', ':' and '#' "
+                         "in the user name and password") from None
     user = unquote(query.pop("user", None) or parts.username or "")
     if not user:
         raise ValueError("upstream URL must name a user (postgresql://USER:PASSWORD@host/db)")
@@ -139,7 +146,7 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class DatabaseSettings(_Section):
@@ -172,6 +179,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix="PGMUX_", env_nested_delimiter="__", env_ignore_empty=True, extra="forbid", frozen=True,
+        hide_input_in_errors=True,
         cli_kebab_case=True, cli_implicit_flags=True,
     )
 

@@ -7,6 +7,7 @@ import binascii
 import enum
 import functools
 import hashlib
+import hmac
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -83,13 +84,13 @@ class UserSecret:
         if self.scram_verifier is not None:
             return _parse_verifier(self.user, self.scram_verifier)
         if self.password is not None:
+            salt = secrets.token_bytes(_SALT_LEN)
             try:
-                return ScramMechanism(SCRAM_SHA_256).make_auth_info(
-                    self.password, salt=secrets.token_bytes(_SALT_LEN)
-                )
-            except ScramException as exc:
-                # scramp's message says which SASLprep rule failed; it never contains the password.
-                raise ValueError(f"password for user {self.user!r} cannot be used for SCRAM: {exc}") from None
+                return ScramMechanism(SCRAM_SHA_256).make_auth_info(self.password, salt=salt)
+            except ScramException:
+                # SASLprep refuses it (e.g. control characters); PostgreSQL and libpq then use the
+                # raw UTF-8 bytes, so the keys must come from those for the same logins to work.
+                return raw_scram_auth_info(self.password.encode("utf-8"), salt, _SCRAMP_MIN_ITERATIONS)
         raise ValueError(f"no plaintext password or SCRAM verifier known for user {self.user!r}")
 
     def __repr__(self) -> str:
@@ -149,6 +150,14 @@ def _b64(where: str, name: str, text: str) -> bytes:
     if not decoded:
         raise ValueError(f"{where}: {name} is empty")
     return decoded
+
+
+def raw_scram_auth_info(password: bytes, salt: bytes, iterations: int) -> ScramAuthInfo:
+    """RFC 5802 keys from password bytes as they are, for passwords SASLprep cannot normalise."""
+    salted = hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    return salt, hashlib.sha256(client_key).digest(), server_key, iterations
 
 
 def md5_salted_response(md5_hash: str, salt: bytes) -> bytes:

@@ -26,6 +26,16 @@ _UNSUPPORTED_METHODS: dict[int, str] = {
 }
 
 
+class _RawPassword:
+    """What scramp's ScramClient reads its password through (bytes()), holding unnormalised bytes."""
+
+    def __init__(self, raw: bytes) -> None:
+        self._raw = raw
+
+    def __bytes__(self) -> bytes:
+        return self._raw
+
+
 class ServerAuthError(Exception):
     """Logging in to PostgreSQL failed on pgmux's side; the message says why and never holds the password."""
 
@@ -111,12 +121,12 @@ class ServerAuthenticator:
         # unless the server insists on channel binding, which pgmux cannot provide yet.
         try:
             self._scram = ScramClient([SCRAM_SHA_256], _SCRAM_PLACEHOLDER_USER, password)
-            client_first = self._scram.get_client_first()
-        except ScramException as exc:
-            # scramp names the SASLprep rule the password breaks; it never quotes the password.
-            raise ServerAuthError(
-                f"password configured for user {self.user!r} cannot be used for SCRAM: {exc}"
-            ) from None
+        except ScramException:
+            # SASLprep refuses the password; libpq then sends the raw bytes, and so must we. scramp
+            # has no switch for that, so it gets a stand-in password whose bytes are the raw ones.
+            self._scram = ScramClient([SCRAM_SHA_256], _SCRAM_PLACEHOLDER_USER, "x")
+            self._scram.password = _RawPassword(password.encode("utf-8"))
+        client_first = self._scram.get_client_first()
         self._stage = _Stage.AWAITING_SASL_CONTINUE
         return messages.sasl_initial_response(SCRAM_SHA_256, client_first.encode("utf-8"))
 

@@ -1,0 +1,339 @@
+"""Faults: backends killed mid-query, PostgreSQL restarted under load, clients that vanish mid-transaction/COPY/result."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+import asyncpg
+import pytest
+
+from pgusers import APP, APP_DATABASE
+from proxy.embedded import start_embedded_postgres
+from proxy.protocol import messages as m
+from test_admission import RawClient
+
+# What a client may see when the backend serving it dies: PostgreSQL's own FATAL (relayed) or pgmux's;
+# asyncpg reports either as 08003 (ConnectionDoesNotExistError) with the server's text when the socket closes.
+BACKEND_DIED = {"57P01", "08006", "08003"}
+
+
+async def _connect(proxy, user: str = APP.name, password: str = APP.password, database: str = APP_DATABASE,
+                   **kwargs) -> asyncpg.Connection:
+    kwargs.setdefault("statement_cache_size", 0)
+    return await asyncpg.connect(host=proxy.host, port=proxy.port(), user=user, password=password,
+                                 database=database, **kwargs)
+
+
+def _sqlstate(exc: BaseException) -> str:
+    return getattr(exc, "sqlstate", None) or type(exc).__name__
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g}s: {what}")
+        time.sleep(0.05)
+
+
+# ---- a server killed mid-query: that client gets an error, nobody else notices ------------------------
+
+
+def test_server_killed_mid_query_fails_only_its_client_while_clients_on_other_backends_carry_on(
+        pgmux, postgres) -> None:
+    # 1 victim + 3 clients inside long transactions + 2 autocommit loopers = 6 backends at most.
+    proxy = pgmux(default_pool_size=6, query_wait_timeout=10)
+
+    async def in_transaction(conn: asyncpg.Connection, killed: asyncio.Event) -> tuple[int, int, int]:
+        """Holds one backend in a transaction across the kill; every statement must still succeed on it."""
+        async with conn.transaction():
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+            before = after = 0
+            while not killed.is_set() or after < 10:
+                assert await conn.fetchval("SELECT pg_backend_pid() FROM pg_sleep(0.01)") == pid
+                if killed.is_set():
+                    after += 1
+                else:
+                    before += 1
+        return pid, before, after
+
+    async def autocommit(conn: asyncpg.Connection, killed: asyncio.Event) -> tuple[int, int]:
+        """Short transactions on whatever backend the pool lends; none may fail."""
+        before = after = 0
+        while not killed.is_set() or after < 20:
+            assert await conn.fetchval("SELECT $1::int + 1", before + after) == before + after + 1
+            if killed.is_set():
+                after += 1
+            else:
+                before += 1
+        return before, after
+
+    async def scenario() -> None:
+        victim = await _connect(proxy)
+        holders = [await _connect(proxy) for _ in range(3)]
+        loopers = [await _connect(proxy) for _ in range(2)]
+        killed = asyncio.Event()
+
+        await victim.execute("BEGIN")
+        victim_pid = await victim.fetchval("SELECT pg_backend_pid()")
+        running = asyncio.ensure_future(victim.execute("SELECT pg_sleep(30)"))
+        others = [asyncio.ensure_future(in_transaction(c, killed)) for c in holders]
+        others += [asyncio.ensure_future(autocommit(c, killed)) for c in loopers]
+        await asyncio.sleep(0.3)  # everyone is busy on its backend
+        assert not any(task.done() for task in others)
+
+        await asyncio.to_thread(postgres.psql, f"SELECT pg_terminate_backend({victim_pid})")
+        killed.set()
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)) as info:
+            await asyncio.wait_for(running, 10)
+        assert _sqlstate(info.value) in BACKEND_DIED, info.value
+
+        results = await asyncio.wait_for(asyncio.gather(*others), 20)  # any failure re-raises here
+        holder_pids = {pid for pid, _, _ in results[:3]}
+        assert len(holder_pids) == 3 and victim_pid not in holder_pids
+        for _, before, after in results[:3]:
+            assert before > 0 and after >= 10  # their transactions spanned the kill and committed
+        for before, after in results[3:]:
+            assert before > 0 and after >= 20
+        for conn in [*holders, *loopers]:
+            assert await conn.fetchval("SELECT 1") == 1
+            await conn.close()
+        victim.terminate()
+
+        fresh = await _connect(proxy)  # the pool replaced the dead backend
+        assert await fresh.fetchval("SELECT pg_backend_pid()") != victim_pid
+        await fresh.close()
+
+    asyncio.run(scenario())
+    assert proxy.call(lambda p: max(pool.total for pool in p.pools.values())) <= 6
+
+
+# ---- PostgreSQL restarted under load ------------------------------------------------------------------
+
+
+def _port_refuses(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def test_postgres_restart_under_load_serves_waiting_clients_once_it_is_back(pgmux) -> None:
+    """Clients that ask while PostgreSQL is down wait in line and are served when it is back.
+
+    Only queries that were running on a backend when the postmaster went down may fail (57P01 or
+    08006: their transaction is gone). Everyone in line, including clients that log in during the
+    outage, gets an answer from the new postmaster within query_wait_timeout.
+    """
+    wait_timeout = 15.0
+    down_for = 1.5
+    with start_embedded_postgres() as server:
+        proxy = pgmux(upstream_url=server.dsn(sslmode="disable"), default_pool_size=4,
+                      query_wait_timeout=wait_timeout, server_login_retry=0.2, server_connect_timeout=2)
+        login = {"user": server.superuser, "password": server.password, "database": "postgres"}
+
+        async def worker(index: int, stop: asyncio.Event, log: list[tuple[float, str]]) -> None:
+            """Load: back-to-back short queries; reconnects when its connection is closed under it."""
+            conn = await _connect(proxy, **login)
+            while not stop.is_set():
+                try:
+                    assert await conn.fetchval("SELECT $1::int FROM pg_sleep(0.02)", index) == index
+                    log.append((time.monotonic(), "ok"))
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                    log.append((time.monotonic(), _sqlstate(exc)))
+                    if conn.is_closed():
+                        conn = await _connect(proxy, **login)
+            await conn.close()
+
+        async def ask_while_down(conn: asyncpg.Connection | None, value: int) -> tuple[float, float, int]:
+            sent = time.monotonic()
+            if conn is None:  # a client that logs in during the outage
+                conn = await _connect(proxy, **login)
+            try:
+                got = await asyncio.wait_for(conn.fetchval("SELECT $1::int", value), wait_timeout + 5)
+            finally:
+                await conn.close()
+            return sent, time.monotonic(), got
+
+        async def scenario() -> None:
+            stop = asyncio.Event()
+            logs: list[list[tuple[float, str]]] = [[] for _ in range(8)]
+            workers = [asyncio.ensure_future(worker(i, stop, logs[i])) for i in range(8)]
+            idle = [await _connect(proxy, **login) for _ in range(6)]  # logged in before, idle during the restart
+            await asyncio.sleep(0.5)
+            assert all(log and log[-1][1] == "ok" for log in logs), "load is running before the restart"
+
+            restart = asyncio.ensure_future(asyncio.to_thread(server.restart, down_for=down_for))
+            deadline = time.monotonic() + 10
+            while not await asyncio.to_thread(_port_refuses, server.host, server.port):
+                assert time.monotonic() < deadline, "the postmaster did not go down"
+            down_at = time.monotonic()
+            asks = [asyncio.ensure_future(ask_while_down(conn, i)) for i, conn in enumerate(idle)]
+            asks += [asyncio.ensure_future(ask_while_down(None, 100 + i)) for i in range(2)]
+            await restart
+            up_at = time.monotonic()
+            assert up_at - down_at >= down_for * 0.5
+
+            outcomes = await asyncio.gather(*asks, return_exceptions=True)
+            failed = [o for o in outcomes if isinstance(o, BaseException)]
+            assert not failed, (
+                f"{len(failed)} of {len(outcomes)} clients that asked while PostgreSQL was down for {down_for}s "
+                f"were refused instead of served within query_wait_timeout={wait_timeout:g}s: "
+                f"{sorted({f'{_sqlstate(f)}: {f}' for f in failed})}")
+            for (sent, answered, got), expected in zip(outcomes, [*range(6), 100, 101]):
+                assert got == expected
+                assert answered >= up_at - 0.2  # served by the new postmaster...
+                assert answered - sent < wait_timeout  # ...within their wait timeout
+
+            await asyncio.sleep(1.0)  # load keeps running on the new postmaster
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*workers), 20)
+            for log in logs:
+                after = [outcome for at, outcome in log if at > up_at + 0.5]
+                assert after and set(after) == {"ok"}, f"a worker is not served after the restart: {log[-5:]}"
+                during = {outcome for _, outcome in log} - {"ok"}
+                # Only a query running on a backend when it died may fail, with 57P01 or 08006.
+                assert during <= BACKEND_DIED, during
+
+        asyncio.run(scenario())
+        assert proxy.call(lambda p: max(pool.total for pool in p.pools.values())) <= 4
+
+
+# ---- a client that vanishes leaves no lock, no open transaction and no dirty server ---------------------
+
+
+def _simple_query(client: RawClient, sql: str) -> tuple[list[list[bytes | None]], int]:
+    """Run one simple Query; return its rows and the ReadyForQuery status byte. Fails on an ErrorResponse."""
+    client.send(m.query(sql))
+    rows: list[list[bytes | None]] = []
+    while True:
+        kind, body = client.read_message()
+        if kind == m.ERROR_RESPONSE:
+            raise AssertionError(f"{sql!r} failed: {body!r}")
+        if kind == m.DATA_ROW:
+            rows.append(_data_row(body))
+        if kind == m.READY_FOR_QUERY:
+            return rows, body[0]
+
+
+def _data_row(body: bytes) -> list[bytes | None]:
+    (count,) = struct.unpack_from("!h", body, 0)
+    pos, values = 2, []
+    for _ in range(count):
+        (length,) = struct.unpack_from("!i", body, pos)
+        pos += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(body[pos:pos + length])
+            pos += length
+    return values
+
+
+def _read_until(client: RawClient, kind: int, at_least: int = 1) -> None:
+    seen = 0
+    while seen < at_least:
+        got, body = client.read_message()
+        assert got != m.ERROR_RESPONSE, body
+        if got == kind:
+            seen += 1
+
+
+def _vanish(client: RawClient) -> None:
+    """Disappear without a Terminate: RST, as when the app process is killed or the network drops."""
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.sock.close()
+
+
+def _lock_and_mark(client: RawClient, table: str) -> int:
+    """Open a transaction that holds an exclusive lock and a dirty row; return the backend pid."""
+    rows, status = _simple_query(
+        client, f"BEGIN; SET LOCAL statement_timeout = 12345; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE; "
+                f"INSERT INTO {table} VALUES (2, 'dirty'); SELECT pg_backend_pid()")
+    assert status == m.TransactionStatus.IN_TRANSACTION.value
+    return int(rows[0][0])
+
+
+def _vanish_in_transaction(client: RawClient, table: str) -> int:
+    return _lock_and_mark(client, table)
+
+
+def _vanish_mid_copy_in(client: RawClient, table: str) -> int:
+    pid = _lock_and_mark(client, table)
+    client.send(m.query(f"COPY {table} FROM STDIN"))
+    _read_until(client, m.COPY_IN_RESPONSE)
+    client.send(b"".join(m.message(m.COPY_DATA, f"{i}\tcopied\n".encode()) for i in range(10, 2010)))
+    time.sleep(0.2)  # the rows reached the backend; no CopyDone ever comes
+    return pid
+
+
+def _vanish_mid_result(client: RawClient, table: str) -> int:
+    pid = _lock_and_mark(client, table)
+    # 1 GB if anyone read it all: the backend is still producing it when the client disappears.
+    client.send(m.query("SELECT repeat('x', 10000) FROM generate_series(1, 100000)"))
+    _read_until(client, m.DATA_ROW, at_least=50)
+    return pid
+
+
+def _vanish_mid_copy_out(client: RawClient, table: str) -> int:
+    pid = _lock_and_mark(client, table)
+    client.send(m.query("COPY (SELECT repeat('x', 10000) FROM generate_series(1, 100000)) TO STDOUT"))
+    _read_until(client, m.COPY_DATA, at_least=50)
+    return pid
+
+
+VANISHINGS = {
+    "mid-transaction": _vanish_in_transaction,
+    "mid-copy-from-stdin": _vanish_mid_copy_in,
+    "mid-result": _vanish_mid_result,
+    "mid-copy-to-stdout": _vanish_mid_copy_out,
+}
+
+
+@pytest.mark.parametrize("moment", list(VANISHINGS))
+def test_client_vanishing_leaves_no_lock_no_open_transaction_and_no_dirty_server(pgmux, postgres, moment) -> None:
+    table = "vanish_" + moment.replace("-", "_")
+    postgres.psql(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id int PRIMARY KEY, note text); "
+                  f"INSERT INTO {table} VALUES (1, 'clean'); ALTER TABLE {table} OWNER TO {APP.name}",
+                  database=APP_DATABASE)
+    proxy = pgmux(default_pool_size=1, auth_type="trust", query_wait_timeout=10)
+
+    victim = RawClient(proxy.host, proxy.port())
+    victim_pid = VANISHINGS[moment](victim, table)
+    _vanish(victim)
+
+    def leftovers() -> str:
+        return postgres.psql(
+            "SELECT a.pid, a.state, l.mode FROM pg_stat_activity a LEFT JOIN pg_locks l "
+            f"ON l.pid = a.pid AND l.relation = '{table}'::regclass "
+            f"WHERE a.usename = '{APP.name}' AND a.backend_type = 'client backend' "
+            "AND (a.state <> 'idle' OR l.pid IS NOT NULL)", database=APP_DATABASE).strip()
+
+    _wait_until(lambda: leftovers() == "", 5, f"no backend of {APP.name} busy, in a transaction or locking {table}")
+
+    async def next_client() -> None:
+        conn = await _connect(proxy)  # the pool has one server: this is the victim's, cleaned, or a new one
+        pid = await conn.fetchval("SELECT pg_backend_pid()")
+        if moment != "mid-transaction":
+            # A backend left mid-query or mid-COPY is in an unknown state: it must be closed, not reused.
+            assert pid != victim_pid
+        assert await conn.fetchval("SHOW statement_timeout") == "0"
+        assert await conn.fetch(f"SELECT id, note FROM {table} ORDER BY id") == [(1, "clean")]
+        async with conn.transaction():
+            await conn.execute("SET LOCAL lock_timeout = '2s'")
+            await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        await conn.execute(f"DROP TABLE {table}")
+        await conn.close()
+
+    asyncio.run(next_client())
+    if moment != "mid-transaction":
+        assert postgres.psql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {victim_pid}").strip() == "0"
+    assert proxy.call(lambda p: max(pool.total for pool in p.pools.values())) <= 1

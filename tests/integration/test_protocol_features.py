@@ -1,0 +1,105 @@
+"""Wire-protocol features through pgmux: version negotiation, startup options, FunctionCall, notices, LISTEN."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import asyncpg
+import pytest
+
+from pgusers import APP, APP_DATABASE
+from proxy.protocol import messages as m
+from proxy.protocol.startup import PROTOCOL_3_0
+from test_admission import RawClient
+
+
+def _raw_startup(params: dict[str, str], minor: int = 0) -> bytes:
+    body = b"".join(k.encode() + b"\x00" + v.encode() + b"\x00" for k, v in params.items()) + b"\x00"
+    return struct.pack("!ii", len(body) + 8, PROTOCOL_3_0 | minor) + body
+
+
+def test_protocol_3_2_client_is_answered_with_negotiate_protocol_version(pgmux) -> None:
+    proxy = pgmux(auth_type="trust")
+    client = RawClient.__new__(RawClient)
+    import socket
+    client.sock = socket.create_connection((proxy.host, proxy.port()), timeout=10)
+    client.buffer = b""
+    client.send(_raw_startup({"user": APP.name, "database": APP_DATABASE, "_pq_.fancy": "on"}, minor=2))
+    kind, body = client.read_message()
+    assert kind == m.NEGOTIATE_PROTOCOL_VERSION
+    newest_minor, count = struct.unpack_from("!ii", body, 0)
+    assert (newest_minor, count) == (0, 1) and b"_pq_.fancy" in body
+    assert client.read_until_ready()[-1] == m.READY_FOR_QUERY
+    client.close()
+
+
+def test_startup_options_and_extra_float_digits_apply_to_the_session(pgmux) -> None:
+    proxy = pgmux(default_pool_size=1)
+
+    async def scenario() -> None:
+        conn = await asyncpg.connect(host=proxy.host, port=proxy.port(), user=APP.name, password=APP.password,
+                                     database=APP_DATABASE, statement_cache_size=0,
+                                     server_settings={"options": "-c statement_timeout=1234 -c work_mem=5MB",
+                                                      "extra_float_digits": "2"})
+        plain = await asyncpg.connect(host=proxy.host, port=proxy.port(), user=APP.name, password=APP.password,
+                                      database=APP_DATABASE, statement_cache_size=0)
+        for _ in range(3):  # alternate on the one shared backend: each sees its own values
+            assert await conn.fetchval("SHOW statement_timeout") == "1234ms"
+            assert await conn.fetchval("SHOW work_mem") == "5MB"
+            assert await conn.fetchval("SHOW extra_float_digits") == "2"
+            assert await plain.fetchval("SHOW statement_timeout") == "0"
+            assert await plain.fetchval("SHOW extra_float_digits") == "1"
+        await conn.close()
+        await plain.close()
+
+    asyncio.run(scenario())
+
+
+def test_replication_connections_are_refused_with_08p01(pgmux) -> None:
+    proxy = pgmux()
+
+    async def scenario() -> None:
+        with pytest.raises(asyncpg.ProtocolViolationError, match="replication"):
+            await asyncpg.connect(host=proxy.host, port=proxy.port(), user=APP.name, password=APP.password,
+                                  database=APP_DATABASE, server_settings={"replication": "database"})
+
+    asyncio.run(scenario())
+
+
+def test_function_call_message_is_relayed(pgmux) -> None:
+    proxy = pgmux(auth_type="trust")
+    client = RawClient(proxy.host, proxy.port())
+    pg_backend_pid_oid = 2026
+    body = struct.pack("!ihhhh", pg_backend_pid_oid, 0, 0, 0, 0)[:-2] + struct.pack("!h", 0)
+    body = struct.pack("!i", pg_backend_pid_oid) + struct.pack("!h", 0) + struct.pack("!h", 0) + struct.pack("!h", 0)
+    client.send(m.message(m.FUNCTION_CALL, body))
+    kind, payload = client.read_message()
+    assert kind == m.FUNCTION_CALL_RESPONSE
+    (length,) = struct.unpack_from("!i", payload, 0)
+    assert int(payload[4:4 + length]) > 0  # a backend pid, as text
+    assert client.read_until_ready() == [m.READY_FOR_QUERY]
+    client.close()
+
+
+def test_notices_and_notifications_reach_the_client(pgmux) -> None:
+    proxy = pgmux(listeners=[{"address": "127.0.0.1:0", "pool_mode": "session"}])
+
+    async def scenario() -> None:
+        conn = await asyncpg.connect(host=proxy.host, port=proxy.port(1), user=APP.name, password=APP.password,
+                                     database=APP_DATABASE, statement_cache_size=0)
+        notices: list[str] = []
+        conn.add_log_listener(lambda _conn, message: notices.append(message.message))
+        await conn.execute("DO $$ BEGIN RAISE NOTICE 'hello from postgres'; END $$")
+        received: asyncio.Queue[str] = asyncio.Queue()
+        await conn.add_listener("pgmux_channel", lambda *args: received.put_nowait(args[3]))
+        other = await asyncpg.connect(host=proxy.host, port=proxy.port(), user=APP.name, password=APP.password,
+                                      database=APP_DATABASE, statement_cache_size=0)
+        await other.execute("NOTIFY pgmux_channel, 'ping'")
+        assert await asyncio.wait_for(received.get(), 5) == "ping"
+        await asyncio.sleep(0.1)
+        assert notices == ["hello from postgres"]
+        await conn.close()
+        await other.close()
+
+    asyncio.run(scenario())
