@@ -131,6 +131,24 @@ class Proxy:
         # A user known only by a hash or verifier logs in upstream as the database's own user.
         return LoginTarget(self._pool(db, upstream), secret)
 
+    def admin_role(self, user: str) -> str | None:
+        """'admin', 'stats' or None: what ``user`` may do on the admin console."""
+        if user in self.settings.admin_users:
+            return "admin"
+        if user in self.settings.stats_users:
+            return "stats"
+        return None
+
+    def admin_secret(self, user: str) -> UserSecret | None:
+        """The password an admin console user logs in with: a [users] entry or a database URL's user."""
+        configured = self.settings.users.get(user)
+        if configured is not None:
+            return UserSecret.from_config(user, configured.password.get_secret_value())
+        for db in self._databases.values():
+            if db.upstream.user == user and db.upstream.password is not None:
+                return UserSecret(user, password=db.upstream.password)
+        return None
+
     def _secret(self, db: _Database, user: str) -> UserSecret | None:
         key = (db.name, user)
         if key not in self._secrets:
@@ -195,6 +213,8 @@ class Proxy:
             log.info("cancel request ignored: no query running", extra={"conn": client.id})
             return
         log.info("forwarding cancel request to %s", server.id, extra={"conn": client.id})
+        if client.pool is not None:
+            client.pool.stats.cancels_forwarded += 1
         self.spawn(server.send_cancel(self.settings.server_connect_timeout), name=f"cancel {server.id}")
 
     def forget_client(self, client: ClientConnection) -> None:

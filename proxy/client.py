@@ -27,6 +27,7 @@ from proxy.server import ServerConnection, ServerState
 from proxy.settings import ListenerSettings, PoolMode
 
 if TYPE_CHECKING:
+    from proxy.admin import AdminSession
     from proxy.app import Proxy
     from proxy.pool import Pool
 
@@ -39,6 +40,7 @@ SYNCED_PARAMETERS = frozenset({
     "client_encoding", "DateStyle", "IntervalStyle", "TimeZone", "standard_conforming_strings",
     "application_name", "search_path",
 })
+ADMIN_DATABASES = frozenset({"pgmux", "pgbouncer"})  # the console answers to PgBouncer's name too
 _PARAMETER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _OPTION = re.compile(r"(?:-c\s*|--)([A-Za-z_][A-Za-z0-9_.]*)=((?:\\.|[^\s\\])*)")
 
@@ -54,6 +56,7 @@ class ClientState(enum.Enum):
     STARTUP = "startup"
     AUTH = "auth"
     LOGIN = "login"  # authenticated, being welcomed
+    ADMIN = "admin"  # talking to the admin console (virtual database pgmux / pgbouncer)
     IDLE = "idle"  # between transactions, no server
     WAITING = "waiting"  # in line for a server
     ACTIVE = "active"  # linked to a server
@@ -91,9 +94,11 @@ class ClientConnection(asyncio.Protocol):
         self._queued_bytes = 0
         self._rejected_batch = False  # answering a refused request: skipping to its batch end
         self._admitted = False  # counted by Admission until the connection ends
+        self._admin: AdminSession | None = None
         self.last_active = self.connected_at  # the last time a request or an answer passed
         self.query_started = 0.0  # when the oldest unanswered request was sent, 0 when none
         self._cancel_sent = False
+        self._linked_at = 0.0
         self._task: asyncio.Task[None] | None = None
         self._login_timer: asyncio.TimerHandle | None = None
 
@@ -124,6 +129,8 @@ class ClientConnection(asyncio.Protocol):
                 self._authenticate(data)
             elif self.state is ClientState.LOGIN:
                 self._queue(data)
+            elif self.state is ClientState.ADMIN:
+                self._admin.feed(data)  # type: ignore[union-attr]
         except ProtocolViolation as exc:
             self.fail(errors.protocol_violation(str(exc)), reason="protocol_error")
         except PgError as exc:
@@ -215,6 +222,15 @@ class ClientConnection(asyncio.Protocol):
         if startup.minor > 0 or self._unsupported_options:
             # Tell newer clients we speak 3.0 and which _pq_ extensions we ignored; they carry on.
             self.write(m.negotiate_protocol_version(0, self._unsupported_options))
+        if self.database in ADMIN_DATABASES:
+            self.state = ClientState.AUTH
+            self._auth = client_authenticator(self.listener.auth_type, self.user, self.proxy.admin_secret(self.user))
+            first = self._auth.start()
+            if first:
+                self.write(first)
+            if self._auth.done:
+                self._authenticated()
+            return
         target = self.proxy.login_target(self.database, self.user)
         refusal = self.proxy.admission.admit(self.database, self.user)
         if refusal is not None:
@@ -288,6 +304,9 @@ class ClientConnection(asyncio.Protocol):
                 self._authenticated()
 
     def _authenticated(self) -> None:
+        if self.database in ADMIN_DATABASES:
+            self._open_admin_console()
+            return
         self.state = ClientState.LOGIN
         self._scanner = FrameScanner(_RELAY_CAPTURE, counted=_RELAY_COUNTED, neutral=_RELAY_NEUTRAL)
         self._task = self.proxy.spawn(self._welcome(), name=f"welcome {self.id}")
@@ -319,6 +338,22 @@ class ClientConnection(asyncio.Protocol):
         if self._queued:
             self._relay(b"".join(self._take_queued()))
 
+    def _open_admin_console(self) -> None:
+        from proxy.admin import ADMIN_PARAMETERS, AdminSession
+
+        role = self.proxy.admin_role(self.user)
+        if role is None:
+            self.proxy.count_rejection("admin_not_allowed")
+            self.fail(errors.admin_not_allowed(self.user))
+            return
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+        self.state = ClientState.ADMIN
+        self._admin = AdminSession(self.proxy, self, can_modify=role == "admin")
+        self.write(m.authentication_ok() + m.parameter_statuses(ADMIN_PARAMETERS) + m.backend_key_data(0, 0)
+                   + m.ready_for_query())
+        log.info("admin console login: %s (%s)", self.user, role, extra={"conn": self.id})
+
     # ---- relay ------------------------------------------------------------------------------------
 
     def _relay(self, data: bytes) -> None:
@@ -347,10 +382,13 @@ class ClientConnection(asyncio.Protocol):
         scanner = self._scanner
         before = scanner.count
         segments = scanner.feed(data)
+        stats = self.pool.stats  # type: ignore[union-attr]
+        stats.bytes_received += len(data)
         if scanner.count != before:
             if not self.pending:
                 self.query_started = time.monotonic()
             self.pending += scanner.count - before
+            stats.queries += scanner.count - before
         for segment in segments:
             if type(segment) is Frame:  # only Terminate is captured
                 self._forward_until_terminate(segments)
@@ -437,6 +475,8 @@ class ClientConnection(asyncio.Protocol):
             self._relay(queued[end:])
 
     def _link(self, server: ServerConnection) -> None:
+        self._linked_at = time.monotonic()
+        self.pool.stats.server_assignments += 1  # type: ignore[union-attr]
         self.server = server
         server.client = self
         self.state = ClientState.ACTIVE
@@ -480,7 +520,11 @@ class ClientConnection(asyncio.Protocol):
         self.server = None
         self.state = ClientState.IDLE
         server.resume_reading()
-        self.pool.stats_xacts += 1
+        stats = self.pool.stats
+        stats.xacts += 1
+        elapsed = time.monotonic() - self._linked_at
+        stats.xact_time += elapsed
+        stats.xact_histogram.observe(elapsed)
         self.pool.release(server)
 
     def at_transaction_boundary(self) -> bool:
@@ -536,6 +580,10 @@ class ClientConnection(asyncio.Protocol):
             self._finish(str(error))
             if self.transport is not None:
                 self.transport.close()
+
+    def close(self, reason: str) -> None:
+        """End this connection without an error message (Terminate received, admin KILL, ...)."""
+        self._close_quietly(reason)
 
     def _close_quietly(self, reason: str) -> None:
         self._finish(reason)

@@ -13,7 +13,8 @@ from proxy.protocol import errors
 from proxy.protocol.errors import PgError
 from proxy.protocol.messages import TransactionStatus
 from proxy.server import InternalQueryFailed, ServerConnection, ServerLoginError, ServerState
-from proxy.settings import PoolMode, Upstream
+from proxy.settings import Upstream
+from proxy.stats import PoolStats
 
 log = get_logger("pool")
 
@@ -117,13 +118,12 @@ class Pool:
         self._spawn = spawn
         self._reserve_open = False
         self._retry_at = 0.0  # no new logins before this (monotonic) time after a failed one
+        self._failures = 0  # consecutive failed logins
+        self._down_since = 0.0  # when the current run of failed logins began
+        self._permanent_failure = False  # the last failure will not heal by itself (auth, no such database)
         self._generation_started = 0.0  # servers created before this are retired when they come back
         self.last_connect_error: str | None = None
-        # Plain counters, read at scrape time.
-        self.stats_xacts = 0
-        self.stats_wait_time = 0.0
-        self.stats_server_connects = 0
-        self.stats_server_connect_failures = 0
+        self.stats = PoolStats()
 
     def __repr__(self) -> str:
         return f"<Pool {self.key} idle={len(self.idle)} active={len(self.active)} login={len(self.login)} waiting={len(self.waiters)}>"
@@ -169,6 +169,7 @@ class Pool:
         """The fast path: a ready server now, if one is idle and nobody is ahead in line."""
         if self.waiters or not self.idle:
             return None
+        self.stats.wait_histogram.observe(0.0)
         server = self.idle.pop()  # LIFO keeps the hottest server busy and lets the rest time out
         # _move would search the deque for it again; it is already out.
         server.state = ServerState.ACTIVE
@@ -190,8 +191,7 @@ class Pool:
         if self.config.reserve_pool_size:
             reserve_timer = loop.call_later(self.config.reserve_pool_timeout, self._open_reserve)
         self.grow()
-        if self._in_login_backoff() and not (self.idle or self.active or self.login or self.resetting):
-            # The upstream just refused us and no server will come back soon: fail fast, not at the timeout.
+        if self._failing_fast():
             self.waiters.remove(waiter)
             raise errors.upstream_unavailable(self.config.upstream.redacted(), self.last_connect_error or "")
         timeout = self.config.query_wait_timeout
@@ -207,7 +207,9 @@ class Pool:
                 self.release(waiter.future.result())
             raise
         finally:
-            self.stats_wait_time += time.monotonic() - waiter.since
+            waited = time.monotonic() - waiter.since
+            self.stats.wait_time += waited
+            self.stats.wait_histogram.observe(waited)
             if reserve_timer is not None:
                 reserve_timer.cancel()
             try:
@@ -317,6 +319,19 @@ class Pool:
     def _in_login_backoff(self) -> bool:
         return time.monotonic() < self._retry_at
 
+    def _failing_fast(self) -> bool:
+        """Whether clients should be told now that the upstream is unavailable, rather than wait.
+
+        A restart or failover takes seconds: while a pool that has worked before sees its upstream
+        refuse for less than server_login_retry, clients keep waiting and logins are retried with a
+        short backoff. A pool that never logged in, a refusal that will not heal by itself (wrong
+        password, missing database), or an outage older than server_login_retry fails them at once.
+        """
+        if not self._failures or self.idle or self.active or self.resetting:
+            return False
+        outage = time.monotonic() - self._down_since
+        return self._permanent_failure or self.server_params is None or outage >= self.config.server_login_retry
+
     def _start_connect(self) -> None:
         server = ServerConnection(self.config.upstream, self.server_lost)
         self._move(server, ServerState.LOGIN)
@@ -328,27 +343,36 @@ class Pool:
         try:
             await server.login(self.config.server_connect_timeout)
         except ServerLoginError as exc:
-            self.stats_server_connect_failures += 1
-            self.last_connect_error = exc.reason
-            if self.config.server_login_retry:
-                self._retry_at = time.monotonic() + self.config.server_login_retry
-                asyncio.get_running_loop().call_later(self.config.server_login_retry, self.grow)
-            log.warning("pool %s: could not log in to %s: %s", self.key, self.config.upstream.redacted(),
-                        exc.reason, extra={"conn": server.id})
-            if not self.idle and not self.active:
-                # Nobody will release a server soon: tell the clients in line now instead of at their timeout.
-                error = errors.upstream_unavailable(self.config.upstream.redacted(), exc.reason)
-                while self.waiters:
-                    self.waiters.popleft().fail(error)
+            self._login_failed(exc)
             return
         if server.state is not ServerState.LOGIN:
             return  # lost or closed while logging in; server_lost has done the bookkeeping
-        self.stats_server_connects += 1
+        self.stats.server_connects += 1
+        self._failures = 0
         if self.server_params is None:
             self.server_params = dict(server.params)
         log.info("server connected to %s", self.config.upstream.redacted(), extra={"conn": server.id})
         self._move(server, ServerState.ACTIVE)  # release() files it as idle or hands it to a waiter
         self.release(server)
+
+    def _login_failed(self, exc: ServerLoginError) -> None:
+        self.stats.server_connect_failures += 1
+        self.last_connect_error = exc.reason
+        now = time.monotonic()
+        if not self._failures:
+            self._down_since = now
+        self._failures += 1
+        self._permanent_failure = bool(exc.sqlstate) and exc.sqlstate[:2] in ("28", "3D", "42")
+        log.warning("pool %s: could not log in to %s: %s", self.key, self.config.upstream.redacted(),
+                    exc.reason)
+        # Retry soon, then less often: 0.25 s doubling, never slower than server_login_retry.
+        backoff = min(0.25 * 2 ** (self._failures - 1), max(self.config.server_login_retry, 0.25))
+        self._retry_at = now + backoff
+        asyncio.get_running_loop().call_later(backoff, self.grow)
+        if self._failing_fast():
+            error = errors.upstream_unavailable(self.config.upstream.redacted(), exc.reason)
+            while self.waiters:
+                self.waiters.popleft().fail(error)
 
     async def warm_up(self) -> None:
         """Make sure the pool knows the server's parameters (needed for a client's welcome)."""

@@ -118,6 +118,7 @@ class ServerConnection(asyncio.Protocol):
         if client is not None and not self.swallow:
             # The common case: every byte goes to the client as it is; only a few frames are looked at.
             client.write(data)
+            client.pool.stats.bytes_sent += len(data)  # type: ignore[union-attr]
             for segment in segments:
                 if type(segment) is Frame:
                     self._relay_frame(segment, client)

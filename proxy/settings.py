@@ -209,6 +209,8 @@ class Settings(BaseSettings):
     server_idle_timeout: Duration = 600.0
     server_lifetime: Duration = 3600.0
     server_connect_timeout: Duration = 15.0
+    # How long clients keep waiting while a pool that worked cannot log in (restart, failover);
+    # past it, and at once for wrong passwords or a pool that never logged in, they get 08006.
     server_login_retry: Duration = 15.0
     query_wait_timeout: Duration = 120.0
     client_login_timeout: Duration = 60.0
@@ -220,6 +222,10 @@ class Settings(BaseSettings):
     server_reset_query: str = "DISCARD ALL"
     ignore_startup_parameters: list[str] = []
     max_prepared_statements: Count = 200
+
+    admin_users: list[str] = []  # may run every admin console command
+    stats_users: list[str] = []  # may run the read-only SHOW commands
+    stats_period: Duration = 60.0  # how often the "stats:" log line is written; 0 turns it off
 
     metrics_listen: Address | None = None
     log_format: Literal["plain", "json"] = "plain"

@@ -174,5 +174,12 @@ def wait_timeout(pool: str, timeout: float, active: int, waiting: int, pool_size
                    hint="Retry later, shorten transactions, or raise default_pool_size / query_wait_timeout.")
 
 
+def admin_not_allowed(user: str) -> PgError:
+    return PgError(SqlState.INSUFFICIENT_PRIVILEGE,
+                   f'user "{user}" is not allowed to use the pgmux admin console',
+                   hint="List the user in admin_users or stats_users in the pgmux config.",
+                   severity=Severity.FATAL)
+
+
 def shutting_down() -> PgError:
     return PgError(SqlState.ADMIN_SHUTDOWN, "pgmux is shutting down", severity=Severity.FATAL)

@@ -260,7 +260,7 @@ def test_upstream_login_with_server_side_md5_and_cleartext_auth(pgmux, postgres,
     assert _psycopg_query(proxy, role.name, role.password, "SELECT 6 * 7") == 42
     # A second client reuses the same backend, logged in once.
     assert _asyncpg_query(proxy, role.name, role.password, "SELECT count(*) FROM generate_series(1, 5)") == 5
-    assert proxy.call(lambda p: sum(pool.stats_server_connects for pool in p.pools.values())) == 1
+    assert proxy.call(lambda p: sum(pool.stats.server_connects for pool in p.pools.values())) == 1
 
 
 def test_upstream_login_failure_reaches_the_client_as_08006_and_is_counted(pgmux, postgres) -> None:

@@ -113,6 +113,46 @@ def test_server_killed_mid_query_fails_only_its_client_while_clients_on_other_ba
     assert proxy.call(lambda p: max(pool.total for pool in p.pools.values())) <= 6
 
 
+def _messages_until_ready(client: RawClient) -> list[str]:
+    """Kinds of the messages up to ReadyForQuery (an ErrorResponse shown with its SQLSTATE), or up to a close."""
+    seen = []
+    while True:
+        try:
+            kind, body = client.read_message()
+        except (ConnectionError, OSError):
+            return [*seen, "<closed>"]
+        if kind == m.ERROR_RESPONSE:
+            fields = dict((chunk[:1], chunk[1:]) for chunk in body.split(b"\x00") if chunk)
+            seen.append(f"E {fields.get(b'C', b'?').decode()}")
+        else:
+            seen.append(chr(kind))
+        if kind == m.READY_FOR_QUERY:
+            return seen
+
+
+def test_backend_dying_right_after_its_answer_is_dropped_without_touching_any_client(pgmux) -> None:
+    """The answer and the backend's own FATAL arrive in one read: the FATAL must go to nobody.
+
+    Client A gets its answer and nothing else; client B, waiting in line for the only server, must
+    not be handed the dying one: it is served by a fresh backend.
+    """
+    proxy = pgmux(default_pool_size=1, auth_type="trust", query_wait_timeout=10)
+    a = RawClient(proxy.host, proxy.port())
+    b = RawClient(proxy.host, proxy.port())
+    # The backend answers after 0.2 s, then ends its own session 50 ms later (FATAL 57P05).
+    a.send(m.query("SET idle_session_timeout = '50ms'; SELECT pg_sleep(0.2)"))
+    time.sleep(0.05)
+    b.send(m.query("SELECT 2"))  # in line for the only server
+    time.sleep(0.05)
+    proxy.call(lambda p: time.sleep(0.6))  # pgmux busy meanwhile: answer and FATAL land in one read
+    assert _messages_until_ready(a) == ["C", "T", "D", "C", "Z"]
+    assert _messages_until_ready(b) == ["T", "D", "C", "Z"], "B was handed the dying backend"
+    a.send(m.query("SELECT 1"))
+    assert _messages_until_ready(a) == ["T", "D", "C", "Z"], "A got the FATAL of a backend it had released"
+    a.close()
+    b.close()
+
+
 # ---- PostgreSQL restarted under load ------------------------------------------------------------------
 
 
