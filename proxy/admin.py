@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import collections
+import re
+import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from proxy import __version__
+from proxy.client import ClientState
+from proxy.logs import get_logger
+from proxy.metrics import Totals, oldest_wait
+from proxy.protocol import errors
 from proxy.protocol import messages as m
-from proxy.protocol.errors import PgError, SqlState
+from proxy.protocol.errors import PgError
 from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation
+from proxy.server import ServerState
+from proxy.settings import Settings, parse_upstream_url
 
 if TYPE_CHECKING:
     from proxy.app import Proxy
     from proxy.client import ClientConnection
+    from proxy.pool import Pool
+    from proxy.server import ServerConnection
+
+log = get_logger("admin")
 
 ADMIN_PARAMETERS = {
     "server_version": f"1.25.0 (pgmux {__version__})",
@@ -24,35 +39,554 @@ ADMIN_PARAMETERS = {
     "application_name": "",
 }
 
+# Column types as PgBouncer's admin.c spells them: s text, i int4, q int8, N numeric, T timestamp as text.
+_OIDS = {"s": m.TEXT_OID, "i": m.INT4_OID, "q": m.INT8_OID, "N": m.NUMERIC_OID, "T": m.TEXT_OID}
+Columns = list[tuple[str, str]]
+
+# A command: one word, optionally one argument; either may be "quoted" (PgBouncer's grammar, plus . and -).
+_WORD = r'(?:"(?:[^"]|"")+"|[0-9A-Za-z_.$-]+)'
+_COMMAND = re.compile(rf"^\s*({_WORD})(?:\s+({_WORD}))?\s*(?:;\s*)?$")
+_EMPTY = re.compile(r"^[\s;]*$")
+_SET = re.compile(r"^\s*set\s", re.IGNORECASE)
+_POLL = 0.05  # seconds between checks while PAUSE / WAIT_CLOSE wait for servers
+
+# SHOW of a session parameter: some drivers ask at connect time (PgBouncer fakes the same ones).
+_FAKE_PARAMETERS = {
+    "client_encoding": "UTF8", "default_transaction_isolation": "read committed",
+    "standard_conforming_strings": "on", "datestyle": "ISO, MDY", "timezone": "UTC",
+    "server_version": ADMIN_PARAMETERS["server_version"],
+}
+
+HELP = """\
+\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION
+\tSHOW LISTS|STATE
+\tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS
+\tPAUSE [<db>]
+\tRESUME [<db>]
+\tRECONNECT [<db>]
+\tKILL [<db>]
+\tKILL_CLIENT <client_id>
+\tWAIT_CLOSE [<db>]
+\tRELOAD
+\tSHUTDOWN
+\tSHUTDOWN WAIT_FOR_SERVERS|WAIT_FOR_CLIENTS"""
+
+_SOCKET_COLUMNS: Columns = [
+    ("type", "s"), ("user", "s"), ("database", "s"), ("replication", "s"), ("state", "s"), ("addr", "s"),
+    ("port", "i"), ("local_addr", "s"), ("local_port", "i"), ("connect_time", "T"), ("request_time", "T"),
+    ("wait", "i"), ("wait_us", "i"), ("close_needed", "i"), ("ptr", "s"), ("link", "s"), ("remote_pid", "i"),
+    ("tls", "s"), ("application_name", "s"), ("prepared_statements", "i"), ("id", "i"),
+]
+_TOTALS_NAMES = ["server_assignment_count", "xact_count", "query_count", "bytes_received", "bytes_sent",
+                 "xact_time", "query_time", "wait_time", "client_parse_count", "server_parse_count", "bind_count",
+                 "client_login_count"]
+_STATS_COLUMNS = [f"total_{n}" for n in _TOTALS_NAMES[:3]] + ["total_received", "total_sent"] \
+    + [f"total_{n}" for n in _TOTALS_NAMES[5:]] \
+    + [f"avg_{n}" for n in _TOTALS_NAMES[:3]] + ["avg_recv", "avg_sent"] + [f"avg_{n}" for n in _TOTALS_NAMES[5:]]
+_AVERAGES_NAMES = _TOTALS_NAMES[:8] + [f"avg_{n}" for n in _TOTALS_NAMES[8:]]
+_TOTALS_ROW_NAMES = ["server_assignment_count", "xact_count", "query_count", "client_bytes", "server_bytes",
+                     "xact_time", "query_time", "wait_time", "ps_client_parse_count", "ps_server_parse_count",
+                     "ps_bind_count", "client_login_count"]
+# Settings a RELOAD cannot change: they are bound at start.
+_NOT_RELOADABLE = frozenset({"listen", "listeners", "pool_mode", "auth_type", "metrics_listen", "log_format",
+                             "log_level"})
+
+
+def result(columns: Columns, rows: list[list[Any]], tag: str = "SHOW") -> bytes:
+    """A whole result set in PgBouncer's column types, then CommandComplete and ReadyForQuery."""
+    out = [m.row_description((name, _OIDS[kind]) for name, kind in columns)]
+    for row in rows:
+        out.append(m.data_row(None if value is None else str(value) for value in row))
+    return b"".join(out) + done(tag)
+
+
+def done(tag: str) -> bytes:
+    return m.command_complete(tag) + m.ready_for_query()
+
+
+def failure(error: PgError) -> bytes:
+    return error.to_bytes() + m.ready_for_query()
+
+
+def _unquote(word: str | None) -> str:
+    if not word:
+        return ""
+    if word.startswith('"'):
+        return word[1:-1].replace('""', '"')
+    return word
+
+
+def _wall(monotonic: float) -> str:
+    """A monotonic timestamp as PgBouncer prints times: local 'YYYY-MM-DD HH:MM:SS TZ'."""
+    if not monotonic:
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(time.time() - (time.monotonic() - monotonic)))
+
+
+def _number(connection_id: str) -> int:
+    digits = connection_id.lstrip("cs")
+    return int(digits) if digits.isdigit() else 0
+
+
+def _endpoint(transport: Any, which: str) -> tuple[str, int | None]:
+    info = transport.get_extra_info(which) if transport is not None else None
+    if isinstance(info, tuple) and len(info) >= 2:
+        return str(info[0]), int(info[1])
+    if isinstance(info, str) and info:
+        return "unix", None
+    return "", None
+
+
+def _tls(transport: Any) -> str:
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return ""
+    cipher = ssl_object.cipher()
+    return f"{ssl_object.version()}/{cipher[0] if cipher else ''}"
+
+
+Reply = bytes | Coroutine[Any, Any, bytes]
+
 
 class AdminSession:
-    """One admin console connection: simple-query commands in, result sets out."""
+    """One admin console connection: simple-query commands in, result sets out.
+
+    PAUSE and WAIT_CLOSE answer only once the servers they wait for are gone; queries that arrive
+    meanwhile are answered in order after them.
+    """
 
     def __init__(self, proxy: Proxy, client: ClientConnection, can_modify: bool) -> None:
         self.proxy = proxy
         self.client = client
         self.can_modify = can_modify
         self._scanner = FrameScanner(frozenset(range(256)), max_length=1 << 20)
+        self._queue: collections.deque[tuple[int, str]] = collections.deque()  # (message type, query text)
+        self._skipping = False  # an extended-protocol message was refused: ignore the rest up to Sync
+        self._waiting: asyncio.Task[None] | None = None
 
     def feed(self, data: bytes) -> None:
         try:
             segments = self._scanner.feed(data)
         except ProtocolViolation as exc:
-            self.client.close(f"admin console: {exc}")
+            self.client.fail(errors.protocol_violation(str(exc)), reason="protocol_error")
             return
         for segment in segments:
             if type(segment) is not Frame:
                 continue
             if segment.kind == m.TERMINATE:
+                self._stop_waiting()
                 self.client.close("client sent Terminate")
                 return
             if segment.kind == m.QUERY:
-                self.client.write(self.execute(bytes(segment.data[5:-1]).decode("utf-8", "replace")))
+                self._queue.append((m.QUERY, bytes(segment.data[5:-1]).decode("utf-8", "replace")))
             elif segment.kind == m.SYNC:
-                self.client.write(PgError(SqlState.FEATURE_NOT_SUPPORTED,
-                                          "the admin console supports the simple query protocol only").to_bytes()
-                                  + m.ready_for_query())
+                self._queue.append((m.SYNC, ""))
+                self._skipping = False
+            elif not self._skipping:
+                # Parse, Bind, Describe, Execute, Flush...: one error, then skip to Sync as a server does.
+                self._queue.append((m.PARSE, ""))
+                self._skipping = True
+        self._answer_queued()
 
-    def execute(self, sql: str) -> bytes:
-        return PgError(SqlState.FEATURE_NOT_SUPPORTED, f"admin command not implemented yet: {sql.strip()}").to_bytes() \
-            + m.ready_for_query()
+    def _answer_queued(self) -> None:
+        while self._queue and self._waiting is None and self.client.state is ClientState.ADMIN:
+            kind, sql = self._queue.popleft()
+            if kind == m.SYNC:
+                self.client.write(m.ready_for_query())
+                continue
+            if kind == m.PARSE:
+                self.client.write(errors.admin_extended_protocol().to_bytes())
+                continue
+            reply = self.execute(sql)
+            if isinstance(reply, bytes):
+                self.client.write(reply)
+            else:
+                self._waiting = self.proxy.spawn(self._answer_later(reply), name=f"admin {self.client.id}")
+
+    async def _answer_later(self, reply: Coroutine[Any, Any, bytes]) -> None:
+        try:
+            self.client.write(await reply)
+        finally:
+            self._waiting = None
+        self._answer_queued()
+
+    def _stop_waiting(self) -> None:
+        if self._waiting is not None:
+            self._waiting.cancel()
+            self._waiting = None
+
+    # ---- dispatch ---------------------------------------------------------------------------------
+
+    def execute(self, sql: str) -> Reply:
+        if _EMPTY.match(sql):
+            return m.empty_query_response() + m.ready_for_query()
+        if _SET.match(sql):
+            return failure(PgError(errors.SqlState.FEATURE_NOT_SUPPORTED,
+                                   "SET is not supported by the pgmux admin console",
+                                   hint="Change the config file (or PGMUX_* environment) and run RELOAD."))
+        match = _COMMAND.match(sql)
+        if match is None:
+            return failure(errors.admin_unknown_command(sql.strip()))
+        command = _unquote(match.group(1)).lower()
+        argument = _unquote(match.group(2))
+        if command in ("show", "select"):
+            return self.show(argument.lower(), sql.strip())
+        handler = _COMMANDS.get(command)
+        if handler is None:
+            return failure(errors.admin_unknown_command(sql.strip()))
+        if not self.can_modify:
+            return failure(errors.admin_access_needed(command.upper()))
+        log.info("admin command: %s", sql.strip(), extra={"conn": self.client.id})
+        try:
+            return handler(self, argument)
+        except PgError as exc:
+            return failure(exc)
+
+    def show(self, what: str, sql: str) -> bytes:
+        if what in _FAKE_PARAMETERS:
+            return result([(what, "s")], [[_FAKE_PARAMETERS[what]]])
+        handler = _SHOW.get(what)
+        if handler is None:
+            return failure(errors.admin_unknown_command(sql))
+        return handler(self)
+
+    # ---- SHOW ---------------------------------------------------------------------------------------
+
+    def show_help(self) -> bytes:
+        # A NoticeResponse whose detail lists the commands, as PgBouncer answers it.
+        notice = b"SNOTICE\x00C00000\x00MConsole usage\x00D\n" + HELP.encode() + b"\x00\x00"
+        return m.message(m.NOTICE_RESPONSE, notice) + done("SHOW")
+
+    def show_version(self) -> bytes:
+        return result([("version", "s")], [[f"pgmux {__version__}"]])
+
+    def show_state(self) -> bytes:
+        paused = self.proxy.paused_all
+        return result([("key", "s"), ("value", "s")],
+                      [["active", "no" if paused else "yes"], ["paused", "yes" if paused else "no"],
+                       ["suspended", "no"]])
+
+    def _client_counts(self) -> collections.Counter[tuple[Pool, ClientState]]:
+        counts: collections.Counter[tuple[Pool, ClientState]] = collections.Counter()
+        for client in self.proxy.clients:
+            if client.pool is not None:
+                counts[(client.pool, client.state)] += 1
+        return counts
+
+    def _pools(self) -> list[Pool]:
+        return sorted(self.proxy.pools.values(), key=lambda p: (p.key.database, p.key.user))
+
+    def show_pools(self) -> bytes:
+        counts = self._client_counts()
+        modes = self._pool_modes()
+        now = time.monotonic()
+        rows = []
+        for pool in self._pools():
+            wait = oldest_wait(pool, now)
+            rows.append([pool.key.database, pool.key.user,
+                         counts[(pool, ClientState.ACTIVE)] + counts[(pool, ClientState.IDLE)],
+                         counts[(pool, ClientState.WAITING)], 0, 0,
+                         len(pool.active), 0, 0, len(pool.idle), 0, len(pool.resetting), len(pool.login),
+                         int(wait), int(wait * 1e6) % 1_000_000, modes.get(pool, self._default_mode()), None])
+        columns: Columns = [("database", "s"), ("user", "s"), ("cl_active", "i"), ("cl_waiting", "i"),
+                            ("cl_active_cancel_req", "i"), ("cl_waiting_cancel_req", "i"), ("sv_active", "i"),
+                            ("sv_active_cancel", "i"), ("sv_being_canceled", "i"), ("sv_idle", "i"),
+                            ("sv_used", "i"), ("sv_tested", "i"), ("sv_login", "i"), ("maxwait", "i"),
+                            ("maxwait_us", "i"), ("pool_mode", "s"), ("load_balance_hosts", "s")]
+        return result(columns, rows)
+
+    def _default_mode(self) -> str:
+        modes = {listener.pool_mode.value for listener in self.proxy.settings.all_listeners()}
+        return modes.pop() if len(modes) == 1 else "mixed"
+
+    def _pool_modes(self) -> dict[Pool, str]:
+        """The pool mode of each pool's clients; "mixed" when clients of both listeners share it."""
+        seen: dict[Pool, set[str]] = collections.defaultdict(set)
+        for client in self.proxy.clients:
+            if client.pool is not None:
+                seen[client.pool].add(client.listener.pool_mode.value)
+        return {pool: modes.pop() if len(modes) == 1 else "mixed" for pool, modes in seen.items()}
+
+    def _totals_by_database(self) -> dict[str, Totals]:
+        pools: dict[str, list[Pool]] = collections.defaultdict(list)
+        for pool in self.proxy.pools.values():
+            pools[pool.key.database].append(pool)
+        return {name: Totals.of_pools(pools[name]) for name in sorted(pools)}
+
+    def show_stats(self) -> bytes:
+        window = self.proxy.stats_window
+        rows = []
+        for database, totals in self._totals_by_database().items():
+            values = totals.values()
+            averages = window.averages(database).values()
+            # total_requests: PgBouncer 1.7's name for total_query_count, still read by the Debian
+            # prometheus-pgbouncer-exporter (1.7); newer consumers ignore the extra column.
+            rows.append([database, *values, *averages, totals.query_count])
+        columns: Columns = [("database", "s")] + [(name, "N") for name in _STATS_COLUMNS] + [("total_requests", "N")]
+        return result(columns, rows)
+
+    def show_stats_totals(self) -> bytes:
+        rows = [[database, *totals.values()] for database, totals in self._totals_by_database().items()]
+        return result([("database", "s")] + [(name, "N") for name in _TOTALS_NAMES], rows)
+
+    def show_stats_averages(self) -> bytes:
+        window = self.proxy.stats_window
+        rows = [[database, *window.averages(database).values()] for database in self._totals_by_database()]
+        return result([("database", "s")] + [(name, "N") for name in _AVERAGES_NAMES], rows)
+
+    def show_totals(self) -> bytes:
+        totals = Totals.of_pools(self.proxy.pools.values()).values()
+        averages = self.proxy.stats_window.averages(None).values()
+        rows = [[f"total_{name}", value] for name, value in zip(_TOTALS_ROW_NAMES, totals)]
+        rows += [[f"avg_{name}", value] for name, value in zip(_TOTALS_ROW_NAMES, averages)]
+        return result([("name", "s"), ("value", "N")], rows)
+
+    def show_databases(self) -> bytes:
+        proxy = self.proxy
+        settings = proxy.settings
+        server_counts: collections.Counter[str] = collections.Counter()
+        for pool in proxy.pools.values():
+            server_counts[pool.key.database] += pool.total
+        rows = []
+        for name, db in sorted(settings.all_databases().items()):
+            upstream = parse_upstream_url(db.url.get_secret_value())
+            max_clients = (db.max_db_client_connections if db.max_db_client_connections is not None
+                           else settings.max_db_client_connections)
+            rows.append([
+                name, upstream.host, upstream.port, upstream.database, upstream.user,
+                db.pool_size if db.pool_size is not None else settings.default_pool_size,
+                db.min_pool_size if db.min_pool_size is not None else settings.min_pool_size,
+                db.reserve_pool_size if db.reserve_pool_size is not None else settings.reserve_pool_size,
+                int(settings.server_lifetime), None, None, proxy.database_max_connections(name),
+                server_counts[name], max_clients, proxy.admission.per_database.get(name, 0),
+                1 if proxy.is_paused(name) else 0, 0,
+            ])
+        columns: Columns = [("name", "s"), ("host", "s"), ("port", "i"), ("database", "s"), ("force_user", "s"),
+                            # reserve_pool: PgBouncer's name before 1.24 (reserve_pool_size after). The
+                            # Debian exporter reads only the old one; the prometheus-community exporter
+                            # reads either, but both at once would make it export the metric twice.
+                            ("pool_size", "i"), ("min_pool_size", "i"), ("reserve_pool", "i"),
+                            ("server_lifetime", "i"), ("pool_mode", "s"), ("load_balance_hosts", "s"),
+                            ("max_connections", "i"), ("current_connections", "i"),
+                            ("max_client_connections", "i"), ("current_client_connections", "i"),
+                            ("paused", "i"), ("disabled", "i")]
+        return result(columns, rows)
+
+    def _users(self) -> list[str]:
+        settings = self.proxy.settings
+        names = set(settings.users)
+        names.update(parse_upstream_url(db.url.get_secret_value()).user for db in settings.all_databases().values())
+        names.update(pool.key.user for pool in self.proxy.pools.values())
+        return sorted(names)
+
+    def show_users(self) -> bytes:
+        proxy = self.proxy
+        server_counts: collections.Counter[str] = collections.Counter()
+        for pool in proxy.pools.values():
+            server_counts[pool.key.user] += pool.total
+        rows = [[user, None, None, None, proxy.settings.max_user_connections, server_counts[user],
+                 proxy.settings.max_user_client_connections, proxy.admission.per_user.get(user, 0)]
+                for user in self._users()]
+        columns: Columns = [("name", "s"), ("pool_size", "s"), ("reserve_pool_size", "s"), ("pool_mode", "s"),
+                            ("max_user_connections", "i"), ("current_connections", "i"),
+                            ("max_user_client_connections", "i"), ("current_client_connections", "i")]
+        return result(columns, rows)
+
+    def show_lists(self) -> bytes:
+        proxy = self.proxy
+        logging_in = sum(1 for c in proxy.clients if c.state in (ClientState.STARTUP, ClientState.AUTH,
+                                                                  ClientState.LOGIN))
+        items = [("databases", len(proxy.settings.all_databases())), ("users", len(self._users())), ("peers", 0),
+                 ("pools", len(proxy.pools)), ("peer_pools", 0), ("free_clients", 0),
+                 ("used_clients", len(proxy.clients)), ("login_clients", logging_in), ("free_servers", 0),
+                 ("used_servers", sum(pool.total for pool in proxy.pools.values())), ("dns_names", 0),
+                 ("dns_zones", 0), ("dns_queries", 0), ("dns_pending", 0)]
+        return result([("list", "s"), ("items", "i")], [list(item) for item in items])
+
+    def show_config(self) -> bytes:
+        settings = self.proxy.settings
+        shown = settings.redacted()
+        rows = []
+        for name, field in Settings.model_fields.items():
+            if name in ("databases", "users"):
+                continue  # SHOW DATABASES / SHOW USERS; never passwords
+            value = shown.get(name)
+            default = field.default if not field.is_required() else None
+            rows.append([name, _config_text(value), _config_text(default),
+                         "no" if name in _NOT_RELOADABLE else "yes"])
+        return result([("key", "s"), ("value", "s"), ("default", "s"), ("changeable", "s")], rows)
+
+    def show_clients(self) -> bytes:
+        rows = []
+        for client in sorted(self.proxy.clients, key=lambda c: _number(c.id)):
+            row = self._client_row(client)
+            if row is not None:
+                rows.append(row)
+        return result(_SOCKET_COLUMNS, rows)
+
+    def _client_row(self, client: ClientConnection) -> list[Any] | None:
+        state = {ClientState.ACTIVE: "active", ClientState.IDLE: "idle", ClientState.WAITING: "waiting",
+                 ClientState.ADMIN: "active"}.get(client.state)
+        if state is None:
+            return None  # still logging in: PgBouncer lists those only in SHOW SOCKETS
+        addr, port = _endpoint(client.transport, "peername")
+        local_addr, local_port = _endpoint(client.transport, "sockname")
+        waited = time.monotonic() - client.last_active if client.state is ClientState.WAITING else 0.0
+        server = client.server
+        return ["C", client.user, client.database, "none", state, addr, port, local_addr, local_port,
+                _wall(client.connected_at), _wall(client.last_active), int(waited), int(waited * 1e6) % 1_000_000,
+                0, client.id, server.id if server is not None else "", 0, "",
+                client.params.get("application_name", ""), 0, _number(client.id)]
+
+    def show_servers(self) -> bytes:
+        rows = []
+        for pool in self._pools():
+            for server in sorted([*pool.active, *pool.idle, *pool.resetting, *pool.login],
+                                 key=lambda s: _number(s.id)):
+                rows.append(self._server_row(pool, server))
+        return result(_SOCKET_COLUMNS, rows)
+
+    def _server_row(self, pool: Pool, server: ServerConnection) -> list[Any]:
+        state = {ServerState.ACTIVE: "active", ServerState.IDLE: "idle", ServerState.RESETTING: "tested",
+                 ServerState.LOGIN: "new"}[server.state]
+        addr, port = _endpoint(server.transport, "peername")
+        local_addr, local_port = _endpoint(server.transport, "sockname")
+        client = server.client
+        backend_pid = server.backend_key[0] if server.backend_key else 0
+        return ["S", pool.key.user, pool.key.database, "none", state, addr, port, local_addr, local_port,
+                _wall(server.created_at), _wall(server.idle_since), 0, 0,
+                1 if self.proxy.close_needed(pool, server) else 0, server.id,
+                client.id if client is not None else "", backend_pid, _tls(server.transport),
+                server.params.get("application_name", ""), 0, _number(server.id)]
+
+    # ---- commands (admin_users only) -----------------------------------------------------------------
+
+    def _database(self, name: str) -> str:
+        if name in ("pgmux", "pgbouncer"):
+            raise errors.admin_wrong_state(f"cannot do that to the admin console database: {name}")
+        if name not in self.proxy.database_names():
+            raise errors.admin_no_such_database(name)
+        return name
+
+    def cmd_pause(self, argument: str) -> Reply:
+        proxy = self.proxy
+        if proxy.paused_all:
+            raise errors.admin_wrong_state("already suspended/paused")
+        database = self._database(argument) if argument else None
+        if database is not None and proxy.is_paused(database):
+            raise errors.admin_wrong_state(f"database {database} is already paused")
+        proxy.pause(database)
+        return self._when(lambda: proxy.servers_in_use(database) == 0, "PAUSE")
+
+    def cmd_resume(self, argument: str) -> Reply:
+        proxy = self.proxy
+        if proxy.draining:
+            raise errors.admin_wrong_state("pooler is shutting down")
+        if argument:
+            database = self._database(argument)
+            if database not in proxy.paused:
+                raise errors.admin_wrong_state(f"database {database} is not paused")
+            proxy.resume(database)
+        else:
+            if not proxy.paused_all and not proxy.paused:
+                raise errors.admin_wrong_state("pooler is not paused/suspended")
+            proxy.resume(None)
+        return done("RESUME")
+
+    def cmd_reconnect(self, argument: str) -> Reply:
+        self.proxy.reconnect(self._database(argument) if argument else None)
+        return done("RECONNECT")
+
+    def cmd_kill(self, argument: str) -> Reply:
+        if self.proxy.paused_all:
+            raise errors.admin_wrong_state("already suspended/paused")
+        self.proxy.kill(self._database(argument) if argument else None)
+        return done("KILL")
+
+    def cmd_kill_client(self, argument: str) -> Reply:
+        wanted = argument if argument.startswith("c") else f"c{argument}"
+        for client in list(self.proxy.clients):
+            if client.id == wanted and client is not self.client:
+                client.fail(PgError(errors.SqlState.ADMIN_SHUTDOWN,
+                                    "terminating connection due to administrator command (KILL_CLIENT)",
+                                    severity=errors.Severity.FATAL))
+                return done("KILL_CLIENT")
+        raise errors.admin_wrong_state("client not found")
+
+    def cmd_wait_close(self, argument: str) -> Reply:
+        database = self._database(argument) if argument else None
+        proxy = self.proxy
+        return self._when(lambda: proxy.servers_to_close(database) == 0, "WAIT_CLOSE")
+
+    def cmd_reload(self, argument: str) -> Reply:
+        if argument:
+            return failure(errors.admin_unknown_command(f"RELOAD {argument}"))
+        problem = self.proxy.reload_from_source()
+        if problem is not None:
+            raise errors.admin_reload_failed(problem)
+        return done("RELOAD")
+
+    def cmd_shutdown(self, argument: str) -> Reply:
+        mode = argument.lower()
+        if mode not in ("", "wait_for_clients", "wait_for_servers"):
+            return failure(errors.admin_unknown_command(f"SHUTDOWN {argument}"))
+        graceful = bool(mode)
+        log.info("SHUTDOWN%s requested on the admin console", f" {mode.upper()}" if mode else "")
+        self.proxy.spawn(self.proxy.stop(graceful=graceful), name="shutdown")
+        # An immediate SHUTDOWN is answered by the connection closing (PgBouncer does the same).
+        return done("SHUTDOWN") if graceful else b""
+
+    def _when(self, condition: Callable[[], bool], tag: str) -> Reply:
+        if condition():
+            return done(tag)
+
+        async def wait() -> bytes:
+            while not condition():
+                await asyncio.sleep(_POLL)
+            return done(tag)
+
+        return wait()
+
+
+def _config_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, list):
+        return ",".join(_config_text(item) if not isinstance(item, dict) else item.get("address", "")
+                        for item in value)
+    if hasattr(value, "value"):  # an enum default
+        return str(value.value)
+    return str(value)
+
+
+_SHOW: dict[str, Callable[[AdminSession], bytes]] = {
+    "help": AdminSession.show_help,
+    "version": AdminSession.show_version,
+    "state": AdminSession.show_state,
+    "pools": AdminSession.show_pools,
+    "stats": AdminSession.show_stats,
+    "stats_totals": AdminSession.show_stats_totals,
+    "stats_averages": AdminSession.show_stats_averages,
+    "totals": AdminSession.show_totals,
+    "databases": AdminSession.show_databases,
+    "users": AdminSession.show_users,
+    "lists": AdminSession.show_lists,
+    "config": AdminSession.show_config,
+    "clients": AdminSession.show_clients,
+    "servers": AdminSession.show_servers,
+}
+
+_COMMANDS: dict[str, Callable[[AdminSession, str], Reply]] = {
+    "pause": AdminSession.cmd_pause,
+    "resume": AdminSession.cmd_resume,
+    "reconnect": AdminSession.cmd_reconnect,
+    "kill": AdminSession.cmd_kill,
+    "kill_client": AdminSession.cmd_kill_client,
+    "wait_close": AdminSession.cmd_wait_close,
+    "reload": AdminSession.cmd_reload,
+    "shutdown": AdminSession.cmd_shutdown,
+}

@@ -17,8 +17,11 @@ from proxy.admission import Admission
 from proxy.auth.secrets import UserSecret
 from proxy.client import ClientConnection, ClientState
 from proxy.logs import get_logger
+from proxy.metrics import MetricsServer, Readiness, StatsWindow, Totals, stats_log_line
 from proxy.pool import Pool, PoolConfig, PoolKey, ServerBudget
+from proxy.prepared import StatementNames
 from proxy.protocol import errors
+from proxy.server import ServerConnection, ServerState
 from proxy.settings import DatabaseSettings, Settings, Upstream, parse_upstream_url, split_address
 
 log = get_logger("app")
@@ -65,10 +68,20 @@ class Proxy:
         self._user_budgets: dict[str, ServerBudget] = {}
         self._secrets: dict[tuple[str, str], UserSecret | None] = {}
         self._cancel_keys: dict[int, ClientConnection] = {}
+        self.statement_names = StatementNames()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._servers: list[asyncio.Server] = []
         self._janitor: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        # Observability and the admin console (metrics.py, admin.py).
+        self.accepted = 0  # client sockets accepted since start
+        self.paused: set[str] = set()  # databases paused by PAUSE db / KILL db
+        self.paused_all = False  # PAUSE without a database
+        self.retiring: set[tuple[ServerConnection, Pool]] = set()  # RECONNECT: closed when next seen idle
+        self.reload_settings: Callable[[], Settings] | None = None  # where RELOAD / SIGHUP read settings from
+        self.stats_window = StatsWindow()
+        self.readiness = Readiness(self)
+        self.metrics: MetricsServer | None = None
 
     # ---- tasks ------------------------------------------------------------------------------------
 
@@ -98,8 +111,14 @@ class Proxy:
             log.info("listening on %s:%d (%s pooling, %s auth)", bound[0], bound[1], listener.pool_mode.value,
                      listener.auth_type.value)
         self._janitor = self.spawn(self._run_janitor(), name="janitor")
+        self.spawn(self._run_stats(), name="stats")
+        if self.settings.metrics_listen:
+            self.metrics = MetricsServer(self)
+            await self.metrics.start(self.settings.metrics_listen)
+            self.spawn(self.readiness.run(), name="readiness")
 
     def _accept(self, listener: Any) -> ClientConnection:
+        self.accepted += 1
         client = ClientConnection(self, listener)
         self.clients.add(client)
         return client
@@ -175,9 +194,9 @@ class Proxy:
             budget = self._user_budgets[user] = ServerBudget(self.settings.max_user_connections)
         return db.budget, budget
 
-    def _pool_config(self, db: _Database, upstream: Upstream) -> PoolConfig:
+    def _pool_config(self, db: _Database, upstream: Upstream, honour_pause: bool = True) -> PoolConfig:
         s, d = self.settings, db.settings
-        return PoolConfig(
+        config = PoolConfig(
             upstream=upstream,
             pool_size=d.pool_size if d.pool_size is not None else s.default_pool_size,
             min_pool_size=d.min_pool_size if d.min_pool_size is not None else s.min_pool_size,
@@ -191,6 +210,10 @@ class Proxy:
             server_login_retry=s.server_login_retry,
             server_reset_query=s.server_reset_query,
         )
+        if honour_pause and self.is_paused(db.name):
+            # A paused pool lends nothing: no idle servers, no new ones, each server closed as it comes back.
+            config = dataclasses.replace(config, pool_size=0, min_pool_size=0, reserve_pool_size=0)
+        return config
 
     # ---- cancel requests ----------------------------------------------------------------------
 
@@ -250,7 +273,7 @@ class Proxy:
             deadline = time.monotonic() + self.settings.shutdown_timeout
             while time.monotonic() < deadline:
                 for client in list(self.clients):
-                    if client.at_transaction_boundary():
+                    if client.state is ClientState.ADMIN or client.at_transaction_boundary():
                         client.fail(errors.shutting_down())
                 if not self.clients:
                     break
@@ -266,6 +289,8 @@ class Proxy:
             if task is not current:
                 task.cancel()
         await asyncio.sleep(0)
+        if self.metrics is not None:
+            self.metrics.close()
         self._stopped.set()
 
     def reload(self, settings: Settings) -> None:
@@ -323,10 +348,139 @@ class Proxy:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
+    def reload_from_source(self) -> str | None:
+        """Reload from where the settings came from (SIGHUP, admin RELOAD); returns why not, or None."""
+        if self.reload_settings is None:
+            return "pgmux was started without a configuration source to reload from"
+        try:
+            new_settings = self.reload_settings()
+        except Exception as exc:  # an invalid file must never take the running pooler down
+            log.error("reload refused, keeping the current configuration: %s", exc)
+            return str(exc)
+        self.reload(new_settings)
+        return None
+
+    # ---- the periodic stats line (PgBouncer's "stats: ...") ---------------------------------------
+
+    async def _run_stats(self) -> None:
+        """Every stats_period: record totals for SHOW STATS averages and log the line (off when 0)."""
+        while True:
+            await asyncio.sleep(self.settings.stats_period or 60.0)
+            averages = self.stats_window.tick(self.totals_by_database(), time.monotonic())
+            if self.settings.stats_period:
+                log.info("%s", stats_log_line(averages))
+
+    def totals_by_database(self) -> dict[str, Totals]:
+        by_database: dict[str, list[Pool]] = collections.defaultdict(list)
+        for pool in self.pools.values():
+            by_database[pool.key.database].append(pool)
+        return {name: Totals.of_pools(pools) for name, pools in sorted(by_database.items())}
+
+    # ---- views for the admin console and /metrics ---------------------------------------------------
+
+    def database_names(self) -> list[str]:
+        return sorted(self._databases)
+
+    def upstreams(self) -> dict[str, Upstream]:
+        return {name: db.upstream for name, db in sorted(self._databases.items())}
+
+    def database_max_connections(self, database: str) -> int:
+        db = self._databases.get(database)
+        return db.budget.limit if db is not None else 0
+
+    def configured_pool(self, pool: Pool) -> PoolConfig:
+        """The pool's settings as configured, whether or not it is paused right now."""
+        db = self._databases.get(pool.key.database)
+        if db is None:
+            return pool.config
+        return self._pool_config(db, pool.config.upstream, honour_pause=False)
+
+    def close_needed(self, pool: Pool, server: ServerConnection) -> bool:
+        """Whether the server will be closed when released (RECONNECT, PAUSE, an upstream changed by reload)."""
+        return (server, pool) in self.retiring or server.upstream != pool.config.upstream or self.is_paused(pool.key.database)
+
+    # ---- admin console operations: PAUSE, RESUME, RECONNECT, KILL, WAIT_CLOSE -----------------------
+
+    def is_paused(self, database: str) -> bool:
+        return self.paused_all or database in self.paused
+
+    def _pools_of(self, database: str | None) -> list[Pool]:
+        return [pool for pool in self.pools.values() if database is None or pool.key.database == database]
+
+    def _reconfigure(self, database: str | None) -> None:
+        for pool in self._pools_of(database):
+            db = self._databases.get(pool.key.database)
+            if db is not None:
+                pool.reconfigure(self._pool_config(db, pool.config.upstream))
+
+    def pause(self, database: str | None) -> None:
+        """Stop lending servers for ``database`` (None: all); lent ones are closed as they come back."""
+        if database is None:
+            self.paused_all = True
+        else:
+            self.paused.add(database)
+        log.info("PAUSE %s: no servers are lent until RESUME", database or "(all databases)")
+        self._reconfigure(database)
+
+    def resume(self, database: str | None) -> None:
+        if database is None:
+            self.paused_all = False
+            self.paused.clear()
+        else:
+            self.paused.discard(database)
+        log.info("RESUME %s", database or "(all databases)")
+        self._reconfigure(database)
+
+    def servers_in_use(self, database: str | None) -> int:
+        """Servers of ``database`` still lent, being reset or logging in: what PAUSE waits for."""
+        return sum(len(pool.active) + len(pool.resetting) + len(pool.login) for pool in self._pools_of(database))
+
+    def reconnect(self, database: str | None) -> None:
+        """Close every server of ``database`` (None: all) once it is not in use; new ones connect as needed."""
+        log.info("RECONNECT %s", database or "(all databases)")
+        for pool in self._pools_of(database):
+            for server in list(pool.idle):
+                pool.close_server(server, "RECONNECT on the admin console")
+            self.retiring.update((server, pool) for server in (*pool.active, *pool.resetting, *pool.login))
+        if self.retiring:
+            self.spawn(self._close_retiring(), name="reconnect")
+
+    async def _close_retiring(self) -> None:
+        # Interim until Pool offers retire_servers(): catch each retired server between two uses.
+        while self.retiring:
+            for server, pool in list(self.retiring):
+                if server.state is ServerState.IDLE:
+                    pool.close_server(server, "RECONNECT on the admin console")
+                if server.state in (ServerState.CLOSING, ServerState.CLOSED):
+                    self.retiring.discard((server, pool))
+            await asyncio.sleep(0.02)
+
+    def servers_to_close(self, database: str | None) -> int:
+        """Servers marked to close after use (RECONNECT, reload): what WAIT_CLOSE waits for."""
+        retiring = {server for server, _ in self.retiring}
+        return sum(1 for pool in self._pools_of(database)
+                   for server in (*pool.active, *pool.idle, *pool.resetting, *pool.login)
+                   if server in retiring or server.upstream != pool.config.upstream)
+
+    def kill(self, database: str | None) -> None:
+        """Drop every client and server of ``database`` (None: all) now; new clients wait for RESUME."""
+        names = [database] if database is not None else self.database_names()
+        log.info("KILL %s: closing its clients and servers", database or "(all databases)")
+        self.paused.update(names)
+        for client in list(self.clients):
+            if client.state is not ClientState.ADMIN and client.database in names:
+                client.fail(errors.killed_by_admin(client.database))
+        for pool in self._pools_of(database):
+            db = self._databases.get(pool.key.database)
+            if db is not None:
+                pool.reconfigure(self._pool_config(db, pool.config.upstream))
+            pool.close_all("KILL on the admin console")
+
 
 async def run(settings: Settings, on_ready: Any = None, reload_settings: Callable[[], Settings] | None = None) -> None:
     """Serve until SIGTERM (drain) or SIGINT (fast stop); SIGHUP reloads via ``reload_settings``."""
     proxy = Proxy(settings)
+    proxy.reload_settings = reload_settings
     await proxy.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, lambda: proxy.spawn(proxy.stop(graceful=True), name="shutdown"))
@@ -334,12 +488,7 @@ async def run(settings: Settings, on_ready: Any = None, reload_settings: Callabl
     if reload_settings is not None:
         def on_hangup() -> None:
             log.info("SIGHUP: reloading the configuration")
-            try:
-                new_settings = reload_settings()
-            except Exception as exc:  # an invalid file must never take the running pooler down
-                log.error("reload refused, keeping the current configuration: %s", exc)
-                return
-            proxy.reload(new_settings)
+            proxy.reload_from_source()
 
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
     if on_ready is not None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from proxy.auth.client_auth import AuthenticationFailed, ClientAuthenticator, client_authenticator
 from proxy.logs import get_logger
+from proxy.prepared import ClientStatements, deallocate_sql, resets_all_statements
 from proxy.protocol import errors
 from proxy.protocol import messages as m
 from proxy.protocol.errors import PgError
@@ -46,6 +47,8 @@ _OPTION = re.compile(r"(?:-c\s*|--)([A-Za-z_][A-Za-z0-9_.]*)=((?:\\.|[^\s\\])*)"
 
 _LOGIN_CAPTURE = frozenset(range(256))
 _RELAY_CAPTURE = frozenset({m.TERMINATE})
+# With named statements rewritten (transaction mode), the statement-naming messages are looked at too.
+_PREPARED_CAPTURE = frozenset({m.TERMINATE, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE, m.SYNC, m.QUERY, m.FUNCTION_CALL})
 _RELAY_COUNTED = frozenset({m.SYNC, m.QUERY, m.FUNCTION_CALL})  # each earns exactly one ReadyForQuery
 _RELAY_NEUTRAL = frozenset({m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL})  # inside a COPY the Query already counted
 _BATCH_ENDS_AND_TERMINATE = _RELAY_COUNTED | {m.TERMINATE}
@@ -95,6 +98,7 @@ class ClientConnection(asyncio.Protocol):
         self._rejected_batch = False  # answering a refused request: skipping to its batch end
         self._admitted = False  # counted by Admission until the connection ends
         self._admin: AdminSession | None = None
+        self.statements: ClientStatements | None = None  # named statements, when pgmux rewrites them
         self.last_active = self.connected_at  # the last time a request or an answer passed
         self.query_started = 0.0  # when the oldest unanswered request was sent, 0 when none
         self._cancel_sent = False
@@ -308,7 +312,11 @@ class ClientConnection(asyncio.Protocol):
             self._open_admin_console()
             return
         self.state = ClientState.LOGIN
-        self._scanner = FrameScanner(_RELAY_CAPTURE, counted=_RELAY_COUNTED, neutral=_RELAY_NEUTRAL)
+        capture = _RELAY_CAPTURE
+        if self.transaction_mode and self.proxy.settings.max_prepared_statements and self.pool is not None:
+            self.statements = ClientStatements(self.proxy.statement_names, self.pool.stats.prepared)
+            capture = _PREPARED_CAPTURE
+        self._scanner = FrameScanner(capture, counted=_RELAY_COUNTED, neutral=_RELAY_NEUTRAL)
         self._task = self.proxy.spawn(self._welcome(), name=f"welcome {self.id}")
 
     async def _welcome(self) -> None:
@@ -389,11 +397,31 @@ class ClientConnection(asyncio.Protocol):
                 self.query_started = time.monotonic()
             self.pending += scanner.count - before
             stats.queries += scanner.count - before
+        if self.statements is None:
+            for segment in segments:
+                if type(segment) is Frame:  # only Terminate is captured
+                    self._forward_until_terminate(segments)
+                    return
+            self.server.write(data)  # type: ignore[union-attr]
+            return
+        server = self.server
+        assert server is not None
+        if len(segments) == 1 and type(segments[0]) is not Frame:
+            server.write(data)
+            return
+        out: list[bytes | memoryview] = []
+        rewrite = self.statements.rewrite
         for segment in segments:
-            if type(segment) is Frame:  # only Terminate is captured
-                self._forward_until_terminate(segments)
-                return
-        self.server.write(data)  # type: ignore[union-attr]
+            if type(segment) is Frame:
+                if segment.kind == m.TERMINATE:
+                    if out:
+                        server.write(b"".join(out))
+                    self._close_quietly("client sent Terminate")
+                    return
+                out.append(rewrite(segment.kind, segment.data, server.prepared))
+            else:
+                out.append(segment)
+        server.write(b"".join(out))
 
     def _forward_until_terminate(self, segments: list) -> None:
         """The client sent Terminate: pass on what came before it, then end the session cleanly."""
@@ -477,6 +505,7 @@ class ClientConnection(asyncio.Protocol):
     def _link(self, server: ServerConnection) -> None:
         self._linked_at = time.monotonic()
         self.pool.stats.server_assignments += 1  # type: ignore[union-attr]
+        server.prepared.start_link()
         self.server = server
         server.client = self
         self.state = ClientState.ACTIVE
@@ -525,7 +554,25 @@ class ClientConnection(asyncio.Protocol):
         elapsed = time.monotonic() - self._linked_at
         stats.xact_time += elapsed
         stats.xact_histogram.observe(elapsed)
+        if self.statements is not None:
+            self._trim_statements(server)
         self.pool.release(server)
+
+    def _trim_statements(self, server: ServerConnection) -> None:
+        """Between transactions: keep the server within max_prepared_statements, or drop stale plans."""
+        held = server.prepared.statements
+        if server.discard_statements:
+            server.discard_statements = False
+            held.clear()
+            server.send_internal("DEALLOCATE ALL")
+            return
+        evicted = held.evict_over(self.proxy.settings.max_prepared_statements)
+        if evicted:
+            self.pool.stats.prepared.evictions += len(evicted)  # type: ignore[union-attr]
+            server.send_internal(deallocate_sql(evicted))
+
+    def on_stale_plan(self) -> None:
+        self.proxy.statement_names.invalidate_all()
 
     def at_transaction_boundary(self) -> bool:
         """True when closing now loses nothing: no request in flight and no transaction open."""
@@ -625,8 +672,13 @@ class ClientConnection(asyncio.Protocol):
         cleanup = []
         if server.tx_status is not m.TransactionStatus.IDLE:
             cleanup.append("ROLLBACK")
-        if not self.transaction_mode and pool.config.server_reset_query:
-            cleanup.append(pool.config.server_reset_query)
+        if not self.transaction_mode:
+            if pool.config.server_reset_query:
+                cleanup.append(pool.config.server_reset_query)
+            if not resets_all_statements(pool.config.server_reset_query):
+                # The session may have prepared names that transaction-mode clients would collide with.
+                cleanup.append("DEALLOCATE ALL")
+            server.prepared.statements.clear()
         if cleanup:
             pool.reset_and_release(server, cleanup, f"client {self.id} left")
         else:

@@ -16,6 +16,7 @@ from proxy.logs import get_logger
 from proxy.protocol import messages as m
 from proxy.protocol.errors import parse_error_fields
 from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation
+from proxy.prepared import ServerPrepared
 from proxy.protocol.startup import build_cancel_request, build_ssl_request, build_startup_message
 from proxy.settings import SslMode, Upstream
 
@@ -26,7 +27,7 @@ log = get_logger("server")
 _ids = itertools.count(1)
 
 # What the relay must look at in server traffic; everything else streams through undecoded.
-_RELAY_CAPTURE = frozenset({m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE})
+_RELAY_CAPTURE = frozenset({m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE, m.PARSE_COMPLETE})
 _LOGIN_CAPTURE = frozenset(range(256))
 
 
@@ -92,6 +93,8 @@ class ServerConnection(asyncio.Protocol):
         self._ssl_reply: asyncio.Future[bytes] | None = None
         self._internal_done: asyncio.Future[None] | None = None
         self._internal_error: str | None = None
+        self.prepared = ServerPrepared()  # named statements this backend holds (transaction mode)
+        self.discard_statements = False  # a plan went stale: drop every statement before reuse
 
     def __repr__(self) -> str:
         return f"<ServerConnection {self.id} {self.state.value} {self.upstream.redacted()}>"
@@ -115,7 +118,7 @@ class ServerConnection(asyncio.Protocol):
                 self._login_frames.put_nowait(segment)  # type: ignore[arg-type]
             return
         client = self.client
-        if client is not None and not self.swallow:
+        if client is not None and not self.swallow and not self.prepared.pending:
             # The common case: every byte goes to the client as it is; only a few frames are looked at.
             client.write(data)
             client.pool.stats.bytes_sent += len(data)  # type: ignore[union-attr]
@@ -123,27 +126,44 @@ class ServerConnection(asyncio.Protocol):
                 if type(segment) is Frame:
                     self._relay_frame(segment, client)
             return
+        out: list[bytes | memoryview] = []
         for segment in segments:
             if type(segment) is Frame:
                 if self.swallow:
                     self._swallow_frame(segment)
                 elif client is not None:
-                    client.write(segment.data)
+                    if segment.kind != m.PARSE_COMPLETE or self.prepared.on_parse_complete():
+                        out.append(segment.data)
                     self._relay_frame(segment, client)
                 else:
                     self._unsolicited(segment)
             elif client is not None and not self.swallow:
-                client.write(segment)
+                out.append(segment)
+        if out and client is not None:
+            joined = b"".join(out)
+            client.write(joined)
+            if client.pool is not None:
+                client.pool.stats.bytes_sent += len(joined)
 
     def _relay_frame(self, frame: Frame, client: ClientConnection) -> None:
         kind = frame.kind
         if kind == m.READY_FOR_QUERY:
             self.tx_status = m.TransactionStatus(frame.data[5])
+            statements = client.statements
+            if statements is not None:
+                self.prepared.on_ready_for_query(statements.names)
             client.on_ready_for_query(self.tx_status)
         elif kind == m.PARAMETER_STATUS:
             name, value = m.parse_parameter_status(frame.data[5:])
             self.params[name] = value
             client.on_parameter_status(name, value)
+        elif kind == m.ERROR_RESPONSE:
+            fields = parse_error_fields(frame.data[5:])
+            if fields.get("C") == "0A000" and "cached plan" in fields.get("M", ""):
+                # A schema change made a prepared plan's result type wrong: the client gets the error
+                # as PostgreSQL sent it; the statement must be prepared afresh everywhere.
+                client.on_stale_plan()
+                self.discard_statements = True
 
     def _swallow_frame(self, frame: Frame) -> None:
         kind = frame.kind

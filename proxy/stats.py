@@ -36,12 +36,23 @@ class Histogram:
         return out
 
 
+class PreparedCounters:
+    """Named prepared statements in transaction mode, per pool."""
+
+    __slots__ = ("hits", "misses", "evictions")
+
+    def __init__(self) -> None:
+        self.hits = 0  # a Bind/Describe found its statement on the linked server
+        self.misses = 0  # pgmux injected a Parse first
+        self.evictions = 0  # statements closed on a server to stay within max_prepared_statements
+
+
 class PoolStats:
     """The running totals of one pool (PgBouncer's SHOW STATS columns and more)."""
 
     __slots__ = ("xacts", "queries", "bytes_received", "bytes_sent", "wait_time", "xact_time",
                  "server_assignments", "server_connects", "server_connect_failures", "cancels_forwarded",
-                 "wait_histogram", "xact_histogram")
+                 "wait_histogram", "xact_histogram", "prepared")
 
     def __init__(self) -> None:
         self.xacts = 0  # transactions completed (transaction mode: server releases)
@@ -56,3 +67,4 @@ class PoolStats:
         self.cancels_forwarded = 0
         self.wait_histogram = Histogram()
         self.xact_histogram = Histogram()
+        self.prepared = PreparedCounters()

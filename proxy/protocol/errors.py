@@ -25,6 +25,9 @@ class SqlState(str, enum.Enum):
     QUERY_CANCELED = "57014"
     INSUFFICIENT_PRIVILEGE = "42501"
     INTERNAL_ERROR = "XX000"
+    SYNTAX_ERROR = "42601"
+    OBJECT_NOT_IN_PREREQUISITE_STATE = "55000"
+    CONFIG_FILE_ERROR = "F0000"
 
 
 class Severity(str, enum.Enum):
@@ -183,3 +186,39 @@ def admin_not_allowed(user: str) -> PgError:
 
 def shutting_down() -> PgError:
     return PgError(SqlState.ADMIN_SHUTDOWN, "pgmux is shutting down", severity=Severity.FATAL)
+
+
+# ---- the admin console (virtual database pgmux / pgbouncer) ------------------------------------
+
+def admin_unknown_command(query: str) -> PgError:
+    return PgError(SqlState.SYNTAX_ERROR, f"invalid command '{query}', use SHOW HELP;",
+                   hint="The admin console speaks PgBouncer's commands (SHOW POOLS, PAUSE db, ...), not SQL.")
+
+
+def admin_access_needed(command: str) -> PgError:
+    return PgError(SqlState.INSUFFICIENT_PRIVILEGE, f"admin access needed: {command} is for admin_users",
+                   hint="stats_users may only run SHOW commands; list the user in admin_users to allow more.")
+
+
+def admin_no_such_database(name: str) -> PgError:
+    return PgError(SqlState.INVALID_CATALOG_NAME, f"no such database: {name}")
+
+
+def admin_wrong_state(text: str) -> PgError:
+    return PgError(SqlState.OBJECT_NOT_IN_PREREQUISITE_STATE, text)
+
+
+def admin_reload_failed(reason: str) -> PgError:
+    return PgError(SqlState.CONFIG_FILE_ERROR, f"RELOAD failed, keeping the current configuration: {reason}")
+
+
+def admin_extended_protocol() -> PgError:
+    return PgError(SqlState.FEATURE_NOT_SUPPORTED, "extended query protocol not supported by admin console",
+                   hint="Send admin commands as simple queries (psql, or a driver's simple-query mode).")
+
+
+def killed_by_admin(database: str) -> PgError:
+    return PgError(SqlState.ADMIN_SHUTDOWN,
+                   f'terminating connection due to administrator command (KILL of database "{database}")',
+                   hint="New connections wait until an administrator runs RESUME.",
+                   severity=Severity.FATAL)

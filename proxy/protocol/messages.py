@@ -201,3 +201,41 @@ def parse_password(body: bytes | memoryview) -> bytes:
     """The payload of a PasswordMessage: the password (cleartext or md5 hash) without its NUL."""
     data = bytes(body)
     return data[:-1] if data.endswith(b"\x00") else data
+
+
+# ---- result sets pgmux answers itself (the admin console) ------------------------------------
+
+# Type OIDs of the columns pgmux sends, with their typlen as RowDescription carries it.
+TEXT_OID = 25
+INT4_OID = 23
+INT8_OID = 20
+NUMERIC_OID = 1700
+_TYPE_SIZES = {TEXT_OID: -1, INT4_OID: 4, INT8_OID: 8, NUMERIC_OID: -1}
+_FIELD = struct.Struct("!IhIhih")  # table oid, column number, type oid, typlen, typmod, format (text)
+_INT16 = struct.Struct("!h")
+
+
+def row_description(columns: Iterable[tuple[str, int]]) -> bytes:
+    """RowDescription for text-format columns given as (name, type oid)."""
+    columns = list(columns)
+    body = [_INT16.pack(len(columns))]
+    for name, oid in columns:
+        body.append(cstring(name) + _FIELD.pack(0, 0, oid, _TYPE_SIZES.get(oid, -1), -1, 0))
+    return message(ROW_DESCRIPTION, b"".join(body))
+
+
+def data_row(values: Iterable[str | None]) -> bytes:
+    """DataRow of text values; None is SQL NULL."""
+    values = list(values)
+    body = [_INT16.pack(len(values))]
+    for value in values:
+        if value is None:
+            body.append(INT32.pack(-1))
+        else:
+            encoded = value.encode()
+            body.append(INT32.pack(len(encoded)) + encoded)
+    return message(DATA_ROW, b"".join(body))
+
+
+def empty_query_response() -> bytes:
+    return message(EMPTY_QUERY_RESPONSE)

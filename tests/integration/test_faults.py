@@ -176,8 +176,9 @@ def test_postgres_restart_under_load_serves_waiting_clients_once_it_is_back(pgmu
     wait_timeout = 15.0
     down_for = 1.5
     with start_embedded_postgres() as server:
+        # server_login_retry is how long clients keep waiting through an outage; the default 15 s covers a restart.
         proxy = pgmux(upstream_url=server.dsn(sslmode="disable"), default_pool_size=4,
-                      query_wait_timeout=wait_timeout, server_login_retry=0.2, server_connect_timeout=2)
+                      query_wait_timeout=wait_timeout, server_login_retry=5, server_connect_timeout=2)
         login = {"user": server.superuser, "password": server.password, "database": "postgres"}
 
         async def worker(index: int, stop: asyncio.Event, log: list[tuple[float, str]]) -> None:
@@ -245,6 +246,39 @@ def test_postgres_restart_under_load_serves_waiting_clients_once_it_is_back(pgmu
 
         asyncio.run(scenario())
         assert proxy.call(lambda p: max(pool.total for pool in p.pools.values())) <= 4
+
+
+def test_outage_longer_than_server_login_retry_fails_clients_fast_with_08006_and_recovers_when_postgres_is_back(
+        pgmux) -> None:
+    """Past server_login_retry a waiting client gets 08006 naming the upstream, long before query_wait_timeout.
+
+    The refusal is an ERROR, so the session stays usable; once PostgreSQL is back the next query is
+    served (not refused because logins failed earlier).
+    """
+    down_for = 3.0
+    with start_embedded_postgres() as server:
+        proxy = pgmux(upstream_url=server.dsn(sslmode="disable"), default_pool_size=2,
+                      query_wait_timeout=30, server_login_retry=0.5, server_connect_timeout=2)
+
+        async def scenario() -> None:
+            conn = await _connect(proxy, user=server.superuser, password=server.password, database="postgres")
+            assert await conn.fetchval("SELECT 1") == 1
+            restart = asyncio.ensure_future(asyncio.to_thread(server.restart, down_for=down_for))
+            deadline = time.monotonic() + 10
+            while not await asyncio.to_thread(_port_refuses, server.host, server.port):
+                assert time.monotonic() < deadline, "the postmaster did not go down"
+            asked = time.monotonic()
+            with pytest.raises(asyncpg.PostgresError) as info:
+                await asyncio.wait_for(conn.fetchval("SELECT 2"), 10)
+            assert time.monotonic() - asked < down_for  # told during the outage, not at query_wait_timeout=30s
+            assert info.value.sqlstate == "08006"
+            assert f"127.0.0.1:{server.port}" in str(info.value) and server.password not in str(info.value)
+            await restart
+            await asyncio.sleep(1.0)  # PostgreSQL is back and pgmux's login backoff (<= 0.5 s) has passed
+            assert await asyncio.wait_for(conn.fetchval("SELECT 3"), 10) == 3
+            await conn.close()
+
+        asyncio.run(scenario())
 
 
 # ---- a client that vanishes leaves no lock, no open transaction and no dirty server ---------------------
@@ -330,8 +364,31 @@ def _vanish_mid_copy_out(client: RawClient, table: str) -> int:
     return pid
 
 
+def _unsynced(sql: str) -> bytes:
+    """Parse/Bind/Execute of one statement, without the Sync that would end its implicit transaction."""
+    parse = m.message(m.PARSE, b"\x00" + sql.encode() + b"\x00" + b"\x00\x00")
+    bind = m.message(m.BIND, b"\x00\x00" + b"\x00\x00" + b"\x00\x00" + b"\x00\x00")
+    return parse + bind + m.message(m.EXECUTE, b"\x00" + b"\x00\x00\x00\x00")
+
+
+def _vanish_mid_extended_batch(client: RawClient, table: str) -> int:
+    # Executed but never synced: PostgreSQL holds the lock and the row in an implicit transaction
+    # that only a Sync would commit. Whoever sends the next Sync on this backend must not be someone else.
+    client.send(_unsynced(f"UPDATE {table} SET note = 'dirty' WHERE id = 1")
+                + _unsynced(f"INSERT INTO {table} VALUES (2, 'dirty')")
+                + _unsynced("SELECT pg_backend_pid()") + m.message(m.FLUSH))
+    while True:
+        kind, body = client.read_message()
+        assert kind != m.ERROR_RESPONSE, body
+        if kind == m.DATA_ROW:
+            pid = int(_data_row(body)[0])
+        if kind == m.COMMAND_COMPLETE and body.startswith(b"SELECT"):
+            return pid
+
+
 VANISHINGS = {
     "mid-transaction": _vanish_in_transaction,
+    "mid-extended-batch": _vanish_mid_extended_batch,
     "mid-copy-from-stdin": _vanish_mid_copy_in,
     "mid-result": _vanish_mid_result,
     "mid-copy-to-stdout": _vanish_mid_copy_out,
@@ -362,7 +419,7 @@ def test_client_vanishing_leaves_no_lock_no_open_transaction_and_no_dirty_server
     async def next_client() -> None:
         conn = await _connect(proxy)  # the pool has one server: this is the victim's, cleaned, or a new one
         pid = await conn.fetchval("SELECT pg_backend_pid()")
-        if moment != "mid-transaction":
+        if moment not in ("mid-transaction", "mid-extended-batch"):
             # A backend left mid-query or mid-COPY is in an unknown state: it must be closed, not reused.
             assert pid != victim_pid
         assert await conn.fetchval("SHOW statement_timeout") == "0"
@@ -374,6 +431,6 @@ def test_client_vanishing_leaves_no_lock_no_open_transaction_and_no_dirty_server
         await conn.close()
 
     asyncio.run(next_client())
-    if moment != "mid-transaction":
+    if moment not in ("mid-transaction", "mid-extended-batch"):
         assert postgres.psql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {victim_pid}").strip() == "0"
     assert proxy.call(lambda p: max(pool.total for pool in p.pools.values())) <= 1

@@ -1,0 +1,580 @@
+"""Turn one run's results into ratios, an issue-targets check, a Markdown report and PNG plots."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+POOLERS = ("pgmux", "pgbouncer")
+COLORS = {"direct": "#7f7f7f", "pgmux": "#1f77b4", "pgbouncer": "#ff7f0e"}
+LABELS = {"direct": "direct", "pgmux": "pgmux", "pgbouncer": "PgBouncer"}
+
+Results = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- lookups
+
+
+def _scenario(results: Results, name: str) -> dict[str, Any]:
+    return results.get("scenarios", {}).get(name, {}).get("results", {})
+
+
+def _steady_run(results: Results, target: str, mode: str, clients: int) -> dict[str, Any] | None:
+    for run in _scenario(results, "steady").get(target, {}).get("runs", []):
+        if run["mode"] == mode and run["clients"] == clients:
+            return run
+    return None
+
+
+def _dig(data: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def _failure(result: dict[str, Any] | None) -> str | None:
+    """Why a target has no number: 'unavailable', 'error (53300)'... or None when it has one."""
+    if result is None:
+        return "not run"
+    status = result.get("status")
+    if status == "unavailable":
+        return "not installed"
+    if status in ("error", "timeout"):
+        sqlstate = result.get("sqlstate")
+        return f"{status} ({sqlstate})" if sqlstate else status
+    return None
+
+
+# --------------------------------------------------------------------------- ratio rows
+
+
+class Metric:
+    def __init__(self, key: str, label: str, better: str, unit: str,
+                 value: Callable[[Results, str], tuple[float | None, str | None]], poolers_only: bool = False) -> None:
+        self.key, self.label, self.better, self.unit = key, label, better, unit
+        self.value = value
+        self.poolers_only = poolers_only
+
+
+def _steady_metric(mode: str, clients: int) -> Metric:
+    def value(results: Results, target: str) -> tuple[float | None, str | None]:
+        run = _steady_run(results, target, mode, clients)
+        if run is None:
+            unavailable = _failure(_scenario(results, "steady").get(target))
+            return None, unavailable or "not run"
+        failure = _failure(run)
+        return (None, failure) if failure else (run.get("tps"), None)
+
+    return Metric(f"steady.{mode}.c{clients}.tps", f"pgbench -S -M {mode} -c {clients} (tps)", "higher", "tps", value)
+
+
+def _plain(scenario: str, *path: str, scale: float = 1.0) -> Callable[[Results, str], tuple[float | None, str | None]]:
+    def value(results: Results, target: str) -> tuple[float | None, str | None]:
+        result = _scenario(results, scenario).get(target)
+        failure = _failure(result)
+        if failure:
+            return None, failure
+        number = _dig(result, *path)
+        if not isinstance(number, (int, float)):
+            return None, None
+        return (number * scale if scale != 1.0 else number), None
+
+    return value
+
+
+def _steady_cpu(mode: str, clients: int) -> Callable[[Results, str], tuple[float | None, str | None]]:
+    def value(results: Results, target: str) -> tuple[float | None, str | None]:
+        run = _steady_run(results, target, mode, clients)
+        if run is None or _failure(run):
+            return None, _failure(run) if run else "not run"
+        return run.get("pooler_cpu_us_per_txn"), None
+
+    return value
+
+
+def metrics(results: Results) -> list[Metric]:
+    rows: list[Metric] = []
+    steady_params = results.get("scenarios", {}).get("steady", {}).get("params", {})
+    for mode in steady_params.get("modes", []):
+        for clients in steady_params.get("clients", []):
+            rows.append(_steady_metric(mode, clients))
+    if "connect" in results.get("scenarios", {}):
+        rows.append(Metric("connect.tps", "pgbench -S -C (tps, new connection per txn)", "higher", "tps",
+                           _plain("connect", "tps")))
+    if "serverless" in results.get("scenarios", {}):
+        rows += [
+            Metric("serverless.rps", "serverless throughput (req/s)", "higher", "req/s",
+                   _plain("serverless", "throughput_rps")),
+            Metric("serverless.p50", "serverless request p50 (ms)", "lower", "ms",
+                   _plain("serverless", "latency_ms", "p50")),
+            Metric("serverless.p95", "serverless request p95 (ms)", "lower", "ms",
+                   _plain("serverless", "latency_ms", "p95")),
+            Metric("serverless.p99", "serverless request p99 (ms)", "lower", "ms",
+                   _plain("serverless", "latency_ms", "p99")),
+        ]
+    if "latency" in results.get("scenarios", {}):
+        for mode in ("simple", "extended"):
+            for point in ("p50", "p99"):
+                rows.append(Metric(f"latency.{mode}.{point}", f"SELECT 1 {mode} {point} (µs)", "lower", "µs",
+                                   _plain("latency", "modes", mode, "latency_us", point)))
+    if "storm" in results.get("scenarios", {}):
+        rows += [
+            Metric("storm.all_done", "storm: time until all served/refused (s)", "lower", "s",
+                   _plain("storm", "all_done_s")),
+            Metric("storm.served", "storm: clients served", "higher", "", _plain("storm", "served")),
+            Metric("storm.max_backends", "storm: max backends seen", "lower", "", _plain("storm", "max_backends")),
+            Metric("storm.hung", "storm: clients hung past wait timeout", "lower", "", _plain("storm", "hung")),
+        ]
+    if "idle" in results.get("scenarios", {}):
+        rows += [
+            Metric("idle.connected", "idle fleet: clients connected", "higher", "", _plain("idle", "connected")),
+            Metric("idle.per_client", "idle fleet: memory per client (KB)", "lower", "KB",
+                   _plain("idle", "memory_per_client_kb")),
+            Metric("idle.rss", "idle fleet: pooler RSS with fleet (MB)", "lower", "MB", _plain("idle", "rss_mb"),
+                   poolers_only=True),
+        ]
+    # The efficiency figures: pooler CPU per unit of work (direct has no pooler).
+    if "steady" in results.get("scenarios", {}):
+        for mode in ("simple", "extended"):
+            if mode in steady_params.get("modes", []):
+                clients = 50 if 50 in steady_params.get("clients", []) else (steady_params.get("clients") or [0])[0]
+                rows.append(Metric(f"cpu.steady.{mode}.c{clients}", f"pooler CPU per txn, -M {mode} -c {clients} (µs)",
+                                   "lower", "µs", _steady_cpu(mode, clients), poolers_only=True))
+    if "connect" in results.get("scenarios", {}):
+        rows.append(Metric("cpu.connect", "pooler CPU per txn, -C (µs)", "lower", "µs",
+                           _plain("connect", "pooler_cpu_us_per_txn"), poolers_only=True))
+    if "serverless" in results.get("scenarios", {}):
+        rows.append(Metric("cpu.serverless", "pooler CPU per serverless request (µs)", "lower", "µs",
+                           _plain("serverless", "pooler_cpu_us_per_request"), poolers_only=True))
+    if "latency" in results.get("scenarios", {}):
+        rows.append(Metric("cpu.latency", "pooler CPU per SELECT 1, simple (µs)", "lower", "µs",
+                           _plain("latency", "modes", "simple", "pooler_cpu_us_per_request"), poolers_only=True))
+    return rows
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return round(numerator / denominator, 3)
+
+
+def ratio_table(results: Results) -> list[dict[str, Any]]:
+    table = []
+    for metric in metrics(results):
+        row: dict[str, Any] = {"metric": metric.key, "label": metric.label, "better": metric.better}
+        values: dict[str, float | None] = {}
+        for target in ("direct", "pgmux", "pgbouncer"):
+            if metric.poolers_only and target == "direct":
+                row["direct"] = None
+                values["direct"] = None
+                continue
+            number, failure = metric.value(results, target)
+            values[target] = number
+            row[target] = number if number is not None else failure
+        row["pgmux/pgbouncer"] = _ratio(values["pgmux"], values["pgbouncer"])
+        row["pgmux/direct"] = _ratio(values["pgmux"], values["direct"])
+        table.append(row)
+    return table
+
+
+# --------------------------------------------------------------------------- issue targets
+
+
+def _goal(goal: str, measured: str, met: bool | None, note: str = "") -> dict[str, Any]:
+    return {"goal": goal, "measured": measured, "met": met, "note": note}
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "—"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        if abs(value) >= 100:
+            return f"{value:.1f}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def targets_check(results: Results) -> list[dict[str, Any]]:
+    checks: list[dict[str, Any]] = []
+    pool_size = results.get("config", {}).get("pool_size")
+    steady_clients = results.get("scenarios", {}).get("steady", {}).get("params", {}).get("clients", [])
+    c = 50 if 50 in steady_clients else None
+    if c is not None:
+        for mode in ("simple", "extended"):
+            mux, bouncer = _steady_run(results, "pgmux", mode, c), _steady_run(results, "pgbouncer", mode, c)
+            if mux is None or bouncer is None:
+                continue
+            ratio = _ratio(mux.get("tps") if not _failure(mux) else None,
+                           bouncer.get("tps") if not _failure(bouncer) else None)
+            checks.append(_goal(f"pgbench -S -M {mode} -c 50: pgmux ≥ 1.05× PgBouncer tps",
+                                f"{_fmt(ratio, 3)}× ({_fmt(mux.get('tps'))} vs {_fmt(bouncer.get('tps'))} tps)",
+                                None if ratio is None else ratio >= 1.05,
+                                _failure(mux) or _failure(bouncer) or ""))
+        mux, bouncer = _steady_run(results, "pgmux", "prepared", c), _steady_run(results, "pgbouncer", "prepared", c)
+        if mux is not None and bouncer is not None:
+            if _failure(bouncer):
+                met = True
+                measured = f"PgBouncer: {bouncer.get('error', _failure(bouncer))}; pgmux: " + (
+                    f"{_fmt(mux.get('tps'))} tps" if not _failure(mux) else f"{mux.get('error', _failure(mux))}")
+                note = "PgBouncer fails, so its error is the bar" + (
+                    "; pgmux fails as well" if _failure(mux) else "; pgmux works")
+            else:
+                ratio = _ratio(mux.get("tps") if not _failure(mux) else None, bouncer.get("tps"))
+                met = ratio is not None and ratio >= 1.0
+                measured = f"{_fmt(ratio, 3)}×" if ratio is not None else f"pgmux: {mux.get('error')}"
+                note = ""
+            checks.append(_goal("pgbench -S -M prepared -c 50: ≥ 1.0× PgBouncer (or PgBouncer's error)",
+                                measured, met, note))
+    connect = _scenario(results, "connect")
+    if connect:
+        tps = {target: (connect.get(target) or {}).get("tps") if not _failure(connect.get(target)) else None
+               for target in ("direct", "pgmux", "pgbouncer")}
+        vs_bouncer, vs_direct = _ratio(tps["pgmux"], tps["pgbouncer"]), _ratio(tps["pgmux"], tps["direct"])
+        checks.append(_goal("pgbench -S -C: pgmux ≥ 1.0× PgBouncer", f"{_fmt(vs_bouncer, 3)}×",
+                            None if vs_bouncer is None else vs_bouncer >= 1.0))
+        checks.append(_goal("pgbench -S -C: pgmux ≥ 15× direct", f"{_fmt(vs_direct, 3)}×",
+                            None if vs_direct is None else vs_direct >= 15))
+    serverless = _scenario(results, "serverless")
+    if serverless:
+        p99 = {t: _dig(serverless.get(t), "latency_ms", "p99") for t in ("direct", "pgmux", "pgbouncer")}
+        ratio = _ratio(p99["pgmux"], p99["direct"])
+        checks.append(_goal("serverless p99: pooled ≤ 1/5 of direct",
+                            f"{_fmt(ratio, 3)}× ({_fmt(p99['pgmux'])} vs {_fmt(p99['direct'])} ms; "
+                            f"PgBouncer {_fmt(p99['pgbouncer'])} ms)",
+                            None if ratio is None else ratio <= 0.2))
+    latency = _scenario(results, "latency")
+    if latency:
+        for mode in ("simple", "extended"):
+            direct = _dig(latency.get("direct"), "modes", mode, "latency_us", "p50")
+            mux = _dig(latency.get("pgmux"), "modes", mode, "latency_us", "p50")
+            bouncer = _dig(latency.get("pgbouncer"), "modes", mode, "latency_us", "p50")
+            added = None if direct is None or mux is None else round(mux - direct, 1)
+            added_bouncer = None if direct is None or bouncer is None else round(bouncer - direct, 1)
+            checks.append(_goal(f"added latency on an open connection ({mode}): ≤ 40 µs p50",
+                                f"+{_fmt(added, 1)} µs (PgBouncer +{_fmt(added_bouncer, 1)} µs)",
+                                None if added is None else added <= 40))
+    idle = _scenario(results, "idle").get("pgmux")
+    if idle and not _failure(idle):
+        clients, rss = idle.get("connected"), idle.get("rss_mb")
+        bouncer = _scenario(results, "idle").get("pgbouncer") or {}
+        if rss is None:
+            met = None
+        elif rss > 100:
+            met = False
+        else:
+            met = True if (clients or 0) >= 10_000 else None  # not measured at the target's size
+        checks.append(_goal("10,000 idle clients: ≤ 100 MB RSS",
+                            f"{_fmt(rss, 1)} MB with {clients} clients (PgBouncer {_fmt(bouncer.get('rss_mb'), 1)} MB)",
+                            met, "" if (clients or 0) >= 10_000 else f"only {clients} clients in this run"))
+    storm = _scenario(results, "storm").get("pgmux")
+    if storm and not _failure(storm):
+        max_backends, hung = storm.get("max_backends"), storm.get("hung")
+        ok = max_backends is not None and pool_size is not None and max_backends <= pool_size and hung == 0
+        checks.append(_goal(f"storm: never more than {pool_size} backends; no client hangs past its wait timeout",
+                            f"max {max_backends} backends, {hung} hung, {storm.get('served')} served, "
+                            f"refused {storm.get('refused_by_sqlstate')}", ok))
+    return checks
+
+
+# --------------------------------------------------------------------------- noise
+
+
+def _cpu_dicts(data: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if key in ("cpu", "login_cpu") and isinstance(value, dict) and "other_share" in value:
+                yield value
+            else:
+                yield from _cpu_dicts(value)
+    elif isinstance(data, list):
+        for item in data:
+            yield from _cpu_dicts(item)
+
+
+def noise_summary(results: Results) -> dict[str, Any]:
+    shares = [d["other_share"] for d in _cpu_dicts(results.get("scenarios", {})) if d.get("other_share") is not None]
+    if not shares:
+        return {"measured_runs": 0}
+    median = statistics.median(shares)
+    return {
+        "measured_runs": len(shares),
+        "other_cpu_share_median": round(median, 3),
+        "other_cpu_share_max": round(max(shares), 3),
+        "noisy": median > 0.10 or max(shares) > 0.35,
+    }
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _cell(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        return value
+    return _fmt(value)
+
+
+def _ratio_cell(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def _machine_line(results: Results) -> str:
+    m = results.get("machine", {})
+    return (f"{m.get('cpu_model', '?')}, {m.get('cpus', '?')} CPUs, {m.get('memory_gb', '?')} GB RAM, "
+            f"{m.get('os', '?')} (kernel {m.get('kernel', '?')}), Python {m.get('python', '?')}")
+
+
+def markdown(results: Results, image: str | None) -> str:
+    cfg = results.get("config", {})
+    versions = results.get("versions", {})
+    noise = results.get("noise", {})
+    git = results.get("git", {})
+    lines = [
+        f"# pgmux benchmark: direct vs pgmux vs PgBouncer ({'quick' if cfg.get('quick') else 'full'} run)",
+        "",
+        f"- **Date**: {results.get('started_at', '?')} (took {_fmt(results.get('elapsed_s'), 0)} s)",
+        f"- **Machine**: {_machine_line(results)}",
+        f"- **Software**: PostgreSQL {versions.get('postgres', '?')} ({versions.get('postgres_source', '?')}, "
+        f"max_connections={results.get('postgres_max_connections', '?')}), pgmux {versions.get('pgmux', '?')} "
+        f"(git {git.get('commit', '?')}{', proxy/ has uncommitted changes' if git.get('proxy_dirty') else ''}), "
+        f"{versions.get('pgbouncer') or 'PgBouncer: not installed'}, {versions.get('pgbench', 'pgbench ?')}",
+        f"- **Pools**: pool_size={cfg.get('pool_size')}, pool_mode={cfg.get('pool_mode')}, "
+        f"query_wait_timeout={cfg.get('query_wait_timeout', 0):g} s, max_client_conn=20000 (both poolers); "
+        f"{cfg.get('duration', 0):g} s per timed run",
+    ]
+    unavailable = {name: info.get("reason") for name, info in results.get("targets", {}).items()
+                   if not info.get("available")}
+    for name, reason in unavailable.items():
+        lines.append(f"- **{LABELS.get(name, name)} not measured**: {reason}")
+    if noise.get("measured_runs"):
+        verdict = "**noisy: other processes were using the CPU; treat small ratios with care**" if noise.get(
+            "noisy") else "quiet"
+        lines.append(f"- **Noise**: CPU used by other processes during measured runs: median "
+                     f"{noise['other_cpu_share_median'] * 100:.0f}% / max {noise['other_cpu_share_max'] * 100:.0f}% "
+                     f"of the machine ({verdict}); load average at start {results.get('loadavg_start')}")
+    lines += ["", "## Ratios", "",
+              "Ratios are pgmux's value divided by the other's. For *higher is better* rows a ratio above 1 favours "
+              "pgmux; for *lower is better* rows a ratio below 1 does.", "",
+              "| metric | better | direct | pgmux | PgBouncer | pgmux/PgBouncer | pgmux/direct |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for row in results.get("ratios", []):
+        lines.append(f"| {row['label']} | {row['better']} | {_cell(row.get('direct'))} | {_cell(row.get('pgmux'))} | "
+                     f"{_cell(row.get('pgbouncer'))} | {_ratio_cell(row.get('pgmux/pgbouncer'))} | "
+                     f"{_ratio_cell(row.get('pgmux/direct'))} |")
+    checks = results.get("targets_check", [])
+    if checks:
+        lines += ["", "## Issue targets (issue 7)", "", "| goal | measured | met | note |", "|---|---|---|---|"]
+        for check in checks:
+            met = {True: "yes", False: "**no**", None: "n/a"}[check["met"]]
+            lines.append(f"| {check['goal']} | {check['measured']} | {met} | {check.get('note', '')} |")
+    if image:
+        lines += ["", f"![latency distributions and tps by clients]({image})"]
+    lines += ["", "## Details", ""]
+    lines += _details(results)
+    return "\n".join(lines) + "\n"
+
+
+def _details(results: Results) -> list[str]:
+    out: list[str] = []
+    scenarios = results.get("scenarios", {})
+    for name, entry in scenarios.items():
+        out += [f"### {entry.get('title', name)}", "", entry.get("description", ""), "",
+                f"Parameters: `{entry.get('params', {})}`", ""]
+        per_target = entry.get("results", {})
+        if name == "steady":
+            out += ["| target | mode | clients | status | tps | latency avg (ms) | max backends | pooler CPU µs/txn |"
+                    " error |", "|---|---|---:|---|---:|---:|---:|---:|---|"]
+            for target, result in per_target.items():
+                if not result.get("runs"):
+                    out.append(f"| {target} | | | {result.get('status')} | | | | | {result.get('reason') or result.get('error', '')} |")
+                for run in result.get("runs", []):
+                    out.append(f"| {target} | {run['mode']} | {run['clients']} | {run['status']} | "
+                               f"{_cell(run.get('tps'))} | {_cell(run.get('latency_avg_ms'))} | "
+                               f"{_cell(run.get('max_backends'))} | {_cell(run.get('pooler_cpu_us_per_txn'))} | "
+                               f"{(run.get('error') or '').replace('|', '/')} |")
+        else:
+            out += ["| target | status | key figures |", "|---|---|---|"]
+            for target, result in per_target.items():
+                out.append(f"| {target} | {result.get('status')} | {_key_figures(name, result)} |")
+        out.append("")
+    return out
+
+
+def _key_figures(name: str, result: dict[str, Any]) -> str:
+    if result.get("status") == "unavailable":
+        return str(result.get("reason"))
+    if result.get("error") and result.get("status") in ("error", "timeout"):
+        return str(result["error"]).replace("|", "/")[:300]
+    pick: dict[str, Any] = {}
+    if name == "serverless":
+        pick = {"req/s": result.get("throughput_rps"), "requests": result.get("requests"),
+                "latency ms": result.get("latency_ms"), "errors": result.get("errors"),
+                "max backends": result.get("max_backends"), "pooler CPU µs/req": result.get("pooler_cpu_us_per_request")}
+    elif name == "connect":
+        pick = {"tps": result.get("tps"), "max backends": result.get("max_backends"),
+                "pooler CPU µs/txn": result.get("pooler_cpu_us_per_txn")}
+    elif name == "latency":
+        pick = {mode: {"µs": {k: v for k, v in data.get("latency_us", {}).items() if k in ("p50", "p99", "p99.9")},
+                       "pooler CPU µs/req": data.get("pooler_cpu_us_per_request")}
+                for mode, data in result.get("modes", {}).items()}
+    elif name == "storm":
+        pick = {k: result.get(k) for k in ("clients", "served", "refused_by_sqlstate", "other_failures", "hung",
+                                           "all_done_s", "max_backends", "pooler_max_rss_mb",
+                                           "pooler_cpu_us_per_client")}
+    elif name == "idle":
+        pick = {k: result.get(k) for k in ("clients", "connected", "errors", "connect_s", "logins_per_s",
+                                           "rss_base_mb", "rss_mb", "memory_per_client_kb", "direct_backends",
+                                           "pooler_cpu_us_per_login", "alive_checked", "note") if result.get(k) is not None}
+    text = "; ".join(f"{k}: {v}" for k, v in pick.items() if v not in (None, {}, ""))
+    return text.replace("|", "/")
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot(results: Results, path: Path) -> str | None:
+    """Draw the 3x3 overview figure; return None on success or why no plot was drawn."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib)"
+    fig, axes = plt.subplots(3, 3, figsize=(18, 14))
+    latency = _scenario(results, "latency")
+    for ax, mode in zip(axes[0][:2], ("simple", "extended")):
+        _cdf(ax, {t: _dig(r, "modes", mode, "latency_cdf_us") for t, r in latency.items()},
+             f"SELECT 1 on an open connection ({mode})", "round trip (µs)")
+    _cdf(axes[0][2], {t: r.get("latency_cdf_ms") for t, r in _scenario(results, "serverless").items()},
+         "serverless: connect + query + close", "request latency (ms)")
+    steady_params = results.get("scenarios", {}).get("steady", {}).get("params", {})
+    for ax, mode in zip(axes[1], ("simple", "extended", "prepared")):
+        _tps_by_clients(ax, results, mode, steady_params.get("clients", []))
+    _bars(axes[2][0], {t: (r.get("tps") if not _failure(r) else None) for t, r in _scenario(results, "connect").items()},
+          "pgbench -S -C (connection per transaction)", "tps")
+    _cdf(axes[2][1], {t: r.get("served_cdf_ms") for t, r in _scenario(results, "storm").items()},
+         f"storm: {results.get('scenarios', {}).get('storm', {}).get('params', {}).get('clients', '?')} clients "
+         "at once (served)", "time until served (ms)")
+    _bars(axes[2][2], {t: r.get("memory_per_client_kb") for t, r in _scenario(results, "idle").items()},
+          "idle fleet: memory per connected client", "KB per client", log=True)
+    cfg = results.get("config", {})
+    fig.suptitle(f"pgmux vs PgBouncer vs direct — {results.get('started_at', '')} — pool {cfg.get('pool_size')} "
+                 f"{cfg.get('pool_mode')} — {results.get('machine', {}).get('cpus', '?')} CPUs", fontsize=14)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return None
+
+
+def _cdf(ax: Any, series: dict[str, Any], title: str, xlabel: str) -> None:
+    drawn = False
+    for target, points in series.items():
+        if not points:
+            continue
+        xs = [max(p[1], 1e-3) for p in points]
+        ys = [p[0] for p in points]
+        ax.plot(xs, ys, label=LABELS.get(target, target), color=COLORS.get(target))
+        drawn = True
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("percentile")
+    if drawn:
+        from matplotlib.ticker import ScalarFormatter
+
+        ax.set_xscale("log")
+        formatter = ScalarFormatter()
+        formatter.set_scientific(False)
+        ax.xaxis.set_major_formatter(formatter)
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+    ax.grid(True, alpha=0.3)
+
+
+def _tps_by_clients(ax: Any, results: Results, mode: str, clients: list[int]) -> None:
+    for target in ("direct", "pgmux", "pgbouncer"):
+        xs, ys, failed = [], [], []
+        for count in clients:
+            run = _steady_run(results, target, mode, count)
+            if run is None:
+                continue
+            if _failure(run) or run.get("tps") is None:
+                failed.append(count)
+            else:
+                xs.append(count)
+                ys.append(run["tps"])
+        if xs:
+            ax.plot(xs, ys, marker="o", label=LABELS[target], color=COLORS[target])
+        if failed:
+            ax.plot(failed, [0] * len(failed), marker="x", linestyle="none", markersize=10, color=COLORS[target],
+                    label=f"{LABELS[target]} failed")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"pgbench -S -M {mode}: tps by clients", fontsize=10)
+    ax.set_xlabel("clients (-c)")
+    ax.set_ylabel("tps")
+    if clients:
+        ax.set_xticks(clients)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+    ax.grid(True, alpha=0.3)
+
+
+def _bars(ax: Any, values: dict[str, float | None], title: str, ylabel: str, log: bool = False) -> None:
+    names = [t for t in ("direct", "pgmux", "pgbouncer") if t in values]
+    heights = [values[t] or 0 for t in names]
+    bars = ax.bar([LABELS[t] for t in names], heights, color=[COLORS[t] for t in names])
+    for bar, name in zip(bars, names):
+        label = _fmt(values[name], 1) if values[name] is not None else "n/a"
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(ylabel)
+    if log and any(heights):
+        ax.set_yscale("log")
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_outputs(results: Results, out_dir: Path, stamp: str) -> dict[str, str]:
+    """<stamp>.json/.md/.png under out_dir, and latest.json/.md/.png refreshed; returns the paths."""
+    import json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results["ratios"] = ratio_table(results)
+    results["targets_check"] = targets_check(results)
+    results["noise"] = noise_summary(results)
+    png = out_dir / f"{stamp}.png"
+    plot_problem = plot(results, png)
+    if plot_problem:
+        results["plot_error"] = plot_problem
+    json_path = out_dir / f"{stamp}.json"
+    json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    md_path = out_dir / f"{stamp}.md"
+    md_path.write_text(markdown(results, png.name if not plot_problem else None))
+    paths = {"json": str(json_path), "markdown": str(md_path)}
+    if not plot_problem:
+        paths["png"] = str(png)
+        shutil.copyfile(png, out_dir / "latest.png")
+    (out_dir / "latest.md").write_text(markdown(results, "latest.png" if not plot_problem else None))
+    shutil.copyfile(json_path, out_dir / "latest.json")
+    return paths

@@ -1,0 +1,168 @@
+"""What every scenario shares: the run configuration, the backend sampler, error classification."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.pgwire import BlockingConnection, PgError
+from benchmarks.procs import CpuMeter, rss_bytes
+from benchmarks.targets import ADMIN_APP, BenchEnv, Target
+
+Result = dict[str, Any]
+
+
+@dataclass
+class RunConfig:
+    quick: bool
+    duration: float
+    pool_size: int
+    pool_mode: str
+    query_wait_timeout: float
+    targets: list[str]
+    scenarios: list[str]
+    out: Path
+    log: Callable[[str], None] = print
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Scenario:
+    """One scenario: ``params`` says what it will do, ``run`` measures one running target."""
+
+    name = ""
+    title = ""
+    description = ""
+
+    def params(self, cfg: RunConfig, env: BenchEnv) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def run(self, cfg: RunConfig, env: BenchEnv, target: Target, params: dict[str, Any]) -> Result:
+        raise NotImplementedError
+
+
+class BackendSampler:
+    """Samples, in a thread, how many client backends PostgreSQL shows in the benchmark database
+    (excluding the harness's own monitoring connection) and the pooler's RSS."""
+
+    def __init__(self, env: BenchEnv, pooler_pid: int | None, interval: float = 0.05) -> None:
+        self.env = env
+        self.pooler_pid = pooler_pid
+        self.interval = interval
+        self.max_backends = 0
+        self.samples = 0
+        self.max_rss = 0
+        self.error: str | None = None
+        self._done = threading.Event()
+        self._conn = BlockingConnection(env.admin_endpoint, application_name=ADMIN_APP)
+        database = env.database.replace("'", "''")
+        self._sql = ("SELECT count(*) FROM pg_stat_activity WHERE datname = '" + database + "' "
+                     "AND backend_type = 'client backend' AND pid <> pg_backend_pid() "
+                     f"AND coalesce(application_name, '') <> '{ADMIN_APP}'")
+        self._thread = threading.Thread(target=self._run, name="backend-sampler", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            while not self._done.is_set():
+                self.max_backends = max(self.max_backends, int(self._conn.scalar(self._sql)))
+                self.samples += 1
+                rss = rss_bytes(self.pooler_pid)
+                if rss:
+                    self.max_rss = max(self.max_rss, rss)
+                self._done.wait(self.interval)
+        except Exception as exc:  # reported in the result, never silently
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def __enter__(self) -> BackendSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(15)
+        self._conn.close()
+
+    def result(self) -> Result:
+        out: Result = {"max_backends": self.max_backends if self.samples else None, "backend_samples": self.samples}
+        if self.max_rss:
+            out["pooler_max_rss_mb"] = round(self.max_rss / 2**20, 1)
+        if self.error:
+            out["sampler_error"] = self.error
+        return out
+
+
+def measured(env: BenchEnv, target: Target) -> CpuMeter:
+    return CpuMeter(target.pid, env.postgres_pid)
+
+
+def per_unit_us(seconds: float | None, units: float | None) -> float | None:
+    if seconds is None or not units:
+        return None
+    return round(seconds / units * 1e6, 2)
+
+
+def classify(exc: BaseException) -> str:
+    """A stable key for an error: the SQLSTATE when the server sent one, else the exception class."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(exc, PgError) and exc.sqlstate:
+        return exc.sqlstate
+    if isinstance(sqlstate, str) and sqlstate:
+        return sqlstate
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "timeout"
+    return type(exc).__name__
+
+
+_SQLSTATE_BY_MESSAGE = [
+    (re.compile(r"too many clients|remaining connection slots|no more connections allowed", re.I), "53300"),
+    (re.compile(r"prepared statement .* does not exist", re.I), "26000"),
+    (re.compile(r"prepared statement .* already exists", re.I), "42P05"),
+    (re.compile(r"password authentication failed|SASL authentication failed", re.I), "28P01"),
+    (re.compile(r"query_wait_timeout|query wait timeout", re.I), "08P01"),
+    (re.compile(r"server closed the connection|connection refused|could not connect", re.I), "08006"),
+]
+
+
+def sqlstate_from_message(message: str) -> str | None:
+    """pgbench prints messages, not SQLSTATEs: infer the SQLSTATE for the common cases (None if unknown)."""
+    for pattern, sqlstate in _SQLSTATE_BY_MESSAGE:
+        if pattern.search(message):
+            return sqlstate
+    return None
+
+
+def cdf_points(samples: list[float]) -> list[list[float]]:
+    """[[percentile, value], ...] at 101 points, enough to draw a distribution without storing every sample."""
+    if not samples:
+        return []
+    ordered = sorted(samples)
+    points = [0.0, 0.1, 0.5, *range(1, 100), 99.5, 99.9, 99.99, 100.0]
+    out = []
+    for point in points:
+        index = min(len(ordered) - 1, max(0, int(round(point / 100 * (len(ordered) - 1)))))
+        out.append([float(point), round(ordered[index], 3)])
+    return out
+
+
+def check_pooler(target: Target, result: Result) -> Result:
+    """Note in ``result`` if the pooler process died during the run (with its log tail)."""
+    if target.process is not None and not target.process.alive():
+        result["status"] = "error"
+        result["pooler_exit_code"] = target.process.process.returncode
+        result["pooler_log_tail"] = target.process.log_tail()
+        result.setdefault("error", f"{target.name} exited with code {target.process.process.returncode}")
+    return result
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

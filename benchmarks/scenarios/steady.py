@@ -1,0 +1,106 @@
+"""steady: `pgbench -S` at several client counts and query modes; connect: `pgbench -S -C`."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from benchmarks.procs import CpuMeter, run_bounded
+from benchmarks.scenarios.common import (
+    BackendSampler, Result, RunConfig, Scenario, check_pooler, measured, per_unit_us, sqlstate_from_message,
+)
+from benchmarks.targets import BenchEnv, Target, clean_env
+
+# "(without initial connection time)" normally; "(including reconnection times)" with -C.
+_TPS = re.compile(r"^tps = ([\d.]+) \(([^)]*)\)", re.M)
+_LATENCY = re.compile(r"^latency average = ([\d.]+) ms", re.M)
+_INITIAL = re.compile(r"^initial connection time = ([\d.]+) ms", re.M)
+_AVG_CONNECT = re.compile(r"^average connection time = ([\d.]+) ms", re.M)
+_PROCESSED = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
+_FAILED = re.compile(r"^number of failed transactions: (\d+)", re.M)
+_ERROR_LINE = re.compile(r"^.*(?:error|fatal|FATAL|ERROR).*$", re.M)
+# Slack for pgbench beyond -T: opening up to 200 connections (each a SCRAM login) and tearing down.
+_SLACK_S = 60
+
+
+def run_pgbench(env: BenchEnv, target: Target, args: list[str], duration: float) -> Result:
+    """One bounded pgbench run against ``target``; its numbers, or its error as the result."""
+    seconds = max(1, int(round(duration)))
+    argv = [env.pgbench, "-n", *args, "-T", str(seconds), "-h", target.host, "-p", str(target.port),
+            "-U", target.user, target.database]
+    meter = measured(env, target)
+    with BackendSampler(env, target.pid) as sampler:
+        before = meter.snapshot()
+        code, out, err, timed_out = run_bounded(argv, env=clean_env(target.password), timeout=seconds + _SLACK_S)
+        after = meter.snapshot()
+    text = out + "\n" + err
+    result: Result = {"exit_code": code, "cpu": CpuMeter.delta(before, after), **sampler.result()}
+    if (match := _TPS.search(text)) is not None:
+        result["tps"] = float(match.group(1))
+        result["tps_note"] = match.group(2)
+    if (match := _LATENCY.search(text)) is not None:
+        result["latency_avg_ms"] = float(match.group(1))
+    if (match := _INITIAL.search(text)) is not None:
+        result["initial_connection_ms"] = float(match.group(1))
+    if (match := _AVG_CONNECT.search(text)) is not None:
+        result["avg_connection_ms"] = float(match.group(1))
+    if (match := _PROCESSED.search(text)) is not None:
+        result["transactions"] = int(match.group(1))
+    if (match := _FAILED.search(text)) is not None:
+        result["failed_transactions"] = int(match.group(1))
+    errors = [line.strip() for line in _ERROR_LINE.findall(err) if "failed transactions" not in line]
+    if timed_out:
+        result.update(status="timeout", error=f"pgbench did not finish within {seconds + _SLACK_S}s (killed)")
+    elif code != 0 or errors or "tps" not in result:
+        message = errors[0] if errors else (err.strip().splitlines() or ["pgbench failed without a message"])[-1]
+        result.update(status="error", error=message[:400], error_lines=len(errors),
+                      sqlstate=sqlstate_from_message(message))
+    else:
+        result["status"] = "ok"
+    result["pooler_cpu_us_per_txn"] = per_unit_us(result["cpu"].get("pooler_s"), result.get("transactions"))
+    return check_pooler(target, result)
+
+
+class Steady(Scenario):
+    name = "steady"
+    title = "Steady load: pgbench -S"
+    description = ("`pgbench -S` (select-only) for a fixed time on open connections, with -M simple, extended and "
+                   "prepared at several client counts. tps is pgbench's 'without initial connection time' figure.")
+
+    def params(self, cfg: RunConfig, env: BenchEnv) -> dict[str, Any]:
+        return {
+            "modes": cfg.extra.get("steady_modes", ["simple", "extended", "prepared"]),
+            "clients": cfg.extra.get("steady_clients", [10] if cfg.quick else [10, 50, 200]),
+            "duration_s": max(1, int(round(cfg.duration))),
+            "threads": 2,
+        }
+
+    def run(self, cfg: RunConfig, env: BenchEnv, target: Target, params: dict[str, Any]) -> Result:
+        runs = []
+        for mode in params["modes"]:
+            for clients in params["clients"]:
+                cfg.log(f"  {target.name}: pgbench -S -M {mode} -c {clients}")
+                run = run_pgbench(env, target, ["-S", "-M", mode, "-c", str(clients),
+                                                "-j", str(min(params["threads"], clients))], params["duration_s"])
+                runs.append({"mode": mode, "clients": clients, **run})
+                if run.get("pooler_exit_code") is not None:
+                    break
+        ok = all(run["status"] == "ok" for run in runs)
+        return {"status": "ok" if ok else "partial", "runs": runs}
+
+
+class ConnectPerTransaction(Scenario):
+    name = "connect"
+    title = "Connection per transaction: pgbench -S -C"
+    description = ("`pgbench -S -C`: every transaction opens a new connection (startup + SCRAM login), runs one "
+                   "SELECT and disconnects. tps includes the connection time.")
+
+    def params(self, cfg: RunConfig, env: BenchEnv) -> dict[str, Any]:
+        return {"mode": "simple", "clients": 4 if cfg.quick else 10, "duration_s": max(1, int(round(cfg.duration)))}
+
+    def run(self, cfg: RunConfig, env: BenchEnv, target: Target, params: dict[str, Any]) -> Result:
+        clients = params["clients"]
+        cfg.log(f"  {target.name}: pgbench -S -C -c {clients}")
+        run = run_pgbench(env, target, ["-S", "-C", "-M", params["mode"], "-c", str(clients),
+                                        "-j", str(min(2, clients))], params["duration_s"])
+        return run

@@ -1,0 +1,232 @@
+"""Named prepared statements in transaction mode: client names map to shared server statements, re-prepared on demand.
+
+A client's ``Parse("s1", text, types)`` becomes a server statement named after a hash of (text,
+types), so identical statements from different clients share one statement per server. Each
+server keeps an LRU of the statements it holds. Before a Bind or Describe that names a statement
+the linked server lacks, pgmux injects the Parse; the server's ParseComplete for it is swallowed.
+Responses are never synthesised: a client Parse of a statement the server already has becomes an
+unnamed Parse (answered by a real ParseComplete), and a client Close becomes a Close of a name no
+server holds (answered by a real CloseComplete), so every reply stays in its place in the stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+from proxy.protocol import messages as m
+from proxy.stats import PreparedCounters
+
+_ABSENT_STATEMENT = b"pgmux_no_such_statement\x00"  # Close of a missing statement is no error
+_RESET_ALL = re.compile(rb"^\s*(DISCARD\s+ALL|DEALLOCATE\s+(PREPARE\s+)?ALL)\s*;?\s*$", re.IGNORECASE)
+_INT16 = struct.Struct("!h")
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    server_name: bytes  # NUL-terminated, as it goes on the wire
+    parse: bytes  # the whole Parse message that creates it on a server
+
+
+class StatementNames:
+    """Names server statements by content; a new generation renames them all (after a schema change)."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+
+    def statement(self, definition: bytes) -> Statement:
+        """``definition`` is a Parse body after the name: query text, NUL, parameter types."""
+        digest = hashlib.blake2b(definition, digest_size=10, salt=self.generation.to_bytes(8, "big")).hexdigest()
+        name = f"pgmux_{digest}".encode() + b"\x00"
+        return Statement(name, m.message(m.PARSE, name + definition))
+
+    def invalidate_all(self) -> None:
+        self.generation += 1
+
+
+class ServerStatements:
+    """The statements one server holds, least recently used first."""
+
+    __slots__ = ("_lru",)
+
+    def __init__(self) -> None:
+        self._lru: OrderedDict[bytes, None] = OrderedDict()
+
+    def __contains__(self, name: bytes) -> bool:
+        return name in self._lru
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def touch(self, name: bytes) -> None:
+        self._lru.move_to_end(name)
+
+    def add(self, name: bytes) -> None:
+        self._lru[name] = None
+
+    def discard(self, name: bytes) -> None:
+        self._lru.pop(name, None)
+
+    def clear(self) -> None:
+        self._lru.clear()
+
+    def evict_over(self, limit: int) -> list[bytes]:
+        """Forget the least recently used names beyond ``limit``; the caller closes them on the server."""
+        evicted = []
+        while len(self._lru) > limit:
+            name, _ = self._lru.popitem(last=False)
+            evicted.append(name)
+        return evicted
+
+
+@dataclass(slots=True)
+class PendingParse:
+    """A Parse sent to a server whose ParseComplete has not come back yet."""
+
+    batch: int  # the number of the batch end (Sync/Query/FunctionCall) that closes its batch
+    injected: bool  # pgmux's own: its ParseComplete is swallowed
+    client_name: bytes | None  # a client name this Parse registered, undone if the Parse fails
+    server_name: bytes | None  # a statement this Parse adds to the server, undone if it fails
+
+
+class ServerPrepared:
+    """What rewriting needs to know about the server a client is linked to, kept on that server."""
+
+    __slots__ = ("statements", "pending", "batches_sent", "batches_answered")
+
+    def __init__(self) -> None:
+        self.statements = ServerStatements()
+        self.pending: deque[PendingParse] = deque()
+        self.batches_sent = 0
+        self.batches_answered = 0
+
+    def on_parse_complete(self) -> bool:
+        """A ParseComplete arrived: True if it answers a client's Parse (forward it), False if ours."""
+        if not self.pending:
+            return True
+        return not self.pending.popleft().injected
+
+    def start_link(self) -> None:
+        """A client is linked at a batch boundary: nothing is in flight, batch numbers restart."""
+        self.pending.clear()
+        self.batches_sent = self.batches_answered = 0
+
+    def on_ready_for_query(self, client_statements: dict[bytes, Statement]) -> None:
+        """A batch ended: Parses of it still unanswered were skipped after an error; undo them."""
+        self.batches_answered += 1
+        while self.pending and self.pending[0].batch <= self.batches_answered:
+            failed = self.pending.popleft()
+            if failed.client_name is not None:
+                client_statements.pop(failed.client_name, None)
+            if failed.server_name is not None:
+                self.statements.discard(failed.server_name)
+
+
+class ClientStatements:
+    """One client's named statements and the rewriting of its Parse/Bind/Describe/Close messages."""
+
+    __slots__ = ("names", "_registry", "_counters")
+
+    def __init__(self, registry: StatementNames, counters: PreparedCounters) -> None:
+        self.names: dict[bytes, Statement] = {}  # client name (NUL-terminated) -> server statement
+        self._registry = registry
+        self._counters = counters
+
+    def rewrite(self, kind: int, data: bytes | memoryview, link: ServerPrepared) -> bytes | memoryview:
+        """The bytes to send to the server in place of one whole client message of ``kind``."""
+        if kind == m.BIND:
+            return self._bind(data, link)
+        if kind == m.SYNC or kind == m.FUNCTION_CALL:
+            link.batches_sent += 1
+            return data
+        if kind == m.QUERY:
+            link.batches_sent += 1
+            if _RESET_ALL.match(bytes(data[5:-1])):
+                # The server drops every prepared statement it has; the client forgets its names.
+                self.names.clear()
+                link.statements.clear()
+            return data
+        if kind == m.PARSE:
+            return self._parse(data, link)
+        if kind == m.DESCRIBE:
+            return self._describe(data, link)
+        if kind == m.CLOSE:
+            return self._close(data)
+        return data
+
+    def _parse(self, data: bytes | memoryview, link: ServerPrepared) -> bytes | memoryview:
+        body = bytes(data[5:])
+        end = body.index(b"\x00") + 1
+        name = body[:end]
+        if name == b"\x00":
+            # Unnamed statements are the client's own business, but their ParseComplete is counted
+            # like any other so that swallowed ones are told apart by position.
+            link.pending.append(PendingParse(link.batches_sent + 1, False, None, None))
+            return data
+        existing = self.names.get(name)
+        if existing is not None:
+            # PostgreSQL refuses to redefine a name: let the server say so (42P05) about our statement.
+            out = self._ensure(existing, link)
+            link.pending.append(PendingParse(link.batches_sent + 1, False, None, None))
+            return out + existing.parse
+        statement = self._registry.statement(body[end:])
+        self.names[name] = statement
+        if statement.server_name in link.statements:
+            link.statements.touch(statement.server_name)
+            link.pending.append(PendingParse(link.batches_sent + 1, False, name, None))
+            # The server has it: an unnamed Parse of the same text earns the real ParseComplete.
+            return m.message(m.PARSE, b"\x00" + body[end:])
+        link.statements.add(statement.server_name)
+        link.pending.append(PendingParse(link.batches_sent + 1, False, name, statement.server_name))
+        return statement.parse
+
+    def _bind(self, data: bytes | memoryview, link: ServerPrepared) -> bytes | memoryview:
+        body = bytes(data[5:])
+        portal_end = body.index(b"\x00") + 1
+        name_end = body.index(b"\x00", portal_end) + 1
+        statement = self.names.get(body[portal_end:name_end])
+        if statement is None:
+            return data  # unnamed, or unknown: the server answers 26000 with the client's own name
+        out = self._ensure(statement, link)
+        return out + m.message(m.BIND, body[:portal_end] + statement.server_name + body[name_end:])
+
+    def _describe(self, data: bytes | memoryview, link: ServerPrepared) -> bytes | memoryview:
+        if data[5] != ord("S"):
+            return data  # portals keep their names
+        statement = self.names.get(bytes(data[6:]))
+        if statement is None:
+            return data
+        return self._ensure(statement, link) + m.message(m.DESCRIBE, b"S" + statement.server_name)
+
+    def _close(self, data: bytes | memoryview) -> bytes | memoryview:
+        if data[5] != ord("S"):
+            return data
+        name = bytes(data[6:])
+        if self.names.pop(name, None) is None:
+            return data
+        # The server statement is shared: keep it; a Close of a missing name earns the CloseComplete.
+        return m.message(m.CLOSE, b"S" + _ABSENT_STATEMENT)
+
+    def _ensure(self, statement: Statement, link: ServerPrepared) -> bytes:
+        """The Parse to inject first if the linked server lacks ``statement``, else nothing."""
+        if statement.server_name in link.statements:
+            link.statements.touch(statement.server_name)
+            self._counters.hits += 1
+            return b""
+        self._counters.misses += 1
+        link.statements.add(statement.server_name)
+        link.pending.append(PendingParse(link.batches_sent + 1, True, None, statement.server_name))
+        return statement.parse
+
+
+def resets_all_statements(sql: str) -> bool:
+    """Whether ``sql`` (e.g. server_reset_query) drops every prepared statement of the session."""
+    return bool(_RESET_ALL.match(sql.encode()))
+
+
+def deallocate_sql(names: list[bytes]) -> str:
+    """SQL that removes evicted statements from a server (sent by pgmux between transactions)."""
+    return ";".join(f'DEALLOCATE "{name[:-1].decode()}"' for name in names)

@@ -1,0 +1,128 @@
+"""`python -m benchmarks --quick` runs end to end and writes a report that parses (no timing assertions).
+
+The harness starts its own embedded PostgreSQL, pgmux and (when installed) PgBouncer; this test only checks
+that it finishes in bounded time, stops every process it started, and that its JSON, Markdown and PNG
+outputs have the expected structure. A missing PgBouncer must be reported as unavailable, not faked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIOS = ["serverless", "steady", "connect", "latency", "storm", "idle"]
+TARGETS = ["direct", "pgmux", "pgbouncer"]
+STATUSES = {"ok", "partial", "error", "timeout", "unavailable", "skipped"}
+HARNESS_TIMEOUT_S = 240  # --quick takes ~30 s on 2 cores; generous for a loaded CI machine
+
+
+def _run_quick(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PG", "PGMUX_"))}
+    try:
+        result = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), *extra],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=HARNESS_TIMEOUT_S)
+    except subprocess.TimeoutExpired as expired:  # subprocess.run has killed it (by pid)
+        pytest.fail(f"python -m benchmarks --quick did not finish within {HARNESS_TIMEOUT_S} s\n"
+                    f"stderr:\n{expired.stderr}")
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    stamped = [path for path in out.glob("*.json") if path.name != "latest.json"]
+    assert len(stamped) == 1, sorted(path.name for path in out.iterdir())
+    report = json.loads(stamped[0].read_text())
+    assert json.loads((out / "latest.json").read_text()) == report
+    return result, report
+
+
+def _assert_stopped(report: dict) -> None:
+    started = report["started_processes"]
+    assert {entry["name"] for entry in started} >= {"postgres", "pgmux"}, started
+    for entry in started:
+        pid = entry["pid"]
+        if not psutil.pid_exists(pid):
+            continue
+        try:
+            process = psutil.Process(pid)
+            leftover = process.status() != psutil.STATUS_ZOMBIE and entry["name"] in " ".join(process.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        assert not leftover, f"{entry['name']} (pid {pid}) is still running after the harness exited"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(HARNESS_TIMEOUT_S + 60)
+def test_quick_benchmark_writes_a_report_with_every_scenario_and_target(tmp_path: Path) -> None:
+    _result, report = _run_quick(tmp_path)
+
+    assert report["schema_version"] == 1
+    assert report["config"]["quick"] is True
+    assert report["interrupted"] is False
+    for key in ("cpu_model", "cpus", "memory_gb", "kernel", "python"):
+        assert key in report["machine"]
+    assert report["versions"]["postgres"]
+    _assert_stopped(report)
+
+    assert list(report["scenarios"]) == SCENARIOS
+    for name, entry in report["scenarios"].items():
+        assert entry["title"] and entry["description"] and isinstance(entry["params"], dict), name
+        assert list(entry["results"]) == TARGETS, name
+        for target, result in entry["results"].items():
+            assert result["status"] in STATUSES, (name, target, result)
+        # The harness itself works: every scenario measures PostgreSQL directly.
+        assert entry["results"]["direct"]["status"] in {"ok", "partial"}, (name, entry["results"]["direct"])
+        assert entry["results"]["pgmux"]["status"] != "unavailable", name
+
+    bouncer = report["targets"]["pgbouncer"]
+    if bouncer["available"]:
+        assert report["versions"]["pgbouncer"]
+    else:  # reported, not faked
+        assert bouncer["reason"]
+        for entry in report["scenarios"].values():
+            assert entry["results"]["pgbouncer"]["status"] == "unavailable"
+
+    steady = report["scenarios"]["steady"]
+    for result in steady["results"].values():
+        for run in result.get("runs", []):
+            assert run["mode"] in ("simple", "extended", "prepared") and run["clients"] in steady["params"]["clients"]
+            assert run["status"] in STATUSES
+            assert run["status"] != "ok" or run["tps"] > 0
+    direct_latency = report["scenarios"]["latency"]["results"]["direct"]["modes"]
+    assert set(direct_latency) == {"simple", "extended"}
+    assert {"p50", "p99"} <= set(direct_latency["simple"]["latency_us"])
+    storm = report["scenarios"]["storm"]["results"]["direct"]
+    assert storm["served"] + storm["hung"] + sum(storm["refused_by_sqlstate"].values()) \
+        + sum(storm["other_failures"].values()) == storm["clients"]
+
+    assert report["ratios"], "no ratio rows"
+    for row in report["ratios"]:
+        assert {"metric", "label", "better", "direct", "pgmux", "pgbouncer", "pgmux/pgbouncer",
+                "pgmux/direct"} <= set(row)
+        assert row["better"] in ("higher", "lower")
+        for key in ("pgmux/pgbouncer", "pgmux/direct"):
+            assert row[key] is None or isinstance(row[key], (int, float))
+    assert all(check["met"] in (True, False, None) for check in report["targets_check"])
+
+    markdown = (tmp_path / "latest.md").read_text()
+    assert "| metric | better | direct | pgmux | PgBouncer | pgmux/PgBouncer | pgmux/direct |" in markdown
+    assert "## Issue targets" in markdown
+    if "plot_error" not in report:
+        assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "](latest.png)" in markdown
+
+
+@pytest.mark.timeout(HARNESS_TIMEOUT_S + 60)
+def test_missing_pgbouncer_is_reported_as_unavailable_not_faked(tmp_path: Path) -> None:
+    _result, report = _run_quick(tmp_path, "--pgbouncer", "none", "--scenarios", "latency")
+
+    assert report["targets"]["pgbouncer"] == {"available": False, "reason": "disabled with --pgbouncer none"}
+    assert list(report["scenarios"]) == ["latency"]
+    assert report["scenarios"]["latency"]["results"]["pgbouncer"]["status"] == "unavailable"
+    assert report["scenarios"]["latency"]["results"]["direct"]["status"] == "ok"
+    assert all(not isinstance(row["pgbouncer"], (int, float)) for row in report["ratios"])
+    assert "PgBouncer not measured" in (tmp_path / "latest.md").read_text()
+    _assert_stopped(report)

@@ -1,0 +1,184 @@
+"""Named prepared statements in transaction mode, with drivers at their default settings."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import asyncpg
+import psycopg
+import pytest
+
+from pgusers import APP, APP_DATABASE
+from proxy.embedded import postgres_bin_dir
+
+
+async def _connect(proxy, **kwargs) -> asyncpg.Connection:
+    # Note: no statement_cache_size=0 here — asyncpg's default named-statement cache is the point.
+    return await asyncpg.connect(host=proxy.host, port=proxy.port(), user=APP.name, password=APP.password,
+                                 database=APP_DATABASE, **kwargs)
+
+
+def _prepared_counters(proxy) -> tuple[int, int, int]:
+    def read(p):
+        hits = misses = evictions = 0
+        for pool in p.pools.values():
+            counters = pool.stats.prepared
+            hits, misses, evictions = hits + counters.hits, misses + counters.misses, evictions + counters.evictions
+        return hits, misses, evictions
+    return proxy.call(read)
+
+
+def test_asyncpg_statement_cache_works_with_50_clients_on_4_backends(pgmux) -> None:
+    proxy = pgmux(default_pool_size=4)
+    statements = [f"SELECT $1::int + {i}" for i in range(20)]
+
+    async def client(n: int) -> int:
+        conn = await _connect(proxy)
+        total = 0
+        try:
+            for round_ in range(3):
+                for i, sql in enumerate(statements):
+                    total += await conn.fetchval(sql, n) - n - i
+            async with conn.transaction():
+                for sql in statements[:5]:
+                    await conn.fetchval(sql, n)
+        finally:
+            await conn.close()
+        return total
+
+    async def scenario() -> list[int]:
+        return await asyncio.gather(*(client(n) for n in range(50)))
+
+    assert asyncio.run(scenario()) == [0] * 50
+    hits, misses, _ = _prepared_counters(proxy)
+    assert hits > 50 * 20  # named statements were found on the backends the clients got
+
+
+def test_explicit_prepare_is_reused_across_transactions(pgmux) -> None:
+    proxy = pgmux(default_pool_size=2)
+
+    async def scenario() -> None:
+        conn = await _connect(proxy)
+        busy = [await _connect(proxy) for _ in range(2)]
+        statement = await conn.prepare("SELECT $1::text || '!' AS shout")
+        for i in range(20):
+            if i % 5 == 0:  # move conn to another backend now and then
+                for other in busy:
+                    await other.fetchval("SELECT 1")
+            assert await statement.fetchval(f"hey{i}") == f"hey{i}!"
+            async with conn.transaction():
+                assert await statement.fetchval("in") == "in!"
+        assert [a.name for a in statement.get_attributes()] == ["shout"]
+        for c in [conn, *busy]:
+            await c.close()
+
+    asyncio.run(scenario())
+    hits, misses, _ = _prepared_counters(proxy)
+    assert misses >= 1  # the statement was injected on the second backend when conn moved there
+
+
+def test_psycopg_prepares_after_threshold_and_with_threshold_zero(pgmux) -> None:
+    proxy = pgmux(default_pool_size=2)
+    dsn = proxy.dsn(APP.name, APP.password, APP_DATABASE)
+    for threshold in (5, 0):
+        conns = [psycopg.connect(dsn, prepare_threshold=threshold, autocommit=True) for _ in range(4)]
+        for i in range(30):
+            for n, conn in enumerate(conns):
+                assert conn.execute("SELECT %s::int * 3", (i + n,)).fetchone() == ((i + n) * 3,)
+        with conns[0].transaction():
+            assert conns[0].execute("SELECT %s::int * 3", (7,)).fetchone() == (21,)
+        for conn in conns:
+            conn.close()
+    hits, misses, _ = _prepared_counters(proxy)
+    assert hits > 0  # the drivers' named statements were rewritten and found on the backends
+
+
+def _process_dsn(pgmux_process) -> str:
+    # libpq's blocking calls (pgconn.prepare) hold the GIL, which an in-process pgmux needs.
+    port = pgmux_process().ports()[0]
+    return f"postgresql://{APP.name}:{APP.password}@127.0.0.1:{port}/{APP_DATABASE}"
+
+
+def test_redefining_a_name_fails_like_postgres_unless_closed_first(pgmux_process) -> None:
+    with psycopg.connect(_process_dsn(pgmux_process), autocommit=True) as conn:
+        conn.execute("PREPARE ignored AS SELECT 1")  # SQL PREPARE passes through (session state)
+        pgconn = conn.pgconn
+        pgconn.prepare(b"s1", b"SELECT 1")
+        result = pgconn.prepare(b"s1", b"SELECT 2")
+        assert result.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"42P05"
+        assert pgconn.close_prepared(b"s1").status == psycopg.pq.ExecStatus.COMMAND_OK
+        assert pgconn.prepare(b"s1", b"SELECT 2").status == psycopg.pq.ExecStatus.COMMAND_OK
+        out = pgconn.exec_prepared(b"s1", [])
+        assert out.get_value(0, 0) == b"2"
+        missing = pgconn.exec_prepared(b"nope", [])
+        assert missing.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"26000"
+
+
+def test_failed_parse_leaves_no_name_behind(pgmux_process) -> None:
+    with psycopg.connect(_process_dsn(pgmux_process), autocommit=True) as conn:
+        pgconn = conn.pgconn
+        bad = pgconn.prepare(b"s2", b"SELEC 1")
+        assert bad.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"42601"
+        assert pgconn.prepare(b"s2", b"SELECT 5").status == psycopg.pq.ExecStatus.COMMAND_OK
+        assert pgconn.exec_prepared(b"s2", []).get_value(0, 0) == b"5"
+
+
+def test_deallocate_all_clears_the_clients_names(pgmux_process) -> None:
+    with psycopg.connect(_process_dsn(pgmux_process), autocommit=True) as conn:
+        pgconn = conn.pgconn
+        pgconn.prepare(b"s3", b"SELECT 3")
+        conn.execute("DEALLOCATE ALL")
+        assert pgconn.exec_prepared(b"s3", []).error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"26000"
+        assert pgconn.prepare(b"s3", b"SELECT 33").status == psycopg.pq.ExecStatus.COMMAND_OK
+        assert pgconn.exec_prepared(b"s3", []).get_value(0, 0) == b"33"
+
+
+def test_many_distinct_statements_never_exceed_max_prepared_statements_per_server(pgmux, postgres) -> None:
+    proxy = pgmux(default_pool_size=1, max_prepared_statements=50)
+
+    async def scenario() -> None:
+        conn = await _connect(proxy, statement_cache_size=2000)
+        for i in range(1000):
+            assert await conn.fetchval(f"SELECT {i}::int") == i
+        # The one backend: its statements, seen by PostgreSQL itself.
+        held = await conn.fetchval("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pgmux_%'")
+        assert held <= 50 + 1
+        await conn.close()
+
+    asyncio.run(scenario())
+    _, _, evictions = _prepared_counters(proxy)
+    assert evictions >= 1000 - 51
+
+
+def test_schema_change_reaches_asyncpg_which_reprepares(pgmux) -> None:
+    proxy = pgmux(default_pool_size=2)
+
+    async def scenario() -> None:
+        conn = await _connect(proxy)
+        await conn.execute("DROP TABLE IF EXISTS shifting; CREATE TABLE shifting (a int)")
+        await conn.execute("INSERT INTO shifting VALUES (1)")
+        assert (await conn.fetchrow("SELECT * FROM shifting"))["a"] == 1
+        await conn.execute("ALTER TABLE shifting ADD COLUMN b text DEFAULT 'x'")
+        # asyncpg sees 0A000 (or reloads its cache on the first try) and re-prepares: it must work.
+        row = await conn.fetchrow("SELECT * FROM shifting")
+        assert dict(row) == {"a": 1, "b": "x"}
+        await conn.execute("DROP TABLE shifting")
+        await conn.close()
+
+    asyncio.run(scenario())
+
+
+def test_pgbench_prepared_mode_has_no_failed_transactions(pgmux, postgres) -> None:
+    proxy = pgmux(default_pool_size=5)
+    bin_dir = postgres_bin_dir()
+    env = {"PGPASSWORD": APP.password, "PATH": "/usr/bin:/bin"}
+    common = ["-h", "127.0.0.1", "-U", APP.name]
+    subprocess.run([str(bin_dir / "pgbench"), "-i", "-s", "1", "-q", *common, "-p", str(postgres.port), APP_DATABASE],
+                   env=env, check=True, capture_output=True, timeout=120)
+    run = subprocess.run([str(bin_dir / "pgbench"), "-S", "-M", "prepared", "-c", "10", "-j", "2", "-t", "200",
+                          *common, "-p", str(proxy.port()), APP_DATABASE],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "number of failed transactions: 0" in run.stdout
+    assert "number of transactions actually processed: 2000/2000" in run.stdout
