@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import platform
@@ -16,9 +17,9 @@ import psutil
 
 from benchmarks.procs import raise_nofile_limit
 from benchmarks.report import write_outputs
-from benchmarks.scenarios import SCENARIOS, RunConfig
+from benchmarks.scenarios import SCENARIOS, RunConfig, Scenario
 from benchmarks.scenarios.common import BackendSampler, wait_until
-from benchmarks.targets import ROOT, TARGETS, BenchEnv, PoolerSettings, git_state, redact
+from benchmarks.targets import ROOT, TARGETS, BenchEnv, PoolerSettings, Target, git_state, redact
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 
@@ -38,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pool-size", type=int, default=20, help="default_pool_size of both poolers (default 20)")
     parser.add_argument("--pool-mode", choices=("transaction", "session"), default="transaction")
     parser.add_argument("--duration", type=float, default=None,
-                        help="seconds per timed run (default 8; 1 with --quick)")
+                        help="seconds per timed run (default 10; 1 with --quick)")
     parser.add_argument("--query-wait-timeout", type=float, default=None,
                         help="query_wait_timeout of both poolers in seconds (default 30; 10 with --quick)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
@@ -128,7 +129,7 @@ def _settle(env: BenchEnv, log: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     quick = args.quick
-    duration = args.duration if args.duration is not None else (1.0 if quick else 8.0)
+    duration = args.duration if args.duration is not None else (1.0 if quick else 10.0)
     wait_timeout = args.query_wait_timeout if args.query_wait_timeout is not None else (10.0 if quick else 30.0)
     budget = args.time_budget if args.time_budget is not None else (150.0 if quick else 1500.0)
     extra: dict[str, Any] = {}
@@ -168,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"quick": quick, "duration": duration, "pool_size": args.pool_size, "pool_mode": args.pool_mode,
                    "query_wait_timeout": wait_timeout, "scenarios": cfg.scenarios, "targets": cfg.targets,
                    "scale": args.scale, "time_budget_s": budget, "pgmux_args": args.pgmux_arg,
+                   "partial": (cfg.scenarios != list(SCENARIOS) or cfg.targets != list(TARGETS) or bool(extra)
+                               or args.direct_url is not None),
                    "harness_nofile": list(nofile), "harness_loop": loop_impl, "overrides": extra},
         "targets": {},
         "scenarios": {},
@@ -196,25 +199,9 @@ def main(argv: list[str] | None = None) -> int:
                                          "params": params, "results": {}}
                 results["scenarios"][scenario_name] = entry
                 log(f"scenario {scenario_name}: {scenario.title}")
-                for target_name in cfg.targets:
-                    available, reason = env.available(target_name)
-                    if not available:
-                        entry["results"][target_name] = {"status": "unavailable", "reason": reason}
-                        continue
-                    if time.monotonic() - t0 > budget:
-                        entry["results"][target_name] = {"status": "skipped", "reason": f"time budget {budget:g}s"}
-                        continue
-                    began = time.monotonic()
-                    try:
-                        with env.target(target_name) as target:
-                            entry["results"][target_name] = scenario.run(cfg, env, target, params)
-                    except KeyboardInterrupt:
-                        raise
-                    except Exception as exc:
-                        log(f"  {target_name}: {type(exc).__name__}: {exc}")
-                        entry["results"][target_name] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
-                    entry["results"][target_name]["elapsed_s"] = round(time.monotonic() - began, 1)
-                    _settle(env, log)
+                runner = _run_interleaved if scenario.interleaved else _run_one_by_one
+                runner(scenario, cfg, env, params, entry["results"], lambda: time.monotonic() - t0 > budget, budget)
+                entry["results"] = {name: entry["results"][name] for name in cfg.targets if name in entry["results"]}
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: everything started was stopped; writing what was measured")
@@ -227,6 +214,69 @@ def main(argv: list[str] | None = None) -> int:
     for line in _summary(results):
         print(line)
     return 130 if interrupted else 0
+
+
+def _run_one_by_one(scenario: Scenario, cfg: RunConfig, env: BenchEnv, params: dict[str, Any],
+                    out: dict[str, Any], over_budget: Any, budget: float) -> None:
+    """Each target started alone, measured, stopped (by pid), and its backends gone before the next."""
+    for target_name in cfg.targets:
+        available, reason = env.available(target_name, scenario.auth)
+        if not available:
+            out[target_name] = {"status": "unavailable", "reason": reason}
+            continue
+        if over_budget():
+            out[target_name] = {"status": "skipped", "reason": f"time budget {budget:g}s"}
+            continue
+        began = time.monotonic()
+        try:
+            with env.target(target_name, scenario.auth) as target:
+                out[target_name] = scenario.run(cfg, env, target, params)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            cfg.log(f"  {target_name}: {type(exc).__name__}: {exc}")
+            out[target_name] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+        out[target_name]["elapsed_s"] = round(time.monotonic() - began, 1)
+        _settle(env, cfg.log)
+
+
+def _run_interleaved(scenario: Scenario, cfg: RunConfig, env: BenchEnv, params: dict[str, Any],
+                     out: dict[str, Any], over_budget: Any, budget: float) -> None:
+    """All targets up at once; each unit measured on every target, the order rotating from unit to unit."""
+    measured: dict[str, list[tuple[Any, dict[str, Any]]]] = {}
+    running: dict[str, Target] = {}
+    began = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        for target_name in cfg.targets:
+            available, reason = env.available(target_name, scenario.auth)
+            if not available:
+                out[target_name] = {"status": "unavailable", "reason": reason}
+                continue
+            try:
+                running[target_name] = stack.enter_context(env.target(target_name, scenario.auth))
+                measured[target_name] = []
+            except Exception as exc:
+                cfg.log(f"  {target_name}: {type(exc).__name__}: {exc}")
+                out[target_name] = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+        names = list(running)
+        for index, unit in enumerate(scenario.units(params)):
+            shift = index % len(names) if names else 0
+            for target_name in names[shift:] + names[:shift]:
+                if over_budget():
+                    result: dict[str, Any] = {"status": "skipped", "reason": f"time budget {budget:g}s"}
+                else:
+                    try:
+                        result = scenario.run_unit(cfg, env, running[target_name], params, unit)
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception as exc:
+                        cfg.log(f"  {target_name}: {type(exc).__name__}: {exc}")
+                        result = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+                measured[target_name].append((unit, result))
+        for target_name, units in measured.items():
+            out[target_name] = scenario.combine(running[target_name], units, params)
+            out[target_name]["elapsed_s"] = round(time.monotonic() - began, 1)
+    _settle(env, cfg.log)
 
 
 def _summary(results: dict[str, Any]) -> list[str]:

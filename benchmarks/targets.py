@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 BENCH_USER = "pgmux_bench"
 BENCH_DB = "pgmux_bench"
+# A second role that logs in without a password (an hba `trust` line), for the trust-auth variants.
+TRUST_USER = "pgmux_bench_trust"
 TARGETS = ("direct", "pgmux", "pgbouncer")
 # application_name of the harness's own monitoring connections (excluded from counts).
 ADMIN_APP = "pgmux-bench-admin"
@@ -164,8 +166,9 @@ class BenchEnv:
         from proxy.embedded import start_embedded_postgres
 
         self.log(f"starting embedded PostgreSQL (max_connections={self.pg_max_connections})")
-        self.embedded = start_embedded_postgres(max_connections=self.pg_max_connections,
-                                                extra_conf={"shared_buffers": "128MB"})
+        self.embedded = start_embedded_postgres(
+            max_connections=self.pg_max_connections, extra_conf={"shared_buffers": "128MB"},
+            extra_hba_lines=[f"host {BENCH_DB} {TRUST_USER} {HOST}/32 trust"])
         self._stack.callback(self.embedded.stop)
         self.started.append({"name": "postgres", "pid": self.embedded.pid})
         self.host, self.port = self.embedded.host, self.embedded.port
@@ -173,6 +176,8 @@ class BenchEnv:
         self.user, self.database = BENCH_USER, BENCH_DB
         self.embedded.psql(f"CREATE ROLE {BENCH_USER} LOGIN PASSWORD '{self.password}'")
         self.embedded.psql(f"CREATE DATABASE {BENCH_DB} OWNER {BENCH_USER}")
+        self.trust_password: str | None = secrets.token_urlsafe(18)  # never asked for; PgBouncer's userlist needs one
+        self.embedded.psql(f"CREATE ROLE {TRUST_USER} LOGIN PASSWORD '{self.trust_password}' IN ROLE pg_read_all_data")
         self.postgres_pid: int | None = self.embedded.pid
         self.admin_endpoint = Endpoint(self.host, self.port, self.embedded.superuser, self.embedded.password,
                                        BENCH_DB)
@@ -190,6 +195,7 @@ class BenchEnv:
         if not self.user or not self.password:
             raise SystemExit("--direct-url needs a user and a password (both poolers log in with them)")
         self.postgres_pid = None  # not ours: PostgreSQL CPU is not measured
+        self.trust_password = None
         self.admin_endpoint = Endpoint(self.host, self.port, self.user, self.password, self.database)
         self.source = "direct-url"
 
@@ -205,7 +211,7 @@ class BenchEnv:
         """The role's SCRAM secret from pg_authid (superuser only): PgBouncer's recommended userlist entry."""
         if self.embedded is None:
             try:
-                value = self.scalar(f"SELECT rolpassword FROM pg_authid WHERE rolname = current_user")
+                value = self.scalar("SELECT rolpassword FROM pg_authid WHERE rolname = current_user")
             except Exception:
                 return None
         else:
@@ -221,9 +227,11 @@ class BenchEnv:
 
     # ----------------------------------------------------------------- targets
 
-    def available(self, name: str) -> tuple[bool, str | None]:
+    def available(self, name: str, auth: str = "scram") -> tuple[bool, str | None]:
         if name == "pgbouncer" and self.pgbouncer is None:
             return False, self.pgbouncer_unavailable_reason
+        if auth == "trust" and self.trust_password is None:
+            return False, "trust-auth scenarios need the embedded PostgreSQL (they add an hba trust line)"
         return True, None
 
     def _pooler_os_user(self) -> pwd.struct_passwd | None:
@@ -237,42 +245,54 @@ class BenchEnv:
                 continue
         return None
 
+    def login(self, auth: str) -> tuple[str, str]:
+        """(user, password) for clients and upstream: the SCRAM role, or the trust role."""
+        if auth == "trust":
+            if self.trust_password is None:
+                raise RuntimeError("trust auth needs the embedded PostgreSQL")
+            return TRUST_USER, self.trust_password
+        return self.user, self.password
+
     @contextlib.contextmanager
-    def target(self, name: str) -> Iterator[Target]:
+    def target(self, name: str, auth: str = "scram") -> Iterator[Target]:
+        """Start ``name`` (nothing for direct) for clients logging in with ``auth``; stop it by pid afterwards."""
+        user, password = self.login(auth)
         if name == "direct":
-            yield Target("direct", self.host, self.port, self.user, self.password, self.database)
+            yield Target("direct", self.host, self.port, user, password, self.database)
             return
         if name == "pgmux":
-            process, port = self._start_pgmux()
+            process, port = self._start_pgmux(auth)
         elif name == "pgbouncer":
-            process, port = self._start_pgbouncer()
+            process, port = self._start_pgbouncer(auth)
         else:
             raise ValueError(f"unknown target {name!r}")
         self.started.append({"name": name, "pid": process.pid})
         try:
-            yield Target(name, HOST, port, self.user, self.password, self.database, pid=process.pid, process=process)
+            yield Target(name, HOST, port, user, password, self.database, pid=process.pid, process=process)
         finally:
             process.stop()
 
-    def upstream_url(self) -> str:
-        return (f"postgresql://{quote(self.user, safe='')}:{quote(self.password, safe='')}@{self.host}:{self.port}/"
+    def upstream_url(self, auth: str = "scram") -> str:
+        user, password = self.login(auth)
+        return (f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{self.host}:{self.port}/"
                 f"{quote(self.database, safe='')}?sslmode=disable")
 
-    def pgmux_argv(self, port: int) -> list[str]:
+    def pgmux_argv(self, port: int, auth: str = "scram") -> list[str]:
         s = self.settings
         return [sys.executable, "-m", "proxy", "serve", "--listen", f"{HOST}:{port}",
                 "--default-pool-size", str(s.pool_size), "--pool-mode", s.pool_mode,
                 "--max-client-conn", str(MAX_CLIENT_CONN), "--query-wait-timeout", f"{s.query_wait_timeout:g}",
+                *(["--auth-type", "trust"] if auth == "trust" else []),
                 "--log-level", "warning", *s.pgmux_args]
 
-    def _start_pgmux(self) -> tuple[ManagedProcess, int]:
+    def _start_pgmux(self, auth: str) -> tuple[ManagedProcess, int]:
         port = free_port()
         run_dir = Path(tempfile.mkdtemp(prefix="pgmux-", dir=self.workdir))
         env = {key: value for key, value in os.environ.items() if not key.startswith("PGMUX_")}
-        env["PGMUX_UPSTREAM_URL"] = self.upstream_url()
+        env["PGMUX_UPSTREAM_URL"] = self.upstream_url(auth)
         env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         # cwd is an empty directory, so no stray ./pgmux.toml is picked up.
-        process = ManagedProcess("pgmux", self.pgmux_argv(port), env=env, cwd=run_dir,
+        process = ManagedProcess("pgmux", self.pgmux_argv(port, auth), env=env, cwd=run_dir,
                                  log_path=run_dir / "pgmux.log", nofile=POOLER_NOFILE, stop_signal=signal.SIGINT)
         try:
             process.wait_for_port(HOST, port)
@@ -281,7 +301,7 @@ class BenchEnv:
             raise
         return process, port
 
-    def pgbouncer_ini(self, port: int, run_dir: Path) -> str:
+    def pgbouncer_ini(self, port: int, run_dir: Path, auth: str = "scram") -> str:
         s = self.settings
         return "\n".join([
             "[databases]",
@@ -291,7 +311,7 @@ class BenchEnv:
             f"listen_addr = {HOST}",
             f"listen_port = {port}",
             "unix_socket_dir =",
-            "auth_type = scram-sha-256",
+            f"auth_type = {'trust' if auth == 'trust' else 'scram-sha-256'}",
             f"auth_file = {run_dir / 'userlist.txt'}",
             f"pool_mode = {s.pool_mode}",
             f"default_pool_size = {s.pool_size}",
@@ -308,15 +328,20 @@ class BenchEnv:
             "",
         ])
 
-    def _start_pgbouncer(self) -> tuple[ManagedProcess, int]:
+    def _start_pgbouncer(self, auth: str) -> tuple[ManagedProcess, int]:
         if self.pgbouncer is None:
             raise RuntimeError(self.pgbouncer_unavailable_reason)
         port = free_port()
         run_dir = Path(tempfile.mkdtemp(prefix="pgbouncer-", dir=self.workdir))
-        secret = self.scram_secret or self.password
-        (run_dir / "userlist.txt").write_text(f'"{self.user}" "{secret}"\n')
+        if auth == "trust":
+            user, secret = self.login(auth)
+        else:
+            # PgBouncer's recommended userlist entry is the SCRAM secret from pg_authid (its salt is fixed, so
+            # no PBKDF2 per login); without superuser access to read it, the plaintext password.
+            user, secret = self.user, self.scram_secret or self.password
+        (run_dir / "userlist.txt").write_text(f'"{user}" "{secret}"\n')
         ini = run_dir / "pgbouncer.ini"
-        ini.write_text(self.pgbouncer_ini(port, run_dir))
+        ini.write_text(self.pgbouncer_ini(port, run_dir, auth))
         if self._os_user is not None:
             os.chmod(self.workdir, 0o711)
             for path in (run_dir, run_dir / "userlist.txt", ini):

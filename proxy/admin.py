@@ -49,6 +49,7 @@ _COMMAND = re.compile(rf"^\s*({_WORD})(?:\s+({_WORD}))?\s*(?:;\s*)?$")
 _EMPTY = re.compile(r"^[\s;]*$")
 _SET = re.compile(r"^\s*set\s", re.IGNORECASE)
 _POLL = 0.05  # seconds between checks while PAUSE / WAIT_CLOSE wait for servers
+_MAX_QUEUED = 64  # commands held while one waits, before the connection stops being read
 
 # SHOW of a session parameter: some drivers ask at connect time (PgBouncer fakes the same ones).
 _FAKE_PARAMETERS = {
@@ -177,7 +178,7 @@ class AdminSession:
                 self._stop_waiting()
                 self.client.close("client sent Terminate")
                 return
-            if segment.kind == m.QUERY:
+            if segment.kind == m.QUERY and not self._skipping:
                 self._queue.append((m.QUERY, bytes(segment.data[5:-1]).decode("utf-8", "replace")))
             elif segment.kind == m.SYNC:
                 self._queue.append((m.SYNC, ""))
@@ -186,6 +187,8 @@ class AdminSession:
                 # Parse, Bind, Describe, Execute, Flush...: one error, then skip to Sync as a server does.
                 self._queue.append((m.PARSE, ""))
                 self._skipping = True
+        if len(self._queue) > _MAX_QUEUED:
+            self.client.pause_reading()  # commands pile up behind a PAUSE: stop reading until they are answered
         self._answer_queued()
 
     def _answer_queued(self) -> None:
@@ -202,6 +205,8 @@ class AdminSession:
                 self.client.write(reply)
             else:
                 self._waiting = self.proxy.spawn(self._answer_later(reply), name=f"admin {self.client.id}")
+        if not self._queue:
+            self.client.resume_reading()
 
     async def _answer_later(self, reply: Coroutine[Any, Any, bytes]) -> None:
         try:
@@ -542,6 +547,8 @@ class AdminSession:
 
         async def wait() -> bytes:
             while not condition():
+                if self.client.state is ClientState.CLOSED:
+                    return b""  # the admin left; what it started (a PAUSE) stays in force
                 await asyncio.sleep(_POLL)
             return done(tag)
 

@@ -77,7 +77,6 @@ class Proxy:
         self.accepted = 0  # client sockets accepted since start
         self.paused: set[str] = set()  # databases paused by PAUSE db / KILL db
         self.paused_all = False  # PAUSE without a database
-        self.retiring: set[tuple[ServerConnection, Pool]] = set()  # RECONNECT: closed when next seen idle
         self.reload_settings: Callable[[], Settings] | None = None  # where RELOAD / SIGHUP read settings from
         self.stats_window = StatsWindow()
         self.readiness = Readiness(self)
@@ -397,7 +396,7 @@ class Proxy:
 
     def close_needed(self, pool: Pool, server: ServerConnection) -> bool:
         """Whether the server will be closed when released (RECONNECT, PAUSE, an upstream changed by reload)."""
-        return (server, pool) in self.retiring or server.upstream != pool.config.upstream or self.is_paused(pool.key.database)
+        return pool.will_retire(server) or server.upstream != pool.config.upstream or self.is_paused(pool.key.database)
 
     # ---- admin console operations: PAUSE, RESUME, RECONNECT, KILL, WAIT_CLOSE -----------------------
 
@@ -439,28 +438,13 @@ class Proxy:
         """Close every server of ``database`` (None: all) once it is not in use; new ones connect as needed."""
         log.info("RECONNECT %s", database or "(all databases)")
         for pool in self._pools_of(database):
-            for server in list(pool.idle):
-                pool.close_server(server, "RECONNECT on the admin console")
-            self.retiring.update((server, pool) for server in (*pool.active, *pool.resetting, *pool.login))
-        if self.retiring:
-            self.spawn(self._close_retiring(), name="reconnect")
-
-    async def _close_retiring(self) -> None:
-        # Interim until Pool offers retire_servers(): catch each retired server between two uses.
-        while self.retiring:
-            for server, pool in list(self.retiring):
-                if server.state is ServerState.IDLE:
-                    pool.close_server(server, "RECONNECT on the admin console")
-                if server.state in (ServerState.CLOSING, ServerState.CLOSED):
-                    self.retiring.discard((server, pool))
-            await asyncio.sleep(0.02)
+            pool.retire_servers("RECONNECT on the admin console")
 
     def servers_to_close(self, database: str | None) -> int:
         """Servers marked to close after use (RECONNECT, reload): what WAIT_CLOSE waits for."""
-        retiring = {server for server, _ in self.retiring}
         return sum(1 for pool in self._pools_of(database)
                    for server in (*pool.active, *pool.idle, *pool.resetting, *pool.login)
-                   if server in retiring or server.upstream != pool.config.upstream)
+                   if pool.will_retire(server) or server.upstream != pool.config.upstream)
 
     def kill(self, database: str | None) -> None:
         """Drop every client and server of ``database`` (None: all) now; new clients wait for RESUME."""

@@ -46,11 +46,12 @@ _PARAMETER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _OPTION = re.compile(r"(?:-c\s*|--)([A-Za-z_][A-Za-z0-9_.]*)=((?:\\.|[^\s\\])*)")
 
 _LOGIN_CAPTURE = frozenset(range(256))
-_RELAY_CAPTURE = frozenset({m.TERMINATE})
+_RELAY_CAPTURE = frozenset({m.TERMINATE, m.QUERY})  # Query: to notice RESET/DISCARD
+_MENTIONS_RESET = re.compile(rb"(?i)\b(?:reset|discard)\b")
 # With named statements rewritten (transaction mode), the statement-naming messages are looked at too.
 _PREPARED_CAPTURE = frozenset({m.TERMINATE, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE, m.SYNC, m.QUERY, m.FUNCTION_CALL})
 _RELAY_COUNTED = frozenset({m.SYNC, m.QUERY, m.FUNCTION_CALL})  # each earns exactly one ReadyForQuery
-_RELAY_NEUTRAL = frozenset({m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL})  # inside a COPY the Query already counted
+_RELAY_NEUTRAL = frozenset({m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL, m.TERMINATE})  # open no request
 _BATCH_ENDS_AND_TERMINATE = _RELAY_COUNTED | {m.TERMINATE}
 _QUEUE_HIGH_WATER = 1 << 20  # bytes queued while waiting for a server before we stop reading
 
@@ -99,10 +100,14 @@ class ClientConnection(asyncio.Protocol):
         self._admitted = False  # counted by Admission until the connection ends
         self._admin: AdminSession | None = None
         self.statements: ClientStatements | None = None  # named statements, when pgmux rewrites them
+        self._startup_params: dict[str, str] = {}  # synced parameters the client set at startup
+        self._reset_seen = False  # the current request batch contains RESET or DISCARD
+        self._resync = False  # the linked server must get this client's parameters again
         self.last_active = self.connected_at  # the last time a request or an answer passed
         self.query_started = 0.0  # when the oldest unanswered request was sent, 0 when none
         self._cancel_sent = False
         self._linked_at = 0.0
+        self.wait_started = 0.0  # when the client last joined the line for a server
         self._task: asyncio.Task[None] | None = None
         self._login_timer: asyncio.TimerHandle | None = None
 
@@ -174,16 +179,32 @@ class ClientConnection(asyncio.Protocol):
             self.pending -= 1
         if not self.pending:
             self.last_active = time.monotonic()
+            if self.query_started and self.pool is not None:
+                self.pool.stats.query_time += self.last_active - self.query_started
             self.query_started = 0.0
             self._cancel_sent = False
+            self._reset_seen = False
         # Release only at a true boundary: every request answered and no part of the next one sent.
         if (not self.pending and status is m.TransactionStatus.IDLE and self.transaction_mode
                 and not self._scanner.mid_batch):
             self._unlink_and_release()
+        elif self._resync and not self.pending and self.server is not None:
+            # RESET put the server back to its own defaults: restore this client's (its startup values).
+            self._resync = False
+            sql = self._parameter_sync_sql(self.server)
+            if sql:
+                self.server.send_internal(sql)
 
     def on_parameter_status(self, name: str, value: str) -> None:
-        if name in SYNCED_PARAMETERS:
-            self.params[name] = value
+        if name not in SYNCED_PARAMETERS:
+            return
+        if (self._reset_seen and name in self._startup_params and self.pool is not None
+                and (self.pool.server_params or {}).get(name) == value):
+            # RESET returns a setting to the session default, which for this client is its startup
+            # value, not the default of the backend it happens to use: keep the client's view.
+            self._resync = True
+            return
+        self.params[name] = value
 
     def on_server_lost(self, server: ServerConnection) -> None:
         upstream = server.upstream.redacted()
@@ -277,6 +298,7 @@ class ClientConnection(asyncio.Protocol):
     def _set_startup_parameter(self, name: str, value: str) -> None:
         if name in SYNCED_PARAMETERS:
             self.params[name] = value
+            self._startup_params[name] = value
         else:
             self.unreported[name] = value
 
@@ -343,6 +365,7 @@ class ClientConnection(asyncio.Protocol):
         self.state = ClientState.IDLE
         log.info("login ok: %s@%s from %s (%s mode)", self.user, self.database, self.peer,
                  self.listener.pool_mode.value, extra={"conn": self.id})
+        self.pool.stats.client_logins += 1
         if self._queued:
             self._relay(b"".join(self._take_queued()))
 
@@ -387,6 +410,12 @@ class ClientConnection(asyncio.Protocol):
                 self._wait_for_server()
 
     def _forward(self, data: bytes) -> None:
+        try:
+            self._forward_checked(data)
+        except ProtocolViolation as exc:
+            self.fail(errors.protocol_violation(str(exc)), reason="protocol_error")
+
+    def _forward_checked(self, data: bytes) -> None:
         scanner = self._scanner
         before = scanner.count
         segments = scanner.feed(data)
@@ -397,38 +426,28 @@ class ClientConnection(asyncio.Protocol):
                 self.query_started = time.monotonic()
             self.pending += scanner.count - before
             stats.queries += scanner.count - before
-        if self.statements is None:
-            for segment in segments:
-                if type(segment) is Frame:  # only Terminate is captured
-                    self._forward_until_terminate(segments)
-                    return
-            self.server.write(data)  # type: ignore[union-attr]
-            return
         server = self.server
         assert server is not None
         if len(segments) == 1 and type(segments[0]) is not Frame:
-            server.write(data)
+            server.write(data)  # nothing to look at: the common case
             return
         out: list[bytes | memoryview] = []
-        rewrite = self.statements.rewrite
+        statements = self.statements
         for segment in segments:
             if type(segment) is Frame:
-                if segment.kind == m.TERMINATE:
+                kind = segment.kind
+                if kind == m.TERMINATE:
                     if out:
                         server.write(b"".join(out))
                     self._close_quietly("client sent Terminate")
                     return
-                out.append(rewrite(segment.kind, segment.data, server.prepared))
+                if kind == m.QUERY and _MENTIONS_RESET.search(segment.data):
+                    self._reset_seen = True
+                    server.unreported.clear()  # whatever pgmux had SET there may be gone now
+                out.append(statements.rewrite(kind, segment.data, server.prepared) if statements else segment.data)
             else:
                 out.append(segment)
-        server.write(b"".join(out))
-
-    def _forward_until_terminate(self, segments: list) -> None:
-        """The client sent Terminate: pass on what came before it, then end the session cleanly."""
-        before = b"".join(bytes(s) for s in itertools.takewhile(lambda s: type(s) is not Frame, segments))
-        if before and self.server is not None:
-            self.server.write(before)
-        self._close_quietly("client sent Terminate")
+        server.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _forward_queued(self) -> None:
         for chunk in self._take_queued():
@@ -448,6 +467,7 @@ class ClientConnection(asyncio.Protocol):
         return queued
 
     def _wait_for_server(self) -> None:
+        self.wait_started = time.monotonic()
         self.state = ClientState.WAITING
         self._task = self.proxy.spawn(self._acquire(), name=f"acquire {self.id}")
 
@@ -455,6 +475,10 @@ class ClientConnection(asyncio.Protocol):
         assert self.pool is not None
         try:
             server = await self.pool.acquire()
+            while not server.usable:
+                # It died between being promised to us and now (a FATAL arrived): ask again.
+                self.pool.close_server(server, "died before its next client used it")
+                server = await self.pool.acquire()
         except PgError as exc:
             self._task = None
             if self.state is ClientState.WAITING:
@@ -664,8 +688,9 @@ class ClientConnection(asyncio.Protocol):
             return
         server.client = None
         server.resume_reading()
-        if self.pending:
-            # Mid-query, mid-COPY or with unread results: its state cannot be known. Stop the query, close it.
+        if self.pending or self._scanner.mid_batch:
+            # Mid-query, mid-COPY, with unread results, or part of a request sent without its Sync:
+            # its state cannot be known. Stop whatever runs and close it.
             self.proxy.spawn(server.send_cancel(), name=f"cancel {server.id}")
             pool.close_server(server, f"client {self.id} left with a query in progress")
             return

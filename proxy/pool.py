@@ -199,6 +199,8 @@ class Pool:
             async with asyncio.timeout(timeout or None):
                 return await waiter.future
         except TimeoutError:
+            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+                return waiter.future.result()  # handed over in the very tick the timeout struck: use it
             raise errors.wait_timeout(str(self.key), timeout, len(self.active), len(self.waiters) - 1,
                                       self.config.pool_size) from None
         except asyncio.CancelledError:
@@ -225,8 +227,8 @@ class Pool:
         if self.config.server_lifetime and time.monotonic() - server.created_at > self.config.server_lifetime:
             self.close_server(server, "server_lifetime reached")
             return
-        if server.created_at < self._generation_started:
-            self.close_server(server, "upstream changed by reload")
+        if self.will_retire(server):
+            self.close_server(server, "retired (RECONNECT or a changed upstream)")
             return
         if self.total - len(self.closing) > self.limit:
             self.close_server(server, "pool is over its size (lowered by reload)")
@@ -329,6 +331,8 @@ class Pool:
         """
         if not self._failures or self.idle or self.active or self.resetting:
             return False
+        if any(server.transport is None or not server.transport.is_closing() for server in self.login):
+            return False  # a login is still under way: its outcome decides
         outage = time.monotonic() - self._down_since
         return self._permanent_failure or self.server_params is None or outage >= self.config.server_login_retry
 
@@ -374,6 +378,15 @@ class Pool:
             while self.waiters:
                 self.waiters.popleft().fail(error)
 
+    def retire_servers(self, reason: str) -> None:
+        """Close every server as it is next released (admin RECONNECT, changed upstream); idle ones now."""
+        self._generation_started = time.monotonic()
+        for server in list(self.idle):
+            self.close_server(server, reason)
+
+    def will_retire(self, server: ServerConnection) -> bool:
+        return server.created_at < self._generation_started
+
     async def warm_up(self) -> None:
         """Make sure the pool knows the server's parameters (needed for a client's welcome)."""
         if self.server_params is not None:
@@ -386,9 +399,7 @@ class Pool:
     def reconfigure(self, config: PoolConfig) -> None:
         """Take new settings; servers of a changed upstream are replaced as they come back idle."""
         if config.upstream != self.config.upstream:
-            self._generation_started = time.monotonic()
-            for server in list(self.idle):
-                self.close_server(server, "upstream changed by reload")
+            self.retire_servers("upstream changed by reload")
         self.config = config
         self._trim()
         self.grow()

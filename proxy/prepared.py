@@ -18,6 +18,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from proxy.protocol import messages as m
+from proxy.protocol.framing import ProtocolViolation
 from proxy.stats import PreparedCounters
 
 _ABSENT_STATEMENT = b"pgmux_no_such_statement\x00"  # Close of a missing statement is no error
@@ -136,7 +137,16 @@ class ClientStatements:
         self._counters = counters
 
     def rewrite(self, kind: int, data: bytes | memoryview, link: ServerPrepared) -> bytes | memoryview:
-        """The bytes to send to the server in place of one whole client message of ``kind``."""
+        """The bytes to send to the server in place of one whole client message of ``kind``.
+
+        Raises ProtocolViolation for a message too malformed to read its statement name from.
+        """
+        try:
+            return self._rewrite(kind, data, link)
+        except (ValueError, IndexError):
+            raise ProtocolViolation(f"malformed {chr(kind)!r} message") from None
+
+    def _rewrite(self, kind: int, data: bytes | memoryview, link: ServerPrepared) -> bytes | memoryview:
         if kind == m.BIND:
             return self._bind(data, link)
         if kind == m.SYNC or kind == m.FUNCTION_CALL:
@@ -144,7 +154,8 @@ class ClientStatements:
             return data
         if kind == m.QUERY:
             link.batches_sent += 1
-            if _RESET_ALL.match(bytes(data[5:-1])):
+            # Cheap first-letter test before the regex: this runs for every simple query.
+            if data[5] in b"Dd" and _RESET_ALL.match(bytes(data[5:-1])):
                 # The server drops every prepared statement it has; the client forgets its names.
                 self.names.clear()
                 link.statements.clear()

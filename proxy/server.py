@@ -31,6 +31,14 @@ _RELAY_CAPTURE = frozenset({m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPO
 _LOGIN_CAPTURE = frozenset(range(256))
 
 
+def _ends_at_last_ready(segments: list) -> bool:
+    """True unless a ReadyForQuery is followed by more bytes in the same read."""
+    for segment in segments[:-1]:
+        if type(segment) is Frame and segment.kind == m.READY_FOR_QUERY:
+            return False
+    return True
+
+
 class ServerState(enum.Enum):
     LOGIN = "login"
     IDLE = "idle"
@@ -118,7 +126,8 @@ class ServerConnection(asyncio.Protocol):
                 self._login_frames.put_nowait(segment)  # type: ignore[arg-type]
             return
         client = self.client
-        if client is not None and not self.swallow and not self.prepared.pending:
+        if (client is not None and not self.swallow and not self.prepared.pending
+                and (len(segments) == 1 or _ends_at_last_ready(segments))):
             # The common case: every byte goes to the client as it is; only a few frames are looked at.
             client.write(data)
             client.pool.stats.bytes_sent += len(data)  # type: ignore[union-attr]
@@ -126,21 +135,32 @@ class ServerConnection(asyncio.Protocol):
                 if type(segment) is Frame:
                     self._relay_frame(segment, client)
             return
+        # Slow path: some bytes are pgmux's own, or the link may end inside this read (then what
+        # follows the last ReadyForQuery belongs to no client).
         out: list[bytes | memoryview] = []
         for segment in segments:
+            client = self.client
             if type(segment) is Frame:
                 if self.swallow:
                     self._swallow_frame(segment)
                 elif client is not None:
                     if segment.kind != m.PARSE_COMPLETE or self.prepared.on_parse_complete():
                         out.append(segment.data)
+                    if segment.kind == m.READY_FOR_QUERY:
+                        self._flush(out, client)  # the client must have its answer before a release
                     self._relay_frame(segment, client)
                 else:
                     self._unsolicited(segment)
             elif client is not None and not self.swallow:
                 out.append(segment)
-        if out and client is not None:
+        if self.client is not None:
+            self._flush(out, self.client)
+
+    @staticmethod
+    def _flush(out: list[bytes | memoryview], client: ClientConnection) -> None:
+        if out:
             joined = b"".join(out)
+            out.clear()
             client.write(joined)
             if client.pool is not None:
                 client.pool.stats.bytes_sent += len(joined)
@@ -185,8 +205,11 @@ class ServerConnection(asyncio.Protocol):
             name, value = m.parse_parameter_status(frame.data[5:])
             self.params[name] = value
         elif frame.kind == m.ERROR_RESPONSE:
+            # Between clients only a dying backend speaks up (idle_session_timeout, terminate):
+            # make sure nobody is handed it, even if it was just promised to a waiter.
             fields = parse_error_fields(frame.data[5:])
             self.close_reason = f"server said {fields.get('S', '')} {fields.get('C', '')} {fields.get('M', '')}"
+            self.close(self.close_reason)
 
     def pause_writing(self) -> None:
         if self.client is not None:
@@ -209,6 +232,13 @@ class ServerConnection(asyncio.Protocol):
         self.state = ServerState.CLOSED
         if previous is not ServerState.CLOSED:
             self._on_lost(self)
+
+    @property
+    def usable(self) -> bool:
+        """Lent and alive: not closed, not closing, and the backend has not said goodbye."""
+        transport = self.transport
+        return (self.state is ServerState.ACTIVE and transport is not None and not transport.is_closing()
+                and self.close_reason is None)
 
     # ---- flow control from the client side ----------------------------------------------------
 

@@ -52,7 +52,7 @@ class PoolStats:
 
     __slots__ = ("xacts", "queries", "bytes_received", "bytes_sent", "wait_time", "xact_time",
                  "server_assignments", "server_connects", "server_connect_failures", "cancels_forwarded",
-                 "wait_histogram", "xact_histogram", "prepared")
+                 "wait_histogram", "xact_histogram", "prepared", "query_time", "client_logins")
 
     def __init__(self) -> None:
         self.xacts = 0  # transactions completed (transaction mode: server releases)
@@ -68,3 +68,5 @@ class PoolStats:
         self.wait_histogram = Histogram()
         self.xact_histogram = Histogram()
         self.prepared = PreparedCounters()
+        self.query_time = 0.0  # seconds from a request's send to its ReadyForQuery
+        self.client_logins = 0

@@ -6,12 +6,13 @@ from benchmarks.scenarios.common import RunConfig, Scenario
 from benchmarks.scenarios.idle import IdleFleet
 from benchmarks.scenarios.latency import Latency
 from benchmarks.scenarios.serverless import Serverless
-from benchmarks.scenarios.steady import ConnectPerTransaction, Steady
+from benchmarks.scenarios.steady import ConnectPerTransaction, ConnectPerTransactionTrust, Steady
 from benchmarks.scenarios.storm import Storm
 
 SCENARIOS: dict[str, Scenario] = {
     scenario.name: scenario
-    for scenario in (Serverless(), Steady(), ConnectPerTransaction(), Latency(), Storm(), IdleFleet())
+    for scenario in (Serverless(), Steady(), ConnectPerTransaction(), ConnectPerTransactionTrust(), Latency(), Storm(),
+                     IdleFleet())
 }
 
 __all__ = ["SCENARIOS", "RunConfig", "Scenario"]

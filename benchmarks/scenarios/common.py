@@ -33,16 +33,35 @@ class RunConfig:
 
 
 class Scenario:
-    """One scenario: ``params`` says what it will do, ``run`` measures one running target."""
+    """One scenario: ``params`` says what it will do; then either
+
+    * ``interleaved = False``: ``run`` measures one running target; targets run one after another, each
+      started alone (storm and idle fleet, where another pooler's backends would change the result); or
+    * ``interleaved = True``: all targets run at once and the scenario's ``units`` (e.g. one pgbench
+      configuration each) are measured target after target, rotating the order per unit, so a burst of
+      load from something else on the machine does not land on one target only. ``combine`` folds a
+      target's unit results into its result.
+    """
 
     name = ""
     title = ""
     description = ""
+    interleaved = False
+    auth = "scram"  # how clients log in: "scram" (everyone's default) or "trust" (see BenchEnv.target)
 
     def params(self, cfg: RunConfig, env: BenchEnv) -> dict[str, Any]:
         raise NotImplementedError
 
     def run(self, cfg: RunConfig, env: BenchEnv, target: Target, params: dict[str, Any]) -> Result:
+        raise NotImplementedError
+
+    def units(self, params: dict[str, Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def run_unit(self, cfg: RunConfig, env: BenchEnv, target: Target, params: dict[str, Any], unit: Any) -> Result:
+        raise NotImplementedError
+
+    def combine(self, target: Target | None, measured: list[tuple[Any, Result]], params: dict[str, Any]) -> Result:
         raise NotImplementedError
 
 
@@ -79,8 +98,26 @@ class BackendSampler:
             self.error = f"{type(exc).__name__}: {exc}"
 
     def __enter__(self) -> BackendSampler:
+        self.baseline = int(self._conn.scalar(self._sql))
         self._thread.start()
         return self
+
+    def settle(self, timeout: float = 5.0) -> bool:
+        """Stop sampling and wait until the backends the load opened are gone (back to the count at the start).
+
+        A backend's CPU time reaches the postmaster's children times only once it has exited and been reaped;
+        taking the "after" CPU snapshot earlier would lose the CPU of every backend that was still closing.
+        """
+        self._done.set()
+        self._thread.join(15)
+        if self.pooler_pid is not None:
+            return True  # a pooler's backends stay open (and their CPU is read live): nothing to wait for
+        try:
+            settled = wait_until(lambda: int(self._conn.scalar(self._sql)) <= self.baseline, timeout, 0.02)
+        except Exception:
+            return False
+        time.sleep(0.05)  # the postmaster reaps an exited backend on SIGCHLD; give it a moment
+        return settled
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()

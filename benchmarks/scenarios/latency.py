@@ -2,17 +2,63 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import time
+from collections.abc import Iterator
 from typing import Any
+
+import psutil
 
 from benchmarks.pgwire import BlockingConnection, extended_query_messages, percentiles, query_message
 from benchmarks.procs import CpuMeter
 from benchmarks.scenarios.common import Result, RunConfig, Scenario, cdf_points, check_pooler, measured, per_unit_us
-from benchmarks.targets import BenchEnv, Target
+from benchmarks.targets import ADMIN_APP, BenchEnv, Target
 
 REQUESTS = {"simple": query_message("SELECT 1"), "extended": extended_query_messages("SELECT 1")}
+# free first: once pinned, processes tend to stay where they were put.
+PLACEMENTS = ("free", "one_core")
 _WARMUP = 300
+
+
+def _backend_pids(env: BenchEnv) -> list[int]:
+    conn = BlockingConnection(env.admin_endpoint, application_name=ADMIN_APP)
+    try:
+        text = conn.scalar("SELECT string_agg(pid::text, ',') FROM pg_stat_activity WHERE datname = '"
+                           + env.database.replace("'", "''") + f"' AND backend_type = 'client backend' "
+                           f"AND coalesce(application_name, '') <> '{ADMIN_APP}'")
+    finally:
+        conn.close()
+    return [int(pid) for pid in text.split(",") if pid]
+
+
+def _set_affinity(pid: int, cpus: list[int]) -> bool:
+    try:
+        psutil.Process(pid).cpu_affinity(cpus)
+        return True
+    except (psutil.NoSuchProcess, psutil.AccessDenied, OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def one_core(env: BenchEnv, target: Target) -> Iterator[dict[str, Any]]:
+    """Pin this thread, the pooler and the benchmark database's backends to one CPU; undo afterwards.
+
+    On a small VM a wake-up on another CPU costs tens of µs and the scheduler places the 2-3 processes of a
+    round trip differently from run to run: pinned, the figure is the work done per round trip.
+    """
+    all_cpus = sorted(os.sched_getaffinity(0))
+    cpu = all_cpus[-1]
+    pids = _backend_pids(env) + ([target.pid] if target.pid else [])
+    pinned = [pid for pid in pids if _set_affinity(pid, [cpu])]
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield {"cpu": cpu, "pinned_processes": len(pinned) + 1, "pin_failures": len(pids) - len(pinned)}
+    finally:
+        os.sched_setaffinity(0, set(all_cpus))
+        for pid in pinned:
+            _set_affinity(pid, all_cpus)
 
 
 class Latency(Scenario):
@@ -20,50 +66,83 @@ class Latency(Scenario):
     title = "Latency overhead: one client, SELECT 1 on an open connection"
     description = ("One blocking client (a minimal wire-protocol client, TCP_NODELAY) sends `SELECT 1` and reads to "
                    "ReadyForQuery, in a loop, on one open connection: simple protocol (Q) and extended "
-                   "(unnamed Parse/Bind/Execute/Sync). The pooler's cost is its latency minus direct's.")
+                   "(unnamed Parse/Bind/Execute/Sync). A pooler's cost is its latency minus direct's. Measured "
+                   "twice: *one core* (client, pooler and backend pinned to one CPU: the work per round trip, "
+                   "stable run to run) and *free* (wherever the scheduler puts them: includes cross-CPU wake-ups, "
+                   "which on a small VM cost tens of µs each and vary between runs).")
+    interleaved = True
 
     def params(self, cfg: RunConfig, env: BenchEnv) -> dict[str, Any]:
-        return {"modes": list(REQUESTS), "seconds_per_mode": 0.5 if cfg.quick else max(2.0, cfg.duration / 2),
+        return {"modes": list(REQUESTS), "placements": list(PLACEMENTS),
+                "seconds_per_mode": 0.5 if cfg.quick else max(2.0, cfg.duration / 4),
                 "warmup_requests": _WARMUP}
 
-    def run(self, cfg: RunConfig, env: BenchEnv, target: Target, params: dict[str, Any]) -> Result:
-        result: Result = {"status": "ok", "modes": {}}
+    def units(self, params: dict[str, Any]) -> list[Any]:
+        return [(placement, mode) for placement in params["placements"] for mode in params["modes"]]
+
+    def run_unit(self, cfg: RunConfig, env: BenchEnv, target: Target, params: dict[str, Any], unit: Any) -> Result:
+        placement, mode = unit
+        cfg.log(f"  {target.name}: SELECT 1 ({mode}, {placement.replace('_', ' ')}) for "
+                f"{params['seconds_per_mode']:g}s")
+        request = REQUESTS[mode]
         conn = BlockingConnection(target.endpoint)
         try:
-            for mode in params["modes"]:
-                cfg.log(f"  {target.name}: SELECT 1 ({mode}) for {params['seconds_per_mode']:g}s")
-                request = REQUESTS[mode]
+            for _ in range(params["warmup_requests"]):
+                conn.roundtrip(request)
+            pinning = one_core(env, target) if placement == "one_core" else contextlib.nullcontext({})
+            with pinning as pinned:
                 for _ in range(params["warmup_requests"]):
                     conn.roundtrip(request)
-                samples: list[float] = []
-                meter = measured(env, target)
-                gc.disable()  # a collection in the loop would be the client's latency, not the pooler's
-                try:
-                    before = meter.snapshot()
-                    deadline = time.perf_counter() + params["seconds_per_mode"]
-                    clock = time.perf_counter_ns
-                    roundtrip = conn.roundtrip
-                    while True:
-                        began = clock()
-                        roundtrip(request)
-                        ended = clock()
-                        samples.append((ended - began) / 1000.0)
-                        if ended / 1e9 > deadline:
-                            break
-                    after = meter.snapshot()
-                finally:
-                    gc.enable()
-                cpu = CpuMeter.delta(before, after)
-                stats = percentiles(samples, (50, 90, 99, 99.9))
-                result["modes"][mode] = {
-                    "requests": len(samples),
-                    "latency_us": {key: round(value, 2) for key, value in stats.items()},
-                    "latency_cdf_us": cdf_points(samples),
-                    "cpu": cpu,
-                    "pooler_cpu_us_per_request": per_unit_us(cpu.get("pooler_s"), len(samples)),
-                }
+                samples, cpu = self._loop(env, target, conn, request, params["seconds_per_mode"])
         except Exception as exc:
-            result.update(status="error", error=f"{type(exc).__name__}: {exc}")
+            return check_pooler(target, {"status": "error", "error": f"{type(exc).__name__}: {exc}"})
         finally:
             conn.close()
+        stats = percentiles(samples, (50, 90, 99, 99.9))
+        result: Result = {
+            "status": "ok",
+            "requests": len(samples),
+            "latency_us": {key: round(value, 2) for key, value in stats.items()},
+            "latency_cdf_us": cdf_points(samples),
+            "cpu": cpu,
+            "pooler_cpu_us_per_request": per_unit_us(cpu.get("pooler_s"), len(samples)),
+        }
+        if pinned:
+            result["pinning"] = pinned
         return check_pooler(target, result)
+
+    @staticmethod
+    def _loop(env: BenchEnv, target: Target, conn: BlockingConnection, request: bytes,
+              seconds: float) -> tuple[list[float], dict[str, Any]]:
+        samples: list[float] = []
+        meter = measured(env, target)
+        gc.disable()  # a collection in the loop would be the client's latency, not the pooler's
+        try:
+            before = meter.snapshot()
+            clock = time.perf_counter_ns
+            deadline = clock() + int(seconds * 1e9)
+            roundtrip = conn.roundtrip
+            while True:
+                began = clock()
+                roundtrip(request)
+                ended = clock()
+                samples.append((ended - began) / 1000.0)
+                if ended > deadline:
+                    break
+            after = meter.snapshot()
+        finally:
+            gc.enable()
+        return samples, CpuMeter.delta(before, after)
+
+    def combine(self, target: Target | None, measured_units: list[tuple[Any, Result]],
+                params: dict[str, Any]) -> Result:
+        out: Result = {"placements": {}}
+        for (placement, mode), result in measured_units:
+            out["placements"].setdefault(placement, {})[mode] = result
+        statuses = [result.get("status") for _unit, result in measured_units]
+        out["status"] = "ok" if statuses and all(s == "ok" for s in statuses) else (
+            "error" if all(s == "error" for s in statuses) else "partial")
+        errors = [result.get("error") for _unit, result in measured_units if result.get("error")]
+        if errors:
+            out["error"] = errors[0]
+        return out

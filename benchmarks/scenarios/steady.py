@@ -32,6 +32,7 @@ def run_pgbench(env: BenchEnv, target: Target, args: list[str], duration: float)
     with BackendSampler(env, target.pid) as sampler:
         before = meter.snapshot()
         code, out, err, timed_out = run_bounded(argv, env=clean_env(target.password), timeout=seconds + _SLACK_S)
+        sampler.settle()
         after = meter.snapshot()
     text = out + "\n" + err
     result: Result = {"exit_code": code, "cpu": CpuMeter.delta(before, after), **sampler.result()}
@@ -61,11 +62,19 @@ def run_pgbench(env: BenchEnv, target: Target, args: list[str], duration: float)
     return check_pooler(target, result)
 
 
+def _status_of(runs: list[Result]) -> str:
+    if runs and all(run.get("status") == "ok" for run in runs):
+        return "ok"
+    return "error" if all(run.get("status") != "ok" for run in runs) else "partial"
+
+
 class Steady(Scenario):
     name = "steady"
     title = "Steady load: pgbench -S"
     description = ("`pgbench -S` (select-only) for a fixed time on open connections, with -M simple, extended and "
-                   "prepared at several client counts. tps is pgbench's 'without initial connection time' figure.")
+                   "prepared at several client counts. tps is pgbench's 'without initial connection time' figure. "
+                   "Configurations are interleaved across targets (rotating order).")
+    interleaved = True
 
     def params(self, cfg: RunConfig, env: BenchEnv) -> dict[str, Any]:
         return {
@@ -75,32 +84,52 @@ class Steady(Scenario):
             "threads": 2,
         }
 
-    def run(self, cfg: RunConfig, env: BenchEnv, target: Target, params: dict[str, Any]) -> Result:
-        runs = []
-        for mode in params["modes"]:
-            for clients in params["clients"]:
-                cfg.log(f"  {target.name}: pgbench -S -M {mode} -c {clients}")
-                run = run_pgbench(env, target, ["-S", "-M", mode, "-c", str(clients),
-                                                "-j", str(min(params["threads"], clients))], params["duration_s"])
-                runs.append({"mode": mode, "clients": clients, **run})
-                if run.get("pooler_exit_code") is not None:
-                    break
-        ok = all(run["status"] == "ok" for run in runs)
-        return {"status": "ok" if ok else "partial", "runs": runs}
+    def units(self, params: dict[str, Any]) -> list[Any]:
+        return [(mode, clients) for mode in params["modes"] for clients in params["clients"]]
+
+    def run_unit(self, cfg: RunConfig, env: BenchEnv, target: Target, params: dict[str, Any], unit: Any) -> Result:
+        mode, clients = unit
+        cfg.log(f"  {target.name}: pgbench -S -M {mode} -c {clients}")
+        run = run_pgbench(env, target, ["-S", "-M", mode, "-c", str(clients),
+                                        "-j", str(min(params["threads"], clients))], params["duration_s"])
+        return {"mode": mode, "clients": clients, **run}
+
+    def combine(self, target: Target | None, measured: list[tuple[Any, Result]], params: dict[str, Any]) -> Result:
+        runs = [run for _unit, run in measured]
+        return {"status": _status_of(runs), "runs": runs}
 
 
 class ConnectPerTransaction(Scenario):
     name = "connect"
-    title = "Connection per transaction: pgbench -S -C"
-    description = ("`pgbench -S -C`: every transaction opens a new connection (startup + SCRAM login), runs one "
-                   "SELECT and disconnects. tps includes the connection time.")
+    title = "Connection per transaction: pgbench -S -C (SCRAM)"
+    description = ("`pgbench -S -C`: every transaction opens a new connection (startup + SCRAM-SHA-256 login), runs "
+                   "one SELECT and disconnects. tps includes the connection time. Note: libpq computes PBKDF2 "
+                   "(4096 iterations) on every SCRAM login, so the pgbench process itself can be the bottleneck; "
+                   "see client_programs_s in the CPU figures and the trust-auth variant.")
+    interleaved = True
 
     def params(self, cfg: RunConfig, env: BenchEnv) -> dict[str, Any]:
-        return {"mode": "simple", "clients": 4 if cfg.quick else 10, "duration_s": max(1, int(round(cfg.duration)))}
+        return {"mode": "simple", "clients": 4 if cfg.quick else 10, "duration_s": max(1, int(round(cfg.duration))),
+                "auth": self.auth}
 
-    def run(self, cfg: RunConfig, env: BenchEnv, target: Target, params: dict[str, Any]) -> Result:
+    def units(self, params: dict[str, Any]) -> list[Any]:
+        return ["-C"]
+
+    def run_unit(self, cfg: RunConfig, env: BenchEnv, target: Target, params: dict[str, Any], unit: Any) -> Result:
         clients = params["clients"]
-        cfg.log(f"  {target.name}: pgbench -S -C -c {clients}")
-        run = run_pgbench(env, target, ["-S", "-C", "-M", params["mode"], "-c", str(clients),
-                                        "-j", str(min(2, clients))], params["duration_s"])
-        return run
+        cfg.log(f"  {target.name}: pgbench -S -C -c {clients} ({self.auth} login)")
+        return run_pgbench(env, target, ["-S", "-C", "-M", params["mode"], "-c", str(clients),
+                                         "-j", str(min(2, clients))], params["duration_s"])
+
+    def combine(self, target: Target | None, measured: list[tuple[Any, Result]], params: dict[str, Any]) -> Result:
+        return measured[0][1] if measured else {"status": "skipped"}
+
+
+class ConnectPerTransactionTrust(ConnectPerTransaction):
+    name = "connect_trust"
+    title = "Connection per transaction: pgbench -S -C (trust)"
+    description = ("The same `pgbench -S -C`, but every hop logs in with trust (no password): a role with an hba "
+                   "`trust` line for direct, `auth_type = trust` in both poolers. Without libpq's PBKDF2 on every "
+                   "connection this shows what accepting a connection costs: a forked backend for PostgreSQL, a "
+                   "socket and a pool lookup for a pooler.")
+    auth = "trust"

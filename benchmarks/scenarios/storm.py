@@ -71,6 +71,7 @@ class Storm(Scenario):
         with BackendSampler(env, target.pid, interval=0.01) as sampler:
             before = meter.snapshot()
             outcomes, elapsed = asyncio.run(_storm(target.endpoint, params["clients"], params["hung_after_s"]))
+            sampler.settle(10.0)
             after = meter.snapshot()
         cpu = CpuMeter.delta(before, after)
         counts = Counter(outcome for outcome, _ in outcomes)

@@ -179,9 +179,6 @@ def test_asyncpg_server_settings_at_connect_hold_on_a_shared_backend(pgmux) -> N
     asyncio.run(asyncio.wait_for(scenario(), 30))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known limitation (also PgBouncer #1260): RESET ALL on a pooled backend reverts to the backend's login "
-    "defaults, not this client's startup values; pgmux does not yet tell a RESET from an explicit SET"))
 def test_asyncpg_pool_keeps_server_settings_after_its_reset_on_release(pgmux, postgres) -> None:
     """asyncpg's Pool runs `RESET ALL` (with CLOSE ALL, UNLISTEN *) when a connection is released.
 

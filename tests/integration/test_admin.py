@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -224,6 +225,32 @@ def test_pause_waits_for_transactions_then_holds_clients_until_resume(pgmux) -> 
         assert rows(observer, "SHOW DATABASES")[0]["paused"] == 0
 
 
+def test_commands_pipelined_behind_a_waiting_pause_are_answered_in_order(pgmux) -> None:
+    from test_admission import RawClient, extended_query
+
+    from proxy.protocol import messages as m
+
+    proxy = admin_pgmux(pgmux, auth_type="trust")
+    with app(proxy) as busy:
+        busy.execute("BEGIN")
+        busy.execute("SELECT 1")
+        console = RawClient(proxy.host, proxy.port(), user=APP.name, database="pgmux")
+        console.send(m.query("PAUSE app") + m.query("SHOW STATE") + extended_query("SHOW POOLS")
+                     + m.query("RESUME app"))
+        console.sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            console.read_message()  # nothing while the transaction runs: PAUSE waits, the rest waits behind it
+        console.sock.settimeout(10)
+        busy.execute("COMMIT")
+        assert console.read_until_ready() == [m.COMMAND_COMPLETE, m.READY_FOR_QUERY]  # PAUSE
+        assert console.read_until_ready() == [m.ROW_DESCRIPTION] + [m.DATA_ROW] * 3 + [m.COMMAND_COMPLETE,
+                                                                                       m.READY_FOR_QUERY]
+        assert console.read_until_ready() == [m.ERROR_RESPONSE, m.READY_FOR_QUERY]  # extended: refused to Sync
+        assert console.read_until_ready() == [m.COMMAND_COMPLETE, m.READY_FOR_QUERY]  # RESUME
+        console.close()
+        assert busy.execute("SELECT 2").fetchone() == (2,)
+
+
 def test_pause_without_a_database_pauses_everything(pgmux) -> None:
     proxy = admin_pgmux(pgmux)
     with app(proxy) as client, admin(proxy) as console:
@@ -322,6 +349,31 @@ def test_shutdown_stops_pgmux(pgmux) -> None:
     assert not proxy._thread.is_alive()
     with pytest.raises(OSError):
         socket.create_connection((proxy.host, proxy.port()), timeout=2)
+
+
+def test_served_process_reloads_its_file_on_reload_serves_metrics_and_stops_on_shutdown(pgmux_process,
+                                                                                        tmp_path: Path) -> None:
+    config = tmp_path / "pgmux.toml"
+    config.write_text('default_pool_size = 3\nadmin_users = ["app"]\nmetrics_listen = "127.0.0.1:0"\n')
+    process = pgmux_process("--config", str(config))
+    port = process.ports()[0]
+    found = re.search(r"metrics on http://([^:]+):(\d+)/metrics", process.wait_for_log("metrics on http://"))
+    assert found is not None
+    with urllib.request.urlopen(f"http://{found[1]}:{found[2]}/healthz", timeout=5) as response:
+        assert response.status == 200
+    dsn = f"postgresql://{APP.name}:{APP.password}@127.0.0.1:{port}/pgmux"
+    with psycopg.connect(dsn, autocommit=True) as console:
+        assert {r["key"]: r["value"] for r in rows(console, "SHOW CONFIG")}["default_pool_size"] == "3"
+        config.write_text('default_pool_size = 4\nadmin_users = ["app"]\nmetrics_listen = "127.0.0.1:0"\n')
+        assert console.execute("RELOAD").statusmessage == "RELOAD"
+        assert {r["key"]: r["value"] for r in rows(console, "SHOW CONFIG")}["default_pool_size"] == "4"
+        config.write_text("default_pool_size = 0\n")
+        with pytest.raises(psycopg.errors.ConfigFileError, match="default_pool_size"):
+            console.execute("RELOAD")
+        with pytest.raises(psycopg.OperationalError):
+            console.execute("SHUTDOWN")
+    assert process.process.wait(15) == 0
+    assert "SHUTDOWN requested on the admin console" in process.log_path.read_text()
 
 
 # ---- prometheus-pgbouncer-exporter (Debian package) against pgmux --------------------------------

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = ["serverless", "steady", "connect", "latency", "storm", "idle"]
+SCENARIOS = ["serverless", "steady", "connect", "connect_trust", "latency", "storm", "idle"]
 TARGETS = ["direct", "pgmux", "pgbouncer"]
 STATUSES = {"ok", "partial", "error", "timeout", "unavailable", "skipped"}
 HARNESS_TIMEOUT_S = 240  # --quick takes ~30 s on 2 cores; generous for a loaded CI machine
@@ -32,10 +32,12 @@ def _run_quick(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str]
         pytest.fail(f"python -m benchmarks --quick did not finish within {HARNESS_TIMEOUT_S} s\n"
                     f"stderr:\n{expired.stderr}")
     assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    stamped = [path for path in out.glob("*.json") if path.name != "latest.json"]
+    stamped = [path for path in out.glob("*.json") if not path.name.startswith("latest")]
     assert len(stamped) == 1, sorted(path.name for path in out.iterdir())
     report = json.loads(stamped[0].read_text())
-    assert json.loads((out / "latest.json").read_text()) == report
+    # A quick run refreshes latest-quick.*, never the full run's latest.*.
+    assert not (out / "latest.json").exists()
+    assert json.loads((out / "latest-quick.json").read_text()) == report
     return result, report
 
 
@@ -91,9 +93,14 @@ def test_quick_benchmark_writes_a_report_with_every_scenario_and_target(tmp_path
             assert run["mode"] in ("simple", "extended", "prepared") and run["clients"] in steady["params"]["clients"]
             assert run["status"] in STATUSES
             assert run["status"] != "ok" or run["tps"] > 0
-    direct_latency = report["scenarios"]["latency"]["results"]["direct"]["modes"]
-    assert set(direct_latency) == {"simple", "extended"}
-    assert {"p50", "p99"} <= set(direct_latency["simple"]["latency_us"])
+    direct_latency = report["scenarios"]["latency"]["results"]["direct"]["placements"]
+    assert set(direct_latency) == {"free", "one_core"}
+    for modes in direct_latency.values():
+        assert set(modes) == {"simple", "extended"}
+        assert {"p50", "p99"} <= set(modes["simple"]["latency_us"])
+    direct_serverless = report["scenarios"]["serverless"]["results"]["direct"]
+    for load in ("closed", "fixed_rate"):
+        assert direct_serverless[load]["requests"] > 0 and "p99" in direct_serverless[load]["latency_ms"]
     storm = report["scenarios"]["storm"]["results"]["direct"]
     assert storm["served"] + storm["hung"] + sum(storm["refused_by_sqlstate"].values()) \
         + sum(storm["other_failures"].values()) == storm["clients"]
@@ -107,12 +114,12 @@ def test_quick_benchmark_writes_a_report_with_every_scenario_and_target(tmp_path
             assert row[key] is None or isinstance(row[key], (int, float))
     assert all(check["met"] in (True, False, None) for check in report["targets_check"])
 
-    markdown = (tmp_path / "latest.md").read_text()
+    markdown = (tmp_path / "latest-quick.md").read_text()
     assert "| metric | better | direct | pgmux | PgBouncer | pgmux/PgBouncer | pgmux/direct |" in markdown
     assert "## Issue targets" in markdown
     if "plot_error" not in report:
-        assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert "](latest.png)" in markdown
+        assert (tmp_path / "latest-quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "](latest-quick.png)" in markdown
 
 
 @pytest.mark.timeout(HARNESS_TIMEOUT_S + 60)
@@ -124,5 +131,5 @@ def test_missing_pgbouncer_is_reported_as_unavailable_not_faked(tmp_path: Path) 
     assert report["scenarios"]["latency"]["results"]["pgbouncer"]["status"] == "unavailable"
     assert report["scenarios"]["latency"]["results"]["direct"]["status"] == "ok"
     assert all(not isinstance(row["pgbouncer"], (int, float)) for row in report["ratios"])
-    assert "PgBouncer not measured" in (tmp_path / "latest.md").read_text()
+    assert "PgBouncer not measured" in (tmp_path / "latest-quick.md").read_text()
     _assert_stopped(report)
