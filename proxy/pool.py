@@ -110,6 +110,8 @@ class Pool:
         self.login: set[ServerConnection] = set()
         self.resetting: set[ServerConnection] = set()
         self.closing: set[ServerConnection] = set()
+        self._sets = {ServerState.ACTIVE: self.active, ServerState.LOGIN: self.login,
+                      ServerState.RESETTING: self.resetting, ServerState.CLOSING: self.closing}
         self.waiters: deque[Waiter] = deque()
         self.server_params: dict[str, str] | None = None  # what a fresh server reports; clients start from these
         self._budgets = budgets
@@ -142,26 +144,14 @@ class Pool:
         old = server.state
         if old is ServerState.IDLE:
             self.idle.remove(server)
-        elif old is ServerState.ACTIVE:
-            self.active.discard(server)
-        elif old is ServerState.LOGIN:
-            self.login.discard(server)
-        elif old is ServerState.RESETTING:
-            self.resetting.discard(server)
-        elif old is ServerState.CLOSING:
-            self.closing.discard(server)
+        elif old in self._sets:
+            self._sets[old].discard(server)
         server.state = state
         if state is ServerState.IDLE:
             server.idle_since = time.monotonic()
-            self.idle.append(server)
-        elif state is ServerState.ACTIVE:
-            self.active.add(server)
-        elif state is ServerState.LOGIN:
-            self.login.add(server)
-        elif state is ServerState.RESETTING:
-            self.resetting.add(server)
-        elif state is ServerState.CLOSING:
-            self.closing.add(server)
+            self.idle.append(server)  # a deque: LIFO order matters for idle servers only
+        elif state in self._sets:
+            self._sets[state].add(server)
 
     # ---- acquire / release ----------------------------------------------------------------------
 
@@ -281,7 +271,7 @@ class Pool:
 
     def server_lost(self, server: ServerConnection) -> None:
         """Called by the server itself once its connection is gone, whatever the cause."""
-        for collection in (self.active, self.login, self.resetting, self.closing):
+        for collection in self._sets.values():
             collection.discard(server)
         try:
             self.idle.remove(server)

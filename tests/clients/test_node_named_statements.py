@@ -8,7 +8,6 @@ The scenario is js/named_statements.js; `pg@8` comes from the shared node cache 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 

@@ -221,6 +221,7 @@ runScenario(async () => {
   }
   let totals = null;
   let workloadMs = null;
+  let stage = 'warm-up';
   try {
     // Warm up each client, one after the other, before the 2,000 operations: loading the query compiler
     // and opening its pool's connections take seconds of CPU on a busy machine.
@@ -230,8 +231,10 @@ runScenario(async () => {
       await client.$transaction([client.post.count(), client.user.findFirst()]);
     }
     const warmedUp = Date.now();
+    stage = 'workload';
     await Promise.all(workers.map((worker) => worker.run()));
     workloadMs = Date.now() - warmedUp;
+    stage = 'totals';
     // The database as a whole must hold exactly what the workers wrote.
     const check = clients[0];
     const [users, posts, views] = await Promise.all([
@@ -248,7 +251,7 @@ runScenario(async () => {
       },
     };
   } catch (err) {
-    errors.push(describeError(err, 'totals'));
+    errors.push(describeError(err, stage));
   } finally {
     await Promise.all(clients.map((c) => c.$disconnect().catch((err) => errors.push(describeError(err, 'disconnect')))));
   }
