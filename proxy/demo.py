@@ -34,6 +34,7 @@ def run_demo(setting_flags: list[str]) -> None:
                 f"  DATABASE_URL=postgresql://{DEMO_USER}:{password}@{host}:{port}/{DEMO_DATABASE}\n"
                 f"  DIRECT_URL={direct_url}\n\n"
                 f"  try: psql \"postgresql://{DEMO_USER}:{password}@{host}:{port}/{DEMO_DATABASE}\"\n\n"
+                f"PostgreSQL: pid {postgres.pid}, data directory {postgres.data_dir}\n"
                 "Press Ctrl-C to stop pgmux and PostgreSQL (its data directory is removed).\n",
                 flush=True,
             )

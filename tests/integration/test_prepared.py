@@ -182,3 +182,46 @@ def test_pgbench_prepared_mode_has_no_failed_transactions(pgmux, postgres) -> No
     assert run.returncode == 0, run.stderr
     assert "number of failed transactions: 0" in run.stdout
     assert "number of transactions actually processed: 2000/2000" in run.stdout
+
+
+def test_session_mode_passes_named_statements_through_unchanged(pgmux) -> None:
+    proxy = pgmux(listeners=[{"address": "127.0.0.1:0", "pool_mode": "session"}])
+
+    async def scenario() -> None:
+        conn = await asyncpg.connect(host=proxy.host, port=proxy.port(1), user=APP.name, password=APP.password,
+                                     database=APP_DATABASE)
+        statement = await conn.prepare("SELECT $1::int * 2")
+        assert await statement.fetchval(21) == 42
+        # The backend holds the driver's own statement name: nothing was renamed.
+        names = await conn.fetch("SELECT name FROM pg_prepared_statements")
+        assert names and not any(row["name"].startswith("pgmux_") for row in names)
+        await conn.close()
+
+    asyncio.run(scenario())
+    assert _prepared_counters(proxy) == (0, 0, 0)
+
+
+@pytest.mark.slow
+def test_10000_distinct_statements_leave_at_most_max_prepared_statements_per_server(pgmux) -> None:
+    proxy = pgmux(default_pool_size=2, max_prepared_statements=100)
+
+    async def scenario() -> list[int]:
+        conns = [await _connect(proxy, statement_cache_size=100) for _ in range(4)]
+
+        async def run(conn: asyncpg.Connection, start: int) -> None:
+            for i in range(start, 10_000, len(conns)):
+                assert await conn.fetchval(f"SELECT {i}::bigint") == i
+
+        await asyncio.gather(*(run(conn, n) for n, conn in enumerate(conns)))
+        held = []
+        for _ in range(4):  # sample what the backends hold, as PostgreSQL itself reports it
+            held.append(await conns[0].fetchval(
+                "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pgmux_%'"))
+        for conn in conns:
+            await conn.close()
+        return held
+
+    held = asyncio.run(scenario())
+    # Between transactions a server is trimmed to the limit; within one it may hold the few it just got.
+    assert max(held) <= 100 + 1
+    assert _prepared_counters(proxy)[2] >= 10_000 - 2 * 101
