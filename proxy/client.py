@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from proxy.auth.client_auth import AuthenticationFailed, ClientAuthenticator, client_authenticator
 from proxy.logs import get_logger
+from proxy.parameters import SYNCED_PARAMETERS, parse_startup_parameters, sync_sql
 from proxy.prepared import ClientStatements, deallocate_sql, resets_all_statements
 from proxy.protocol import errors
 from proxy.protocol import messages as m
@@ -35,16 +36,7 @@ if TYPE_CHECKING:
 log = get_logger("client")
 _ids = itertools.count(1)
 
-# Parameters the server reports with ParameterStatus and a client may set: they follow the client
-# from server to server. Others a client sends at startup are SET on each server it is linked to.
-SYNCED_PARAMETERS = frozenset({
-    "client_encoding", "DateStyle", "IntervalStyle", "TimeZone", "standard_conforming_strings",
-    "application_name", "search_path",
-})
 ADMIN_DATABASES = frozenset({"pgmux", "pgbouncer"})  # the console answers to PgBouncer's name too
-_PARAMETER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
-_OPTION = re.compile(r"(?:-c\s*|--)([A-Za-z_][A-Za-z0-9_.]*)=((?:\\.|[^\s\\])*)")
-
 _LOGIN_CAPTURE = frozenset(range(256))
 _RELAY_CAPTURE = frozenset({m.TERMINATE, m.QUERY})  # Query: to notice RESET/DISCARD
 _MENTIONS_RESET = re.compile(rb"(?i)\b(?:reset|discard)\b")
@@ -65,10 +57,6 @@ class ClientState(enum.Enum):
     WAITING = "waiting"  # in line for a server
     ACTIVE = "active"  # linked to a server
     CLOSED = "closed"
-
-
-def _quote_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 class ClientConnection(asyncio.Protocol):
@@ -273,34 +261,11 @@ class ClientConnection(asyncio.Protocol):
             self._authenticated()
 
     def _take_parameters(self, startup: StartupMessage) -> None:
-        ignored = self.proxy.settings.ignore_startup_parameters
-        self._unsupported_options: list[str] = []
-        for name, value in startup.parameters.items():
-            if name in ("user", "database") or name in ignored:
-                continue
-            if name.startswith("_pq_."):
-                self._unsupported_options.append(name)
-            elif name == "options":
-                for option_name, option_value in self._parse_options(value):
-                    self._set_startup_parameter(option_name, option_value)
-            elif name == "replication" or not _PARAMETER_NAME.match(name):
-                raise errors.unsupported_startup_parameter(name)
-            else:
-                self._set_startup_parameter(name, value)
-
-    @staticmethod
-    def _parse_options(value: str) -> list[tuple[str, str]]:
-        found = [(name, re.sub(r"\\(.)", r"\1", raw)) for name, raw in _OPTION.findall(value)]
-        if _OPTION.sub("", value).strip():
-            raise errors.unsupported_startup_parameter("options")
-        return [(name.replace("-", "_"), v) for name, v in found]
-
-    def _set_startup_parameter(self, name: str, value: str) -> None:
-        if name in SYNCED_PARAMETERS:
-            self.params[name] = value
-            self._startup_params[name] = value
-        else:
-            self.unreported[name] = value
+        parsed = parse_startup_parameters(startup.parameters, self.proxy.settings.ignore_startup_parameters)
+        self.params.update(parsed.synced)
+        self._startup_params = dict(parsed.synced)
+        self.unreported = parsed.unreported
+        self._unsupported_options = parsed.unsupported_options
 
     def _authenticate(self, data: bytes) -> None:
         assert self._auth is not None
@@ -538,34 +503,7 @@ class ClientConnection(asyncio.Protocol):
             server.send_internal(sql)
 
     def _parameter_sync_sql(self, server: ServerConnection) -> str | None:
-        """SQL that makes ``server`` match this client's parameters, or None when it already does.
-
-        The server's view is updated now, not when the reply comes: the next client linked to it
-        must compare against what this SQL will have done. set_config takes the value as a plain
-        string, so list values such as search_path keep their meaning.
-        """
-        changes: list[tuple[str, str]] = []
-        for name, value in self.params.items():
-            if server.params.get(name) != value:
-                changes.append((name, value))
-                server.params[name] = value
-        resets: list[str] = []
-        for name in self.unreported.keys() | server.unreported.keys():
-            wanted = self.unreported.get(name)
-            if server.unreported.get(name) == wanted:
-                continue
-            if wanted is None:
-                resets.append(f"RESET {name}")
-                del server.unreported[name]
-            else:
-                changes.append((name, wanted))
-                server.unreported[name] = wanted
-        statements = resets
-        if changes:
-            calls = ", ".join(f"pg_catalog.set_config({_quote_literal(name)}, {_quote_literal(value)}, false)"
-                              for name, value in changes)
-            statements.append(f"SELECT {calls}")
-        return ";".join(statements) if statements else None
+        return sync_sql(self.params, self.unreported, server.params, server.unreported)
 
     def _unlink_and_release(self) -> None:
         server = self.server
