@@ -62,6 +62,16 @@ class ClientState(enum.Enum):
 class ClientConnection(asyncio.Protocol):
     """An application connection, relayed to a pooled server one transaction (or session) at a time."""
 
+    # Slots, not a __dict__: ten thousand idle clients must stay small.
+    __slots__ = (
+        "_admin", "_admitted", "_auth", "_cancel_sent", "_linked_at", "_login_timer", "_queued",
+        "_queued_bytes", "_refusal", "_rejected_batch", "_reset_seen", "_resync", "_scanner",
+        "_startup_buffer", "_startup_params", "_task", "_unsupported_options", "cancel_key", "connected_at",
+        "database", "id", "last_active", "listener", "params", "peer", "pending", "pool", "proxy",
+        "query_started", "server", "state", "statements", "transaction_mode", "transport", "unreported",
+        "user", "wait_started",
+    )
+
     def __init__(self, proxy: Proxy, listener: ListenerSettings) -> None:
         self.id = f"c{next(_ids)}"
         self.proxy = proxy
@@ -89,6 +99,7 @@ class ClientConnection(asyncio.Protocol):
         self._admin: AdminSession | None = None
         self.statements: ClientStatements | None = None  # named statements, when pgmux rewrites them
         self._startup_params: dict[str, str] = {}  # synced parameters the client set at startup
+        self._unsupported_options: list[str] = []
         self._reset_seen = False  # the current request batch contains RESET or DISCARD
         self._resync = False  # the linked server must get this client's parameters again
         self.last_active = self.connected_at  # the last time a request or an answer passed
