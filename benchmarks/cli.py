@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 
 from benchmarks.procs import raise_nofile_limit
-from benchmarks.report import write_outputs
+from benchmarks.report import latest_name, update_readme, write_outputs
 from benchmarks.scenarios import SCENARIOS, RunConfig, Scenario
 from benchmarks.scenarios.common import BackendSampler, wait_until
 from benchmarks.targets import ROOT, TARGETS, BenchEnv, PoolerSettings, Target, git_state, redact
@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     results["started_processes"] = started_processes  # all stopped by pid before this point
     paths = write_outputs(results, cfg.out, stamp)
     log(f"wrote {', '.join(paths.values())}")
+    if latest_name(results) == "latest" and cfg.out.resolve() == DEFAULT_OUT.resolve():
+        if update_readme(results, ROOT / "benchmarks" / "README.md"):
+            log("refreshed the latest-run tables in benchmarks/README.md")
     for line in _summary(results):
         print(line)
     return 130 if interrupted else 0

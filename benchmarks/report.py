@@ -635,6 +635,31 @@ def _grouped_bars(ax: Any, groups: dict[str, dict[str, float | None]], title: st
 
 # --------------------------------------------------------------------------- files
 
+README_START, README_END = "<!-- latest-table -->", "<!-- /latest-table -->"
+
+
+def readme_section(results: Results) -> str:
+    """The machine/date header, ratio table and issue-targets table of the report, for benchmarks/README.md."""
+    text = markdown(results, None)
+    head, _, rest = text.partition("## Ratios")
+    body = rest.split("## Details", 1)[0]
+    header = "\n".join(line for line in head.splitlines() if line.startswith("- **"))
+    body = body.replace("## Issue targets", "#### Issue targets")
+    return f"{header}\n\n#### Ratios{body.rstrip()}\n\n![plots](results/latest.png)\n"
+
+
+def update_readme(results: Results, readme: Path) -> bool:
+    """Replace the text between the latest-table markers of ``readme`` with this run's tables."""
+    try:
+        text = readme.read_text()
+    except OSError:
+        return False
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        return False
+    readme.write_text(text[:start + len(README_START)] + "\n" + readme_section(results) + text[end:])
+    return True
+
 
 def latest_name(results: Results) -> str:
     """'latest' for a complete full run; quick and partial runs refresh their own, so they never replace it."""

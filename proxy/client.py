@@ -185,7 +185,7 @@ class ClientConnection(asyncio.Protocol):
             self._reset_seen = False
         # Release only at a true boundary: every request answered and no part of the next one sent.
         if (not self.pending and status is m.TransactionStatus.IDLE and self.transaction_mode
-                and not self._scanner.mid_batch):
+                and not self._scanner.mid_batch and self._scanner.at_boundary):
             self._unlink_and_release()
         elif self._resync and not self.pending and self.server is not None:
             # RESET put the server back to its own defaults: restore this client's (its startup values).
@@ -394,6 +394,7 @@ class ClientConnection(asyncio.Protocol):
     def _forward_checked(self, data: bytes) -> None:
         scanner = self._scanner
         before = scanner.count
+        held = scanner.holding
         segments = scanner.feed(data)
         stats = self.pool.stats  # type: ignore[union-attr]
         stats.bytes_received += len(data)
@@ -404,8 +405,8 @@ class ClientConnection(asyncio.Protocol):
             stats.queries += scanner.count - before
         server = self.server
         assert server is not None
-        if len(segments) == 1 and type(segments[0]) is not Frame:
-            server.write(data)  # nothing to look at: the common case
+        if len(segments) == 1 and type(segments[0]) is not Frame and not held and not scanner.holding:
+            server.write(data)  # nothing to look at and nothing held back: the common case
             return
         out: list[bytes | memoryview] = []
         statements = self.statements

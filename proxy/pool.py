@@ -18,6 +18,8 @@ from proxy.stats import PoolStats
 
 log = get_logger("pool")
 
+_MAX_LOGIN_BACKOFF = 2.0  # seconds between failed logins at most
+
 
 @dataclass(frozen=True)
 class PoolKey:
@@ -359,8 +361,8 @@ class Pool:
         self._permanent_failure = bool(exc.sqlstate) and exc.sqlstate[:2] in ("28", "3D", "42")
         log.warning("pool %s: could not log in to %s: %s", self.key, self.config.upstream.redacted(),
                     exc.reason)
-        # Retry soon, then less often: 0.25 s doubling, never slower than server_login_retry.
-        backoff = min(0.25 * 2 ** (self._failures - 1), max(self.config.server_login_retry, 0.25))
+        # Retry soon, then less often: 0.25 s doubling up to 2 s, so a returning upstream is noticed fast.
+        backoff = min(0.25 * 2 ** (self._failures - 1), _MAX_LOGIN_BACKOFF)
         self._retry_at = now + backoff
         asyncio.get_running_loop().call_later(backoff, self.grow)
         if self._failing_fast():

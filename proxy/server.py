@@ -116,6 +116,7 @@ class ServerConnection(asyncio.Protocol):
         if self._ssl_reply is not None and not self._ssl_reply.done():
             self._ssl_reply.set_result(data)
             return
+        held = self._scanner.holding
         try:
             segments = self._scanner.feed(data)
         except ProtocolViolation as exc:
@@ -127,6 +128,7 @@ class ServerConnection(asyncio.Protocol):
             return
         client = self.client
         if (client is not None and not self.swallow and not self.prepared.pending
+                and not held and not self._scanner.holding
                 and (len(segments) == 1 or _ends_at_last_ready(segments))):
             # The common case: every byte goes to the client as it is; only a few frames are looked at.
             client.write(data)

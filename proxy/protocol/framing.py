@@ -57,6 +57,12 @@ class FrameScanner:
         self.mid_batch = False
 
     @property
+    def holding(self) -> bool:
+        """True while bytes fed are held back (a split header or captured message): the segments
+        returned are then not the bytes fed, and a caller must forward segments, not raw reads."""
+        return bool(self._partial)
+
+    @property
     def at_boundary(self) -> bool:
         """True when the bytes fed so far end exactly at a message boundary."""
         return not self._remaining and not self._partial

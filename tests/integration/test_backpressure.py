@@ -13,6 +13,7 @@ from proxy.protocol import messages as m
 from test_admission import RawClient
 
 MB = 1024 * 1024
+_BACKEND_KINDS = frozenset(b"123ACDEGHINRSTVZcdnst")
 # What pgmux may hold for one direction of one connection: a write buffer past its high-water mark
 # plus one read. Far below the tens or hundreds of MB these tests push through.
 BOUND = 16 * MB
@@ -58,6 +59,8 @@ def _drain(client: RawClient) -> tuple[int, int, list[int]]:
     while True:
         while len(buffer) - pos >= 5:
             kind, length = struct.unpack_from("!BI", buffer, pos)
+            assert kind in _BACKEND_KINDS and 4 <= length < 64 * MB, (
+                f"corrupt stream after {rows} rows: type {kind!r}, length {length}")
             if len(buffer) - pos < 1 + length:
                 break
             if kind == m.DATA_ROW:
@@ -89,7 +92,7 @@ def test_slow_reader_of_a_huge_result_pauses_the_server_instead_of_buffering_it(
         state = _linked_pair_state(proxy)
         return None if state["server_reading"] else state
 
-    paused = _wait_for(server_paused, 5, "pgmux paused reading the server")
+    paused = _wait_for(server_paused, 15, "pgmux paused reading the server")
     time.sleep(1.0)  # and stays paused, holding a bounded amount, however long the client dawdles
     later = _linked_pair_state(proxy)
     assert not later["server_reading"]
@@ -108,7 +111,7 @@ def test_slow_reader_of_a_huge_result_pauses_the_server_instead_of_buffering_it(
         return len(pool.idle) == 1 and pool.idle[0].transport.is_reading()
 
     # Back in the pool the server is read again: a paused idle server would never notice its own death.
-    _wait_for(lambda: proxy.call(idle_server_reading), 5, "the released server is read again")
+    _wait_for(lambda: proxy.call(idle_server_reading), 15, "the released server is read again")
     client.send(m.query("SELECT 1"))
     assert _drain(client)[0] == 1
     client.close()
@@ -159,7 +162,7 @@ def test_slow_server_during_copy_from_stdin_pauses_the_client_instead_of_bufferi
             return state if not state["client_reading"] else None
 
         # The backend blocks on its first row; pgmux must stop reading the client, so the sender stalls.
-        state = _wait_for(stalled, 15, "pgmux paused reading the client and the sender stalled")
+        state = _wait_for(stalled, 30, "pgmux paused reading the client and the sender stalled")
         print(f"\nslow COPY: sender stalled after {sent[0] / MB:.0f} MB of {total_chunks} MB; pgmux holds "
               f"{state['to_server_buffered'] / MB:.2f} MB for the server")
         assert sent[0] < total_chunks * len(chunk)
@@ -189,3 +192,29 @@ def test_slow_server_during_copy_from_stdin_pauses_the_client_instead_of_bufferi
         locker.close()
         postgres.psql("SET lock_timeout = '10s'; DROP TABLE IF EXISTS copy_gated; DROP FUNCTION IF EXISTS copy_gate()",
                       database=APP_DATABASE)
+
+
+def test_answers_cut_across_reads_at_any_byte_reach_the_client_intact(pgmux) -> None:
+    """Reads of the server end wherever the kernel cut them, often inside a 5-byte message header.
+
+    A pipelined client makes the first read of the second answer go the careful way (a ReadyForQuery
+    sits inside it) and the next ones the fast way; the bytes of a header cut between the two must
+    reach the client exactly once.
+    """
+    proxy = pgmux(default_pool_size=1, auth_type="trust")
+    client = RawClient(proxy.host, proxy.port())
+    client.sock.settimeout(30)
+    rows = 100_000  # zero-column DataRows are 7 bytes, 5 of them header: most cuts land in a header
+    for attempt in range(10):
+        # The first answer grows by a byte each time, so the cut lands on every offset within a row.
+        client.send(m.query(f"SELECT repeat('x', {attempt}) FROM pg_sleep(0.1)")
+                    + m.query(f"SELECT FROM generate_series(1, {rows})"))
+        time.sleep(0.05)
+        # pgmux busy while both answers pile up: its next read holds the first one's ReadyForQuery
+        # and the start of the second, and ends at an arbitrary byte.
+        proxy.call(lambda p: time.sleep(0.3))
+        first = _drain(client)
+        second = _drain(client)
+        assert first[0] == 1 and second[0] == rows, f"attempt {attempt}: got {first[0]} and {second[0]} rows"
+        assert second[2] == [m.ROW_DESCRIPTION, m.COMMAND_COMPLETE, m.READY_FOR_QUERY], second[2]
+    client.close()
