@@ -384,3 +384,74 @@ def test_idle_server_killed_by_postgres_is_dropped_not_handed_out(pgmux, postgre
         await conn.close()
 
     asyncio.run(scenario())
+
+
+def test_slowloris_login_is_cut_off_by_client_login_timeout(pgmux) -> None:
+    proxy = pgmux(client_login_timeout=0.5)
+    slow = socket.create_connection((proxy.host, proxy.port()), timeout=5)
+    slow.sendall(struct.pack("!i", 40)[:3])  # a startup packet that never finishes
+    started = time.monotonic()
+    received = b""
+    while True:
+        chunk = slow.recv(4096)
+        if not chunk:
+            break
+        received += chunk
+    assert time.monotonic() - started < 3
+    assert b"client_login_timeout" in received  # told why, then closed
+    slow.close()
+
+    async def others_fine() -> None:
+        conn = await _connect(proxy)
+        assert await conn.fetchval("SELECT 1") == 1
+        await conn.close()
+
+    asyncio.run(others_fine())
+    assert _rejections(proxy)["login_timeout"] == 1
+
+
+def test_backends_stay_bounded_while_a_reload_shrinks_the_pool_under_load(pgmux, postgres) -> None:
+    import threading
+
+    from proxy.settings import load_settings
+
+    upstream = postgres.dsn(APP.name, APP.password, APP_DATABASE, sslmode="disable")
+    proxy = pgmux(default_pool_size=6, query_wait_timeout=20)
+    observed: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            out = postgres.psql(f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{APP.name}' "
+                                f"AND datname = '{APP_DATABASE}' AND backend_type = 'client backend'")
+            observed.append(int(out.strip()))
+            time.sleep(0.02)
+
+    async def worker(n: int) -> int:
+        conn = await _connect(proxy)
+        served = 0
+        for _ in range(40):
+            async with conn.transaction():
+                await conn.execute("SELECT pg_sleep(0.005)")
+            served += 1
+        await conn.close()
+        return served
+
+    async def scenario() -> list[int]:
+        work = asyncio.gather(*(worker(n) for n in range(30)))
+        await asyncio.sleep(0.3)
+        smaller = load_settings(None, [], upstream_url=upstream, listen="127.0.0.1:0", default_pool_size=2,
+                                query_wait_timeout=20)
+        proxy.call(lambda p: p.reload(smaller))
+        return await work
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        done.set()
+        sampler.join()
+    assert results == [40] * 30  # every transaction served across the reload
+    assert max(observed) <= 6
+    assert proxy.call(lambda p: max(pool.total for pool in p.pools.values())) <= 2
