@@ -21,7 +21,7 @@ from proxy.metrics import MetricsServer, Readiness, StatsWindow, Totals, stats_l
 from proxy.pool import Pool, PoolConfig, PoolKey, ServerBudget
 from proxy.prepared import StatementNames
 from proxy.protocol import errors
-from proxy.server import ServerConnection, ServerState
+from proxy.server import ServerConnection
 from proxy.settings import DatabaseSettings, Settings, Upstream, parse_upstream_url, split_address
 
 log = get_logger("app")

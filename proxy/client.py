@@ -6,7 +6,6 @@ import asyncio
 import enum
 import itertools
 import re
-import secrets
 import time
 from typing import TYPE_CHECKING
 
