@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from benchmarks.pgwire import BlockingConnection, PgError
 from benchmarks.procs import CpuMeter, rss_bytes
 from benchmarks.targets import ADMIN_APP, BenchEnv, Target
@@ -99,8 +101,28 @@ class BackendSampler:
 
     def __enter__(self) -> BackendSampler:
         self.baseline = int(self._conn.scalar(self._sql))
+        self.others = self._others_at_start()
         self._thread.start()
         return self
+
+    def _others_at_start(self) -> int:
+        """Backends already open that are not this target's: another pooler's idle pool (interleaved scenarios).
+
+        They stay constant during a run (idle, far from server_idle_timeout), so the target's own peak is the
+        sampled peak minus these. A pooler's own backends are told apart by their client port: pg_stat_activity's
+        client_port is the local port of one of the pooler's sockets to PostgreSQL.
+        """
+        ports = self._conn.scalar(self._sql.replace("SELECT count(*)", "SELECT string_agg(client_port::text, ',')"))
+        backend_ports = [int(port) for port in ports.split(",") if port]
+        if self.pooler_pid is None:
+            return len(backend_ports)  # direct: whatever is open before the load is someone else's
+        try:
+            process = psutil.Process(self.pooler_pid)
+            sockets = process.net_connections(kind="tcp")
+        except (psutil.Error, OSError):
+            return 0
+        own = {conn.laddr.port for conn in sockets if conn.raddr and conn.raddr.port == self.env.port}
+        return sum(1 for port in backend_ports if port not in own)
 
     def settle(self, timeout: float = 5.0) -> bool:
         """Stop sampling and wait until the backends the load opened are gone (back to the count at the start).
@@ -125,7 +147,10 @@ class BackendSampler:
         self._conn.close()
 
     def result(self) -> Result:
-        out: Result = {"max_backends": self.max_backends if self.samples else None, "backend_samples": self.samples}
+        out: Result = {"max_backends": max(0, self.max_backends - self.others) if self.samples else None,
+                       "backend_samples": self.samples}
+        if self.others:
+            out["other_targets_backends"] = self.others
         if self.max_rss:
             out["pooler_max_rss_mb"] = round(self.max_rss / 2**20, 1)
         if self.error:
