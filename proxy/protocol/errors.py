@@ -134,20 +134,20 @@ def too_many_clients(limit: int) -> PgError:
                    severity=Severity.FATAL)
 
 
-def too_many_database_clients(database: str, limit: int) -> PgError:
+def _too_many_scoped_clients(scope: str, name: str, setting: str, limit: int) -> PgError:
     return PgError(SqlState.TOO_MANY_CONNECTIONS,
-                   f'too many client connections for database "{database}": client connections exceeded '
-                   f"(max_db_client_connections={limit} reached)",
-                   hint="Retry later, or raise max_db_client_connections for this database in the pgmux config.",
+                   f'too many client connections for {scope} "{name}": client connections exceeded '
+                   f"({setting}={limit} reached)",
+                   hint=f"Retry later, or raise {setting} in the pgmux config.",
                    severity=Severity.FATAL)
+
+
+def too_many_database_clients(database: str, limit: int) -> PgError:
+    return _too_many_scoped_clients("database", database, "max_db_client_connections", limit)
 
 
 def too_many_user_clients(user: str, limit: int) -> PgError:
-    return PgError(SqlState.TOO_MANY_CONNECTIONS,
-                   f'too many client connections for user "{user}": client connections exceeded '
-                   f"(max_user_client_connections={limit} reached)",
-                   hint="Retry later, or raise max_user_client_connections in the pgmux config.",
-                   severity=Severity.FATAL)
+    return _too_many_scoped_clients("user", user, "max_user_client_connections", limit)
 
 
 def wait_queue_full(pool: str, waiting: int, limit: int, active: int, pool_size: int) -> PgError:
