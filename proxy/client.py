@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import itertools
 import re
@@ -321,8 +322,8 @@ class ClientConnection(asyncio.Protocol):
         try:
             await self.pool.warm_up()
         except PgError as exc:
-            self.fail(PgError(exc.sqlstate, exc.message, hint=exc.hint, severity=errors.Severity.FATAL),
-                      reason="upstream_unavailable")
+            # At login there is no session to keep: the same error, as FATAL.
+            self.fail(dataclasses.replace(exc, severity=errors.Severity.FATAL), reason=exc.reason)
             return
         if self.state is not ClientState.LOGIN:
             return
@@ -474,10 +475,7 @@ class ClientConnection(asyncio.Protocol):
         The client gets the ErrorResponse now; everything up to its next Sync (or the Query itself)
         is discarded and answered with one ReadyForQuery, and what it pipelined after that is served.
         """
-        reason = "wait_timeout" if error.sqlstate is errors.SqlState.TOO_MANY_CONNECTIONS else "upstream_unavailable"
-        if "max_wait_clients" in error.message:
-            reason = "queue_full"
-        self.proxy.count_rejection(reason)
+        self.proxy.count_rejection(error.reason or "upstream_unavailable")
         log.warning("request refused: %s", error, extra={"conn": self.id})
         self.write(error.to_bytes())
         self._rejected_batch = True

@@ -95,6 +95,13 @@ class Waiter:
         self.future.set_result(server)
         return True
 
+    def handed_over(self) -> ServerConnection | None:
+        """The server given to this waiter, if one was, even though it stopped waiting."""
+        future = self.future
+        if future.done() and not future.cancelled() and future.exception() is None:
+            return future.result()
+        return None
+
     def fail(self, error: PgError) -> None:
         if not self.future.done():
             self.future.set_exception(error)
@@ -191,14 +198,16 @@ class Pool:
             async with asyncio.timeout(timeout or None):
                 return await waiter.future
         except TimeoutError:
-            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
-                return waiter.future.result()  # handed over in the very tick the timeout struck: use it
+            server = waiter.handed_over()
+            if server is not None:
+                return server  # handed over in the very tick the timeout struck: use it
             raise errors.wait_timeout(str(self.key), timeout, len(self.active), len(self.waiters) - 1,
                                       self.config.pool_size) from None
         except asyncio.CancelledError:
             # Cancelled just as a server was handed over: give it back rather than lose it.
-            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
-                self.release(waiter.future.result())
+            server = waiter.handed_over()
+            if server is not None:
+                self.release(server)
             raise
         finally:
             waited = time.monotonic() - waiter.since

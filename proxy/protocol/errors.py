@@ -46,6 +46,7 @@ class PgError(Exception):
     hint: str | None = None
     detail: str | None = None
     severity: Severity = Severity.ERROR
+    reason: str | None = None  # the rejection reason it is counted under (pgmux_client_rejections_total)
 
     def __str__(self) -> str:
         return f"{self.severity.value} {self.sqlstate.value} {self.message}"
@@ -117,7 +118,8 @@ def unsupported_startup_parameter(name: str) -> PgError:
 
 def upstream_unavailable(upstream: str, reason: str) -> PgError:
     return PgError(SqlState.CONNECTION_FAILURE, f"pgmux could not connect to the upstream server {upstream}: {reason}",
-                   hint="Check that PostgreSQL is running and that the upstream URL in the pgmux config is right.")
+                   hint="Check that PostgreSQL is running and that the upstream URL in the pgmux config is right.",
+                   reason="upstream_unavailable")
 
 
 def server_connection_lost(upstream: str) -> PgError:
@@ -154,7 +156,8 @@ def wait_queue_full(pool: str, waiting: int, limit: int, active: int, pool_size:
     return PgError(SqlState.TOO_MANY_CONNECTIONS,
                    f"too many clients waiting for pool {pool}: {waiting} already in line "
                    f"(max_wait_clients={limit} reached; {active} of {pool_size} busy)",
-                   hint="Retry with backoff, or raise default_pool_size / max_wait_clients in the pgmux config.")
+                   hint="Retry with backoff, or raise default_pool_size / max_wait_clients in the pgmux config.",
+                   reason="queue_full")
 
 
 def client_idle_timeout(timeout: float) -> PgError:
@@ -174,7 +177,8 @@ def wait_timeout(pool: str, timeout: float, active: int, waiting: int, pool_size
     return PgError(SqlState.TOO_MANY_CONNECTIONS,
                    f"no server connection available for pool {pool} within query_wait_timeout={timeout:g}s "
                    f"({active} of {pool_size} busy, {waiting} waiting)",
-                   hint="Retry later, shorten transactions, or raise default_pool_size / query_wait_timeout.")
+                   hint="Retry later, shorten transactions, or raise default_pool_size / query_wait_timeout.",
+                   reason="wait_timeout")
 
 
 def admin_not_allowed(user: str) -> PgError:
