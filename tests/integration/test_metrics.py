@@ -189,7 +189,8 @@ def test_wait_timeout_rejection_is_counted(pgmux) -> None:
     assert value(scrape(proxy), "pgmux_client_rejections_total", reason="wait_timeout") == 1
 
 
-def test_every_catalogued_metric_is_in_a_live_scrape_and_nothing_else_is(pgmux) -> None:
+def _names_after_one_query(pgmux) -> set[str]:
+    """The sample names a live pgmux exports once one client has logged in and queried."""
     proxy = _metrics_pgmux(pgmux)
 
     async def scenario() -> None:
@@ -198,7 +199,11 @@ def test_every_catalogued_metric_is_in_a_live_scrape_and_nothing_else_is(pgmux) 
         await conn.close()
 
     asyncio.run(scenario())
-    names = {name for name, _, _ in samples(scrape(proxy))}
+    return {name for name, _, _ in samples(scrape(proxy))}
+
+
+def test_every_catalogued_metric_is_in_a_live_scrape_and_nothing_else_is(pgmux) -> None:
+    names = _names_after_one_query(pgmux)
     expected = {sample for metric in METRICS for sample in exposition_names(metric)}
     assert expected <= names, expected - names
     ours = {name for name in names if name.startswith("pgmux_")}
@@ -206,15 +211,7 @@ def test_every_catalogued_metric_is_in_a_live_scrape_and_nothing_else_is(pgmux) 
 
 
 def test_dashboard_uses_only_metrics_that_a_live_pgmux_exports(pgmux) -> None:
-    proxy = _metrics_pgmux(pgmux)
-
-    async def scenario() -> None:
-        conn = await _connect(proxy)
-        await conn.fetchval("SELECT 1")
-        await conn.close()
-
-    asyncio.run(scenario())
-    names = {name for name, _, _ in samples(scrape(proxy))}
+    names = _names_after_one_query(pgmux)
     used = dashboard_metric_names(json.loads(DASHBOARD.read_text()))
     assert used, "the dashboard queries no metric"
     assert used <= names, f"dashboard uses metrics pgmux does not export: {sorted(used - names)}"
