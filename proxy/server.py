@@ -176,8 +176,7 @@ class ServerConnection(asyncio.Protocol):
                 self.prepared.on_ready_for_query(statements.names)
             client.on_ready_for_query(self.tx_status)
         elif kind == m.PARAMETER_STATUS:
-            name, value = m.parse_parameter_status(frame.data[5:])
-            self.params[name] = value
+            name, value = self._take_parameter(frame.data[5:])
             client.on_parameter_status(name, value)
         elif kind == m.ERROR_RESPONSE:
             fields = parse_error_fields(frame.data[5:])
@@ -195,17 +194,21 @@ class ServerConnection(asyncio.Protocol):
             if not self.swallow and self._internal_done is not None and not self._internal_done.done():
                 self._internal_done.set_result(None)
         elif kind == m.PARAMETER_STATUS:
-            name, value = m.parse_parameter_status(frame.data[5:])
-            self.params[name] = value
+            self._take_parameter(frame.data[5:])
         elif kind == m.ERROR_RESPONSE:
             fields = parse_error_fields(frame.data[5:])
             self._internal_error = f"{fields.get('C', '')} {fields.get('M', '')}"
             log.warning("pgmux's own query failed on the server: %s", self._internal_error, extra={"conn": self.id})
 
+    def _take_parameter(self, body: bytes | memoryview) -> tuple[str, str]:
+        """Record a ParameterStatus the backend sent: what it now has, whoever asked for it."""
+        name, value = m.parse_parameter_status(body)
+        self.params[name] = value
+        return name, value
+
     def _unsolicited(self, frame: Frame) -> None:
         if frame.kind == m.PARAMETER_STATUS:
-            name, value = m.parse_parameter_status(frame.data[5:])
-            self.params[name] = value
+            self._take_parameter(frame.data[5:])
         elif frame.kind == m.ERROR_RESPONSE:
             # Between clients only a dying backend speaks up (idle_session_timeout, terminate):
             # make sure nobody is handed it, even if it was just promised to a waiter.
@@ -331,8 +334,7 @@ class ServerConnection(asyncio.Protocol):
                 fields = parse_error_fields(body)
                 raise ServerLoginError(f"{fields.get('M', 'login refused')}", fields.get("C"))
             elif frame.kind == m.PARAMETER_STATUS:
-                name, value = m.parse_parameter_status(body)
-                self.params[name] = value
+                self._take_parameter(body)
             elif frame.kind == m.BACKEND_KEY_DATA:
                 self.backend_key = m.parse_backend_key_data(body)
             elif frame.kind == m.READY_FOR_QUERY:
