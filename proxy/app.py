@@ -67,6 +67,7 @@ class Proxy:
              if db.max_db_client_connections is not None})
         self._user_budgets: dict[str, ServerBudget] = {}
         self._secrets: dict[tuple[str, str], UserSecret | None] = {}
+        self._targets: dict[tuple[str, str], LoginTarget] = {}  # (database, user) -> where its logins go
         self._cancel_keys: dict[int, ClientConnection] = {}
         self.statement_names = StatementNames()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -135,6 +136,13 @@ class Proxy:
     # ---- routing a login to a pool --------------------------------------------------------------
 
     def login_target(self, database: str, user: str) -> LoginTarget:
+        # Every login asks this, so the answer is kept until the next reload.
+        target = self._targets.get((database, user))
+        if target is None:
+            target = self._targets[database, user] = self._find_login_target(database, user)
+        return target
+
+    def _find_login_target(self, database: str, user: str) -> LoginTarget:
         db = self._databases.get(database)
         if db is None:
             self.count_rejection("unknown_database")
@@ -331,6 +339,7 @@ class Proxy:
         for budget in self._user_budgets.values():
             budget.limit = settings.max_user_connections
         self._secrets.clear()
+        self._targets.clear()
         for key, pool in self.pools.items():
             db = self._databases.get(key.database)
             if db is None:

@@ -17,7 +17,7 @@ from proxy.prepared import ClientStatements, deallocate_sql, resets_all_statemen
 from proxy.protocol import errors
 from proxy.protocol import messages as m
 from proxy.protocol.errors import PgError
-from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation, end_of_first
+from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation, Segment, end_of_first
 from proxy.protocol.startup import (
     CancelRequest,
     GSSENCRequest,
@@ -31,7 +31,7 @@ from proxy.settings import ListenerSettings, PoolMode
 if TYPE_CHECKING:
     from proxy.admin import AdminSession
     from proxy.app import Proxy
-    from proxy.pool import Pool
+    from proxy.pool import Pool, Waiter
 
 log = get_logger("client")
 _ids = itertools.count(1)
@@ -45,6 +45,7 @@ _PREPARED_CAPTURE = frozenset({m.TERMINATE, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE
 _RELAY_COUNTED = frozenset({m.SYNC, m.QUERY, m.FUNCTION_CALL})  # each earns exactly one ReadyForQuery
 _RELAY_NEUTRAL = frozenset({m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL, m.TERMINATE})  # open no request
 _BATCH_ENDS_AND_TERMINATE = _RELAY_COUNTED | {m.TERMINATE}
+_IDLE = m.TransactionStatus.IDLE
 _QUEUE_HIGH_WATER = 1 << 20  # bytes queued while waiting for a server before we stop reading
 
 
@@ -66,8 +67,8 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_admin", "_admitted", "_auth", "_cancel_sent", "_linked_at", "_login_timer", "_queued",
         "_queued_bytes", "_refusal", "_rejected_batch", "_reset_seen", "_resync", "_scanner",
-        "_startup_buffer", "_startup_params", "_task", "_unsupported_options", "cancel_key", "connected_at",
-        "database", "id", "last_active", "listener", "params", "peer", "pending", "pool", "proxy",
+        "_startup_buffer", "_startup_params", "_task", "_unsupported_options", "_waiter", "cancel_key",
+        "connected_at", "database", "id", "last_active", "listener", "params", "peer", "pending", "pool", "proxy",
         "query_started", "server", "state", "statements", "transaction_mode", "transport", "unreported",
         "user", "wait_started",
     )
@@ -107,7 +108,8 @@ class ClientConnection(asyncio.Protocol):
         self._cancel_sent = False
         self._linked_at = 0.0
         self.wait_started = 0.0  # when the client last joined the line for a server
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # the welcome, while it waits for the pool's first server
+        self._waiter: Waiter | None = None  # our place in the pool's line
         self._login_timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
@@ -129,20 +131,24 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            if self.state is ClientState.ACTIVE or self.state is ClientState.IDLE or self.state is ClientState.WAITING:
-                self._relay(data)
-            elif self.state is ClientState.STARTUP:
-                self._startup(data)
-            elif self.state is ClientState.AUTH:
-                self._authenticate(data)
-            elif self.state is ClientState.LOGIN:
-                self._queue(data)
-            elif self.state is ClientState.ADMIN:
-                self._admin.feed(data)  # type: ignore[union-attr]
+            self._route(data)
         except ProtocolViolation as exc:
             self.fail(errors.protocol_violation(str(exc)), reason="protocol_error")
         except PgError as exc:
             self.fail(exc)
+
+    def _route(self, data: bytes) -> None:
+        state = self.state
+        if state is ClientState.ACTIVE or state is ClientState.IDLE or state is ClientState.WAITING:
+            self._relay(data)
+        elif state is ClientState.STARTUP:
+            self._startup(data)
+        elif state is ClientState.AUTH:
+            self._authenticate(data)
+        elif state is ClientState.LOGIN:
+            self._queue(data)
+        elif state is ClientState.ADMIN:
+            self._admin.feed(data)  # type: ignore[union-attr]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state is ClientState.CLOSED:
@@ -174,20 +180,20 @@ class ClientConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def on_ready_for_query(self, status: m.TransactionStatus) -> None:
-        if self.pending:
+        if self.pending > 1:
             self.pending -= 1
-        if not self.pending:
-            self.last_active = time.monotonic()
-            if self.query_started and self.pool is not None:
-                self.pool.stats.query_time += self.last_active - self.query_started
+            return
+        self.pending = 0
+        now = self.last_active = time.monotonic()
+        if self.query_started:
+            self.pool.stats.query_time += now - self.query_started  # type: ignore[union-attr]
             self.query_started = 0.0
-            self._cancel_sent = False
-            self._reset_seen = False
+        self._cancel_sent = False
+        self._reset_seen = False
         # Release only at a true boundary: every request answered and no part of the next one sent.
-        if (not self.pending and status is m.TransactionStatus.IDLE and self.transaction_mode
-                and not self._scanner.mid_batch and self._scanner.at_boundary):
-            self._unlink_and_release()
-        elif self._resync and not self.pending and self.server is not None:
+        if status is _IDLE and self.transaction_mode and self._scanner.at_rest:
+            self._unlink_and_release(now)
+        elif self._resync and self.server is not None:
             # RESET put the server back to its own defaults: restore this client's (its startup values).
             self._resync = False
             sql = self._parameter_sync_sql(self.server)
@@ -230,10 +236,10 @@ class ClientConnection(asyncio.Protocol):
                 return
             else:
                 self._begin_login(packet)
-        if self._startup_buffer:
+        if self._startup_buffer and self.state is not ClientState.CLOSED:
             rest = bytes(self._startup_buffer)
             self._startup_buffer.clear()
-            self._authenticate(rest)
+            self._route(rest)
 
     def _begin_login(self, startup: StartupMessage) -> None:
         if self._refusal is not None:
@@ -280,12 +286,15 @@ class ClientConnection(asyncio.Protocol):
 
     def _authenticate(self, data: bytes) -> None:
         assert self._auth is not None
-        segments = self._scanner.feed(data)
+        scanner = self._scanner  # replaced by the relay's once authenticated
+        segments = scanner.feed(data)
         for index, segment in enumerate(segments):
             if self.state is not ClientState.AUTH:
-                # Bytes pipelined behind the last auth message: keep them for after the welcome.
-                self._queue(bytes(segment.data) if type(segment) is Frame else bytes(segment))
-                continue
+                if self.state is not ClientState.CLOSED:
+                    # Bytes pipelined behind the last auth message belong to the session.
+                    rest = [bytes(s.data) if type(s) is Frame else bytes(s) for s in segments[index:]]
+                    self._route(b"".join(rest) + scanner.release_held())
+                return
             if type(segment) is not Frame:
                 continue  # captures everything: only incomplete tails come back raw, and they stay inside
             if segment.kind == m.TERMINATE:
@@ -304,6 +313,8 @@ class ClientConnection(asyncio.Protocol):
                 self.write(reply)
             if self._auth.done:
                 self._authenticated()
+        if self.state is not ClientState.AUTH and self.state is not ClientState.CLOSED and scanner.holding:
+            self._route(scanner.release_held())  # a message split across reads began behind the last one
 
     def _authenticated(self) -> None:
         if self.database in ADMIN_DATABASES:
@@ -315,9 +326,13 @@ class ClientConnection(asyncio.Protocol):
             self.statements = ClientStatements(self.proxy.statement_names, self.pool.stats.prepared)
             capture = _PREPARED_CAPTURE
         self._scanner = FrameScanner(capture, counted=_RELAY_COUNTED, neutral=_RELAY_NEUTRAL)
-        self._task = self.proxy.spawn(self._welcome(), name=f"welcome {self.id}")
+        if self.pool is not None and self.pool.server_params is not None:
+            self._welcome()
+        else:
+            self._task = self.proxy.spawn(self._welcome_after_warm_up(), name=f"welcome {self.id}")
 
-    async def _welcome(self) -> None:
+    async def _welcome_after_warm_up(self) -> None:
+        """The pool's first login: the welcome reports the server's parameters, so learn them first."""
         assert self.pool is not None
         try:
             await self.pool.warm_up()
@@ -325,8 +340,12 @@ class ClientConnection(asyncio.Protocol):
             # At login there is no session to keep: the same error, as FATAL.
             self.fail(dataclasses.replace(exc, severity=errors.Severity.FATAL), reason=exc.reason)
             return
-        if self.state is not ClientState.LOGIN:
-            return
+        self._task = None
+        if self.state is ClientState.LOGIN:
+            self._welcome()
+
+    def _welcome(self) -> None:
+        assert self.pool is not None
         params = dict(self.pool.server_params or {})
         params.update(self.params)
         self.params = {k: v for k, v in params.items() if k in SYNCED_PARAMETERS}
@@ -337,7 +356,6 @@ class ClientConnection(asyncio.Protocol):
                    + m.ready_for_query())
         if self._login_timer is not None:
             self._login_timer.cancel()
-        self._task = None
         self.state = ClientState.IDLE
         log.info("login ok: %s@%s from %s (%s mode)", self.user, self.database, self.peer,
                  self.listener.pool_mode.value, extra={"conn": self.id})
@@ -386,16 +404,14 @@ class ClientConnection(asyncio.Protocol):
                 self._wait_for_server()
 
     def _forward(self, data: bytes) -> None:
-        try:
-            self._forward_checked(data)
-        except ProtocolViolation as exc:
-            self.fail(errors.protocol_violation(str(exc)), reason="protocol_error")
-
-    def _forward_checked(self, data: bytes) -> None:
+        """Client bytes to the linked server: counted, looked at where needed, rewritten where needed."""
         scanner = self._scanner
         before = scanner.count
-        held = scanner.holding
-        segments = scanner.feed(data)
+        try:
+            segments = scanner.feed(data)
+        except ProtocolViolation as exc:
+            self.fail(errors.protocol_violation(str(exc)), reason="protocol_error")
+            return
         stats = self.pool.stats  # type: ignore[union-attr]
         stats.bytes_received += len(data)
         if scanner.count != before:
@@ -405,26 +421,47 @@ class ClientConnection(asyncio.Protocol):
             stats.queries += scanner.count - before
         server = self.server
         assert server is not None
-        if len(segments) == 1 and type(segments[0]) is not Frame and not held and not scanner.holding:
-            server.write(data)  # nothing to look at and nothing held back: the common case
-            return
+        if scanner.verbatim and len(segments) == 1:
+            # The common cases: bytes with nothing to look at, or one whole simple Query.
+            segment = segments[0]
+            if type(segment) is not Frame:
+                server.write(data)
+                return
+            if segment.kind == m.QUERY:
+                self._note_query(segment.data, server)
+                server.write(data)
+                return
+        try:
+            self._forward_segments(segments, server)
+        except ProtocolViolation as exc:
+            self.fail(errors.protocol_violation(str(exc)), reason="protocol_error")
+
+    def _forward_segments(self, segments: list[Segment], server: ServerConnection) -> None:
         out: list[bytes | memoryview] = []
         statements = self.statements
         for segment in segments:
-            if type(segment) is Frame:
-                kind = segment.kind
-                if kind == m.TERMINATE:
-                    if out:
-                        server.write(b"".join(out))
-                    self._close_quietly("client sent Terminate")
-                    return
-                if kind == m.QUERY and _MENTIONS_RESET.search(segment.data):
-                    self._reset_seen = True
-                    server.unreported.clear()  # whatever pgmux had SET there may be gone now
-                out.append(statements.rewrite(kind, segment.data, server.prepared) if statements else segment.data)
-            else:
+            if type(segment) is not Frame:
                 out.append(segment)
+                continue
+            kind = segment.kind
+            if kind == m.TERMINATE:
+                if out:
+                    server.write(b"".join(out))
+                self._close_quietly("client sent Terminate")
+                return
+            if kind == m.QUERY:
+                self._note_query(segment.data, server)
+                out.append(segment.data)
+            else:
+                out.append(statements.rewrite(kind, segment.data, server.prepared) if statements else segment.data)
         server.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _note_query(self, data: bytes | memoryview, server: ServerConnection) -> None:
+        if _MENTIONS_RESET.search(data):
+            self._reset_seen = True
+            server.unreported.clear()  # whatever pgmux had SET there may be gone now
+        if self.statements is not None:
+            self.statements.note_query(data, server.prepared)
 
     def _forward_queued(self) -> None:
         for chunk in self._take_queued():
@@ -444,30 +481,42 @@ class ClientConnection(asyncio.Protocol):
         return queued
 
     def _wait_for_server(self) -> None:
-        self.wait_started = time.monotonic()
-        self.state = ClientState.WAITING
-        self._task = self.proxy.spawn(self._acquire(), name=f"acquire {self.id}")
-
-    async def _acquire(self) -> None:
         assert self.pool is not None
+        self.wait_started = time.monotonic()
         try:
-            server = await self.pool.acquire()
-            while not server.usable:
-                # It died between being promised to us and now (a FATAL arrived): ask again.
-                self.pool.close_server(server, "died before its next client used it")
-                server = await self.pool.acquire()
+            self._waiter = self.pool.wait(self._server_ready, self._server_refused)
         except PgError as exc:
-            self._task = None
-            if self.state is ClientState.WAITING:
-                self.state = ClientState.IDLE
-                self._reject_batch(exc)
+            self._reject_batch(exc)
             return
-        self._task = None
+        self.state = ClientState.WAITING
+
+    def _server_ready(self, server: ServerConnection) -> None:
+        assert self.pool is not None
+        self._waiter = None
         if self.state is not ClientState.WAITING:
             self.pool.release(server)
             return
-        self._link(server)
-        self._forward_queued()
+        if not server.usable:
+            # It died between being promised to us and now (a FATAL arrived): line up again.
+            self.pool.close_server(server, "died before its next client used it")
+            self.state = ClientState.IDLE
+            self._wait_for_server()
+            return
+        try:
+            self._link(server)
+            self._forward_queued()
+        except Exception as exc:
+            # Called by the loop, not by the transport: nothing else would end this client, which
+            # would hang holding a server in an unknown state.
+            log.exception("relaying the queued request failed", extra={"conn": self.id})
+            self.fail(errors.internal_error(f"the request could not be relayed ({type(exc).__name__})"),
+                      reason="internal_error")
+
+    def _server_refused(self, error: PgError) -> None:
+        self._waiter = None
+        if self.state is ClientState.WAITING:
+            self.state = ClientState.IDLE
+            self._reject_batch(error)
 
     def _reject_batch(self, error: PgError) -> None:
         """No server came: fail the waiting request as PostgreSQL fails one, keeping the session usable.
@@ -514,7 +563,7 @@ class ClientConnection(asyncio.Protocol):
     def _parameter_sync_sql(self, server: ServerConnection) -> str | None:
         return sync_sql(self.params, self.unreported, server.params, server.unreported)
 
-    def _unlink_and_release(self) -> None:
+    def _unlink_and_release(self, now: float) -> None:
         server = self.server
         assert server is not None and self.pool is not None
         self.server = None
@@ -522,10 +571,12 @@ class ClientConnection(asyncio.Protocol):
         server.resume_reading()
         stats = self.pool.stats
         stats.xacts += 1
-        elapsed = time.monotonic() - self._linked_at
+        elapsed = now - self._linked_at
         stats.xact_time += elapsed
         stats.xact_histogram.observe(elapsed)
-        if self.statements is not None:
+        if self.statements is not None and (
+                server.discard_statements
+                or len(server.prepared.statements) > self.proxy.settings.max_prepared_statements):
             self._trim_statements(server)
         self.pool.release(server)
 
@@ -619,6 +670,9 @@ class ClientConnection(asyncio.Protocol):
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        if self._waiter is not None:
+            self.pool.cancel_wait(self._waiter)  # type: ignore[union-attr]
+            self._waiter = None
         self.proxy.forget_client(self)
         if self._admitted:
             self._admitted = False

@@ -69,6 +69,8 @@ def sync_sql(wanted: dict[str, str], wanted_unreported: dict[str, str],
     must compare against what this SQL will have done. set_config takes the value as a plain
     string, so list values such as search_path keep their meaning.
     """
+    if wanted.items() <= server_params.items() and wanted_unreported == server_unreported:
+        return None  # the common case, checked in C: the backend already has them all
     changes: list[tuple[str, str]] = []
     for name, value in wanted.items():
         if server_params.get(name) != value:

@@ -96,30 +96,44 @@ class PendingParse:
 class ServerPrepared:
     """What rewriting needs to know about the server a client is linked to, kept on that server."""
 
-    __slots__ = ("statements", "pending", "batches_sent", "batches_answered")
+    __slots__ = ("statements", "pending", "injected", "batches_sent", "batches_answered")
 
     def __init__(self) -> None:
         self.statements = ServerStatements()
         self.pending: deque[PendingParse] = deque()
+        self.injected = 0  # entries of ``pending`` that are pgmux's own: while any, replies need sorting
         self.batches_sent = 0
         self.batches_answered = 0
+
+    def expect(self, parse: PendingParse) -> None:
+        self.pending.append(parse)
+        if parse.injected:
+            self.injected += 1
 
     def on_parse_complete(self) -> bool:
         """A ParseComplete arrived: True if it answers a client's Parse (forward it), False if ours."""
         if not self.pending:
             return True
-        return not self.pending.popleft().injected
+        return not self._pop().injected
+
+    def _pop(self) -> PendingParse:
+        parse = self.pending.popleft()
+        if parse.injected:
+            self.injected -= 1
+        return parse
 
     def start_link(self) -> None:
         """A client is linked at a batch boundary: nothing is in flight, batch numbers restart."""
-        self.pending.clear()
+        if self.pending:
+            self.pending.clear()
+            self.injected = 0
         self.batches_sent = self.batches_answered = 0
 
     def on_ready_for_query(self, client_statements: dict[bytes, Statement]) -> None:
         """A batch ended: Parses of it still unanswered were skipped after an error; undo them."""
         self.batches_answered += 1
         while self.pending and self.pending[0].batch <= self.batches_answered:
-            failed = self.pending.popleft()
+            failed = self._pop()
             if failed.client_name is not None:
                 client_statements.pop(failed.client_name, None)
             if failed.server_name is not None:
@@ -142,59 +156,58 @@ class ClientStatements:
         Raises ProtocolViolation for a message too malformed to read its statement name from.
         """
         try:
-            return self._rewrite(kind, data, link)
+            if kind == m.BIND:
+                return self._bind(data, link)
+            if kind == m.SYNC or kind == m.FUNCTION_CALL:
+                link.batches_sent += 1
+                return data
+            if kind == m.PARSE:
+                return self._parse(data, link)
+            if kind == m.DESCRIBE:
+                return self._describe(data, link)
+            if kind == m.CLOSE:
+                return self._close(data)
+            return data
         except (ValueError, IndexError):
             raise ProtocolViolation(f"malformed {chr(kind)!r} message") from None
 
-    def _rewrite(self, kind: int, data: bytes | memoryview, link: ServerPrepared) -> bytes | memoryview:
-        if kind == m.BIND:
-            return self._bind(data, link)
-        if kind == m.SYNC or kind == m.FUNCTION_CALL:
-            link.batches_sent += 1
-            return data
-        if kind == m.QUERY:
-            link.batches_sent += 1
-            # Cheap first-letter test before the regex: this runs for every simple query.
-            if data[5] in b"Dd" and _RESET_ALL.match(bytes(data[5:-1])):
-                # The server drops every prepared statement it has; the client forgets its names.
-                self.names.clear()
-                link.statements.clear()
-            return data
-        if kind == m.PARSE:
-            return self._parse(data, link)
-        if kind == m.DESCRIBE:
-            return self._describe(data, link)
-        if kind == m.CLOSE:
-            return self._close(data)
-        return data
+    def note_query(self, data: bytes | memoryview, link: ServerPrepared) -> None:
+        """A simple Query passes unchanged; it ends a batch, and DISCARD/DEALLOCATE ALL drop every name."""
+        link.batches_sent += 1
+        # Cheap first-letter test before the regex: this runs for every simple query.
+        if len(data) > 5 and data[5] in b"Dd" and _RESET_ALL.match(bytes(data[5:-1])):
+            self.names.clear()
+            link.statements.clear()
 
     def _parse(self, data: bytes | memoryview, link: ServerPrepared) -> bytes | memoryview:
+        if data[5] == 0:
+            # Unnamed statements are the client's own business, but their ParseComplete is counted
+            # like any other so that swallowed ones are told apart by position.
+            link.expect(PendingParse(link.batches_sent + 1, False, None, None))
+            return data
         body = bytes(data[5:])
         end = body.index(b"\x00") + 1
         name = body[:end]
-        if name == b"\x00":
-            # Unnamed statements are the client's own business, but their ParseComplete is counted
-            # like any other so that swallowed ones are told apart by position.
-            link.pending.append(PendingParse(link.batches_sent + 1, False, None, None))
-            return data
         existing = self.names.get(name)
         if existing is not None:
             # PostgreSQL refuses to redefine a name: let the server say so (42P05) about our statement.
             out = self._ensure(existing, link)
-            link.pending.append(PendingParse(link.batches_sent + 1, False, None, None))
+            link.expect(PendingParse(link.batches_sent + 1, False, None, None))
             return out + existing.parse
         statement = self._registry.statement(body[end:])
         self.names[name] = statement
         if statement.server_name in link.statements:
             link.statements.touch(statement.server_name)
-            link.pending.append(PendingParse(link.batches_sent + 1, False, name, None))
+            link.expect(PendingParse(link.batches_sent + 1, False, name, None))
             # The server has it: an unnamed Parse of the same text earns the real ParseComplete.
             return m.message(m.PARSE, b"\x00" + body[end:])
         link.statements.add(statement.server_name)
-        link.pending.append(PendingParse(link.batches_sent + 1, False, name, statement.server_name))
+        link.expect(PendingParse(link.batches_sent + 1, False, name, statement.server_name))
         return statement.parse
 
     def _bind(self, data: bytes | memoryview, link: ServerPrepared) -> bytes | memoryview:
+        if not self.names:
+            return data  # no name of ours can be in it: unnamed or unknown (the server answers 26000)
         body = bytes(data[5:])
         portal_end = body.index(b"\x00") + 1
         name_end = body.index(b"\x00", portal_end) + 1
@@ -205,8 +218,8 @@ class ClientStatements:
         return out + m.message(m.BIND, body[:portal_end] + statement.server_name + body[name_end:])
 
     def _describe(self, data: bytes | memoryview, link: ServerPrepared) -> bytes | memoryview:
-        if data[5] != ord("S"):
-            return data  # portals keep their names
+        if data[5] != ord("S") or not self.names:
+            return data  # portals keep their names; unknown statements the server refuses itself
         statement = self.names.get(bytes(data[6:]))
         if statement is None:
             return data
@@ -229,7 +242,7 @@ class ClientStatements:
             return b""
         self._counters.misses += 1
         link.statements.add(statement.server_name)
-        link.pending.append(PendingParse(link.batches_sent + 1, True, None, statement.server_name))
+        link.expect(PendingParse(link.batches_sent + 1, True, None, statement.server_name))
         return statement.parse
 
 

@@ -29,6 +29,7 @@ _ids = itertools.count(1)
 # What the relay must look at in server traffic; everything else streams through undecoded.
 _RELAY_CAPTURE = frozenset({m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE, m.PARSE_COMPLETE})
 _LOGIN_CAPTURE = frozenset(range(256))
+_TX_STATUS = m.TRANSACTION_STATUS_BY_BYTE
 
 
 def _ends_at_last_ready(segments: list) -> bool:
@@ -46,6 +47,10 @@ class ServerState(enum.Enum):
     RESETTING = "resetting"  # running pgmux's own cleanup before it may be reused
     CLOSING = "closing"  # asked to close; still counts against the limits until the socket is gone
     CLOSED = "closed"
+
+    # Members are singletons: identity hashing is as correct as Enum's name hashing and runs in C
+    # (the pool keys its per-state sets by state on every transaction).
+    __hash__ = object.__hash__
 
 
 class ServerLoginError(Exception):
@@ -116,7 +121,6 @@ class ServerConnection(asyncio.Protocol):
         if self._ssl_reply is not None and not self._ssl_reply.done():
             self._ssl_reply.set_result(data)
             return
-        held = self._scanner.holding
         try:
             segments = self._scanner.feed(data)
         except ProtocolViolation as exc:
@@ -127,8 +131,7 @@ class ServerConnection(asyncio.Protocol):
                 self._login_frames.put_nowait(segment)  # type: ignore[arg-type]
             return
         client = self.client
-        if (client is not None and not self.swallow and not self.prepared.pending
-                and not held and not self._scanner.holding
+        if (client is not None and not self.swallow and not self.prepared.injected and self._scanner.verbatim
                 and (len(segments) == 1 or _ends_at_last_ready(segments))):
             # The common case: every byte goes to the client as it is; only a few frames are looked at.
             client.write(data)
@@ -146,8 +149,11 @@ class ServerConnection(asyncio.Protocol):
                 if self.swallow:
                     self._swallow_frame(segment)
                 elif client is not None:
-                    if segment.kind != m.PARSE_COMPLETE or self.prepared.on_parse_complete():
-                        out.append(segment.data)
+                    if segment.kind == m.PARSE_COMPLETE:
+                        if self.prepared.on_parse_complete():
+                            out.append(segment.data)
+                        continue
+                    out.append(segment.data)
                     if segment.kind == m.READY_FOR_QUERY:
                         self._flush(out, client)  # the client must have its answer before a release
                     self._relay_frame(segment, client)
@@ -170,11 +176,14 @@ class ServerConnection(asyncio.Protocol):
     def _relay_frame(self, frame: Frame, client: ClientConnection) -> None:
         kind = frame.kind
         if kind == m.READY_FOR_QUERY:
-            self.tx_status = m.TransactionStatus(frame.data[5])
+            self.tx_status = status = _TX_STATUS[frame.data[5]]
             statements = client.statements
             if statements is not None:
                 self.prepared.on_ready_for_query(statements.names)
-            client.on_ready_for_query(self.tx_status)
+            client.on_ready_for_query(status)
+        elif kind == m.PARSE_COMPLETE:
+            # Only reached when none of pgmux's own Parses is in flight: every one is the client's.
+            self.prepared.on_parse_complete()
         elif kind == m.PARAMETER_STATUS:
             name, value = self._take_parameter(frame.data[5:])
             client.on_parameter_status(name, value)
@@ -189,7 +198,7 @@ class ServerConnection(asyncio.Protocol):
     def _swallow_frame(self, frame: Frame) -> None:
         kind = frame.kind
         if kind == m.READY_FOR_QUERY:
-            self.tx_status = m.TransactionStatus(frame.data[5])
+            self.tx_status = _TX_STATUS[frame.data[5]]
             self.swallow -= 1
             if not self.swallow and self._internal_done is not None and not self._internal_done.done():
                 self._internal_done.set_result(None)

@@ -110,6 +110,10 @@ def protocol_violation(reason: str) -> PgError:
     return PgError(SqlState.PROTOCOL_VIOLATION, f"protocol violation: {reason}", severity=Severity.FATAL)
 
 
+def internal_error(reason: str) -> PgError:
+    return PgError(SqlState.INTERNAL_ERROR, f"pgmux internal error: {reason}", severity=Severity.FATAL)
+
+
 def unsupported_startup_parameter(name: str) -> PgError:
     return PgError(SqlState.PROTOCOL_VIOLATION, f"unsupported startup parameter: {name}",
                    hint=f"Add {name} to ignore_startup_parameters in the pgmux config to drop it.",

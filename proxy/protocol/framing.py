@@ -23,6 +23,10 @@ class Frame(NamedTuple):
     data: bytes | memoryview
 
 
+# tuple.__new__ builds a Frame without the Python-level __new__ NamedTuple generates: this runs
+# for every captured message, so it is a measurable share of the scanner's cost.
+_new_tuple = tuple.__new__
+
 Segment = memoryview | bytes | Frame
 """What ``FrameScanner.feed`` yields: raw bytes to pass through as they are, or a captured Frame."""
 
@@ -42,7 +46,7 @@ class FrameScanner:
     """
 
     __slots__ = ("_capture", "_counted", "_neutral", "_max_length", "_remaining", "_partial",
-                 "_partial_total", "count", "mid_batch")
+                 "_partial_total", "count", "mid_batch", "verbatim")
 
     def __init__(self, capture: frozenset[int], max_length: int = MAX_MESSAGE_LENGTH,
                  counted: frozenset[int] = frozenset(), neutral: frozenset[int] = frozenset()) -> None:
@@ -55,6 +59,7 @@ class FrameScanner:
         self._partial_total = 0  # size of the captured message being assembled; 0 while assembling a header
         self.count = 0
         self.mid_batch = False
+        self.verbatim = True  # the last feed's segments are exactly the bytes it was fed, nothing held
 
     @property
     def holding(self) -> bool:
@@ -66,6 +71,18 @@ class FrameScanner:
     def at_boundary(self) -> bool:
         """True when the bytes fed so far end exactly at a message boundary."""
         return not self._remaining and not self._partial
+
+    def release_held(self) -> bytes:
+        """Hand back the bytes held for an incomplete message (another scanner takes over the stream)."""
+        held = bytes(self._partial)
+        self._partial.clear()
+        self._partial_total = 0
+        return held
+
+    @property
+    def at_rest(self) -> bool:
+        """True at a batch boundary: no message begun since the last batch end, none half-fed."""
+        return not self.mid_batch and not self._remaining and not self._partial
 
     def _check(self, kind: int, length: int) -> None:
         if length < 4 or length > self._max_length:
@@ -79,15 +96,28 @@ class FrameScanner:
             self.mid_batch = True
 
     def feed(self, data: bytes) -> list[Segment]:
+        end = len(data)
+        if end >= HEADER_SIZE and not self._remaining and not self._partial:
+            # The common case first: a read that holds exactly one whole message.
+            kind, length = _HEADER.unpack_from(data, 0)
+            if length + 1 == end and 4 <= length <= self._max_length:
+                if kind in self._counted:
+                    self.count += 1
+                    self.mid_batch = False
+                elif kind not in self._neutral:
+                    self.mid_batch = True
+                self.verbatim = True
+                return [_new_tuple(Frame, (kind, data))] if kind in self._capture else [data]
+        self.verbatim = False  # until proven otherwise below
         out: list[Segment] = []
         view = memoryview(data)
-        end = len(data)
         pos = run_start = 0
+        intact = not self._partial
         if self._remaining:
             # The rest of a streamed body opens this chunk's pass-through run.
             pos = min(self._remaining, end)
             self._remaining -= pos
-        elif self._partial:
+        elif not intact:
             pos = run_start = self._continue_partial(view, out)
         capture = self._capture
         counted = self._counted
@@ -113,7 +143,7 @@ class FrameScanner:
                 if run_start < pos:
                     out.append(view[run_start:pos])
                 if pos + total <= end:
-                    out.append(Frame(kind, view[pos:pos + total]))
+                    out.append(_new_tuple(Frame, (kind, view[pos:pos + total])))
                     pos += total
                     run_start = pos
                 else:
@@ -127,6 +157,7 @@ class FrameScanner:
                 pos = end
         if run_start < end:
             out.append(view[run_start:end])
+        self.verbatim = intact
         return out
 
     def _continue_partial(self, view: memoryview, out: list[Segment]) -> int:

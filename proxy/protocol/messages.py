@@ -69,6 +69,10 @@ class TransactionStatus(enum.Enum):
     FAILED = ord("E")
 
 
+# A dict lookup per ReadyForQuery instead of an Enum call: this runs once per transaction.
+TRANSACTION_STATUS_BY_BYTE: dict[int, TransactionStatus] = {status.value: status for status in TransactionStatus}
+
+
 def message(kind: int, body: bytes = b"") -> bytes:
     """Frame ``body`` as one typed message."""
     return _TYPED_HEADER.pack(kind, len(body) + 4) + body

@@ -425,3 +425,42 @@ def test_malformed_message_sent_while_waiting_in_line_gets_08p01_and_frees_the_s
     holder.send(m.query("SELECT 1"))  # and the server was not kept by the refused client
     assert m.DATA_ROW in holder.read_until_ready()
     holder.close()
+
+
+@pytest.mark.parametrize("in_line", [False, True], ids=["linked", "queued"])
+@pytest.mark.parametrize("kind", [m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE])
+def test_message_with_an_empty_body_is_answered_and_the_session_goes_on(pgmux, kind, in_line) -> None:
+    # Transaction mode with named statements: pgmux reads these messages' first body bytes itself,
+    # either as they arrive or, for a client that waited in line, when a server is handed over.
+    proxy = pgmux(auth_type="trust", default_pool_size=1)
+    holder = RawClient(proxy.host, proxy.port())
+    holder.send(m.query("BEGIN"))
+    holder.read_until_ready()
+    if not in_line:
+        holder.send(m.query("COMMIT"))
+        holder.read_until_ready()
+    client = RawClient(proxy.host, proxy.port())
+    client.sock.settimeout(REPLY_TIMEOUT)
+    client.send(m.message(kind) + (b"" if kind == m.QUERY else m.message(m.SYNC)))  # each earns one ReadyForQuery
+    if in_line:
+        time.sleep(0.2)
+        holder.send(m.query("COMMIT"))
+        holder.read_until_ready()
+    answer = []
+    try:
+        while not answer or answer[-1][0] != m.READY_FOR_QUERY:
+            answer.append(client.read_message())
+    except TimeoutError:
+        pytest.fail(f"no answer and no close within {REPLY_TIMEOUT}s: {answer}")
+    except (ConnectionError, OSError):
+        # Closed: only as a protocol violation, said first (pgmux refuses what it cannot read).
+        assert answer and answer[-1][0] == m.ERROR_RESPONSE, answer
+        assert _error_fields(answer[-1][1]).get("C") == "08P01", answer
+    else:
+        assert m.ERROR_RESPONSE in [kind for kind, _ in answer], answer  # PostgreSQL's own verdict
+        client.send(m.query("SELECT 4242"))
+        assert m.DATA_ROW in client.read_until_ready()
+    client.close()
+    holder.send(m.query("SELECT 1"))  # the server was not kept in an unknown state
+    assert m.DATA_ROW in holder.read_until_ready()
+    holder.close()

@@ -43,15 +43,20 @@ def scan(scanner: FrameScanner, chunks: list[bytes]) -> tuple[bytes, list[tuple[
     out = bytearray()
     frames: list[tuple[int, bytes]] = []
     for chunk in chunks:
+        came_out = bytearray()
         for segment in scanner.feed(chunk):
             if type(segment) is Frame:
                 data = bytes(segment.data)
                 assert segment.kind == data[0]
                 assert len(data) == struct.unpack_from("!I", data, 1)[0] + 1
                 frames.append((segment.kind, data))
-                out += data
+                came_out += data
             else:
-                out += bytes(segment)
+                came_out += bytes(segment)
+        if scanner.verbatim:
+            # The relay's fast path forwards the chunk itself when this holds.
+            assert came_out == chunk
+        out += came_out
     return bytes(out), frames
 
 
@@ -129,6 +134,21 @@ def test_empty_feeds_change_nothing() -> None:
         chunks += [b"", CLIENT_STREAM[i:i + 7], b""]
     out, frames = scan(scanner, chunks)
     assert (out, frames, scanner.count) == (CLIENT_STREAM, EXPECTED_FRAMES, EXPECTED_COUNT)
+
+
+def test_verbatim_is_false_while_bytes_are_held_or_released() -> None:
+    query = msg("Q", b"SELECT 1\x00")
+    scanner = FrameScanner(frozenset({ord("Q")}))
+    scanner.feed(query[:3])
+    assert not scanner.verbatim  # a split header is held back
+    scanner.feed(query[3:] + query[:7])
+    assert not scanner.verbatim  # the held header comes out in front of this chunk's bytes
+    scanner.feed(query[7:])
+    assert not scanner.verbatim
+    scanner.feed(query + query)
+    assert scanner.verbatim
+    scanner.feed(query)
+    assert scanner.verbatim
 
 
 def test_at_boundary_is_false_inside_a_header_or_body() -> None:
