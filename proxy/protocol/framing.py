@@ -30,6 +30,69 @@ _new_tuple = tuple.__new__
 Segment = memoryview | bytes | Frame
 """What ``FrameScanner.feed`` yields: raw bytes to pass through as they are, or a captured Frame."""
 
+# Per message type, one byte of flags: what the walk does when it meets a header of that type.
+CAPTURE, COUNTED, NEUTRAL = 1, 2, 4
+# Where a walk over one chunk stopped (the C walk in _scanner.c returns the same numbers).
+WALK_DONE, WALK_HEADER_SPLIT, WALK_CAPTURE_SPLIT, WALK_BODY_SPLIT, WALK_INVALID = range(5)
+WalkResult = tuple[int, int, int, int, int, int]
+"""(status, pos, run_start, messages counted, mid_batch as -1 unchanged / 0 / 1, total size of the
+message the walk stopped at, or 0)."""
+
+
+def walk_python(data: bytes, view: memoryview, pos: int, run_start: int, flags: bytes, max_length: int,
+                frame_type: type[Frame], out: list[Segment]) -> WalkResult:
+    """Walk the whole messages of one chunk from ``pos``, appending pass-through runs and Frames to ``out``.
+
+    The reference for (and fallback to) the compiled walk in ``_scanner.c``: the hot loop of every
+    read pgmux relays. It stops at the chunk's end or where the caller must decide something.
+    """
+    end = len(data)
+    unpack = _HEADER.unpack_from
+    counted = 0
+    mid_batch = -1
+    while pos < end:
+        if end - pos < HEADER_SIZE:
+            return WALK_HEADER_SPLIT, pos, run_start, counted, mid_batch, 0
+        kind, length = unpack(data, pos)
+        if length < 4 or length > max_length:
+            return WALK_INVALID, pos, run_start, counted, mid_batch, 0
+        flag = flags[kind]
+        if flag & COUNTED:
+            counted += 1
+            mid_batch = 0
+        elif not flag & NEUTRAL:
+            mid_batch = 1
+        total = length + 1
+        if flag & CAPTURE:
+            if run_start < pos:
+                out.append(view[run_start:pos])
+            run_start = pos
+            if pos + total > end:
+                return WALK_CAPTURE_SPLIT, pos, run_start, counted, mid_batch, total
+            out.append(_new_tuple(frame_type, (kind, view[pos:pos + total])))
+            pos += total
+            run_start = pos
+        elif pos + total <= end:
+            pos += total
+        else:
+            return WALK_BODY_SPLIT, pos, run_start, counted, mid_batch, total
+    return WALK_DONE, pos, run_start, counted, mid_batch, 0
+
+
+try:
+    from proxy.protocol._scanner import walk as walk_compiled
+except ImportError:  # not built (no C compiler at install time): the same walk in Python
+    walk_compiled = None
+
+WALKS = {"python": walk_python, **({"compiled": walk_compiled} if walk_compiled is not None else {})}
+_walk = walk_compiled or walk_python
+
+
+def kind_flags(capture: frozenset[int], counted: frozenset[int], neutral: frozenset[int]) -> bytes:
+    """The 256-byte table a walk reads: CAPTURE, COUNTED and NEUTRAL bits per message type."""
+    return bytes((CAPTURE if kind in capture else 0) | (COUNTED if kind in counted else 0)
+                 | (NEUTRAL if kind in neutral else 0) for kind in range(256))
+
 
 class FrameScanner:
     """Finds message boundaries in a stream without building an object per message.
@@ -45,7 +108,7 @@ class FrameScanner:
     types in ``neutral`` (COPY data) neither open nor close a batch.
     """
 
-    __slots__ = ("_capture", "_counted", "_neutral", "_max_length", "_remaining", "_partial",
+    __slots__ = ("_capture", "_counted", "_neutral", "_flags", "_max_length", "_remaining", "_partial",
                  "_partial_total", "count", "mid_batch", "verbatim")
 
     def __init__(self, capture: frozenset[int], max_length: int = MAX_MESSAGE_LENGTH,
@@ -53,6 +116,7 @@ class FrameScanner:
         self._capture = capture
         self._counted = counted
         self._neutral = neutral
+        self._flags = kind_flags(capture, counted, neutral)
         self._max_length = max_length
         self._remaining = 0  # body bytes still to stream through for a message not captured
         self._partial = bytearray()  # an incomplete header, or an incomplete captured message
@@ -119,45 +183,25 @@ class FrameScanner:
             self._remaining -= pos
         elif not intact:
             pos = run_start = self._continue_partial(view, out)
-        capture = self._capture
-        counted = self._counted
-        neutral = self._neutral
-        max_length = self._max_length
-        unpack = _HEADER.unpack_from
-        while pos < end:
-            if end - pos < HEADER_SIZE:
-                if run_start < pos:
-                    out.append(view[run_start:pos])
-                self._partial += view[pos:]
-                return out
-            kind, length = unpack(data, pos)
-            if length < 4 or length > max_length:
-                self._check(kind, length)
-            if kind in counted:
-                self.count += 1
-                self.mid_batch = False
-            elif kind not in neutral:
-                self.mid_batch = True
-            total = length + 1
-            if kind in capture:
-                if run_start < pos:
-                    out.append(view[run_start:pos])
-                if pos + total <= end:
-                    out.append(_new_tuple(Frame, (kind, view[pos:pos + total])))
-                    pos += total
-                    run_start = pos
-                else:
-                    self._partial += view[pos:]
-                    self._partial_total = total
-                    return out
-            elif pos + total <= end:
-                pos += total
-            else:
-                self._remaining = pos + total - end
-                pos = end
-        if run_start < end:
-            out.append(view[run_start:end])
-        self.verbatim = intact
+        status, pos, run_start, counted, mid_batch, total = _walk(
+            data, view, pos, run_start, self._flags, self._max_length, Frame, out)
+        if counted:
+            self.count += counted
+        if mid_batch >= 0:
+            self.mid_batch = mid_batch == 1
+        if status == WALK_DONE or status == WALK_BODY_SPLIT:
+            if status == WALK_BODY_SPLIT:
+                self._remaining = pos + total - end  # the body streams through as it arrives
+            if run_start < end:
+                out.append(view[run_start:end])
+            self.verbatim = intact
+            return out
+        if status == WALK_INVALID:
+            self._check(*_HEADER.unpack_from(data, pos))
+        if run_start < pos:
+            out.append(view[run_start:pos])
+        self._partial += view[pos:]  # a split header, or a captured message to assemble
+        self._partial_total = total
         return out
 
     def _continue_partial(self, view: memoryview, out: list[Segment]) -> int:

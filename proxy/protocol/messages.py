@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import struct
 from collections.abc import Iterable, Mapping
 
@@ -92,7 +93,7 @@ def read_cstring(body: bytes | memoryview, offset: int) -> tuple[str, int]:
 # ---- backend messages pgmux sends to clients -------------------------------------------------
 
 def authentication_ok() -> bytes:
-    return message(AUTHENTICATION, INT32.pack(AUTH_OK))
+    return _AUTHENTICATION_OK
 
 
 def authentication_cleartext() -> bytes:
@@ -121,7 +122,13 @@ def parameter_status(name: str, value: str) -> bytes:
 
 
 def parameter_statuses(params: Mapping[str, str]) -> bytes:
-    return b"".join(parameter_status(k, v) for k, v in params.items())
+    return _parameter_statuses(tuple(params.items()))
+
+
+@functools.lru_cache(maxsize=256)
+def _parameter_statuses(items: tuple[tuple[str, str], ...]) -> bytes:
+    # Every login is welcomed with the same dozen or so parameters: build their messages once.
+    return b"".join(parameter_status(k, v) for k, v in items)
 
 
 def backend_key_data(process_id: int, secret_key: int) -> bytes:
@@ -129,7 +136,7 @@ def backend_key_data(process_id: int, secret_key: int) -> bytes:
 
 
 def ready_for_query(status: TransactionStatus = TransactionStatus.IDLE) -> bytes:
-    return message(READY_FOR_QUERY, bytes((status.value,)))
+    return _READY_FOR_QUERY[status]
 
 
 def negotiate_protocol_version(newest_minor: int, unsupported_options: Iterable[str]) -> bytes:
@@ -243,3 +250,8 @@ def data_row(values: Iterable[str | None]) -> bytes:
 
 def empty_query_response() -> bytes:
     return message(EMPTY_QUERY_RESPONSE)
+
+
+# Sent on every login: built once.
+_AUTHENTICATION_OK = message(AUTHENTICATION, INT32.pack(AUTH_OK))
+_READY_FOR_QUERY = {status: message(READY_FOR_QUERY, bytes((status.value,))) for status in TransactionStatus}
