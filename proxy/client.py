@@ -317,6 +317,7 @@ class ClientConnection(asyncio.Protocol):
             self._route(scanner.release_held())  # a message split across reads began behind the last one
 
     def _authenticated(self) -> None:
+        self._auth = None  # its SCRAM state is a kilobyte or two per idle client, needed no more
         if self.database in ADMIN_DATABASES:
             self._open_admin_console()
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import NamedTuple
 
@@ -88,8 +89,13 @@ WALKS = {"python": walk_python, **({"compiled": walk_compiled} if walk_compiled 
 _walk = walk_compiled or walk_python
 
 
+@functools.lru_cache(maxsize=64)
 def kind_flags(capture: frozenset[int], counted: frozenset[int], neutral: frozenset[int]) -> bytes:
-    """The 256-byte table a walk reads: CAPTURE, COUNTED and NEUTRAL bits per message type."""
+    """The 256-byte table a walk reads: CAPTURE, COUNTED and NEUTRAL bits per message type.
+
+    Cached: every connection builds two scanners from the same few sets, and building one costs
+    more than a whole transaction's relay.
+    """
     return bytes((CAPTURE if kind in capture else 0) | (COUNTED if kind in counted else 0)
                  | (NEUTRAL if kind in neutral else 0) for kind in range(256))
 
