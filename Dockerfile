@@ -5,6 +5,9 @@
 ARG PYTHON_VERSION=3.12
 
 FROM python:${PYTHON_VERSION}-slim AS build
+# A compiler in the build stage only: the pgmux wheel then carries the compiled message scanner
+# (proxy/protocol/_scanner.c); the runtime image stays without one.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy

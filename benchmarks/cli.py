@@ -51,12 +51,15 @@ def _parser() -> argparse.ArgumentParser:
                         help="max_connections of the embedded PostgreSQL (default 100, PostgreSQL's default)")
     parser.add_argument("--scale", type=int, default=1, help="pgbench -i scale (default 1)")
     parser.add_argument("--time-budget", type=float, default=None,
-                        help="skip what is left once this many seconds have passed (default 1500; 150 with --quick)")
+                        help="skip what is left once this many seconds have passed (default 2400; 150 with --quick)")
     parser.add_argument("--pgbouncer", default=None, metavar="PATH",
                         help="the pgbouncer binary (default: from PATH or /usr/sbin); 'none' leaves PgBouncer out")
     parser.add_argument("--pgmux-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for `python -m proxy serve` (repeatable), e.g. --pgmux-arg=--x=1")
     parser.add_argument("--steady-clients", default=None, help="override steady client counts, e.g. 10,50")
+    parser.add_argument("--steady-repeats", type=int, default=None,
+                        help="times each pgbench configuration runs per target; the median-tps run is reported "
+                             "(default 3; 1 with --quick)")
     parser.add_argument("--storm-clients", type=int, default=None, help="override the storm's client count")
     parser.add_argument("--idle-clients", type=int, default=None, help="override the idle fleet's client count")
     parser.add_argument("--serverless-workers", type=int, default=None, help="override serverless workers")
@@ -131,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     duration = args.duration if args.duration is not None else (1.0 if quick else 10.0)
     wait_timeout = args.query_wait_timeout if args.query_wait_timeout is not None else (10.0 if quick else 30.0)
-    budget = args.time_budget if args.time_budget is not None else (150.0 if quick else 1500.0)
+    budget = args.time_budget if args.time_budget is not None else (150.0 if quick else 2400.0)
     extra: dict[str, Any] = {}
     if args.steady_clients:
         extra["steady_clients"] = [int(x) for x in args.steady_clients.split(",") if x.strip()]
+    if args.steady_repeats is not None:
+        extra["steady_repeats"] = max(1, args.steady_repeats)
     for key in ("storm_clients", "idle_clients", "serverless_workers"):
         if getattr(args, key) is not None:
             extra[key] = getattr(args, key)
