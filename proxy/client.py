@@ -410,29 +410,25 @@ class ClientConnection(asyncio.Protocol):
         before = scanner.count
         try:
             segments = scanner.feed(data)
-        except ProtocolViolation as exc:
-            self.fail(errors.protocol_violation(str(exc)), reason="protocol_error")
-            return
-        stats = self.pool.stats  # type: ignore[union-attr]
-        stats.bytes_received += len(data)
-        if scanner.count != before:
-            if not self.pending:
-                self.query_started = time.monotonic()
-            self.pending += scanner.count - before
-            stats.queries += scanner.count - before
-        server = self.server
-        assert server is not None
-        if scanner.verbatim and len(segments) == 1:
-            # The common cases: bytes with nothing to look at, or one whole simple Query.
-            segment = segments[0]
-            if type(segment) is not Frame:
-                server.write(data)
-                return
-            if segment.kind == m.QUERY:
-                self._note_query(segment.data, server)
-                server.write(data)
-                return
-        try:
+            stats = self.pool.stats  # type: ignore[union-attr]
+            stats.bytes_received += len(data)
+            if scanner.count != before:
+                if not self.pending:
+                    self.query_started = time.monotonic()
+                self.pending += scanner.count - before
+                stats.queries += scanner.count - before
+            server = self.server
+            assert server is not None
+            if scanner.verbatim and len(segments) == 1:
+                # The common cases: bytes with nothing to look at, or one whole simple Query.
+                segment = segments[0]
+                if type(segment) is not Frame:
+                    server.write(data)
+                    return
+                if segment.kind == m.QUERY:
+                    self._note_query(segment.data, server)
+                    server.write(data)
+                    return
             self._forward_segments(segments, server)
         except ProtocolViolation as exc:
             self.fail(errors.protocol_violation(str(exc)), reason="protocol_error")
@@ -575,21 +571,22 @@ class ClientConnection(asyncio.Protocol):
         elapsed = now - self._linked_at
         stats.xact_time += elapsed
         stats.xact_histogram.observe(elapsed)
-        if self.statements is not None and (
-                server.discard_statements
-                or len(server.prepared.statements) > self.proxy.settings.max_prepared_statements):
+        if self.statements is not None:
             self._trim_statements(server)
         self.pool.release(server)
 
     def _trim_statements(self, server: ServerConnection) -> None:
         """Between transactions: keep the server within max_prepared_statements, or drop stale plans."""
         held = server.prepared.statements
+        limit = self.proxy.settings.max_prepared_statements
+        if not server.discard_statements and len(held) <= limit:
+            return  # the common case: nothing to drop
         if server.discard_statements:
             server.discard_statements = False
             held.clear()
             server.send_internal("DEALLOCATE ALL")
             return
-        evicted = held.evict_over(self.proxy.settings.max_prepared_statements)
+        evicted = held.evict_over(limit)
         if evicted:
             self.pool.stats.prepared.evictions += len(evicted)  # type: ignore[union-attr]
             server.send_internal(deallocate_sql(evicted))

@@ -274,7 +274,8 @@ class Pool:
         if not self.waiters:
             self._deadlines_unordered = False
         for waiter in expired:
-            self._refuse(waiter, errors.wait_timeout(str(self.key), self.config.query_wait_timeout,
+            # Each with the timeout it joined with (a reload may have changed the setting since).
+            self._refuse(waiter, errors.wait_timeout(str(self.key), waiter.deadline - waiter.since,
                                                      len(self.active), others, self.config.pool_size))
 
     def release(self, server: ServerConnection) -> None:
