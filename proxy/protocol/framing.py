@@ -114,14 +114,11 @@ class FrameScanner:
     types in ``neutral`` (COPY data) neither open nor close a batch.
     """
 
-    __slots__ = ("_capture", "_counted", "_neutral", "_flags", "_max_length", "_remaining", "_partial",
+    __slots__ = ("_flags", "_max_length", "_remaining", "_partial",
                  "_partial_total", "count", "mid_batch", "verbatim")
 
     def __init__(self, capture: frozenset[int], max_length: int = MAX_MESSAGE_LENGTH,
                  counted: frozenset[int] = frozenset(), neutral: frozenset[int] = frozenset()) -> None:
-        self._capture = capture
-        self._counted = counted
-        self._neutral = neutral
         self._flags = kind_flags(capture, counted, neutral)
         self._max_length = max_length
         self._remaining = 0  # body bytes still to stream through for a message not captured
@@ -158,11 +155,11 @@ class FrameScanner:
         if length < 4 or length > self._max_length:
             raise ProtocolViolation(f"invalid length {length} for message type {chr(kind)!r}")
 
-    def _note(self, kind: int) -> None:
-        if kind in self._counted:
+    def _note(self, flag: int) -> None:
+        if flag & COUNTED:
             self.count += 1
             self.mid_batch = False
-        elif kind not in self._neutral:
+        elif not flag & NEUTRAL:
             self.mid_batch = True
 
     def feed(self, data: bytes) -> list[Segment]:
@@ -171,13 +168,10 @@ class FrameScanner:
             # The common case first: a read that holds exactly one whole message.
             kind, length = _HEADER.unpack_from(data, 0)
             if length + 1 == end and 4 <= length <= self._max_length:
-                if kind in self._counted:
-                    self.count += 1
-                    self.mid_batch = False
-                elif kind not in self._neutral:
-                    self.mid_batch = True
+                flag = self._flags[kind]
+                self._note(flag)
                 self.verbatim = True
-                return [_new_tuple(Frame, (kind, data))] if kind in self._capture else [data]
+                return [_new_tuple(Frame, (kind, data))] if flag & CAPTURE else [data]
         self.verbatim = False  # until proven otherwise below
         out: list[Segment] = []
         view = memoryview(data)
@@ -221,9 +215,10 @@ class FrameScanner:
                 return pos
             kind, length = _HEADER.unpack_from(partial, 0)
             self._check(kind, length)
-            self._note(kind)
+            flag = self._flags[kind]
+            self._note(flag)
             total = length + 1
-            if kind not in self._capture:
+            if not flag & CAPTURE:
                 # Stream this message: its header goes out now, its body as it arrives.
                 out.append(bytes(partial))
                 partial.clear()
