@@ -149,7 +149,7 @@ class FrameScanner:
     @property
     def at_rest(self) -> bool:
         """True at a batch boundary: no message begun since the last batch end, none half-fed."""
-        return not self.mid_batch and not self._remaining and not self._partial
+        return not self.mid_batch and self.at_boundary
 
     def _check(self, kind: int, length: int) -> None:
         if length < 4 or length > self._max_length:
