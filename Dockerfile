@@ -5,11 +5,11 @@
 ARG PYTHON_VERSION=3.12
 
 FROM python:${PYTHON_VERSION}-slim AS build
-# A compiler in the build stage only: the pgmux wheel then carries the compiled message scanner
-# (proxy/protocol/_scanner.c); the runtime image stays without one.
+# A compiler in the build stage only: the pgmux wheel then carries the compiled hot path (mypyc
+# modules and proxy/protocol/_scanner.c, see setup.py); the runtime image stays without one.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
 # Wheels for pgmux and its runtime dependencies only (no test or dev extras).
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .

@@ -31,6 +31,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from benchmarks.pgwire import BlockingConnection, Endpoint
 from benchmarks.procs import ManagedProcess, free_port, run_bounded
+from proxy.compiled import PURE_PYTHON_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -288,7 +289,9 @@ class BenchEnv:
     def _start_pgmux(self, auth: str) -> tuple[ManagedProcess, int]:
         port = free_port()
         run_dir = Path(tempfile.mkdtemp(prefix="pgmux-", dir=self.workdir))
-        env = {key: value for key, value in os.environ.items() if not key.startswith("PGMUX_")}
+        # No inherited settings; the build choice (PGMUX_PURE_PYTHON) is kept: versions() reports it.
+        env = {key: value for key, value in os.environ.items()
+               if not key.startswith("PGMUX_") or key == PURE_PYTHON_ENV}
         env["PGMUX_UPSTREAM_URL"] = self.upstream_url(auth)
         env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         # cwd is an empty directory, so no stray ./pgmux.toml is picked up.
@@ -365,14 +368,15 @@ class BenchEnv:
     # ----------------------------------------------------------------- facts
 
     def versions(self) -> dict[str, str | None]:
-        from proxy import __version__ as pgmux_version
+        from proxy import BUILD, __version__
 
         return {
             "postgres": self.server_version,
             "postgres_source": self.source,
             "pgbench": _first_line([self.pgbench, "--version"]),
             "pgbouncer": _first_line([self.pgbouncer, "--version"]) if self.pgbouncer else None,
-            "pgmux": pgmux_version,
+            # The pgmux processes inherit this environment, so they make the same choice.
+            "pgmux": f"{__version__}, {BUILD.describe()}",
         }
 
     def close(self) -> None:

@@ -172,7 +172,7 @@ class AdminSession:
             self.client.fail(errors.protocol_violation(str(exc)), reason="protocol_error")
             return
         for segment in segments:
-            if type(segment) is not Frame:
+            if not isinstance(segment, Frame):
                 continue
             if segment.kind == m.TERMINATE:
                 self._stop_waiting()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import hmac
 import secrets
 import signal
@@ -13,6 +14,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from proxy import BUILD, __version__
 from proxy.admission import Admission
 from proxy.auth.secrets import UserSecret
 from proxy.client import ClientConnection, ClientState
@@ -100,10 +102,11 @@ class Proxy:
     # ---- listening ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        log.info("pgmux %s, %s", __version__, BUILD.describe())
         loop = asyncio.get_running_loop()
         for listener in self.settings.all_listeners():
             host, port = split_address(listener.address)
-            server = await loop.create_server(lambda listener=listener: self._accept(listener), host, port,
+            server = await loop.create_server(functools.partial(self._accept, listener), host, port,
                                               reuse_address=True, backlog=4096)
             self._servers.append(server)
             bound = server.sockets[0].getsockname()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from proxy import __version__
+from proxy import BUILD, __version__
 from proxy.logs import get_logger, setup_logging
 from proxy.settings import Settings, load_settings
 
@@ -53,7 +53,7 @@ def load_or_exit(config: Path | None, setting_flags: list[str], **overrides: obj
 def main(argv: list[str] | None = None) -> None:
     args, setting_flags = _parser().parse_known_args(argv)
     if args.command == "version":
-        print(f"pgmux {__version__}")
+        print(f"pgmux {__version__}, {BUILD.describe()}")
         return
     if args.command == "demo":
         from proxy.demo import run_demo

@@ -8,7 +8,7 @@ import enum
 import itertools
 import re
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from proxy.auth.client_auth import AuthenticationFailed, ClientAuthenticator, client_authenticator
 from proxy.logs import get_logger
@@ -118,7 +118,7 @@ class ClientConnection(asyncio.Protocol):
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self.transport.set_write_buffer_limits(high=256 * 1024)
@@ -132,10 +132,10 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self._route(data)
-        except ProtocolViolation as exc:
-            self.fail(errors.protocol_violation(str(exc)), reason="protocol_error")
-        except PgError as exc:
-            self.fail(exc)
+        except ProtocolViolation as violation:
+            self.fail(errors.protocol_violation(str(violation)), reason="protocol_error")
+        except PgError as error:
+            self.fail(error)
 
     def _route(self, data: bytes) -> None:
         state = self.state
@@ -292,10 +292,10 @@ class ClientConnection(asyncio.Protocol):
             if self.state is not ClientState.AUTH:
                 if self.state is not ClientState.CLOSED:
                     # Bytes pipelined behind the last auth message belong to the session.
-                    rest = [bytes(s.data) if type(s) is Frame else bytes(s) for s in segments[index:]]
+                    rest = [bytes(s.data) if isinstance(s, Frame) else bytes(s) for s in segments[index:]]
                     self._route(b"".join(rest) + scanner.release_held())
                 return
-            if type(segment) is not Frame:
+            if not isinstance(segment, Frame):
                 continue  # captures everything: only incomplete tails come back raw, and they stay inside
             if segment.kind == m.TERMINATE:
                 self._close_quietly("client left during authentication")
@@ -422,7 +422,7 @@ class ClientConnection(asyncio.Protocol):
             if scanner.verbatim and len(segments) == 1:
                 # The common cases: bytes with nothing to look at, or one whole simple Query.
                 segment = segments[0]
-                if type(segment) is not Frame:
+                if not isinstance(segment, Frame):
                     server.write(data)
                     return
                 if segment.kind == m.QUERY:
@@ -437,7 +437,7 @@ class ClientConnection(asyncio.Protocol):
         out: list[bytes | memoryview] = []
         statements = self.statements
         for segment in segments:
-            if type(segment) is not Frame:
+            if not isinstance(segment, Frame):
                 out.append(segment)
                 continue
             kind = segment.kind

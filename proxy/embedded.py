@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType, TracebackType
+from typing import Any
 from urllib.parse import quote, urlencode
 
 __all__ = ["EmbeddedPostgres", "postgres_bin_dir", "start_embedded_postgres"]
@@ -638,7 +639,7 @@ def _run_psql(bin_dir: Path, connection_args: Sequence[str], sql: str) -> str:
     return result.stdout
 
 
-def _run_as_kwargs(os_user: pwd.struct_passwd | None) -> dict[str, object]:
+def _run_as_kwargs(os_user: pwd.struct_passwd | None) -> dict[str, Any]:
     if os_user is None:
         return {}
     # extra_groups=[] drops root's supplementary groups (group 0 among them).

@@ -8,13 +8,13 @@ import platform
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy import __version__
+from proxy import BUILD, __version__
 from proxy.client import ClientState
 from proxy.logs import get_logger
 from proxy.server import ServerState
@@ -52,7 +52,8 @@ POOL_LABELS = ("database", "user")
 # The catalogue of pgmux's own metrics: name -> (type, help, labels). The collector emits exactly
 # these (plus process_* and python_* from prometheus-client); the dashboard and the tests read it.
 METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "pgmux_build_info": ("gauge", "pgmux version and Python version (value 1)", ("version", "python_version")),
+    "pgmux_build_info": ("gauge", "pgmux version, Python version and whether the hot path runs compiled (value 1)",
+                         ("version", "python_version", "hot_path")),
     "pgmux_ready": ("gauge", "1 when /readyz says ready: listening, not draining, every upstream reachable", ()),
     "pgmux_draining": ("gauge", "1 once shutdown has begun", ()),
     "pgmux_client_connections": ("gauge", "Client sockets open now, in any state (logging in, pooled, admin)", ()),
@@ -244,12 +245,13 @@ class PgmuxCollector:
     def collect(self) -> Iterator[Metric]:
         proxy = self.proxy
         now = time.monotonic()
-        families = {name: _family(name) for name in METRICS}
+        # Any: each family kind has its own add_metric signature, chosen by METRICS[name].
+        families: dict[str, Any] = {name: _family(name) for name in METRICS}
 
         def gauge(name: str, value: float, *labels: str) -> None:
             families[name].add_metric(labels, value)
 
-        gauge("pgmux_build_info", 1, __version__, platform.python_version())
+        gauge("pgmux_build_info", 1, __version__, platform.python_version(), "compiled" if BUILD.compiled else "python")
         gauge("pgmux_ready", 1 if proxy.readiness.ready()[0] else 0)
         gauge("pgmux_draining", 1 if proxy.draining else 0)
         gauge("pgmux_client_connections", len(proxy.clients))
@@ -267,13 +269,13 @@ class PgmuxCollector:
                 for state in CLIENT_STATES:
                     clients[(pool.key.database, pool.key.user, mode, state)] = 0
         for client in proxy.clients:
-            state = _CLIENT_STATE_NAMES.get(client.state)
-            if state is None or client.pool is None:
+            client_state = _CLIENT_STATE_NAMES.get(client.state)
+            if client_state is None or client.pool is None:
                 continue
             key = client.pool.key
-            clients[(key.database, key.user, client.listener.pool_mode.value, state)] += 1
-        for labels, count in sorted(clients.items()):
-            gauge("pgmux_clients", count, *labels)
+            clients[(key.database, key.user, client.listener.pool_mode.value, client_state)] += 1
+        for client_labels, count in sorted(clients.items()):
+            gauge("pgmux_clients", count, *client_labels)
 
         server_counts: collections.Counter[str] = collections.Counter()
         for pool in sorted(proxy.pools.values(), key=lambda p: (p.key.database, p.key.user)):

@@ -78,15 +78,15 @@ def sync_sql(wanted: dict[str, str], wanted_unreported: dict[str, str],
             server_params[name] = value
     statements: list[str] = []
     for name in wanted_unreported.keys() | server_unreported.keys():
-        value = wanted_unreported.get(name)
-        if server_unreported.get(name) == value:
+        wanted_value = wanted_unreported.get(name)
+        if server_unreported.get(name) == wanted_value:
             continue
-        if value is None:
+        if wanted_value is None:
             statements.append(f"RESET {name}")
             del server_unreported[name]
         else:
-            changes.append((name, value))
-            server_unreported[name] = value
+            changes.append((name, wanted_value))
+            server_unreported[name] = wanted_value
     if changes:
         calls = ", ".join(f"pg_catalog.set_config({_quote_literal(name)}, {_quote_literal(value)}, false)"
                           for name, value in changes)

@@ -426,7 +426,7 @@ class Pool:
         if not self._failures:
             self._down_since = now
         self._failures += 1
-        self._permanent_failure = bool(exc.sqlstate) and exc.sqlstate[:2] in ("28", "3D", "42")
+        self._permanent_failure = exc.sqlstate is not None and exc.sqlstate[:2] in ("28", "3D", "42")
         log.warning("pool %s: could not log in to %s: %s", self.key, self.config.upstream.redacted(),
                     exc.reason)
         # Retry soon, then less often: 0.25 s doubling up to 2 s, so a returning upstream is noticed fast.

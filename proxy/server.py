@@ -9,7 +9,7 @@ import itertools
 import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from proxy.auth.server_auth import ServerAuthenticator, ServerAuthError
 from proxy.logs import get_logger
@@ -35,7 +35,7 @@ _TX_STATUS = m.TRANSACTION_STATUS_BY_BYTE
 def _ends_at_last_ready(segments: list) -> bool:
     """True unless a ReadyForQuery is followed by more bytes in the same read."""
     for segment in segments[:-1]:
-        if type(segment) is Frame and segment.kind == m.READY_FOR_QUERY:
+        if isinstance(segment, Frame) and segment.kind == m.READY_FOR_QUERY:
             return False
     return True
 
@@ -115,7 +115,7 @@ class ServerConnection(asyncio.Protocol):
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self._ssl_reply is not None and not self._ssl_reply.done():
@@ -137,7 +137,7 @@ class ServerConnection(asyncio.Protocol):
             client.write(data)
             client.pool.stats.bytes_sent += len(data)  # type: ignore[union-attr]
             for segment in segments:
-                if type(segment) is Frame:
+                if isinstance(segment, Frame):
                     self._relay_frame(segment, client)
             return
         # Slow path: some bytes are pgmux's own, or the link may end inside this read (then what
@@ -145,7 +145,7 @@ class ServerConnection(asyncio.Protocol):
         out: list[bytes | memoryview] = []
         for segment in segments:
             client = self.client
-            if type(segment) is Frame:
+            if isinstance(segment, Frame):
                 if self.swallow:
                     self._swallow_frame(segment)
                 elif client is not None:
@@ -287,18 +287,18 @@ class ServerConnection(asyncio.Protocol):
         except TimeoutError:
             self.close("login timed out")
             raise ServerLoginError(f"timed out after server_connect_timeout={timeout:g}s") from None
-        except ssl.SSLError as exc:
+        except ssl.SSLError as tls_error:
             self.close("TLS failed")
-            raise ServerLoginError(f"TLS handshake failed: {exc.reason or exc}") from None
-        except OSError as exc:
+            raise ServerLoginError(f"TLS handshake failed: {tls_error.reason or tls_error}") from None
+        except OSError as os_error:
             self.close("connect failed")
-            raise ServerLoginError(exc.strerror or str(exc)) from None
+            raise ServerLoginError(os_error.strerror or str(os_error)) from None
         except ServerLoginError:
             self.close("login failed")
             raise
-        except ServerAuthError as exc:
+        except ServerAuthError as auth_error:
             self.close("login failed")
-            raise ServerLoginError(str(exc)) from None
+            raise ServerLoginError(str(auth_error)) from None
         self._login_frames = None
         self._scanner = FrameScanner(_RELAY_CAPTURE)
 

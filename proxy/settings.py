@@ -97,7 +97,7 @@ def parse_upstream_url(url: str) -> Upstream:
     parts = urlsplit(url)
     if parts.scheme not in ("postgres", "postgresql"):
         raise ValueError("upstream URL must start with postgresql://")
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    query: dict[str, str] = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     host = query.pop("host", None) or unquote(parts.hostname or "") or "localhost"
     try:
         port = int(query.pop("port", None) or parts.port or 5432)
@@ -105,13 +105,13 @@ def parse_upstream_url(url: str) -> Upstream:
         # urlsplit's own message would quote what it took for the port: possibly part of the password.
         raise ValueError("upstream URL has an invalid port; percent-encode '/', '@', ':' and '#' "
                          "in the user name and password") from None
-    user = unquote(query.pop("user", None) or parts.username or "")
+    user = unquote(query.pop("user", "") or parts.username or "")
     if not user:
         raise ValueError("upstream URL must name a user (postgresql://USER:PASSWORD@host/db)")
     password = query.pop("password", None)
     if password is None and parts.password is not None:
         password = unquote(parts.password)
-    database = unquote(query.pop("dbname", None) or parts.path.lstrip("/") or user)
+    database = unquote(query.pop("dbname", "") or parts.path.lstrip("/") or user)
     try:
         sslmode = SslMode(query.pop("sslmode", "prefer"))
     except ValueError:

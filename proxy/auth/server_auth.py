@@ -67,7 +67,8 @@ class ServerAuthenticator:
         """Given one Authentication request (code, payload as from messages.parse_authentication),
         return the whole message to send back, or None when nothing is to be sent."""
         if code == messages.AUTH_OK:
-            return self._ok()
+            self._ok()
+            return None
         if code == messages.AUTH_CLEARTEXT_PASSWORD:
             self._expect(_Stage.NEW, "AuthenticationCleartextPassword")
             password = self._require_password()
@@ -80,7 +81,8 @@ class ServerAuthenticator:
         if code == messages.AUTH_SASL_CONTINUE:
             return self._sasl_continue(payload)
         if code == messages.AUTH_SASL_FINAL:
-            return self._sasl_final(payload)
+            self._sasl_final(payload)
+            return None
         name = _UNSUPPORTED_METHODS.get(code, "an unknown method")
         raise ServerAuthError(
             f"server requested {name} authentication (code {code}) for user {self.user!r}, "
@@ -150,7 +152,6 @@ class ServerAuthenticator:
             # Mostly "server signature doesn't match": the server does not know the password.
             raise ServerAuthError(f"SCRAM server verification failed for user {self.user!r}: {exc}") from None
         self._stage = _Stage.SASL_VERIFIED
-        return None
 
     def _require_password(self) -> str:
         if self._password is None:

@@ -81,7 +81,7 @@ def walk_python(data: bytes, view: memoryview, pos: int, run_start: int, flags: 
 
 
 try:
-    from proxy.protocol._scanner import walk as walk_compiled
+    from proxy.protocol._scanner import walk as walk_compiled  # type: ignore[import-not-found,import-untyped,unused-ignore]
 except ImportError:  # not built (no C compiler at install time): the same walk in Python
     walk_compiled = None
 

@@ -127,7 +127,7 @@ def test_dockerignore_keeps_tests_out_and_the_package_in() -> None:
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
     assert {"tests", "benchmarks", ".git"} <= ignored
-    assert not ignored & {"proxy", "pyproject.toml", "README.md"}
+    assert not ignored & {"proxy", "pyproject.toml", "setup.py", "README.md"}
 
 
 # ---- docker-compose.yml -------------------------------------------------------------------------

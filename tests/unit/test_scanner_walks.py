@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import proxy
+from proxy.compiled import PURE_PYTHON_ENV
 from proxy.protocol import framing
 from proxy.protocol.framing import MAX_MESSAGE_LENGTH, Frame
 from test_framing import _capture_sets as _kind_sets
@@ -17,6 +20,8 @@ FUZZ = settings(max_examples=2500, deadline=None, suppress_health_check=[HealthC
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler here, so no compiled walk was built")
+@pytest.mark.skipif(not proxy.BUILD.compiled and PURE_PYTHON_ENV in os.environ,
+                    reason=f"{PURE_PYTHON_ENV} is set: the pure-Python build is under test")
 def test_the_compiled_walk_is_built_where_a_compiler_exists() -> None:
     # `pip install -e .` builds it (setup.py, optional): without this test a failed build would
     # silently leave only the pure-Python walk tested and used.
