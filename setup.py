@@ -32,6 +32,9 @@ HOT_MODULES = [
     "proxy/protocol/framing.py",
     "proxy/protocol/messages.py",
     "proxy/protocol/startup.py",
+    "proxy/app.py",
+    "proxy/admission.py",
+    "proxy/auth/client_auth.py",
 ]
 SCANNER_SOURCE = "proxy/protocol/_scanner.c"
 # What was compiled, by content: proxy/compiled.py refuses a build whose sources have changed since.

@@ -9,8 +9,9 @@ import functools
 import hmac
 import secrets
 import signal
+import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,10 +107,13 @@ class Proxy:
         loop = asyncio.get_running_loop()
         for listener in self.settings.all_listeners():
             host, port = split_address(listener.address)
-            server = await loop.create_server(functools.partial(self._accept, listener), host, port,
-                                              reuse_address=True, backlog=4096)
+            server = await loop.create_server(functools.partial(self._accept, listener),  # type: ignore[arg-type]
+                                              host, port, reuse_address=True, backlog=4096)
             self._servers.append(server)
-            bound = server.sockets[0].getsockname()
+            # getattr: uvloop's Server.sockets is a list where the stub says tuple, and compiled code
+            # checks declared types.
+            sockets: Sequence[socket.socket] = getattr(server, "sockets")
+            bound = sockets[0].getsockname()
             self.addresses.append((bound[0], bound[1]))
             log.info("listening on %s:%d (%s pooling, %s auth)", bound[0], bound[1], listener.pool_mode.value,
                      listener.auth_type.value)

@@ -6,8 +6,9 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -71,17 +72,23 @@ def main(argv: list[str] | None = None) -> None:
 def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = None) -> None:
     from proxy.app import run
 
-    install_uvloop()
+    run_until_stopped(run(settings, reload_settings=reload_settings))
+
+
+def run_until_stopped(main: Coroutine[Any, Any, None]) -> None:
+    """Run pgmux's main coroutine on its event loop until it returns or Ctrl-C."""
     try:
-        asyncio.run(run(settings, reload_settings=reload_settings))
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(main)
     except KeyboardInterrupt:
         pass
 
 
-def install_uvloop() -> None:
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when installed (the fastest for pgmux's socket I/O), else asyncio's."""
     try:
         import uvloop
     except ImportError:
         log.info("uvloop is not installed; using the standard asyncio loop")
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()

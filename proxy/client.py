@@ -60,8 +60,12 @@ class ClientState(enum.Enum):
     CLOSED = "closed"
 
 
-class ClientConnection(asyncio.Protocol):
-    """An application connection, relayed to a pooled server one transaction (or session) at a time."""
+class ClientConnection:
+    """An application connection, relayed to a pooled server one transaction (or session) at a time.
+
+    An asyncio protocol by its methods, not by inheriting asyncio.Protocol: a class with a Python
+    base would not compile to a native mypyc class (attribute access through a dict, not a slot).
+    """
 
     # Slots, not a __dict__: ten thousand idle clients must stay small.
     __slots__ = (
@@ -154,6 +158,9 @@ class ClientConnection(asyncio.Protocol):
         if self.state is ClientState.CLOSED:
             return
         self._finish(f"client disconnected{f': {exc}' if exc else ''}")
+
+    def eof_received(self) -> None:
+        return None  # the transport closes; connection_lost follows
 
     def pause_writing(self) -> None:
         # The app reads slower than the server sends: stop reading the server until it catches up.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 
 from proxy.cli import load_or_exit
@@ -40,11 +39,7 @@ def run_demo(setting_flags: list[str]) -> None:
             )
 
         from proxy.app import run
-        from proxy.cli import install_uvloop
+        from proxy.cli import run_until_stopped
 
-        install_uvloop()
-        try:
-            asyncio.run(run(settings, on_ready=announce))
-        except KeyboardInterrupt:
-            pass
+        run_until_stopped(run(settings, on_ready=announce))
     print("pgmux demo: stopped pgmux and PostgreSQL.", flush=True)

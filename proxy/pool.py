@@ -381,6 +381,14 @@ class Pool:
     def _in_login_backoff(self) -> bool:
         return time.monotonic() < self._retry_at
 
+    def _backoff_over(self, retry_at: float) -> None:
+        # The timer itself ends the backoff: uvloop's millisecond timers can fire a little before
+        # time.monotonic() reaches retry_at, and a grow() that still saw the backoff would leave the
+        # clients in line waiting for their timeout. A later failure's longer backoff stays.
+        if self._retry_at == retry_at:
+            self._retry_at = 0.0
+        self.grow()
+
     def _failing_fast(self) -> bool:
         """Whether clients should be told now that the upstream is unavailable, rather than wait.
 
@@ -432,7 +440,7 @@ class Pool:
         # Retry soon, then less often: 0.25 s doubling up to 2 s, so a returning upstream is noticed fast.
         backoff = min(0.25 * 2 ** (self._failures - 1), _MAX_LOGIN_BACKOFF)
         self._retry_at = now + backoff
-        self._loop.call_later(backoff, self.grow)
+        self._loop.call_later(backoff, self._backoff_over, self._retry_at)
         if self._failing_fast():
             error = errors.upstream_unavailable(self.config.upstream.redacted(), exc.reason)
             while self.waiters:

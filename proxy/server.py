@@ -79,8 +79,10 @@ def _ssl_context(sslmode: SslMode, sslrootcert: str | None) -> ssl.SSLContext:
     return context
 
 
-class ServerConnection(asyncio.Protocol):
+class ServerConnection:
     """A backend connection: logs in once, then relays to whichever client the pool links it to.
+
+    An asyncio protocol by its methods (see ClientConnection for why it does not inherit one).
 
     While ``swallow`` is positive the server is answering queries pgmux sent itself (parameter
     sync, reset, rollback): those replies are consumed here, up to that many ReadyForQuery.
@@ -225,6 +227,9 @@ class ServerConnection(asyncio.Protocol):
             self.close_reason = f"server said {fields.get('S', '')} {fields.get('C', '')} {fields.get('M', '')}"
             self.close(self.close_reason)
 
+    def eof_received(self) -> None:
+        return None  # the transport closes; connection_lost follows
+
     def pause_writing(self) -> None:
         if self.client is not None:
             self.client.pause_reading()
@@ -276,10 +281,11 @@ class ServerConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout or None):
+                # type: ignore: a protocol by its methods, not by class (see the class docstring).
                 if upstream.unix_socket:
-                    await loop.create_unix_connection(lambda: self, upstream.unix_socket)
+                    await loop.create_unix_connection(lambda: self, upstream.unix_socket)  # type: ignore[type-var]
                 else:
-                    await loop.create_connection(lambda: self, upstream.host, upstream.port)
+                    await loop.create_connection(lambda: self, upstream.host, upstream.port)  # type: ignore[type-var]
                 if upstream.sslmode is not SslMode.DISABLE and not upstream.unix_socket:
                     await self._negotiate_tls(loop)
                 self.write(build_startup_message({"user": upstream.user, "database": upstream.database}))
@@ -314,7 +320,8 @@ class ServerConnection(asyncio.Protocol):
                 raise ServerLoginError("server sent unencrypted data after accepting TLS")
             assert self.transport is not None
             self.transport = await loop.start_tls(  # type: ignore[assignment]
-                self.transport, self, _ssl_context(upstream.sslmode, upstream.sslrootcert),
+                self.transport, self,  # type: ignore[arg-type]
+                _ssl_context(upstream.sslmode, upstream.sslrootcert),
                 server_hostname=upstream.host)
         elif reply[:1] == b"N":
             if upstream.sslmode not in (SslMode.ALLOW, SslMode.PREFER):

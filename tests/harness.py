@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 from proxy.app import Proxy
+from proxy.cli import new_event_loop
 from proxy.settings import Settings, load_settings
 
 T = TypeVar("T")
@@ -26,7 +27,7 @@ class RunningPgmux:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()  # pgmux's own choice: uvloop, as in production
         self.proxy: Proxy | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None

@@ -146,3 +146,13 @@ class Serverless(Scenario):
         out["status"] = "ok" if statuses and all(s == "ok" for s in statuses) else (
             "error" if all(s == "error" for s in statuses) else "partial")
         return out
+
+
+class ServerlessTrust(Serverless):
+    name = "serverless_trust"
+    title = "Serverless: connect -> one query -> disconnect (trust)"
+    description = ("The same requests, but every hop logs in with trust (as in the -C trust variant). With SCRAM, "
+                   "asyncpg's PBKDF2 (4096 iterations, ~1-2 ms of client CPU) is in every request whatever the "
+                   "target; without it the request time is what the target adds: a forked backend for direct "
+                   "PostgreSQL, a socket and a pooled backend for a pooler.")
+    auth = "trust"

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = ["serverless", "steady", "connect", "connect_trust", "latency", "storm", "idle"]
+SCENARIOS = ["serverless", "serverless_trust", "steady", "connect", "connect_trust", "latency", "storm", "idle"]
 TARGETS = ["direct", "pgmux", "pgbouncer"]
 STATUSES = {"ok", "partial", "error", "timeout", "unavailable", "skipped"}
 HARNESS_TIMEOUT_S = 240  # --quick takes ~30 s on 2 cores; generous for a loaded CI machine
