@@ -73,7 +73,7 @@ def _changed_source() -> str | None:
 def choose() -> Build:
     built = _built_modules()
     if not built:
-        return Build((), "no compiled build: installed without a C compiler")
+        return Build((), "no compiled modules: installed without a C compiler, or not installed")
     if os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0"):
         return _use_source(built, f"{PURE_PYTHON_ENV} is set")
     changed = _changed_source()
