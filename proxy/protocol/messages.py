@@ -6,54 +6,55 @@ import enum
 import functools
 import struct
 from collections.abc import Iterable, Mapping
+from typing import Final
 
 # Frontend (client -> server) message types.
-BIND = ord("B")
-CLOSE = ord("C")
-COPY_DATA = ord("d")
-COPY_DONE = ord("c")
-COPY_FAIL = ord("f")
-DESCRIBE = ord("D")
-EXECUTE = ord("E")
-FLUSH = ord("H")
-FUNCTION_CALL = ord("F")
-PARSE = ord("P")
-PASSWORD = ord("p")  # also SASLInitialResponse / SASLResponse / GSSResponse
-QUERY = ord("Q")
-SYNC = ord("S")
-TERMINATE = ord("X")
+BIND: Final = ord("B")
+CLOSE: Final = ord("C")
+COPY_DATA: Final = ord("d")
+COPY_DONE: Final = ord("c")
+COPY_FAIL: Final = ord("f")
+DESCRIBE: Final = ord("D")
+EXECUTE: Final = ord("E")
+FLUSH: Final = ord("H")
+FUNCTION_CALL: Final = ord("F")
+PARSE: Final = ord("P")
+PASSWORD: Final = ord("p")  # also SASLInitialResponse / SASLResponse / GSSResponse
+QUERY: Final = ord("Q")
+SYNC: Final = ord("S")
+TERMINATE: Final = ord("X")
 
 # Backend (server -> client) message types.
-AUTHENTICATION = ord("R")
-BACKEND_KEY_DATA = ord("K")
-BIND_COMPLETE = ord("2")
-CLOSE_COMPLETE = ord("3")
-COMMAND_COMPLETE = ord("C")
-COPY_IN_RESPONSE = ord("G")
-COPY_OUT_RESPONSE = ord("H")
-COPY_BOTH_RESPONSE = ord("W")
-DATA_ROW = ord("D")
-EMPTY_QUERY_RESPONSE = ord("I")
-ERROR_RESPONSE = ord("E")
-FUNCTION_CALL_RESPONSE = ord("V")
-NEGOTIATE_PROTOCOL_VERSION = ord("v")
-NO_DATA = ord("n")
-NOTICE_RESPONSE = ord("N")
-NOTIFICATION_RESPONSE = ord("A")
-PARAMETER_DESCRIPTION = ord("t")
-PARAMETER_STATUS = ord("S")
-PARSE_COMPLETE = ord("1")
-PORTAL_SUSPENDED = ord("s")
-READY_FOR_QUERY = ord("Z")
-ROW_DESCRIPTION = ord("T")
+AUTHENTICATION: Final = ord("R")
+BACKEND_KEY_DATA: Final = ord("K")
+BIND_COMPLETE: Final = ord("2")
+CLOSE_COMPLETE: Final = ord("3")
+COMMAND_COMPLETE: Final = ord("C")
+COPY_IN_RESPONSE: Final = ord("G")
+COPY_OUT_RESPONSE: Final = ord("H")
+COPY_BOTH_RESPONSE: Final = ord("W")
+DATA_ROW: Final = ord("D")
+EMPTY_QUERY_RESPONSE: Final = ord("I")
+ERROR_RESPONSE: Final = ord("E")
+FUNCTION_CALL_RESPONSE: Final = ord("V")
+NEGOTIATE_PROTOCOL_VERSION: Final = ord("v")
+NO_DATA: Final = ord("n")
+NOTICE_RESPONSE: Final = ord("N")
+NOTIFICATION_RESPONSE: Final = ord("A")
+PARAMETER_DESCRIPTION: Final = ord("t")
+PARAMETER_STATUS: Final = ord("S")
+PARSE_COMPLETE: Final = ord("1")
+PORTAL_SUSPENDED: Final = ord("s")
+READY_FOR_QUERY: Final = ord("Z")
+ROW_DESCRIPTION: Final = ord("T")
 
 # Authentication request codes carried by an AUTHENTICATION message.
-AUTH_OK = 0
-AUTH_CLEARTEXT_PASSWORD = 3
-AUTH_MD5_PASSWORD = 5
-AUTH_SASL = 10
-AUTH_SASL_CONTINUE = 11
-AUTH_SASL_FINAL = 12
+AUTH_OK: Final = 0
+AUTH_CLEARTEXT_PASSWORD: Final = 3
+AUTH_MD5_PASSWORD: Final = 5
+AUTH_SASL: Final = 10
+AUTH_SASL_CONTINUE: Final = 11
+AUTH_SASL_FINAL: Final = 12
 
 INT32 = struct.Struct("!i")
 UINT32 = struct.Struct("!I")
@@ -217,10 +218,10 @@ def parse_password(body: bytes | memoryview) -> bytes:
 # ---- result sets pgmux answers itself (the admin console) ------------------------------------
 
 # Type OIDs of the columns pgmux sends, with their typlen as RowDescription carries it.
-TEXT_OID = 25
-INT4_OID = 23
-INT8_OID = 20
-NUMERIC_OID = 1700
+TEXT_OID: Final = 25
+INT4_OID: Final = 23
+INT8_OID: Final = 20
+NUMERIC_OID: Final = 1700
 _TYPE_SIZES = {TEXT_OID: -1, INT4_OID: 4, INT8_OID: 8, NUMERIC_OID: -1}
 _FIELD = struct.Struct("!IhIhih")  # table oid, column number, type oid, typlen, typmod, format (text)
 _INT16 = struct.Struct("!h")
