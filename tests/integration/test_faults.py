@@ -247,6 +247,42 @@ def test_postgres_restart_under_load_serves_waiting_clients_once_it_is_back(pgmu
         assert proxy.call(lambda p: max(pool.total for pool in p.pools.values())) <= 4
 
 
+def test_a_login_retry_timer_that_fires_early_still_ends_the_backoff(pgmux) -> None:
+    """uvloop's millisecond timers can run a callback just before time.monotonic() reaches its due time.
+
+    The login-retry timer must end the backoff itself: had it only re-checked the clock, clients in
+    line behind a failed login would wait out query_wait_timeout although PostgreSQL was back (the
+    restart test above failed that way in about 2 of 5 runs on uvloop).
+    """
+    proxy = pgmux(default_pool_size=2, query_wait_timeout=20)
+
+    def the_pool(p):
+        return next(iter(p.pools.values()))
+
+    def as_if_a_login_had_just_failed(p) -> float:
+        pool = the_pool(p)
+        for server in list(pool.idle):
+            pool.close_server(server, "test: no backend left")
+        pool._retry_at = time.monotonic() + 60  # a backoff the clock says is far from over
+        return pool._retry_at
+
+    async def scenario() -> None:
+        first = await _connect(proxy)
+        assert await first.fetchval("SELECT 1") == 1  # the pool has worked, so clients wait through a failure
+        await first.close()
+        retry_at = proxy.call(as_if_a_login_had_just_failed)
+
+        waiting = await _connect(proxy)
+        query = asyncio.ensure_future(waiting.fetchval("SELECT 2"))
+        await asyncio.sleep(0.3)
+        assert not query.done(), "served while the pool was backing off"
+        proxy.call(lambda p: the_pool(p)._backoff_over(retry_at))  # the retry timer, firing early
+        assert await asyncio.wait_for(query, 5) == 2
+        await waiting.close()
+
+    asyncio.run(scenario())
+
+
 def test_outage_longer_than_server_login_retry_fails_clients_fast_with_08006_and_recovers_when_postgres_is_back(
         pgmux) -> None:
     """Past server_login_retry a waiting client gets 08006 naming the upstream, long before query_wait_timeout.
