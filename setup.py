@@ -65,7 +65,7 @@ def compiled_extensions() -> list[Extension]:
 
     # mypycify type-checks the modules first: a type error fails the build rather than quietly
     # shipping the slow path. optional=True: a failing C compiler leaves the pure-Python install.
-    extensions = [Extension("proxy.protocol._scanner", [SCANNER_SOURCE], optional=True)]
+    extensions = [Extension("proxy.protocol._scanner", [SCANNER_SOURCE])]
     extensions += mypycify(HOT_MODULES, opt_level="3", group_name="pgmux_hot")
     for extension in extensions:
         extension.optional = True

@@ -28,7 +28,8 @@ from types import ModuleType
 
 PURE_PYTHON_ENV = "PGMUX_PURE_PYTHON"
 _PACKAGE_DIR = Path(__file__).resolve().parent
-_MANIFEST = _PACKAGE_DIR / "_compiled_sources.txt"
+# Written by setup.py when it compiles, and only then.
+MANIFEST = _PACKAGE_DIR / "_compiled_sources.txt"
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,10 @@ def _built_modules() -> dict[str, Path]:
 
 def _changed_source() -> str | None:
     """The first recorded source whose content differs from what was compiled, or why none can be trusted."""
-    if not _MANIFEST.is_file():
+    if not MANIFEST.is_file():
         return "no record of the compiled sources"
     root = _PACKAGE_DIR.parent
-    for line in _MANIFEST.read_text().splitlines():
+    for line in MANIFEST.read_text().splitlines():
         digest, _, relative = line.partition("  ")
         source = root / relative
         # Sources that are not installed (the C file in a wheel) cannot have been edited in place.
