@@ -189,7 +189,10 @@ def test_postgres_restart_under_load_serves_waiting_clients_once_it_is_back(pgmu
                     log.append((time.monotonic(), "ok"))
                 except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                     log.append((time.monotonic(), _sqlstate(exc)))
-                    if conn.is_closed():
+                    if conn.is_closed() or _sqlstate(exc) in BACKEND_DIED:
+                        # A FATAL comes just before the socket closes: asyncpg may not have seen the
+                        # close yet, and a query sent meanwhile fails inside asyncpg (InternalClientError).
+                        conn.terminate()
                         conn = await _connect(proxy, **login)
             await conn.close()
 
