@@ -5,7 +5,8 @@ imports an extension module in preference to the .py. Both kinds are optional: w
 the install warns and pgmux runs the very same code from source (proxy/compiled.py decides, and
 PGMUX_PURE_PYTHON=1 forces it; CI runs tests both ways).
 
-- proxy.protocol._scanner: hand-written C, the frame walk inside FrameScanner.feed.
+- proxy.protocol._scanner: hand-written C, the frame walk inside FrameScanner.feed and the
+  RESET/DISCARD word test on each simple Query.
 - HOT_MODULES: the relay, pool and protocol code every transaction and every login runs, compiled
   from their type-annotated Python by mypyc. Measured with the benchmarks: roughly a third less
   pooler CPU per transaction than the same code interpreted.

@@ -7,7 +7,7 @@ import collections
 import dataclasses
 import functools
 import hmac
-import secrets
+import os
 import signal
 import socket
 import time
@@ -233,11 +233,13 @@ class Proxy:
 
     def register_cancel_key(self, client: ClientConnection) -> tuple[int, bytes]:
         while True:
-            process_id = secrets.randbelow(2**31 - 1) + 1
-            if process_id not in self._cancel_keys:
+            # One getrandom() for both halves: this runs on every login.
+            key = os.urandom(8)
+            process_id = int.from_bytes(key[:4], "big") & 0x7FFFFFFF
+            if process_id and process_id not in self._cancel_keys:
                 break
         self._cancel_keys[process_id] = client
-        return process_id, secrets.token_bytes(4)
+        return process_id, key[4:]
 
     def cancel(self, process_id: int, secret: bytes) -> None:
         """Forward a CancelRequest to the server the client uses now; drop it silently otherwise."""

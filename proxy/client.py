@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import enum
 import itertools
-import re
 import time
 from typing import TYPE_CHECKING, cast
 
@@ -18,6 +17,7 @@ from proxy.protocol import errors
 from proxy.protocol import messages as m
 from proxy.protocol.errors import PgError
 from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation, Segment, end_of_first
+from proxy.protocol.sql_words import mentions_reset
 from proxy.protocol.startup import (
     CancelRequest,
     GSSENCRequest,
@@ -39,7 +39,6 @@ _ids = itertools.count(1)
 ADMIN_DATABASES = frozenset({"pgmux", "pgbouncer"})  # the console answers to PgBouncer's name too
 _LOGIN_CAPTURE = frozenset(range(256))
 _RELAY_CAPTURE = frozenset({m.TERMINATE, m.QUERY})  # Query: to notice RESET/DISCARD
-_MENTIONS_RESET = re.compile(rb"(?i)\b(?:reset|discard)\b")
 # With named statements rewritten (transaction mode), the statement-naming messages are looked at too.
 _PREPARED_CAPTURE = frozenset({m.TERMINATE, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE, m.SYNC, m.QUERY, m.FUNCTION_CALL})
 _RELAY_COUNTED = frozenset({m.SYNC, m.QUERY, m.FUNCTION_CALL})  # each earns exactly one ReadyForQuery
@@ -60,6 +59,9 @@ class ClientState(enum.Enum):
     CLOSED = "closed"
 
 
+# client_login_timeout counts in these; the janitor checks it, so no login pays for a timer.
+_LOGGING_IN = frozenset({ClientState.STARTUP, ClientState.AUTH, ClientState.LOGIN})
+
 class ClientConnection:
     """An application connection, relayed to a pooled server one transaction (or session) at a time.
 
@@ -69,7 +71,7 @@ class ClientConnection:
 
     # Slots, not a __dict__: ten thousand idle clients must stay small.
     __slots__ = (
-        "_admin", "_admitted", "_auth", "_cancel_sent", "_linked_at", "_login_timer", "_queued",
+        "_admin", "_admitted", "_auth", "_cancel_sent", "_linked_at", "_queued",
         "_queued_bytes", "_refusal", "_rejected_batch", "_reset_seen", "_resync", "_scanner",
         "_startup_buffer", "_startup_params", "_task", "_unsupported_options", "_waiter", "cancel_key",
         "connected_at", "database", "id", "last_active", "listener", "params", "peer", "pending", "pool", "proxy",
@@ -114,7 +116,6 @@ class ClientConnection:
         self.wait_started = 0.0  # when the client last joined the line for a server
         self._task: asyncio.Task[None] | None = None  # the welcome, while it waits for the pool's first server
         self._waiter: Waiter | None = None  # our place in the pool's line
-        self._login_timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.id} {self.state.value} {self.user}@{self.database}>"
@@ -129,9 +130,6 @@ class ClientConnection:
         # Decided now, told after the StartupMessage: drivers expect their SSLRequest answered first,
         # and a CancelRequest must get through even when pgmux is full.
         self._refusal = self.proxy.client_limit_error()
-        timeout = self.proxy.settings.client_login_timeout
-        if timeout:
-            self._login_timer = asyncio.get_running_loop().call_later(timeout, self._login_timed_out)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -362,11 +360,9 @@ class ClientConnection:
         self.write(m.authentication_ok() + m.parameter_statuses(params)
                    + m.backend_key_data(process_id, int.from_bytes(secret, "big", signed=True))
                    + m.ready_for_query())
-        if self._login_timer is not None:
-            self._login_timer.cancel()
         self.state = ClientState.IDLE
         log.info("login ok: %s@%s from %s (%s mode)", self.user, self.database, self.peer,
-                 self.listener.pool_mode.value, extra={"conn": self.id})
+                 "transaction" if self.transaction_mode else "session", extra={"conn": self.id})
         self.pool.stats.client_logins += 1
         if self._queued:
             self._relay(b"".join(self._take_queued()))
@@ -379,8 +375,6 @@ class ClientConnection:
             self.proxy.count_rejection("admin_not_allowed")
             self.fail(errors.admin_not_allowed(self.user))
             return
-        if self._login_timer is not None:
-            self._login_timer.cancel()
         self.state = ClientState.ADMIN
         self._admin = AdminSession(self.proxy, self, can_modify=role == "admin")
         self.write(m.authentication_ok() + m.parameter_statuses(ADMIN_PARAMETERS) + m.backend_key_data(0, 0)
@@ -461,7 +455,7 @@ class ClientConnection:
         server.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _note_query(self, data: bytes | memoryview, server: ServerConnection) -> None:
-        if _MENTIONS_RESET.search(data):
+        if mentions_reset(data):
             self._reset_seen = True
             server.unreported.clear()  # whatever pgmux had SET there may be gone now
         if self.statements is not None:
@@ -623,6 +617,9 @@ class ClientConnection:
                 self.proxy.spawn(server.send_cancel(settings.server_connect_timeout), name=f"cancel {server.id}")
             return
         if self.state not in (ClientState.IDLE, ClientState.ACTIVE):
+            if (self.state in _LOGGING_IN and settings.client_login_timeout
+                    and now - self.connected_at > settings.client_login_timeout):
+                self._login_timed_out()
             return
         idle_for = now - self.last_active
         in_transaction = server is not None and server.tx_status is not m.TransactionStatus.IDLE
@@ -636,11 +633,10 @@ class ClientConnection:
     # ---- ending -----------------------------------------------------------------------------------
 
     def _login_timed_out(self) -> None:
-        if self.state in (ClientState.STARTUP, ClientState.AUTH, ClientState.LOGIN):
-            self.proxy.count_rejection("login_timeout")
-            self.fail(PgError(errors.SqlState.PROTOCOL_VIOLATION,
-                              f"client_login_timeout={self.proxy.settings.client_login_timeout:g}s reached "
-                              "before the login finished", severity=errors.Severity.FATAL))
+        self.proxy.count_rejection("login_timeout")
+        self.fail(PgError(errors.SqlState.PROTOCOL_VIOLATION,
+                          f"client_login_timeout={self.proxy.settings.client_login_timeout:g}s reached "
+                          "before the login finished", severity=errors.Severity.FATAL))
 
     def fail(self, error: PgError, reason: str | None = None) -> None:
         """Send the error; a FATAL one also ends the connection."""
@@ -670,8 +666,6 @@ class ClientConnection:
             return
         was_logged_in = self.state not in (ClientState.STARTUP, ClientState.AUTH)
         self.state = ClientState.CLOSED
-        if self._login_timer is not None:
-            self._login_timer.cancel()
         if self._task is not None:
             self._task.cancel()
             self._task = None

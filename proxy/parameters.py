@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from proxy.protocol import errors
 
@@ -18,13 +17,17 @@ _PARAMETER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _OPTION = re.compile(r"(?:-c\s*|--)([A-Za-z_][A-Za-z0-9_.-]*)=((?:\\.|[^\s\\])*)")
 
 
-@dataclass
 class StartupParameters:
-    """What a StartupMessage asks for, sorted by how pgmux keeps it."""
+    """What a StartupMessage asks for, sorted by how pgmux keeps it.
 
-    synced: dict[str, str] = field(default_factory=dict)
-    unreported: dict[str, str] = field(default_factory=dict)
-    unsupported_options: list[str] = field(default_factory=list)  # _pq_.* extensions, for NegotiateProtocolVersion
+    A plain class, not a dataclass: compiled, its __init__ is native code; a dataclass's generated
+    __init__ would be interpreted on every login.
+    """
+
+    def __init__(self) -> None:
+        self.synced: dict[str, str] = {}
+        self.unreported: dict[str, str] = {}
+        self.unsupported_options: list[str] = []  # _pq_.* extensions, for NegotiateProtocolVersion
 
     def set(self, name: str, value: str) -> None:
         (self.synced if name in SYNCED_PARAMETERS else self.unreported)[name] = value

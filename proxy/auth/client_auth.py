@@ -235,7 +235,6 @@ def client_authenticator(method: AuthMethod, user: str, secret: UserSecret | Non
     ``secret`` None means the user is unknown: the full exchange still runs (PostgreSQL's "mock
     authentication") and then fails, so that the flow does not reveal which users exist.
     """
-    method = AuthMethod(method)
     if secret is not None and secret.user != user:
         raise ValueError(f"secret for user {secret.user!r} given to authenticate user {user!r}")
     if method is AuthMethod.TRUST:

@@ -1,10 +1,15 @@
 /*
- * The inner loop of FrameScanner.feed (proxy/protocol/framing.py), compiled.
+ * The two loops pgmux runs over every relayed request, compiled.
  *
- * It walks whole message headers in one received chunk and stops where Python has to decide
- * something: the chunk's end, a split header, a body that runs past the chunk, an invalid length.
- * Pass-through runs and captured Frames are appended to `out` exactly as the pure-Python walk in
- * framing.py does; that walk stays the reference and the fallback, and the tests run both.
+ * walk: the inner loop of FrameScanner.feed (proxy/protocol/framing.py). It walks whole message
+ * headers in one received chunk and stops where Python has to decide something: the chunk's end, a
+ * split header, a body that runs past the chunk, an invalid length. Pass-through runs and captured
+ * Frames are appended to `out` exactly as the pure-Python walk in framing.py does.
+ *
+ * mentions_reset: whether a simple Query's text has the word RESET or DISCARD, as the regex in
+ * proxy/protocol/sql_words.py answers it.
+ *
+ * The Python versions stay the reference and the fallback, and the tests run both.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -138,8 +143,49 @@ error:
     return NULL;
 }
 
+/* ASCII word characters: what \b means in a bytes regex. */
+static int
+is_word_byte(unsigned char c)
+{
+    return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || c == '_';
+}
+
+/* `word` (lower case letters) at s[i], in any case, ending at a word boundary. */
+static int
+word_at(const unsigned char *s, Py_ssize_t i, Py_ssize_t n, const char *word, Py_ssize_t length)
+{
+    if (i + length > n)
+        return 0;
+    for (Py_ssize_t k = 0; k < length; k++) {
+        /* | 0x20 folds A-Z onto a-z; no other byte folds onto a letter. */
+        if ((s[i + k] | 0x20) != (unsigned char)word[k])
+            return 0;
+    }
+    return i + length == n || !is_word_byte(s[i + length]);
+}
+
+static PyObject *
+mentions_reset(PyObject *module, PyObject *arg)
+{
+    Py_buffer sql;
+    if (PyObject_GetBuffer(arg, &sql, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *s = sql.buf;
+    Py_ssize_t n = sql.len;
+    int found = 0;
+    for (Py_ssize_t i = 0; i < n && !found; i++) {
+        unsigned char c = s[i] | 0x20;
+        if ((c != 'r' && c != 'd') || (i > 0 && is_word_byte(s[i - 1])))
+            continue;
+        found = c == 'r' ? word_at(s, i, n, "reset", 5) : word_at(s, i, n, "discard", 7);
+    }
+    PyBuffer_Release(&sql);
+    return PyBool_FromLong(found);
+}
+
 static PyMethodDef methods[] = {
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL, "Walk whole messages of one chunk (see framing.py)."},
+    {"mentions_reset", mentions_reset, METH_O, "Whether the SQL has the word RESET or DISCARD (see sql_words.py)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,4 +1,4 @@
-"""The compiled walk (proxy/protocol/_scanner.c) against its pure-Python reference in framing.py."""
+"""The compiled scanner (proxy/protocol/_scanner.c) against its pure-Python references."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import proxy
 from proxy.compiled import PURE_PYTHON_ENV
-from proxy.protocol import framing
+from proxy.protocol import framing, sql_words
 from proxy.protocol.framing import MAX_MESSAGE_LENGTH, Frame
 from test_framing import _capture_sets as _kind_sets
 from test_framing import _noisy_streams
@@ -45,3 +45,27 @@ def test_property_compiled_and_python_walks_agree(data, kinds, start, max_length
         results[name] = (result, [(type(s).__name__, s.kind if type(s) is Frame else None, bytes(s.data if type(s) is Frame else s))
                                   for s in out])
     assert len(set(map(repr, results.values()))) == 1, results
+
+
+_SQL_PIECES = st.sampled_from([b"reset", b"RESET", b"ReSeT", b"discard", b"DISCARD", b"Discard", b"rese", b"discar",
+                               b"_", b"x", b"9", b" ", b";", b"\n", b"(", b"'", b"\xc3\xa9", b"\x00", b"r", b"d", b"all"])
+
+
+@FUZZ
+@given(sql=st.one_of(st.binary(max_size=80), st.lists(_SQL_PIECES, max_size=12).map(b"".join)))
+def test_property_compiled_and_python_reset_word_tests_agree(sql) -> None:
+    if len(sql_words.IMPLEMENTATIONS) < 2:
+        pytest.skip("no compiled scanner on this machine")
+    answers = {name: test(sql) for name, test in sql_words.IMPLEMENTATIONS.items()}
+    assert len(set(answers.values())) == 1, answers
+    assert answers["compiled"] == sql_words.IMPLEMENTATIONS["compiled"](memoryview(sql))
+
+
+@pytest.mark.parametrize("implementation", sorted(sql_words.IMPLEMENTATIONS))
+@pytest.mark.parametrize(("sql", "mentions"), [
+    (b"RESET ALL", True), (b"discard all;", True), (b"SELECT 1; reset search_path", True), (b"DISCARD", True),
+    (b"SELECT reset_val FROM pg_settings", False), (b"SELECT 1 AS preset", False), (b"discarded", False),
+    (b"SELECT abalance FROM pgbench_accounts WHERE aid = 1;", False), (b"", False),
+])
+def test_reset_word_test_finds_whole_words_in_any_case(implementation, sql, mentions) -> None:
+    assert sql_words.IMPLEMENTATIONS[implementation](sql) is mentions
