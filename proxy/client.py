@@ -7,7 +7,7 @@ import dataclasses
 import enum
 import itertools
 import time
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from proxy.auth.client_auth import AuthenticationFailed, ClientAuthenticator, client_authenticator
 from proxy.logs import get_logger
@@ -44,7 +44,7 @@ _PREPARED_CAPTURE = frozenset({m.TERMINATE, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE
 _RELAY_COUNTED = frozenset({m.SYNC, m.QUERY, m.FUNCTION_CALL})  # each earns exactly one ReadyForQuery
 _RELAY_NEUTRAL = frozenset({m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL, m.TERMINATE})  # open no request
 _BATCH_ENDS_AND_TERMINATE = _RELAY_COUNTED | {m.TERMINATE}
-_IDLE = m.TransactionStatus.IDLE
+_IDLE: Final = m.TransactionStatus.IDLE
 _QUEUE_HIGH_WATER = 1 << 20  # bytes queued while waiting for a server before we stop reading
 
 
@@ -191,7 +191,9 @@ class ClientConnection:
         self.pending = 0
         now = self.last_active = time.monotonic()
         if self.query_started:
-            self.pool.stats.query_time += now - self.query_started  # type: ignore[union-attr]
+            pool = self.pool
+            assert pool is not None  # narrowed, not ignored: compiled code then reads its stats natively
+            pool.stats.query_time += now - self.query_started
             self.query_started = 0.0
         self._cancel_sent = False
         self._reset_seen = False
@@ -393,7 +395,9 @@ class ClientConnection:
                 # Saying goodbye between transactions needs no server (and must not wait for one).
                 self._close_quietly("client sent Terminate")
                 return
-            server = self.pool.take_idle()  # type: ignore[union-attr]
+            pool = self.pool
+            assert pool is not None
+            server = pool.take_idle()
             if server is not None:  # the fast path: a warm server and nobody in line
                 self._link(server)
                 self._forward(data)
@@ -411,7 +415,9 @@ class ClientConnection:
         before = scanner.count
         try:
             segments = scanner.feed(data)
-            stats = self.pool.stats  # type: ignore[union-attr]
+            pool = self.pool
+            assert pool is not None
+            stats = pool.stats
             stats.bytes_received += len(data)
             if scanner.count != before:
                 if not self.pending:
@@ -549,7 +555,9 @@ class ClientConnection:
 
     def _link(self, server: ServerConnection) -> None:
         self._linked_at = time.monotonic()
-        self.pool.stats.server_assignments += 1  # type: ignore[union-attr]
+        pool = self.pool
+        assert pool is not None
+        pool.stats.server_assignments += 1
         server.prepared.start_link()
         self.server = server
         server.client = self

@@ -83,14 +83,20 @@ class ServerStatements:
         return evicted
 
 
-@dataclass(slots=True)
 class PendingParse:
-    """A Parse sent to a server whose ParseComplete has not come back yet."""
+    """A Parse sent to a server whose ParseComplete has not come back yet.
 
-    batch: int  # the number of the batch end (Sync/Query/FunctionCall) that closes its batch
-    injected: bool  # pgmux's own: its ParseComplete is swallowed
-    client_name: bytes | None  # a client name this Parse registered, undone if the Parse fails
-    server_name: bytes | None  # a statement this Parse adds to the server, undone if it fails
+    A plain class, not a dataclass: one is made per Parse, and compiled, a plain class's __init__
+    is native code where a dataclass's generated one is interpreted.
+    """
+
+    __slots__ = ("batch", "injected", "client_name", "server_name")
+
+    def __init__(self, batch: int, injected: bool, client_name: bytes | None, server_name: bytes | None) -> None:
+        self.batch = batch  # the number of the batch end (Sync/Query/FunctionCall) that closes its batch
+        self.injected = injected  # pgmux's own: its ParseComplete is swallowed
+        self.client_name = client_name  # a client name this Parse registered, undone if the Parse fails
+        self.server_name = server_name  # a statement this Parse adds to the server, undone if it fails
 
 
 class ServerPrepared:
