@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection
 
 from proxy.protocol import errors
 
@@ -33,14 +33,15 @@ class StartupParameters:
         (self.synced if name in SYNCED_PARAMETERS else self.unreported)[name] = value
 
 
-def parse_startup_parameters(parameters: dict[str, str], ignored: Iterable[str]) -> StartupParameters:
+def parse_startup_parameters(parameters: dict[str, str], ignored: Collection[str]) -> StartupParameters:
     """Sort a client's startup parameters; raises the 08P01 PgError for one pgmux cannot honour."""
-    ignored = set(ignored)
     parsed = StartupParameters()
     for name, value in parameters.items():
         if name in ("user", "database") or name in ignored:
             continue
-        if name.startswith("_pq_."):
+        if name in SYNCED_PARAMETERS:  # the usual ones (application_name, client_encoding...), no regex needed
+            parsed.synced[name] = value
+        elif name.startswith("_pq_."):
             parsed.unsupported_options.append(name)
         elif name == "options":
             for option_name, option_value in _parse_options(value):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from proxy.protocol.framing import ProtocolViolation
 
@@ -35,11 +35,24 @@ class CancelRequest:
     secret_key: bytes  # 4 bytes in protocol 3.0; 3.2 allows up to 256
 
 
-@dataclass(frozen=True)
 class StartupMessage:
-    major: int
-    minor: int
-    parameters: dict[str, str] = field(default_factory=dict)
+    """A plain class, not a dataclass: one is made per login, and compiled, a plain class's __init__
+    is native code where a dataclass's generated one is interpreted."""
+
+    __slots__ = ("major", "minor", "parameters")
+
+    def __init__(self, major: int, minor: int, parameters: dict[str, str]) -> None:
+        self.major = major
+        self.minor = minor
+        self.parameters = parameters
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StartupMessage):
+            return NotImplemented
+        return (self.major, self.minor, self.parameters) == (other.major, other.minor, other.parameters)
+
+    def __repr__(self) -> str:
+        return f"StartupMessage(major={self.major}, minor={self.minor}, parameters={self.parameters!r})"
 
     @property
     def user(self) -> str:
@@ -91,14 +104,13 @@ def _parse_parameters(body: bytes) -> dict[str, str]:
         return {}
     if not body.endswith(b"\x00\x00"):
         raise ProtocolViolation("startup packet parameters are not NUL-terminated")
-    parts = body[:-2].split(b"\x00")
-    if len(parts) % 2:
-        raise ProtocolViolation("startup packet has a parameter name without a value")
     try:
-        decoded = [p.decode("utf-8") for p in parts]
+        parts = body[:-2].decode("utf-8").split("\x00")  # NUL is never part of a UTF-8 sequence
     except UnicodeDecodeError as exc:
         raise ProtocolViolation("startup packet is not valid UTF-8") from exc
-    return dict(zip(decoded[::2], decoded[1::2]))
+    if len(parts) % 2:
+        raise ProtocolViolation("startup packet has a parameter name without a value")
+    return dict(zip(parts[::2], parts[1::2]))
 
 
 def build_startup_message(parameters: dict[str, str], minor: int = 0) -> bytes:
