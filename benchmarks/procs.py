@@ -150,15 +150,15 @@ def run_bounded(argv: Sequence[str], *, env: Mapping[str, str], timeout: float,
 # --------------------------------------------------------------------------- accounting
 
 
-def process_cpu_seconds(pid: int | None) -> float | None:
-    """user + system CPU seconds of one process (not its children), or None if it is gone/unknown."""
+def process_cpu_seconds(pid: int | None) -> tuple[float, float] | None:
+    """(user, system) CPU seconds of one process (not its children), or None if it is gone/unknown."""
     if pid is None:
         return None
     try:
         times = psutil.Process(pid).cpu_times()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-    return times.user + times.system
+    return times.user, times.system
 
 
 def tree_cpu_seconds(pid: int | None) -> float | None:
@@ -207,7 +207,7 @@ def _system_busy_seconds() -> float:
 @dataclass(frozen=True)
 class CpuSnapshot:
     wall: float
-    pooler: float | None
+    pooler: tuple[float, float] | None  # (user, system)
     postgres: float | None
     harness: float
     children: float
@@ -242,7 +242,9 @@ class CpuMeter:
         def diff(a: float | None, b: float | None) -> float | None:
             return None if a is None or b is None else round(b - a, 4)
 
-        pooler = diff(before.pooler, after.pooler)
+        pooler = diff(sum(before.pooler), sum(after.pooler)) if before.pooler and after.pooler else None
+        # The kernel's share (socket calls, TCP on loopback) is what any pooler pays; the rest is its own code.
+        pooler_kernel = diff(before.pooler[1], after.pooler[1]) if before.pooler and after.pooler else None
         postgres = diff(before.postgres, after.postgres)
         harness = round(after.harness - before.harness, 4)
         children = round(after.children - before.children, 4)
@@ -254,6 +256,7 @@ class CpuMeter:
         return {
             "wall_s": wall,
             "pooler_s": pooler,
+            "pooler_kernel_s": pooler_kernel,
             "postgres_s": postgres,
             "harness_s": harness,
             "client_programs_s": children,

@@ -93,12 +93,13 @@ def _plain(scenario: str, *path: str, scale: float = 1.0) -> Callable[[Results, 
     return value
 
 
-def _steady_cpu(mode: str, clients: int) -> Callable[[Results, str], tuple[float | None, str | None]]:
+def _steady_cpu(mode: str, clients: int, key: str = "pooler_cpu_us_per_txn",
+                ) -> Callable[[Results, str], tuple[float | None, str | None]]:
     def value(results: Results, target: str) -> tuple[float | None, str | None]:
         run = _steady_run(results, target, mode, clients)
         if run is None or _failure(run):
             return None, _failure(run) if run else "not run"
-        return run.get("pooler_cpu_us_per_txn"), None
+        return run.get(key), None
 
     return value
 
@@ -157,12 +158,17 @@ def metrics(results: Results) -> list[Metric]:
                 clients = 50 if 50 in steady_params.get("clients", []) else (steady_params.get("clients") or [0])[0]
                 rows.append(Metric(f"cpu.steady.{mode}.c{clients}", f"pooler CPU per txn, -M {mode} -c {clients} (µs)",
                                    "lower", "µs", _steady_cpu(mode, clients), poolers_only=True))
+                rows.append(Metric(f"cpu_kernel.steady.{mode}.c{clients}",
+                                   f"pooler CPU per txn in the kernel, -M {mode} -c {clients} (µs)", "lower", "µs",
+                                   _steady_cpu(mode, clients, "pooler_kernel_us_per_txn"), poolers_only=True))
     if "connect" in scenarios:
         rows.append(Metric("cpu.connect", "pooler CPU per txn, -C SCRAM (µs)", "lower", "µs",
                            _plain("connect", "pooler_cpu_us_per_txn"), poolers_only=True))
     if "connect_trust" in scenarios:
         rows.append(Metric("cpu.connect_trust", "pooler CPU per txn, -C trust (µs)", "lower", "µs",
                            _plain("connect_trust", "pooler_cpu_us_per_txn"), poolers_only=True))
+        rows.append(Metric("cpu_kernel.connect_trust", "pooler CPU per txn in the kernel, -C trust (µs)", "lower", "µs",
+                           _plain("connect_trust", "pooler_kernel_us_per_txn"), poolers_only=True))
     for name, login in (("serverless", ""), ("serverless_trust", ", trust login")):
         if name in scenarios:
             rows.append(Metric(f"cpu.{name}", f"pooler CPU per serverless request{login} (µs)", "lower", "µs",

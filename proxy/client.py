@@ -260,24 +260,19 @@ class ClientConnection:
             # Tell newer clients we speak 3.0 and which _pq_ extensions we ignored; they carry on.
             self.write(m.negotiate_protocol_version(0, self._unsupported_options))
         if self.database in ADMIN_DATABASES:
-            self.state = ClientState.AUTH
-            self._auth = client_authenticator(self.listener.auth_type, self.user, self.proxy.admin_secret(self.user))
-            first = self._auth.start()
-            if first:
-                self.write(first)
-            if self._auth.done:
-                self._authenticated()
-            return
-        target = self.proxy.login_target(self.database, self.user)
-        refusal = self.proxy.admission.admit(self.database, self.user)
-        if refusal is not None:
-            error, reason = refusal
-            self.proxy.count_rejection(reason)
-            raise error
-        self._admitted = True
-        self.pool = target.pool
+            secret = self.proxy.admin_secret(self.user)
+        else:
+            target = self.proxy.login_target(self.database, self.user)
+            refusal = self.proxy.admission.admit(self.database, self.user)
+            if refusal is not None:
+                error, reason = refusal
+                self.proxy.count_rejection(reason)
+                raise error
+            self._admitted = True
+            self.pool = target.pool
+            secret = target.secret
         self.state = ClientState.AUTH
-        self._auth = client_authenticator(self.listener.auth_type, self.user, target.secret)
+        self._auth = client_authenticator(self.listener.auth_type, self.user, secret)
         first = self._auth.start()
         if first:
             self.write(first)

@@ -59,6 +59,7 @@ def run_pgbench(env: BenchEnv, target: Target, args: list[str], duration: float)
     else:
         result["status"] = "ok"
     result["pooler_cpu_us_per_txn"] = per_unit_us(result["cpu"].get("pooler_s"), result.get("transactions"))
+    result["pooler_kernel_us_per_txn"] = per_unit_us(result["cpu"].get("pooler_kernel_s"), result.get("transactions"))
     return check_pooler(target, result)
 
 

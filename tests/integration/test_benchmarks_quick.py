@@ -93,6 +93,8 @@ def test_quick_benchmark_writes_a_report_with_every_scenario_and_target(tmp_path
             assert run["mode"] in ("simple", "extended", "prepared") and run["clients"] in steady["params"]["clients"]
             assert run["status"] in STATUSES
             assert run["status"] != "ok" or run["tps"] > 0
+            if run.get("pooler_cpu_us_per_txn") is not None:  # a pooler's CPU, split into its kernel share
+                assert 0 <= run["pooler_kernel_us_per_txn"] <= run["pooler_cpu_us_per_txn"]
     direct_latency = report["scenarios"]["latency"]["results"]["direct"]["placements"]
     assert set(direct_latency) == {"free", "one_core"}
     for modes in direct_latency.values():
