@@ -62,6 +62,7 @@ class ClientState(enum.Enum):
 # client_login_timeout counts in these; the janitor checks it, so no login pays for a timer.
 _LOGGING_IN = frozenset({ClientState.STARTUP, ClientState.AUTH, ClientState.LOGIN})
 
+
 class ClientConnection:
     """An application connection, relayed to a pooled server one transaction (or session) at a time.
 
