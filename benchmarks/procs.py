@@ -150,7 +150,7 @@ def run_bounded(argv: Sequence[str], *, env: Mapping[str, str], timeout: float,
 # --------------------------------------------------------------------------- accounting
 
 
-def process_cpu_seconds(pid: int | None) -> tuple[float, float] | None:
+def process_cpu_times(pid: int | None) -> tuple[float, float] | None:
     """(user, system) CPU seconds of one process (not its children), or None if it is gone/unknown."""
     if pid is None:
         return None
@@ -230,7 +230,7 @@ class CpuMeter:
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
         return CpuSnapshot(
             wall=time.perf_counter(),
-            pooler=process_cpu_seconds(self.pooler_pid),
+            pooler=process_cpu_times(self.pooler_pid),
             postgres=tree_cpu_seconds(self.postgres_pid),
             harness=own.ru_utime + own.ru_stime,
             children=kids.ru_utime + kids.ru_stime,
@@ -242,9 +242,11 @@ class CpuMeter:
         def diff(a: float | None, b: float | None) -> float | None:
             return None if a is None or b is None else round(b - a, 4)
 
-        pooler = diff(sum(before.pooler), sum(after.pooler)) if before.pooler and after.pooler else None
-        # The kernel's share (socket calls, TCP on loopback) is what any pooler pays; the rest is its own code.
-        pooler_kernel = diff(before.pooler[1], after.pooler[1]) if before.pooler and after.pooler else None
+        pooler = pooler_kernel = None
+        if before.pooler and after.pooler:
+            pooler = diff(sum(before.pooler), sum(after.pooler))
+            # The kernel's share (socket calls, TCP on loopback) is what any pooler pays; the rest is its own code.
+            pooler_kernel = diff(before.pooler[1], after.pooler[1])
         postgres = diff(before.postgres, after.postgres)
         harness = round(after.harness - before.harness, 4)
         children = round(after.children - before.children, 4)
