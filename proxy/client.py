@@ -694,9 +694,10 @@ class ClientConnection:
         server.resume_reading()
         if self.pending or self._scanner.mid_batch:
             # Mid-query, mid-COPY, with unread results, or part of a request sent without its Sync:
-            # its state cannot be known. Stop whatever runs and close it.
+            # its state cannot be known. Stop whatever runs and abort it (a graceful close could wait
+            # forever behind results nobody reads).
             self.proxy.spawn(server.send_cancel(), name=f"cancel {server.id}")
-            pool.close_server(server, f"client {self.id} left with a query in progress")
+            pool.abort_server(server, f"client {self.id} left with a query in progress")
             return
         cleanup = []
         if server.tx_status is not m.TransactionStatus.IDLE:

@@ -8,6 +8,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from proxy.logs import get_logger
 from proxy.protocol import errors
@@ -20,6 +21,9 @@ from proxy.stats import PoolStats
 log = get_logger("pool")
 
 _MAX_LOGIN_BACKOFF = 2.0  # seconds between failed logins at most
+# A graceful close (Terminate, then the write buffer drained) takes one round trip to a healthy
+# backend; one still pending after this long never ends by itself, and the janitor aborts it.
+SERVER_CLOSE_DEADLINE: Final = 5.0
 
 
 @dataclass(frozen=True)
@@ -325,19 +329,36 @@ class Pool:
                 if server.tx_status is not TransactionStatus.IDLE:
                     raise InternalQueryFailed(f"server still in a transaction after {statements}")
             except InternalQueryFailed as exc:
-                self.close_server(server, f"{reason}: reset failed: {exc}")
+                self.abort_server(server, f"{reason}: reset failed: {exc}")
                 return
             self.release(server)
 
         self._spawn(reset(), name=f"reset {server.id}")
 
     def close_server(self, server: ServerConnection, reason: str) -> None:
-        """Start closing a server; it leaves the pool's counts only once its socket is gone (server_lost)."""
+        """Retire a server in a known, clean state: Terminate, then close; it leaves the counts in server_lost."""
         if server.state in (ServerState.CLOSING, ServerState.CLOSED):
             return
         log.info("closing server: %s", reason, extra={"conn": server.id})
-        self._move(server, ServerState.CLOSING)
+        self._start_closing(server)
         server.close(reason)
+
+    def abort_server(self, server: ServerConnection, reason: str) -> None:
+        """Drop a server in an unknown state (left mid-query, failed reset, KILL) without a goodbye.
+
+        A graceful close waits for pgmux's queued bytes to reach the backend, which never happens
+        while the backend is blocked writing to pgmux. Also ends a graceful close still pending.
+        """
+        if server.state is ServerState.CLOSED:
+            return
+        log.info("aborting server: %s", reason, extra={"conn": server.id})
+        if server.state is not ServerState.CLOSING:
+            self._start_closing(server)
+        server.abort(reason)
+
+    def _start_closing(self, server: ServerConnection) -> None:
+        server.closing_since = time.monotonic()
+        self._move(server, ServerState.CLOSING)
 
     def server_lost(self, server: ServerConnection) -> None:
         """Called by the server itself once its connection is gone, whatever the cause."""
@@ -447,8 +468,13 @@ class Pool:
                 self._refuse(self.waiters.popleft(), error)
 
     def retire_servers(self, reason: str) -> None:
-        """Close every server as it is next released (admin RECONNECT, changed upstream); idle ones now."""
+        """Close every server as it is next released (admin RECONNECT, changed upstream); idle ones now.
+
+        Servers already closing are aborted: a close still pending must not outlive a RECONNECT.
+        """
         self._generation_started = time.monotonic()
+        for server in list(self.closing):
+            self.abort_server(server, reason)
         for server in list(self.idle):
             self.close_server(server, reason)
 
@@ -481,10 +507,13 @@ class Pool:
             self.close_server(self.idle[0], "pool_size lowered")
 
     def maintain(self, now: float) -> None:
-        """Janitor work: drop servers idle or alive too long, keep min_pool_size warm."""
+        """Janitor work: drop servers idle or alive too long, end overdue closes, keep min_pool_size warm."""
         config = self.config
         keep = config.min_pool_size
         self._trim()
+        for server in list(self.closing):
+            if now - server.closing_since > SERVER_CLOSE_DEADLINE:
+                self.abort_server(server, f"still closing after {SERVER_CLOSE_DEADLINE:g}s")
         for server in list(self.idle):
             if config.server_lifetime and now - server.created_at > config.server_lifetime:
                 self.close_server(server, "server_lifetime reached")
@@ -495,5 +524,9 @@ class Pool:
             self._start_connect()
 
     def close_all(self, reason: str) -> None:
-        for server in [*self.idle, *self.active, *self.login, *self.resetting]:
+        """Close every server now (shutdown, KILL): idle ones gracefully; the rest, and pending closes, aborted."""
+        unknown_state = [*self.active, *self.login, *self.resetting, *self.closing]
+        for server in list(self.idle):
             self.close_server(server, reason)
+        for server in unknown_state:
+            self.abort_server(server, reason)

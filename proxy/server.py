@@ -101,6 +101,7 @@ class ServerConnection:
         self.swallow = 0
         self.created_at = time.monotonic()
         self.idle_since = self.created_at
+        self.closing_since = 0.0  # when the pool began closing it (the janitor enforces a deadline)
         self.close_reason: str | None = None
         self._on_lost = on_lost
         self._scanner = FrameScanner(_LOGIN_CAPTURE, max_length=1 << 20)
@@ -126,7 +127,7 @@ class ServerConnection:
         try:
             segments = self._scanner.feed(data)
         except ProtocolViolation as exc:
-            self.close(f"server sent an invalid message: {exc}")
+            self.abort(f"server sent an invalid message: {exc}")
             return
         if self._login_frames is not None:
             for segment in segments:
@@ -293,19 +294,20 @@ class ServerConnection:
                 self.write(build_startup_message({"user": upstream.user, "database": upstream.database}))
                 await self._authenticate()
         except TimeoutError:
-            self.close("login timed out")
+            # A login that went wrong leaves the backend in an unknown state: no goodbye, no flush to wait for.
+            self.abort("login timed out")
             raise ServerLoginError(f"timed out after server_connect_timeout={timeout:g}s") from None
         except ssl.SSLError as tls_error:
-            self.close("TLS failed")
+            self.abort("TLS failed")
             raise ServerLoginError(f"TLS handshake failed: {tls_error.reason or tls_error}") from None
         except OSError as os_error:
-            self.close("connect failed")
+            self.abort("connect failed")
             raise ServerLoginError(os_error.strerror or str(os_error)) from None
         except ServerLoginError:
-            self.close("login failed")
+            self.abort("login failed")
             raise
         except ServerAuthError as auth_error:
-            self.close("login failed")
+            self.abort("login failed")
             raise ServerLoginError(str(auth_error)) from None
         self._login_frames = None
         self._scanner = FrameScanner(_RELAY_CAPTURE)
@@ -390,7 +392,11 @@ class ServerConnection:
     # ---- ending ---------------------------------------------------------------------------------
 
     def close(self, reason: str) -> None:
-        """Close the connection (Terminate first when it is logged in); idempotent."""
+        """Say goodbye to a healthy backend: Terminate, then close once the write buffer is sent; idempotent.
+
+        Only for a server in a known state: the close waits for pgmux's queued bytes to reach the
+        backend, which never happens while the backend is itself blocked writing to pgmux.
+        """
         if self.close_reason is None:
             self.close_reason = reason
         transport = self.transport
@@ -399,6 +405,19 @@ class ServerConnection:
                 transport.write(m.terminate())
             transport.close()
         elif transport is None and self.state is not ServerState.CLOSED:
+            self.connection_lost(None)
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection now, unsent bytes and all: for a backend in an unknown state; idempotent.
+
+        Also ends a graceful close that is still waiting for its write buffer to drain.
+        """
+        if self.close_reason is None:
+            self.close_reason = reason
+        transport = self.transport
+        if transport is not None:
+            transport.abort()
+        elif self.state is not ServerState.CLOSED:
             self.connection_lost(None)
 
     async def send_cancel(self, connect_timeout: float = 5.0) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from pgusers import APP, APP_DATABASE
 from proxy.embedded import start_embedded_postgres
+from proxy.pool import SERVER_CLOSE_DEADLINE
 from proxy.protocol import messages as m
 from test_admission import RawClient
 
@@ -489,3 +490,117 @@ def test_client_vanishing_leaves_no_lock_no_open_transaction_and_no_dirty_server
     if moment not in ("mid-transaction", "mid-extended-batch"):
         assert postgres.psql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {victim_pid}").strip() == "0"
     assert proxy.call(lambda p: max(pool.total for pool in p.pools.values())) <= 1
+
+
+# ---- a client that stops reading a large result and leaves: its backend must not stay `closing` ---------
+
+_LARGE_RESULT = "SELECT repeat('x', 1000000) FROM generate_series(1, 50)"
+
+
+def _pipeline_until_pgmux_stops_reading(client: RawClient, sql: str, limit: int = 64 << 20) -> int:
+    """Pipeline ``sql`` again and again, reading nothing, until pgmux takes no more; return the bytes sent.
+
+    pgmux stops reading the client once its write buffer toward the backend is full, which is the
+    case as soon as PostgreSQL blocks writing the first result (wait event ClientWrite) and no
+    longer reads its socket.
+    """
+    batch = m.query(sql) * 1000
+    client.sock.settimeout(1.0)
+    sent = 0
+    try:
+        while sent < limit:
+            client.sock.sendall(batch)
+            sent += len(batch)
+    except TimeoutError:
+        return sent
+    raise AssertionError(f"pgmux kept reading {sent} bytes of requests whose answers nobody read")
+
+
+def _backends_writing_to_pgmux(postgres) -> int:
+    return int(postgres.psql(
+        f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{APP.name}' AND wait_event = 'ClientWrite'").strip())
+
+
+def _stuck_behind_unread_results(proxy, postgres, expected_writers: int) -> RawClient:
+    """A client whose backend is blocked writing to pgmux and whose server link has unsent requests queued."""
+    client = RawClient(proxy.host, proxy.port())
+    _pipeline_until_pgmux_stops_reading(client, _LARGE_RESULT)
+    _wait_until(lambda: _backends_writing_to_pgmux(postgres) >= expected_writers, 10,
+                f"{expected_writers} backend(s) blocked writing results nobody reads (ClientWrite)")
+    return client
+
+
+def _servers(proxy, state: str) -> int:
+    return proxy.call(lambda p: sum(len(getattr(pool, state)) for pool in p.pools.values()))
+
+
+def test_clients_that_leave_unread_large_results_do_not_take_the_pool_for_good(pgmux, postgres) -> None:
+    """Two clients pipeline large-result queries, never read, and vanish: the pool of 2 must serve the next client.
+
+    Their backends are blocked writing (ClientWrite) and pgmux has requests queued toward them: a
+    graceful close (Terminate, then wait for the write buffer to drain) would wait forever, since
+    PostgreSQL reads nothing until its write completes and pgmux stops reading a closing transport.
+    """
+    proxy = pgmux(default_pool_size=2, auth_type="trust", query_wait_timeout=5)
+    victims = [_stuck_behind_unread_results(proxy, postgres, expected_writers=n) for n in (1, 2)]
+    for victim in victims:
+        _vanish(victim)
+
+    async def healthy_client() -> int:
+        conn = await _connect(proxy)
+        try:
+            return await asyncio.wait_for(conn.fetchval("SELECT 1"), 4)
+        finally:
+            await conn.close()
+
+    started = time.monotonic()
+    assert asyncio.run(healthy_client()) == 1
+    assert time.monotonic() - started < 4
+    _wait_until(lambda: _servers(proxy, "closing") == 0, 5, "no server left closing")
+    _wait_until(lambda: _backends_writing_to_pgmux(postgres) == 0, 5, "the abandoned backends are gone")
+    assert proxy.call(lambda p: max(pool.total for pool in p.pools.values())) <= 2
+
+
+def _close_gracefully_while_stuck(proxy) -> None:
+    """Have the pool retire the stuck client's server the graceful way, as it retires a healthy idle one."""
+    def close(p) -> None:
+        pool = next(iter(p.pools.values()))
+        pool.close_server(next(iter(pool.active)), "test: a graceful close that cannot complete")
+    proxy.call(close)
+
+
+def test_a_graceful_close_that_cannot_complete_is_aborted_at_its_deadline(pgmux, postgres) -> None:
+    proxy = pgmux(default_pool_size=1, auth_type="trust", query_wait_timeout=5)
+    victim = _stuck_behind_unread_results(proxy, postgres, expected_writers=1)
+    _close_gracefully_while_stuck(proxy)
+    time.sleep(1.0)
+    assert _servers(proxy, "closing") == 1, "the graceful close is stuck (the premise of this test)"
+    _wait_until(lambda: _servers(proxy, "closing") == 0, SERVER_CLOSE_DEADLINE + 2,
+                f"the close aborted once SERVER_CLOSE_DEADLINE={SERVER_CLOSE_DEADLINE:g}s passed")
+    _wait_until(lambda: _backends_writing_to_pgmux(postgres) == 0, 5, "the abandoned backend is gone")
+    victim.close()
+
+    async def next_client() -> int:
+        conn = await _connect(proxy)
+        try:
+            return await asyncio.wait_for(conn.fetchval("SELECT 1"), 4)
+        finally:
+            await conn.close()
+
+    assert asyncio.run(next_client()) == 1
+
+
+@pytest.mark.parametrize("command", ["KILL app", "RECONNECT app"])
+def test_admin_kill_and_reconnect_end_servers_stuck_closing(pgmux, postgres, command: str) -> None:
+    proxy = pgmux(default_pool_size=1, auth_type="trust", admin_users=[APP.name])
+    victim = _stuck_behind_unread_results(proxy, postgres, expected_writers=1)
+    _close_gracefully_while_stuck(proxy)
+    time.sleep(0.3)
+    assert _servers(proxy, "closing") == 1, "the graceful close is stuck (the premise of this test)"
+    console = RawClient(proxy.host, proxy.port(), database="pgmux")
+    _simple_query(console, command)
+    # Well before SERVER_CLOSE_DEADLINE: the command did it, not the janitor.
+    _wait_until(lambda: _servers(proxy, "closing") == 0, 1.5, f"{command} ended the server stuck closing")
+    _wait_until(lambda: _backends_writing_to_pgmux(postgres) == 0, 5, "the abandoned backend is gone")
+    console.close()
+    victim.close()
