@@ -220,9 +220,15 @@ class ClientConnection:
         self.params[name] = value
 
     def on_server_lost(self, server: ServerConnection) -> None:
-        upstream = server.upstream.redacted()
         self.server = None
-        self.fail(errors.server_connection_lost(upstream), reason="server_lost")
+        log.warning("server %s at %s lost while it served this client: %s", server.id, server.upstream.redacted(),
+                    server.close_reason, extra={"conn": self.id})
+        if server.fatal_relayed:
+            # The client has the backend's own FATAL already: one error per failure, then the close.
+            self.proxy.count_rejection("server_lost")
+            self._close_quietly("the server ended the session with a FATAL")
+        else:
+            self.fail(errors.server_connection_lost(), reason="server_lost")
 
     # ---- startup and authentication -----------------------------------------------------------
 

@@ -195,7 +195,7 @@ class Pool:
             self.grow()  # below the limit with more waiting than logging in: worth a new server
         if self._failing_fast():
             self.waiters.pop()
-            raise errors.upstream_unavailable(self.config.upstream.redacted(), self.last_connect_error or "")
+            raise errors.upstream_unavailable(self.last_connect_error or "")
         return waiter
 
     def cancel_wait(self, waiter: Waiter) -> None:
@@ -450,7 +450,7 @@ class Pool:
 
     def _login_failed(self, exc: ServerLoginError) -> None:
         self.stats.server_connect_failures += 1
-        self.last_connect_error = exc.reason
+        self.last_connect_error = exc.shown
         now = time.monotonic()
         if not self._failures:
             self._down_since = now
@@ -463,7 +463,7 @@ class Pool:
         self._retry_at = now + backoff
         self._loop.call_later(backoff, self._backoff_over, self._retry_at)
         if self._failing_fast():
-            error = errors.upstream_unavailable(self.config.upstream.redacted(), exc.reason)
+            error = errors.upstream_unavailable(exc.shown)
             while self.waiters:
                 self._refuse(self.waiters.popleft(), error)
 

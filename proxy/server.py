@@ -6,6 +6,7 @@ import asyncio
 import enum
 import functools
 import itertools
+import os
 import ssl
 import time
 from collections.abc import Callable
@@ -54,12 +55,17 @@ class ServerState(enum.Enum):
 
 
 class ServerLoginError(Exception):
-    """The backend could not be reached or refused the login; ``reason`` is safe to show (no password)."""
+    """The backend could not be reached or refused the login.
 
-    def __init__(self, reason: str, sqlstate: str | None = None) -> None:
+    ``reason`` is for the log (no password, but PostgreSQL's own text may name users, databases and
+    hosts); ``shown`` is what a client may be told: no upstream host, port or user.
+    """
+
+    def __init__(self, reason: str, sqlstate: str | None = None, shown: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.sqlstate = sqlstate
+        self.shown = reason if shown is None else shown
 
 
 class InternalQueryFailed(Exception):
@@ -110,6 +116,7 @@ class ServerConnection:
         self._internal_done: asyncio.Future[None] | None = None
         self._internal_error: str | None = None
         self.prepared = ServerPrepared()  # named statements this backend holds (transaction mode)
+        self.fatal_relayed = False  # the backend sent its client a FATAL: the client needs no other error
         self.discard_statements = False  # a plan went stale: drop every statement before reuse
 
     def __repr__(self) -> str:
@@ -194,7 +201,11 @@ class ServerConnection:
             client.on_parameter_status(name, value)
         elif kind == m.ERROR_RESPONSE:
             fields = parse_error_fields(frame.data[5:])
-            if fields.get("C") == "0A000" and "cached plan" in fields.get("M", ""):
+            if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
+                # The backend says goodbye to the client itself: when the socket closes, pgmux adds no error.
+                self.fatal_relayed = True
+                self.close_reason = f"server said {fields.get('V', '')} {fields.get('C', '')} {fields.get('M', '')}"
+            elif fields.get("C") == "0A000" and "cached plan" in fields.get("M", ""):
                 # A schema change made a prepared plan's result type wrong: the client gets the error
                 # as PostgreSQL sent it; the statement must be prepared afresh everywhere.
                 client.on_stale_plan()
@@ -302,13 +313,15 @@ class ServerConnection:
             raise ServerLoginError(f"TLS handshake failed: {tls_error.reason or tls_error}") from None
         except OSError as os_error:
             self.abort("connect failed")
-            raise ServerLoginError(os_error.strerror or str(os_error)) from None
+            # The errno's own text: asyncio's strerror names the address ("Connect call failed (host, port)").
+            code = os_error.errno
+            raise ServerLoginError(os.strerror(code) if code and code > 0 else os_error.strerror or str(os_error)) from None
         except ServerLoginError:
             self.abort("login failed")
             raise
         except ServerAuthError as auth_error:
             self.abort("login failed")
-            raise ServerLoginError(str(auth_error)) from None
+            raise ServerLoginError(str(auth_error), shown="authentication with the server failed") from None
         self._login_frames = None
         self._scanner = FrameScanner(_RELAY_CAPTURE)
 
@@ -352,7 +365,9 @@ class ServerConnection:
                     self.write(reply)
             elif frame.kind == m.ERROR_RESPONSE:
                 fields = parse_error_fields(body)
-                raise ServerLoginError(f"{fields.get('M', 'login refused')}", fields.get("C"))
+                code = fields.get("C")
+                raise ServerLoginError(f"{fields.get('M', 'login refused')}", code,
+                                       shown=f"the server refused the login (SQLSTATE {code})")
             elif frame.kind == m.PARAMETER_STATUS:
                 self._take_parameter(body)
             elif frame.kind == m.BACKEND_KEY_DATA:

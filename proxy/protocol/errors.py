@@ -120,15 +120,16 @@ def unsupported_startup_parameter(name: str) -> PgError:
                    severity=Severity.FATAL)
 
 
-def upstream_unavailable(upstream: str, reason: str) -> PgError:
-    return PgError(SqlState.CONNECTION_FAILURE, f"pgmux could not connect to the upstream server {upstream}: {reason}",
-                   hint="Check that PostgreSQL is running and that the upstream URL in the pgmux config is right.",
+# Clients are never told the upstream's host, port or user: pgmux's log names them (redacted).
+def upstream_unavailable(reason: str) -> PgError:
+    return PgError(SqlState.CONNECTION_FAILURE, f"pgmux could not connect to the upstream server: {reason}",
+                   hint="Check that PostgreSQL is running and that the upstream URL in the pgmux config is right; "
+                        "pgmux's log names the server and its full error.",
                    reason="upstream_unavailable")
 
 
-def server_connection_lost(upstream: str) -> PgError:
-    return PgError(SqlState.CONNECTION_FAILURE,
-                   f"the server connection to {upstream} was lost while it served this client",
+def server_connection_lost() -> PgError:
+    return PgError(SqlState.CONNECTION_FAILURE, "the server connection was lost while it served this client",
                    hint="The transaction was not committed unless the server said so; retry it.",
                    severity=Severity.FATAL)
 

@@ -7,8 +7,10 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import asyncpg
+import psycopg
 import pytest
 
 from pgusers import APP, APP_DATABASE
@@ -306,7 +308,7 @@ def test_a_login_retry_timer_that_fires_early_still_ends_the_backoff(pgmux) -> N
 
 def test_outage_longer_than_server_login_retry_fails_clients_fast_with_08006_and_recovers_when_postgres_is_back(
         pgmux) -> None:
-    """Past server_login_retry a waiting client gets 08006 naming the upstream, long before query_wait_timeout.
+    """Past server_login_retry a waiting client gets 08006 (without the upstream's address), long before query_wait_timeout.
 
     The refusal is an ERROR, so the session stays usable; once PostgreSQL is back the next query is
     served (not refused because logins failed earlier).
@@ -328,7 +330,7 @@ def test_outage_longer_than_server_login_retry_fails_clients_fast_with_08006_and
                 await asyncio.wait_for(conn.fetchval("SELECT 2"), 10)
             assert time.monotonic() - asked < down_for  # told during the outage, not at query_wait_timeout=30s
             assert info.value.sqlstate == "08006"
-            assert f"127.0.0.1:{server.port}" in str(info.value) and server.password not in str(info.value)
+            assert str(server.port) not in str(info.value) and server.password not in str(info.value)
             await restart
             await asyncio.sleep(1.0)  # PostgreSQL is back and pgmux's login backoff (<= 0.5 s) has passed
             assert await asyncio.wait_for(conn.fetchval("SELECT 3"), 10) == 3
@@ -604,3 +606,76 @@ def test_admin_kill_and_reconnect_end_servers_stuck_closing(pgmux, postgres, com
     _wait_until(lambda: _backends_writing_to_pgmux(postgres) == 0, 5, "the abandoned backend is gone")
     console.close()
     victim.close()
+
+
+# ---- a backend killed under a client: one error, and nothing about the upstream in it -------------------
+
+
+def _terminate_when_busy(postgres, query: str) -> None:
+    """pg_terminate_backend the backend running ``query`` once it runs it."""
+    def running() -> str:
+        return postgres.psql(f"SELECT pid FROM pg_stat_activity WHERE query = '{query}' AND state = 'active'").strip()
+    _wait_until(lambda: running() != "", 5, f"{query!r} running")
+    postgres.psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = '{query}'")
+
+
+def _names_the_upstream(text: str, postgres) -> bool:
+    return any(word in text for word in (f":{postgres.port}", str(postgres.port), "postgresql://", f'"{APP.name}"',
+                                         f"{APP.name}@", f"user {APP.name}"))
+
+
+def test_backend_killed_mid_query_gives_psycopg_one_error_naming_no_upstream(pgmux, postgres) -> None:
+    proxy = pgmux(default_pool_size=2)
+    query = "SELECT pg_sleep(30) /* psycopg victim */"
+    with psycopg.connect(proxy.dsn(APP.name, APP.password, APP_DATABASE), autocommit=True, connect_timeout=5) as conn:
+        with ThreadPoolExecutor(1) as killer:
+            killed = killer.submit(_terminate_when_busy, postgres, query)
+            with pytest.raises(psycopg.Error) as caught:
+                conn.execute(query)
+            killed.result(10)
+    text = str(caught.value)
+    assert "results from command" not in text, text  # psycopg's complaint about a second FATAL
+    assert isinstance(caught.value, psycopg.errors.AdminShutdown), repr(caught.value)  # PostgreSQL's 57P01, alone
+    assert not _names_the_upstream(text, postgres), text
+
+
+def test_backend_killed_mid_query_gives_asyncpg_one_error_naming_no_upstream(pgmux, postgres) -> None:
+    proxy = pgmux(default_pool_size=2)
+    query = "SELECT pg_sleep(30) /* asyncpg victim */"
+
+    async def scenario() -> BaseException:
+        conn = await _connect(proxy)
+        killed = asyncio.ensure_future(asyncio.to_thread(_terminate_when_busy, postgres, query))
+        with pytest.raises(Exception) as caught:
+            await asyncio.wait_for(conn.execute(query), 10)
+        await killed
+        conn.terminate()
+        return caught.value
+
+    error = asyncio.run(scenario())
+    assert not isinstance(error, asyncpg.exceptions._base.InternalClientError), repr(error)
+    # 57P01, or 08003 when asyncpg sees the close first: either way with PostgreSQL's text, not a second error.
+    assert _sqlstate(error) in ("57P01", "08003"), repr(error)
+    assert "terminating connection due to administrator command" in str(error), repr(error)
+    assert not _names_the_upstream(str(error), postgres), str(error)
+
+
+def test_backend_killed_mid_query_sends_the_client_exactly_one_fatal(pgmux, postgres) -> None:
+    """On the wire: PostgreSQL's FATAL 57P01 is relayed and the connection closes; pgmux adds no second FATAL."""
+    proxy = pgmux(default_pool_size=2, auth_type="trust")
+    query = "SELECT pg_sleep(30) /* raw victim */"
+    client = RawClient(proxy.host, proxy.port())
+    client.send(m.query(query))
+    _terminate_when_busy(postgres, query)
+    errors_seen = []
+    while True:
+        try:
+            kind, body = client.read_message()
+        except (ConnectionError, OSError):
+            break
+        if kind == m.ERROR_RESPONSE:
+            fields = dict((chunk[:1], chunk[1:].decode()) for chunk in body.split(b"\x00") if chunk)
+            errors_seen.append((fields[b"V"], fields[b"C"], fields[b"M"]))
+    assert [(severity, code) for severity, code, _ in errors_seen] == [("FATAL", "57P01")], errors_seen
+    assert not _names_the_upstream(errors_seen[0][2], postgres)
+    client.close()

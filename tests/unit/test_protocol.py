@@ -246,9 +246,8 @@ def test_parse_error_fields_reads_what_postgresql_sends() -> None:
     (errors.password_authentication_failed("bob"), "28P01", "FATAL", ['password authentication failed', '"bob"']),
     (errors.protocol_violation("bad"), "08P01", "FATAL", ["bad"]),
     (errors.unsupported_startup_parameter("foo"), "08P01", "FATAL", ["foo"]),
-    (errors.upstream_unavailable("postgresql://app:***@db:5432/app", "Connection refused"), "08006", "ERROR",
-     ["postgresql://app:***@db:5432/app", "Connection refused"]),
-    (errors.server_connection_lost("postgresql://app:***@db:5432/app"), "08006", "FATAL", ["db:5432"]),
+    (errors.upstream_unavailable("Connection refused"), "08006", "ERROR", ["upstream server", "Connection refused"]),
+    (errors.server_connection_lost(), "08006", "FATAL", ["server connection was lost"]),
     (errors.too_many_clients(1000), "53300", "FATAL", ["max_client_conn=1000", "no more connections allowed"]),
     (errors.wait_timeout("app/alice", 2.5, 5, 3, 5), "53300", "ERROR",
      ["app/alice", "query_wait_timeout=2.5s", "5 of 5 busy", "3 waiting"]),
@@ -264,7 +263,7 @@ def test_catalogue_entries_carry_their_sqlstate_severity_and_names(error, sqlsta
 
 @pytest.mark.parametrize("error", [
     errors.unknown_database("x"), errors.too_many_clients(10), errors.wait_timeout("a/b", 1, 1, 1, 1),
-    errors.upstream_unavailable("u", "r"), errors.unsupported_startup_parameter("p"),
+    errors.upstream_unavailable("r"), errors.unsupported_startup_parameter("p"),
 ])
 def test_refusals_carry_a_hint(error) -> None:
     assert parse_error_fields(error.to_bytes()[5:]).get("H")
