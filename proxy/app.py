@@ -142,18 +142,18 @@ class Proxy:
 
     # ---- routing a login to a pool --------------------------------------------------------------
 
-    def login_target(self, database: str, user: str) -> LoginTarget:
+    def login_target(self, database: str, user: str) -> LoginTarget | None:
+        """Where a login leads; None for a database pgmux does not serve (the client learns it only once authenticated)."""
         # Every login asks this, so the answer is kept until the next reload.
         target = self._targets.get((database, user))
         if target is None:
-            target = self._targets[database, user] = self._find_login_target(database, user)
+            db = self._databases.get(database)
+            if db is None:
+                return None  # not kept: made-up names must not grow the cache
+            target = self._targets[database, user] = self._find_login_target(db, user)
         return target
 
-    def _find_login_target(self, database: str, user: str) -> LoginTarget:
-        db = self._databases.get(database)
-        if db is None:
-            self.count_rejection("unknown_database")
-            raise errors.unknown_database(database)
+    def _find_login_target(self, db: _Database, user: str) -> LoginTarget:
         secret = self._secret(db, user)
         upstream = db.upstream
         if secret is not None and secret.password is not None:

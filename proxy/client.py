@@ -270,14 +270,19 @@ class ClientConnection:
             secret = self.proxy.admin_secret(self.user)
         else:
             target = self.proxy.login_target(self.database, self.user)
-            refusal = self.proxy.admission.admit(self.database, self.user)
-            if refusal is not None:
-                error, reason = refusal
-                self.proxy.count_rejection(reason)
-                raise error
-            self._admitted = True
-            self.pool = target.pool
-            secret = target.secret
+            if target is None:
+                # No pool, so no secret: authentication runs against a mock one and fails as a wrong
+                # password does (trust aside), so the answer does not tell which databases exist.
+                secret = None
+            else:
+                refusal = self.proxy.admission.admit(self.database, self.user)
+                if refusal is not None:
+                    error, reason = refusal
+                    self.proxy.count_rejection(reason)
+                    raise error
+                self._admitted = True
+                self.pool = target.pool
+                secret = target.secret
         self.state = ClientState.AUTH
         self._auth = client_authenticator(self.listener.auth_type, self.user, secret)
         first = self._auth.start()
@@ -314,8 +319,14 @@ class ClientConnection:
             try:
                 reply = self._auth.receive(bytes(segment.data[5:]))
             except AuthenticationFailed as exc:
-                self.proxy.count_rejection("auth_failed")
-                log.warning("authentication failed for user %r: %s", self.user, exc.reason, extra={"conn": self.id})
+                if self._database_unknown():
+                    self.proxy.count_rejection("unknown_database")
+                    log.warning("login refused: database %r does not exist in pgmux (the client is told: wrong "
+                                "password)", self.database, extra={"conn": self.id})
+                else:
+                    self.proxy.count_rejection("auth_failed")
+                    log.warning("authentication failed for user %r: %s", self.user, exc.reason,
+                                extra={"conn": self.id})
                 self.fail(errors.password_authentication_failed(self.user))
                 return
             if reply:
@@ -329,6 +340,10 @@ class ClientConnection:
         self._auth = None  # its SCRAM state is a kilobyte or two per idle client, needed no more
         if self.database in ADMIN_DATABASES:
             self._open_admin_console()
+            return
+        if self._database_unknown():  # only a trust listener lets such a login this far
+            self.proxy.count_rejection("unknown_database")
+            self.fail(errors.unknown_database(self.database))
             return
         self.state = ClientState.LOGIN
         capture = _RELAY_CAPTURE
@@ -370,6 +385,10 @@ class ClientConnection:
         self.pool.stats.client_logins += 1
         if self._queued:
             self._relay(b"".join(self._take_queued()))
+
+    def _database_unknown(self) -> bool:
+        """The login named a database pgmux does not serve (it has no pool)."""
+        return self.pool is None and self.database not in ADMIN_DATABASES
 
     def _open_admin_console(self) -> None:
         from proxy.admin import ADMIN_PARAMETERS, AdminSession

@@ -300,7 +300,7 @@ def test_query_timeout_cancels_the_running_query(pgmux) -> None:
     asyncio.run(scenario())
 
 
-def test_unreachable_upstream_fails_fast_with_08006_naming_it_without_password(pgmux) -> None:
+def test_unreachable_upstream_fails_fast_with_08006_naming_neither_its_address_nor_password(pgmux) -> None:
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
@@ -315,7 +315,7 @@ def test_unreachable_upstream_fails_fast_with_08006_naming_it_without_password(p
                 await _connect(proxy)
             assert time.monotonic() - started < 5
             text = str(info.value)
-            assert f"127.0.0.1:{port}" in text and APP.password not in text
+            assert str(port) not in text and APP.password not in text and "Connection refused" in text
             assert getattr(info.value, "sqlstate", "08006") == "08006"
 
     asyncio.run(scenario())

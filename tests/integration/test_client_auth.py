@@ -8,6 +8,8 @@ import io
 import json
 import logging
 import re
+import socket
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,6 +21,7 @@ from scramp import ScramMechanism
 from pgusers import APP, APP_DATABASE, MD5, PLAIN
 from proxy.auth.secrets import md5_password_hash
 from proxy.logs import LOGGER_NAME, setup_logging
+from proxy.protocol.startup import build_startup_message
 
 WRONG_PASSWORD = "not-the-password-7f3a"
 
@@ -105,19 +108,44 @@ def test_unknown_user_gets_the_same_28p01_text_as_a_wrong_password(pgmux, auth_t
     assert proxy.call(lambda p: p.rejections["auth_failed"]) == 2
 
 
-def test_unknown_database_gets_3d000_and_is_counted(pgmux) -> None:
-    proxy = pgmux()
-    error = _asyncpg_error(proxy, APP.name, APP.password, database="nosuchdb")
-    assert isinstance(error, asyncpg.InvalidCatalogNameError)
-    assert error.sqlstate == "3D000"
-    assert "nosuchdb" in str(error)
+def _first_authentication_request(proxy, database: str) -> bytes:
+    """What pgmux answers a StartupMessage with, before any password: the Authentication request's code and payload."""
+    with socket.create_connection((proxy.host, proxy.port()), timeout=10) as sock:
+        sock.sendall(build_startup_message({"user": APP.name, "database": database}))
+        header = sock.recv(5, socket.MSG_WAITALL)
+        body = sock.recv(struct.unpack("!I", header[1:])[0] - 4, socket.MSG_WAITALL)
+    assert header[:1] == b"R", (header, body)  # an Authentication request, not an ErrorResponse
+    return body
 
-    with pytest.raises(psycopg.OperationalError) as caught:
-        _psycopg_query(proxy, APP.name, APP.password, "SELECT 1", database="nosuchdb")
-    assert "nosuchdb" in str(caught.value)
 
-    assert proxy.call(lambda p: p.rejections["unknown_database"]) == 2
+@pytest.mark.parametrize("auth_type", ["scram-sha-256", "md5"])
+def test_unknown_database_is_refused_like_a_wrong_password_so_names_cannot_be_probed(pgmux, auth_type) -> None:
+    """No secret exists for a database pgmux does not serve: the exchange runs against a mock one and fails as a
+    wrong password does (28P01, same text), whatever the password; the log and the metrics say why."""
+    proxy = pgmux(auth_type=auth_type)
+    known, unknown = (_first_authentication_request(proxy, name) for name in (APP_DATABASE, "nosuchdb"))
+    assert unknown[:4] == known[:4]  # the same method asked for (md5's salt is random, SCRAM's list is equal)
+    wrong_password = _asyncpg_error(proxy, APP.name, WRONG_PASSWORD)
+    for password in (WRONG_PASSWORD, APP.password):
+        error = _asyncpg_error(proxy, APP.name, password, database="nosuchdb")
+        assert type(error) is type(wrong_password) is asyncpg.InvalidPasswordError
+        assert (error.sqlstate, str(error)) == (wrong_password.sqlstate, str(wrong_password))
+        assert "nosuchdb" not in str(error)
+        with pytest.raises(psycopg.OperationalError) as caught:
+            _psycopg_query(proxy, APP.name, password, "SELECT 1", database="nosuchdb")
+        assert 'password authentication failed for user "app"' in str(caught.value)
+        assert "nosuchdb" not in str(caught.value)
+    rejections = proxy.call(lambda p: dict(p.rejections))
+    assert rejections.get("unknown_database") == 4 and rejections.get("auth_failed") == 1, rejections
     assert _asyncpg_query(proxy, APP.name, APP.password, "SELECT 1") == 1
+
+
+def test_unknown_database_on_a_trust_listener_gets_3d000_after_authentication(pgmux) -> None:
+    proxy = pgmux(auth_type="trust")
+    error = _asyncpg_error(proxy, APP.name, None, database="nosuchdb")
+    assert isinstance(error, asyncpg.InvalidCatalogNameError)
+    assert error.sqlstate == "3D000" and "nosuchdb" in str(error)
+    assert proxy.call(lambda p: p.rejections["unknown_database"]) == 1
 
 
 # ---- md5 and trust listeners --------------------------------------------------------------------

