@@ -19,7 +19,7 @@ from proxy import BUILD, __version__
 from proxy.admission import Admission
 from proxy.auth.secrets import UserSecret
 from proxy.client import ClientConnection, ClientState
-from proxy.logs import get_logger
+from proxy.logs import LogSummary, get_logger
 from proxy.metrics import MetricsServer, Readiness, StatsWindow, Totals, stats_log_line
 from proxy.pool import Pool, PoolConfig, PoolKey, ServerBudget
 from proxy.prepared import StatementNames
@@ -30,6 +30,7 @@ from proxy.settings import DatabaseSettings, Settings, Upstream, parse_upstream_
 log = get_logger("app")
 
 JANITOR_PERIOD = 0.25  # how often timeouts are checked: their resolution
+CANCEL_LOG_INTERVAL = 10.0  # CancelRequests with unknown keys: one log line (with a count) per this many seconds
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Proxy:
         self._secrets: dict[tuple[str, str], UserSecret | None] = {}
         self._targets: dict[tuple[str, str], LoginTarget] = {}  # (database, user) -> where its logins go
         self._cancel_keys: dict[int, ClientConnection] = {}
+        self._unknown_cancel_keys = LogSummary(log, "cancel request with an unknown key ignored", CANCEL_LOG_INTERVAL)
         self.statement_names = StatementNames()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._servers: list[asyncio.Server] = []
@@ -245,7 +247,7 @@ class Proxy:
         """Forward a CancelRequest to the server the client uses now; drop it silently otherwise."""
         client = self._cancel_keys.get(process_id)
         if client is None or not hmac.compare_digest(client.cancel_key[1], secret):
-            log.info("cancel request with an unknown key ignored")
+            self._unknown_cancel_keys.event()  # sent without a login: anyone can flood it
             return
         server = client.server
         if server is None or not client.pending:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -76,3 +77,32 @@ def setup_logging(log_format: str = "plain", level: str = "info", stream: object
 
 def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(f"{LOGGER_NAME}.{name}")
+
+
+class LogSummary:
+    """An event anyone can repeat at will, logged at most once per ``interval``: at once, then as a count.
+
+    A flood (CancelRequests with made-up keys need no login) writes one line, then one line per
+    interval saying how many more came while it lasts, instead of one line per event.
+    """
+
+    def __init__(self, logger: logging.Logger, message: str, interval: float) -> None:
+        self._logger = logger
+        self._message = message
+        self._interval = interval
+        self._unlogged = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def event(self) -> None:
+        if self._timer is not None:
+            self._unlogged += 1
+            return
+        self._logger.info("%s", self._message)
+        self._timer = asyncio.get_running_loop().call_later(self._interval, self._summarise)
+
+    def _summarise(self) -> None:
+        self._timer = None
+        if self._unlogged:
+            self._logger.info("%s: %d more in the last %gs", self._message, self._unlogged, self._interval)
+            self._unlogged = 0
+            self._timer = asyncio.get_running_loop().call_later(self._interval, self._summarise)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 import struct
 import time
@@ -26,6 +27,7 @@ from proxy.protocol.startup import (
     GSSENC_REQUEST_CODE,
     PROTOCOL_3_0,
     SSL_REQUEST_CODE,
+    build_cancel_request,
     build_ssl_request,
     build_startup_message,
 )
@@ -464,3 +466,22 @@ def test_message_with_an_empty_body_is_answered_and_the_session_goes_on(pgmux, k
     holder.send(m.query("SELECT 1"))  # the server was not kept in an unknown state
     assert m.DATA_ROW in holder.read_until_ready()
     holder.close()
+
+
+# ---- floods -------------------------------------------------------------------------------------------
+
+
+def test_a_flood_of_cancel_requests_with_made_up_keys_logs_a_handful_of_lines(pgmux, caplog) -> None:
+    """Anyone can send CancelRequests without logging in: a thousand must not write a thousand log lines."""
+    proxy = pgmux()
+    caplog.set_level(logging.INFO, logger="pgmux")
+    rng = random.Random(11)
+    for _ in range(1000):
+        with socket.create_connection((proxy.host, proxy.port()), timeout=REPLY_TIMEOUT) as sock:
+            sock.sendall(build_cancel_request(rng.randrange(1, 1 << 31), rng.randbytes(4)))
+            assert sock.recv(1) == b""  # answered by a close, as PostgreSQL does
+    proxy.call(lambda p: None)  # every request has been handled by now
+    lines = [record.getMessage() for record in caplog.records if record.name.startswith("pgmux")]
+    cancel_lines = [line for line in lines if "cancel" in line.lower()]
+    assert cancel_lines and "unknown key" in cancel_lines[0], lines[:5]  # the flood is still visible
+    assert len(lines) <= 5, f"{len(lines)} log lines for 1000 cancel requests: {lines[:5]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.logs import LOGGER_NAME, get_logger, redact, setup_logging
+from proxy.logs import LOGGER_NAME, LogSummary, get_logger, redact, setup_logging
 
 
 @pytest.fixture
@@ -139,3 +140,28 @@ def test_setup_logging_twice_does_not_duplicate_lines(pgmux_log) -> None:
     setup_logging("plain", "info", stream=stream)
     get_logger("x").info("once")
     assert stream.getvalue().count("once") == 1
+
+
+# ---- floods: LogSummary -------------------------------------------------------------------------------
+
+def test_log_summary_logs_a_flood_once_then_counts_it_per_interval(caplog) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER_NAME)
+    log = get_logger("app")
+
+    async def flood() -> None:
+        summary = LogSummary(log, "cancel request with an unknown key ignored", interval=0.2)
+        for _ in range(1000):
+            summary.event()
+        await asyncio.sleep(0.3)  # the first interval ends: one line counts the rest
+        for _ in range(10):
+            summary.event()
+        await asyncio.sleep(0.6)  # the second ends with 10 more, the third quietly
+        summary.event()  # after a quiet interval an event is logged at once again
+
+    asyncio.run(flood())
+    assert [record.getMessage() for record in caplog.records] == [
+        "cancel request with an unknown key ignored",
+        "cancel request with an unknown key ignored: 999 more in the last 0.2s",
+        "cancel request with an unknown key ignored: 10 more in the last 0.2s",
+        "cancel request with an unknown key ignored",
+    ]
