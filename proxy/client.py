@@ -263,15 +263,9 @@ class ClientConnection:
         if self.database in ADMIN_DATABASES:
             secret = self.proxy.admin_secret(self.user)
         else:
-            target = self.proxy.login_target(self.database, self.user)
-            refusal = self.proxy.admission.admit(self.database, self.user)
-            if refusal is not None:
-                error, reason = refusal
-                self.proxy.count_rejection(reason)
-                raise error
-            self._admitted = True
-            self.pool = target.pool
-            secret = target.secret
+            # Nothing is created or counted for the user yet: a name alone must cost no state.
+            secret = self.proxy.login_secret(self.database, self.user)
+            self._refuse(self.proxy.admission.refusal(self.database, self.user))
         self.state = ClientState.AUTH
         self._auth = client_authenticator(self.listener.auth_type, self.user, secret)
         first = self._auth.start()
@@ -279,6 +273,12 @@ class ClientConnection:
             self.write(first)
         if self._auth.done:
             self._authenticated()
+
+    def _refuse(self, refusal: tuple[PgError, str] | None) -> None:
+        if refusal is not None:
+            error, reason = refusal
+            self.proxy.count_rejection(reason)
+            raise error
 
     def _take_parameters(self, startup: StartupMessage) -> None:
         parsed = parse_startup_parameters(startup.parameters, self.proxy.settings.ignore_startup_parameters)
@@ -324,6 +324,9 @@ class ClientConnection:
         if self.database in ADMIN_DATABASES:
             self._open_admin_console()
             return
+        self._refuse(self.proxy.admission.admit(self.database, self.user))
+        self._admitted = True
+        self.pool = self.proxy.login_pool(self.database, self.user)
         self.state = ClientState.LOGIN
         capture = _RELAY_CAPTURE
         if self.transaction_mode and self.proxy.settings.max_prepared_statements and self.pool is not None:

@@ -199,15 +199,15 @@ class StatsWindow:
     def averages(self, database: str | None) -> Totals:
         """Averages of one database (None: all) over the last complete period."""
         if database is None:
-            newer = _sum(self._newer.values())
-            older = _sum(self._older.values())
+            newer = sum_totals(self._newer.values())
+            older = sum_totals(self._older.values())
         else:
             newer = self._newer.get(database, Totals())
             older = self._older.get(database, Totals())
         return newer.averages_since(older, self._newer_at - self._older_at)
 
 
-def _sum(items: Iterable[Totals]) -> Totals:
+def sum_totals(items: Iterable[Totals]) -> Totals:
     total = Totals()
     for item in items:
         for f in fields(Totals):
