@@ -26,7 +26,7 @@ class Admission:
         self.per_user: collections.Counter[str] = collections.Counter()
 
     def check_connection(self, connected: int) -> PgError | None:
-        """For a new socket, ``connected`` counting it: the max_client_conn refusal, if any."""
+        """For a login, ``connected`` logged-in clients counting it: the max_client_conn refusal, if any."""
         if connected > self.max_client_conn:
             return errors.too_many_clients(self.max_client_conn)
         return None

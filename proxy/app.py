@@ -53,6 +53,8 @@ class Proxy:
         self.settings = settings
         self.pools: dict[PoolKey, Pool] = {}
         self.clients: set[ClientConnection] = set()
+        # The clients that have not authenticated yet, oldest first (a dict keeps arrival order).
+        self._logging_in: dict[ClientConnection, None] = {}
         self.rejections: collections.Counter[str] = collections.Counter()
         self.addresses: list[tuple[str, int]] = []  # where the listeners are bound, in listener order
         self.draining = False
@@ -127,18 +129,29 @@ class Proxy:
     def _accept(self, listener: Any) -> ClientConnection:
         self.accepted += 1
         client = ClientConnection(self, listener)
+        limit = self.settings.max_login_clients or self.settings.max_client_conn
+        if len(self._logging_in) >= limit:
+            # Refusing the newcomer would let sockets that never log in lock everyone out.
+            oldest = next(iter(self._logging_in))
+            oldest.fail(errors.login_crowded_out(limit), reason="login_limit")
         self.clients.add(client)
+        self._logging_in[client] = None
         return client
 
     def client_limit_error(self) -> errors.PgError | None:
-        """The refusal for a new connection, decided before any authentication work is spent on it."""
+        """The refusal for a client still logging in: at connect (before any authentication work) and again
+        once it has authenticated. max_client_conn counts logged-in clients, this one included."""
         if self.draining:
             self.count_rejection("shutdown")
             return errors.shutting_down()
-        refusal = self.admission.check_connection(len(self.clients))
+        refusal = self.admission.check_connection(len(self.clients) - len(self._logging_in) + 1)
         if refusal is not None:
             self.count_rejection("max_client_conn")
         return refusal
+
+    def login_finished(self, client: ClientConnection) -> None:
+        """The client has authenticated: it no longer counts against max_login_clients."""
+        self._logging_in.pop(client, None)
 
     # ---- routing a login to a pool --------------------------------------------------------------
 
@@ -274,6 +287,7 @@ class Proxy:
 
     def forget_client(self, client: ClientConnection) -> None:
         self.clients.discard(client)
+        self._logging_in.pop(client, None)
         if client.pool is not None:
             client.pool.clients -= 1
         process_id = client.cancel_key[0]

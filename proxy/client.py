@@ -73,8 +73,8 @@ class ClientConnection:
     # Slots, not a __dict__: ten thousand idle clients must stay small.
     __slots__ = (
         "_admin", "_admitted", "_auth", "_cancel_sent", "_linked_at", "_queued",
-        "_queued_bytes", "_refusal", "_rejected_batch", "_reset_seen", "_resync", "_scanner",
-        "_startup_buffer", "_startup_params", "_task", "_unsupported_options", "_waiter", "cancel_key",
+        "_queued_bytes", "_refusal", "_rejected_batch", "_reset_seen", "_resync", "_scanner", "_stall_mark",
+        "_stalled_since", "_startup_buffer", "_startup_params", "_task", "_unsupported_options", "_waiter", "cancel_key",
         "connected_at", "database", "id", "last_active", "listener", "params", "peer", "pending", "pool", "proxy",
         "query_started", "server", "state", "statements", "transaction_mode", "transport", "unreported",
         "user", "wait_started",
@@ -117,6 +117,8 @@ class ClientConnection:
         self.wait_started = 0.0  # when the client last joined the line for a server
         self._task: asyncio.Task[None] | None = None  # the welcome, while it waits for the pool's first server
         self._waiter: Waiter | None = None  # our place in the pool's line
+        self._stall_mark = 0  # the scanner's progress when the janitor last saw a message unfinished
+        self._stalled_since = 0.0  # since when that progress has not changed (0: no unfinished message)
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.id} {self.state.value} {self.user}@{self.database}>"
@@ -125,6 +127,9 @@ class ClientConnection:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        if self.state is ClientState.CLOSED:  # crowded out by newer logins before the loop got to it
+            transport.close()
+            return
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self.transport.set_write_buffer_limits(high=256 * 1024)
@@ -321,6 +326,11 @@ class ClientConnection:
 
     def _authenticated(self) -> None:
         self._auth = None  # its SCRAM state is a kilobyte or two per idle client, needed no more
+        # Checked again: logins that ran side by side may have filled max_client_conn meanwhile.
+        refusal = self.proxy.client_limit_error()
+        if refusal is not None:
+            raise refusal
+        self.proxy.login_finished(self)
         if self.database in ADMIN_DATABASES:
             self._open_admin_console()
             return
@@ -615,6 +625,10 @@ class ClientConnection:
     def check_timeouts(self, now: float) -> None:
         settings = self.proxy.settings
         server = self.server
+        if server is not None and settings.client_request_timeout and self._request_stalled(now):
+            self.proxy.count_rejection("client_request_timeout")
+            self.fail(errors.client_request_timeout(settings.client_request_timeout))
+            return
         if self.pending:
             if (settings.query_timeout and server is not None and not self._cancel_sent
                     and now - self.query_started > settings.query_timeout):
@@ -636,6 +650,24 @@ class ClientConnection:
         elif not in_transaction and settings.client_idle_timeout and idle_for > settings.client_idle_timeout:
             self.proxy.count_rejection("client_idle_timeout")
             self.fail(errors.client_idle_timeout(settings.client_idle_timeout))
+
+    def _request_stalled(self, now: float) -> bool:
+        """Part of a message arrived, then nothing more of it for client_request_timeout.
+
+        Its server waits for the rest and serves nobody else meanwhile. Progress is read from the
+        scanner here, every janitor pass, so the relay keeps no clock. A client whose reading pgmux
+        paused (backpressure) is not stalling.
+        """
+        scanner = self._scanner
+        transport = self.transport
+        if scanner.at_boundary or transport is None or not transport.is_reading():
+            self._stalled_since = 0.0
+            return False
+        progress = scanner.progress
+        if not self._stalled_since or progress != self._stall_mark:
+            self._stall_mark, self._stalled_since = progress, now
+            return False
+        return now - self._stalled_since > self.proxy.settings.client_request_timeout
 
     # ---- ending -----------------------------------------------------------------------------------
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
+import struct
 import time
 
 import asyncpg
@@ -11,7 +13,10 @@ import pytest
 
 from pgusers import APP, APP_DATABASE
 from proxy.app import EMPTY_POOL_TTL
+from proxy.protocol import messages as m
+from proxy.protocol.errors import parse_error_fields
 from proxy.protocol.startup import build_startup_message
+from test_admission import RawClient
 from test_metrics import samples, scrape
 
 _KNOCKS_AT_ONCE = 100  # connections open at a time while knocking
@@ -124,3 +129,57 @@ def test_a_pool_left_empty_is_dropped_by_the_janitor_and_its_totals_are_kept(pgm
     asyncio.run(_log_in_as_app(proxy))  # a new pool, working as the first one did
     assert _per_user_state(proxy)["pools"] == [f"{APP_DATABASE}/{APP.name}"]
     assert proxy.call(lambda p: p.totals_by_database()[APP_DATABASE].query_count) > queries
+
+
+def test_silent_sockets_over_max_client_conn_do_not_keep_a_healthy_client_from_logging_in(pgmux) -> None:
+    proxy = pgmux(max_client_conn=50)
+    silent = [socket.create_connection((proxy.host, proxy.port()), timeout=5) for _ in range(60)]
+    try:
+        time.sleep(0.3)  # all accepted: every login slot is taken by a socket that sends nothing
+
+        async def healthy() -> None:
+            for _ in range(5):
+                await _log_in_as_app(proxy)
+
+        asyncio.run(healthy())
+        # The oldest silent sockets made room and were told why.
+        crowded_out = silent[0].recv(4096)
+        assert b"max_login_clients" in crowded_out and b"53300" in crowded_out
+    finally:
+        for sock in silent:
+            sock.close()
+
+
+def test_client_login_timeout_defaults_to_15_seconds() -> None:
+    from proxy.settings import Settings
+
+    assert Settings.model_fields["client_login_timeout"].default == 15.0
+
+
+def test_a_request_stalled_midway_is_cut_off_and_its_backend_closed_for_the_next_client(pgmux) -> None:
+    proxy = pgmux(default_pool_size=1, auth_type="trust", client_request_timeout=0.5, query_wait_timeout=5)
+    staller = RawClient(proxy.host, proxy.port())
+    staller.send(m.message(m.QUERY, b"SELECT pg_backend_pid()\x00"))
+    stalled_pid = next(int(body[6:]) for kind, body in iter(staller.read_message, None) if kind == m.DATA_ROW)
+    staller.read_until_ready()
+    # The header of a 100 kB Query and the first kilobyte of it, then nothing: the pool's one backend waits.
+    staller.send(struct.pack("!cI", bytes([m.QUERY]), 100_000) + b"SELECT '" + b"x" * 1000)
+    started = time.monotonic()
+    other = RawClient(proxy.host, proxy.port())
+    other.send(m.message(m.QUERY, b"SELECT pg_backend_pid()\x00"))
+    answer = []
+    for kind, body in iter(other.read_message, None):
+        answer.append((kind, body))
+        if kind == m.READY_FOR_QUERY:
+            break
+    assert [kind for kind, _ in answer] == [m.ROW_DESCRIPTION, m.DATA_ROW, m.COMMAND_COMPLETE, m.READY_FOR_QUERY]
+    assert int(answer[1][1][6:]) != stalled_pid  # the stalled backend was closed, not handed on
+    assert time.monotonic() - started < 4
+    kind, body = staller.read_message()
+    fields = parse_error_fields(body)
+    assert kind == m.ERROR_RESPONSE and fields["C"] == "08P01" and "client_request_timeout=0.5s" in fields["M"]
+    with pytest.raises(ConnectionError):
+        staller.read_message()
+    other.close()
+    staller.close()
+    assert proxy.call(lambda p: p.rejections["client_request_timeout"]) == 1
