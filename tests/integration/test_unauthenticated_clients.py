@@ -183,3 +183,34 @@ def test_a_request_stalled_midway_is_cut_off_and_its_backend_closed_for_the_next
     other.close()
     staller.close()
     assert proxy.call(lambda p: p.rejections["client_request_timeout"]) == 1
+
+
+def test_a_scrape_of_many_pools_lets_the_event_loop_run_between_its_parts(pgmux) -> None:
+    import dataclasses
+
+    proxy = pgmux(metrics_listen="127.0.0.1:0")
+    ticks: list[float] = []
+
+    def fill(p) -> None:
+        db = p._databases[APP_DATABASE]
+        for number in range(2000):  # as if 2,000 real users had logged in
+            p._pool(db, dataclasses.replace(db.upstream, user=f"user{number}"))
+
+        async def probe() -> None:
+            while True:
+                ticks.append(time.perf_counter())
+                await asyncio.sleep(0)
+
+        p.spawn(probe(), name="loop probe")
+
+    proxy.call(fill)
+    time.sleep(0.05)
+    started = time.perf_counter()
+    text = scrape(proxy)
+    took = time.perf_counter() - started
+    during = [tick for tick in ticks if started <= tick <= started + took]
+    gaps = [later - earlier for earlier, later in zip(during, during[1:])]
+    print(f"2,000 pools: one scrape {took * 1000:.0f} ms, {len(text)} bytes; the loop ran {len(during)} times "
+          f"meanwhile, longest gap {max(gaps) * 1000:.1f} ms")
+    assert text.count('pgmux_pool_size{database="app"') == 2000
+    assert len(during) > 100  # the loop kept running: the scrape is not one long step
