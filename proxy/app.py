@@ -313,6 +313,7 @@ class Proxy:
 
     def drop_unused_pools(self, now: float) -> None:
         """Forget each pool that has had no client, server or waiter for EMPTY_POOL_TTL (janitor work)."""
+        dropped: set[Pool] = set()
         for pool in list(self.pools.values()):
             if pool.clients or pool.total or pool.waiters:
                 pool.unused_since = 0.0
@@ -320,6 +321,9 @@ class Proxy:
                 pool.unused_since = now
             elif now - pool.unused_since >= EMPTY_POOL_TTL:
                 self._drop_pool(pool)
+                dropped.add(pool)
+        if dropped:  # one pass over the logins for all of them (several logins may share a pool)
+            self._login_pools = {login: pool for login, pool in self._login_pools.items() if pool not in dropped}
 
     def _drop_pool(self, pool: Pool) -> None:
         log.info("pool %s dropped: unused for %gs", pool.key, EMPTY_POOL_TTL)
@@ -328,7 +332,6 @@ class Proxy:
         budget = self._user_budgets.get(pool.key.user)
         if budget is not None and not budget.pools:
             del self._user_budgets[pool.key.user]
-        self._login_pools = {login: kept for login, kept in self._login_pools.items() if kept is not pool}
         # SHOW STATS totals and the stats line's averages must not go backwards.
         database = pool.key.database
         self._retired_totals[database] = sum_totals([self._retired_totals.get(database, Totals()),
