@@ -213,4 +213,5 @@ def test_a_scrape_of_many_pools_lets_the_event_loop_run_between_its_parts(pgmux)
     print(f"2,000 pools: one scrape {took * 1000:.0f} ms, {len(text)} bytes; the loop ran {len(during)} times "
           f"meanwhile, longest gap {max(gaps) * 1000:.1f} ms")
     assert text.count('pgmux_pool_size{database="app"') == 2000
-    assert len(during) > 100  # the loop kept running: the scrape is not one long step
+    # Measured 2-5 ms on a loaded 2-vCPU VM (one step of ~1 s before); the bound only allows for that VM.
+    assert max(gaps) < 0.25
