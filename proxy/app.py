@@ -452,7 +452,8 @@ class Proxy:
         for pool in self.pools.values():
             by_database[pool.key.database].append(pool)
         names = sorted(by_database.keys() | self._retired_totals.keys())
-        return {name: sum_totals([Totals.of_pools(by_database.get(name, [])), self._retired_totals.get(name, Totals())])
+        return {name: sum_totals([Totals.of_pools(by_database.get(name, [])),
+                                  self._retired_totals.get(name, Totals())])
                 for name in names}
 
     # ---- views for the admin console and /metrics ---------------------------------------------------

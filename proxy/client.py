@@ -73,11 +73,12 @@ class ClientConnection:
     # Slots, not a __dict__: ten thousand idle clients must stay small.
     __slots__ = (
         "_admin", "_admitted", "_auth", "_cancel_sent", "_linked_at", "_queued",
-        "_queued_bytes", "_refusal", "_rejected_batch", "_reset_seen", "_resync", "_scanner", "_stall_mark",
-        "_stalled_since", "_startup_buffer", "_startup_params", "_task", "_unsupported_options", "_waiter", "cancel_key",
+        "_queued_bytes", "_refusal", "_rejected_batch", "_reset_seen", "_resync", "_scanner",
+        "_startup_buffer", "_startup_params", "_task", "_unsupported_options", "_waiter", "cancel_key",
         "connected_at", "database", "id", "last_active", "listener", "params", "peer", "pending", "pool", "proxy",
         "query_started", "server", "state", "statements", "transaction_mode", "transport", "unreported",
         "user", "wait_started",
+        "_stall_mark", "_stalled_since",
     )
 
     def __init__(self, proxy: Proxy, listener: ListenerSettings) -> None:
