@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from proxy import __version__
 from proxy.client import ClientState
 from proxy.logs import get_logger
-from proxy.metrics import Totals, oldest_wait
+from proxy.metrics import oldest_wait, sum_totals
 from proxy.protocol import errors
 from proxy.protocol import messages as m
 from proxy.protocol.errors import PgError
@@ -312,16 +312,10 @@ class AdminSession:
                 seen[client.pool].add(client.listener.pool_mode.value)
         return {pool: modes.pop() if len(modes) == 1 else "mixed" for pool, modes in seen.items()}
 
-    def _totals_by_database(self) -> dict[str, Totals]:
-        pools: dict[str, list[Pool]] = collections.defaultdict(list)
-        for pool in self.proxy.pools.values():
-            pools[pool.key.database].append(pool)
-        return {name: Totals.of_pools(pools[name]) for name in sorted(pools)}
-
     def show_stats(self) -> bytes:
         window = self.proxy.stats_window
         rows = []
-        for database, totals in self._totals_by_database().items():
+        for database, totals in self.proxy.totals_by_database().items():
             values = totals.values()
             averages = window.averages(database).values()
             # total_requests: PgBouncer 1.7's name for total_query_count, still read by the Debian
@@ -331,16 +325,16 @@ class AdminSession:
         return result(columns, rows)
 
     def show_stats_totals(self) -> bytes:
-        rows = [[database, *totals.values()] for database, totals in self._totals_by_database().items()]
+        rows = [[database, *totals.values()] for database, totals in self.proxy.totals_by_database().items()]
         return result([("database", "s")] + [(name, "N") for name in _TOTALS_NAMES], rows)
 
     def show_stats_averages(self) -> bytes:
         window = self.proxy.stats_window
-        rows = [[database, *window.averages(database).values()] for database in self._totals_by_database()]
+        rows = [[database, *window.averages(database).values()] for database in self.proxy.totals_by_database()]
         return result([("database", "s")] + [(name, "N") for name in _AVERAGES_NAMES], rows)
 
     def show_totals(self) -> bytes:
-        totals = Totals.of_pools(self.proxy.pools.values()).values()
+        totals = sum_totals(self.proxy.totals_by_database().values()).values()
         averages = self.proxy.stats_window.averages(None).values()
         rows = [[f"total_{name}", value] for name, value in zip(_TOTALS_ROW_NAMES, totals)]
         rows += [[f"avg_{name}", value] for name, value in zip(_TOTALS_ROW_NAMES, averages)]

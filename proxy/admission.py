@@ -11,8 +11,9 @@ from proxy.protocol.errors import PgError
 class Admission:
     """Counts logged-in clients per database and per user; refuses the one over a limit with 53300.
 
-    A client is counted from its StartupMessage (before authentication, so a flood of logins cannot
-    buy work past the limit) until it disconnects.
+    A login is checked against the limits at its StartupMessage, so one over a limit costs no
+    authentication work, and counted only once it has authenticated, until it disconnects: a name
+    in a StartupMessage alone creates no per-user entry, and cannot use up a real user's share.
     """
 
     def __init__(self, max_client_conn: int, max_db_client_connections: int, max_user_client_connections: int,
@@ -25,19 +26,26 @@ class Admission:
         self.per_user: collections.Counter[str] = collections.Counter()
 
     def check_connection(self, connected: int) -> PgError | None:
-        """For a new socket, ``connected`` counting it: the max_client_conn refusal, if any."""
+        """For a login, ``connected`` logged-in clients counting it: the max_client_conn refusal, if any."""
         if connected > self.max_client_conn:
             return errors.too_many_clients(self.max_client_conn)
         return None
 
-    def admit(self, database: str, user: str) -> tuple[PgError, str] | None:
-        """Count a login for (database, user), or return the refusal and its reason without counting it."""
+    def refusal(self, database: str, user: str) -> tuple[PgError, str] | None:
+        """The refusal and its reason if (database, user) is at a limit now; counts and stores nothing."""
         db_limit = self.db_overrides.get(database, self.max_db_client_connections)
-        if db_limit and self.per_database[database] >= db_limit:
+        if db_limit and self.per_database.get(database, 0) >= db_limit:
             return errors.too_many_database_clients(database, db_limit), "db_client_limit"
         user_limit = self.max_user_client_connections
-        if user_limit and self.per_user[user] >= user_limit:
+        if user_limit and self.per_user.get(user, 0) >= user_limit:
             return errors.too_many_user_clients(user, user_limit), "user_client_limit"
+        return None
+
+    def admit(self, database: str, user: str) -> tuple[PgError, str] | None:
+        """Count an authenticated login for (database, user), or return the refusal without counting it."""
+        refused = self.refusal(database, user)
+        if refused is not None:
+            return refused
         self.per_database[database] += 1
         self.per_user[user] += 1
         return None

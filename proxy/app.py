@@ -13,14 +13,14 @@ import socket
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from proxy import BUILD, __version__
 from proxy.admission import Admission
 from proxy.auth.secrets import UserSecret
 from proxy.client import ClientConnection, ClientState
 from proxy.logs import LogSummary, get_logger
-from proxy.metrics import MetricsServer, Readiness, StatsWindow, Totals, stats_log_line
+from proxy.metrics import MetricsServer, Readiness, StatsWindow, Totals, stats_log_line, sum_totals
 from proxy.pool import Pool, PoolConfig, PoolKey, ServerBudget
 from proxy.prepared import StatementNames
 from proxy.protocol import errors
@@ -31,14 +31,12 @@ log = get_logger("app")
 
 JANITOR_PERIOD = 0.25  # how often timeouts are checked: their resolution
 CANCEL_LOG_INTERVAL = 10.0  # CancelRequests with unknown keys: one log line (with a count) per this many seconds
-
-
-@dataclass(frozen=True)
-class LoginTarget:
-    """Where a client's login leads: the pool it will use and the secret its password is checked against."""
-
-    pool: Pool
-    secret: UserSecret | None
+# A pool with no client, server or waiter is forgotten after this long. Its servers have already
+# idled out (server_idle_timeout) by then, so keeping it saves little; waiting at all keeps an outage's
+# login backoff and fail-fast state (server_login_retry, 15 s by default) between clients that come
+# seconds apart, and the parameters learned from its first server. Not server_idle_timeout itself:
+# that may be 0 (never), and a pool must not be kept forever for a user name seen once.
+EMPTY_POOL_TTL: Final = 60.0
 
 
 @dataclass
@@ -56,6 +54,8 @@ class Proxy:
         self.settings = settings
         self.pools: dict[PoolKey, Pool] = {}
         self.clients: set[ClientConnection] = set()
+        # The clients that have not authenticated yet, oldest first (a dict keeps arrival order).
+        self._logging_in: dict[ClientConnection, None] = {}
         self.rejections: collections.Counter[str] = collections.Counter()
         self.addresses: list[tuple[str, int]] = []  # where the listeners are bound, in listener order
         self.draining = False
@@ -70,8 +70,10 @@ class Proxy:
             {name: db.max_db_client_connections for name, db in settings.all_databases().items()
              if db.max_db_client_connections is not None})
         self._user_budgets: dict[str, ServerBudget] = {}
-        self._secrets: dict[tuple[str, str], UserSecret | None] = {}
-        self._targets: dict[tuple[str, str], LoginTarget] = {}  # (database, user) -> where its logins go
+        # Kept for users with a configured secret only: a name that is not configured must cost nothing.
+        self._secrets: dict[tuple[str, str], UserSecret] = {}
+        self._login_pools: dict[tuple[str, str], Pool] = {}  # (database, user) -> the pool its logins use
+        self._retired_totals: dict[str, Totals] = {}  # by database: the stats of pools dropped as unused
         self._cancel_keys: dict[int, ClientConnection] = {}
         self._unknown_cancel_keys = LogSummary(log, "cancel request with an unknown key ignored", CANCEL_LOG_INTERVAL)
         self.statement_names = StatementNames()
@@ -129,33 +131,66 @@ class Proxy:
     def _accept(self, listener: Any) -> ClientConnection:
         self.accepted += 1
         client = ClientConnection(self, listener)
+        limit = self.settings.max_login_clients or self.settings.max_client_conn
+        if len(self._logging_in) >= limit:
+            # Refusing the newcomer would let sockets that never log in lock everyone out.
+            oldest = next(iter(self._logging_in))
+            oldest.fail(errors.login_crowded_out(limit), reason="login_limit")
         self.clients.add(client)
+        self._logging_in[client] = None
         return client
 
     def client_limit_error(self) -> errors.PgError | None:
-        """The refusal for a new connection, decided before any authentication work is spent on it."""
+        """The refusal for a client still logging in: at connect (before any authentication work) and again
+        once it has authenticated. max_client_conn counts logged-in clients, this one included."""
         if self.draining:
             self.count_rejection("shutdown")
             return errors.shutting_down()
-        refusal = self.admission.check_connection(len(self.clients))
+        refusal = self.admission.check_connection(len(self.clients) - len(self._logging_in) + 1)
         if refusal is not None:
             self.count_rejection("max_client_conn")
         return refusal
 
+    def login_finished(self, client: ClientConnection) -> None:
+        """The client has authenticated: it no longer counts against max_login_clients."""
+        self._logging_in.pop(client, None)
+
     # ---- routing a login to a pool --------------------------------------------------------------
 
-    def login_target(self, database: str, user: str) -> LoginTarget | None:
-        """Where a login leads; None for a database pgmux does not serve (the client learns it only once authenticated)."""
-        # Every login asks this, so the answer is kept until the next reload.
-        target = self._targets.get((database, user))
-        if target is None:
-            db = self._databases.get(database)
-            if db is None:
-                return None  # not kept: made-up names must not grow the cache
-            target = self._targets[database, user] = self._find_login_target(db, user)
-        return target
+    def serves_database(self, database: str) -> bool:
+        return database in self._databases
 
-    def _find_login_target(self, db: _Database, user: str) -> LoginTarget:
+    def login_secret(self, database: str, user: str) -> UserSecret | None:
+        """What a login's password is checked against (None: nothing known); creates no state for ``user``.
+
+        None for a database pgmux does not serve too: authentication then runs against a mock secret
+        and fails as a wrong password does, so the answer does not tell which databases exist.
+        """
+        db = self._databases.get(database)
+        return None if db is None else self._secret(db, user)
+
+    def login_pool(self, database: str, user: str) -> Pool:
+        """The pool an authenticated login uses, created on first use; the caller becomes one of its clients.
+
+        Only authenticated clients get here: a pool, its metric series and its user's server budget
+        are made for users who proved who they are, never for a name in a StartupMessage.
+        """
+        # Every login asks this, so the answer is kept until the pool is dropped or the next reload.
+        pool = self._login_pools.get((database, user))
+        if pool is None:
+            pool = self._login_pools[database, user] = self._find_login_pool(database, user)
+        pool.clients += 1  # forget_client takes it off again
+        return pool
+
+    def _login_database(self, database: str) -> _Database:
+        db = self._databases.get(database)
+        if db is None:
+            self.count_rejection("unknown_database")
+            raise errors.unknown_database(database)
+        return db
+
+    def _find_login_pool(self, database: str, user: str) -> Pool:
+        db = self._login_database(database)
         secret = self._secret(db, user)
         upstream = db.upstream
         if secret is not None and secret.password is not None:
@@ -164,7 +199,7 @@ class Proxy:
             # Only a trust listener lets an unknown user this far; the upstream decides about it.
             upstream = dataclasses.replace(upstream, user=user, password=None)
         # A user known only by a hash or verifier logs in upstream as the database's own user.
-        return LoginTarget(self._pool(db, upstream), secret)
+        return self._pool(db, upstream)
 
     def admin_role(self, user: str) -> str | None:
         """'admin', 'stats' or None: what ``user`` may do on the admin console."""
@@ -186,15 +221,17 @@ class Proxy:
 
     def _secret(self, db: _Database, user: str) -> UserSecret | None:
         key = (db.name, user)
-        if key not in self._secrets:
+        secret = self._secrets.get(key)
+        if secret is None:
             configured = self.settings.users.get(user)
             if configured is not None:
-                self._secrets[key] = UserSecret.from_config(user, configured.password.get_secret_value())
+                secret = UserSecret.from_config(user, configured.password.get_secret_value())
             elif user == db.upstream.user and db.upstream.password is not None:
-                self._secrets[key] = UserSecret(user, password=db.upstream.password)
+                secret = UserSecret(user, password=db.upstream.password)
             else:
-                self._secrets[key] = None
-        return self._secrets[key]
+                return None
+            self._secrets[key] = secret
+        return secret
 
     def _pool(self, db: _Database, upstream: Upstream) -> Pool:
         key = PoolKey(db.name, upstream.user)
@@ -260,6 +297,9 @@ class Proxy:
 
     def forget_client(self, client: ClientConnection) -> None:
         self.clients.discard(client)
+        self._logging_in.pop(client, None)
+        if client.pool is not None:
+            client.pool.clients -= 1
         process_id = client.cancel_key[0]
         if self._cancel_keys.get(process_id) is client:
             del self._cancel_keys[process_id]
@@ -279,6 +319,33 @@ class Proxy:
                 pool.maintain(now)
             for client in list(self.clients):
                 client.check_timeouts(now)
+            self.drop_unused_pools(now)
+
+    def drop_unused_pools(self, now: float) -> None:
+        """Forget each pool that has had no client, server or waiter for EMPTY_POOL_TTL (janitor work)."""
+        dropped: set[Pool] = set()
+        for pool in list(self.pools.values()):
+            if pool.clients or pool.total or pool.waiters:
+                pool.unused_since = 0.0
+            elif not pool.unused_since:
+                pool.unused_since = now
+            elif now - pool.unused_since >= EMPTY_POOL_TTL:
+                self._drop_pool(pool)
+                dropped.add(pool)
+        if dropped:  # one pass over the logins for all of them (several logins may share a pool)
+            self._login_pools = {login: pool for login, pool in self._login_pools.items() if pool not in dropped}
+
+    def _drop_pool(self, pool: Pool) -> None:
+        log.info("pool %s dropped: unused for %gs", pool.key, EMPTY_POOL_TTL)
+        del self.pools[pool.key]
+        pool.leave_budgets()
+        budget = self._user_budgets.get(pool.key.user)
+        if budget is not None and not budget.pools:
+            del self._user_budgets[pool.key.user]
+        # SHOW STATS totals and the stats line's averages must not go backwards.
+        database = pool.key.database
+        self._retired_totals[database] = sum_totals([self._retired_totals.get(database, Totals()),
+                                                     Totals.of_pools([pool])])
 
     async def stop(self, graceful: bool = True) -> None:
         """Stop listening; let transactions finish (up to shutdown_timeout) if graceful; close everything."""
@@ -350,7 +417,7 @@ class Proxy:
         for budget in self._user_budgets.values():
             budget.limit = settings.max_user_connections
         self._secrets.clear()
-        self._targets.clear()
+        self._login_pools.clear()
         for key, pool in self.pools.items():
             db = self._databases.get(key.database)
             if db is None:
@@ -390,10 +457,14 @@ class Proxy:
                 log.info("%s", stats_log_line(averages))
 
     def totals_by_database(self) -> dict[str, Totals]:
+        """Each database's running totals, including those of its pools dropped as unused."""
         by_database: dict[str, list[Pool]] = collections.defaultdict(list)
         for pool in self.pools.values():
             by_database[pool.key.database].append(pool)
-        return {name: Totals.of_pools(pools) for name, pools in sorted(by_database.items())}
+        names = sorted(by_database.keys() | self._retired_totals.keys())
+        return {name: sum_totals([Totals.of_pools(by_database.get(name, [])),
+                                  self._retired_totals.get(name, Totals())])
+                for name in names}
 
     # ---- views for the admin console and /metrics ---------------------------------------------------
 

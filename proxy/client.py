@@ -78,6 +78,7 @@ class ClientConnection:
         "connected_at", "database", "id", "last_active", "listener", "params", "peer", "pending", "pool", "proxy",
         "query_started", "server", "state", "statements", "transaction_mode", "transport", "unreported",
         "user", "wait_started",
+        "_stall_mark", "_stalled_since",
     )
 
     def __init__(self, proxy: Proxy, listener: ListenerSettings) -> None:
@@ -117,6 +118,8 @@ class ClientConnection:
         self.wait_started = 0.0  # when the client last joined the line for a server
         self._task: asyncio.Task[None] | None = None  # the welcome, while it waits for the pool's first server
         self._waiter: Waiter | None = None  # our place in the pool's line
+        self._stall_mark = 0  # the scanner's progress when the janitor last saw a message unfinished
+        self._stalled_since = 0.0  # since when that progress has not changed (0: no unfinished message)
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.id} {self.state.value} {self.user}@{self.database}>"
@@ -125,6 +128,9 @@ class ClientConnection:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        if self.state is ClientState.CLOSED:  # crowded out by newer logins before the loop got to it
+            transport.close()
+            return
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self.transport.set_write_buffer_limits(high=256 * 1024)
@@ -269,20 +275,9 @@ class ClientConnection:
         if self.database in ADMIN_DATABASES:
             secret = self.proxy.admin_secret(self.user)
         else:
-            target = self.proxy.login_target(self.database, self.user)
-            if target is None:
-                # No pool, so no secret: authentication runs against a mock one and fails as a wrong
-                # password does (trust aside), so the answer does not tell which databases exist.
-                secret = None
-            else:
-                refusal = self.proxy.admission.admit(self.database, self.user)
-                if refusal is not None:
-                    error, reason = refusal
-                    self.proxy.count_rejection(reason)
-                    raise error
-                self._admitted = True
-                self.pool = target.pool
-                secret = target.secret
+            # Nothing is created or counted for the user yet: a name alone must cost no state.
+            secret = self.proxy.login_secret(self.database, self.user)
+            self._refuse(self.proxy.admission.refusal(self.database, self.user))
         self.state = ClientState.AUTH
         self._auth = client_authenticator(self.listener.auth_type, self.user, secret)
         first = self._auth.start()
@@ -290,6 +285,12 @@ class ClientConnection:
             self.write(first)
         if self._auth.done:
             self._authenticated()
+
+    def _refuse(self, refusal: tuple[PgError, str] | None) -> None:
+        if refusal is not None:
+            error, reason = refusal
+            self.proxy.count_rejection(reason)
+            raise error
 
     def _take_parameters(self, startup: StartupMessage) -> None:
         parsed = parse_startup_parameters(startup.parameters, self.proxy.settings.ignore_startup_parameters)
@@ -338,6 +339,11 @@ class ClientConnection:
 
     def _authenticated(self) -> None:
         self._auth = None  # its SCRAM state is a kilobyte or two per idle client, needed no more
+        # Checked again: logins that ran side by side may have filled max_client_conn meanwhile.
+        refusal = self.proxy.client_limit_error()
+        if refusal is not None:
+            raise refusal
+        self.proxy.login_finished(self)
         if self.database in ADMIN_DATABASES:
             self._open_admin_console()
             return
@@ -345,6 +351,9 @@ class ClientConnection:
             self.proxy.count_rejection("unknown_database")
             self.fail(errors.unknown_database(self.database))
             return
+        self._refuse(self.proxy.admission.admit(self.database, self.user))
+        self._admitted = True
+        self.pool = self.proxy.login_pool(self.database, self.user)
         self.state = ClientState.LOGIN
         capture = _RELAY_CAPTURE
         if self.transaction_mode and self.proxy.settings.max_prepared_statements and self.pool is not None:
@@ -387,8 +396,8 @@ class ClientConnection:
             self._relay(b"".join(self._take_queued()))
 
     def _database_unknown(self) -> bool:
-        """The login named a database pgmux does not serve (it has no pool)."""
-        return self.pool is None and self.database not in ADMIN_DATABASES
+        """The login named a database pgmux does not serve."""
+        return self.database not in ADMIN_DATABASES and not self.proxy.serves_database(self.database)
 
     def _open_admin_console(self) -> None:
         from proxy.admin import ADMIN_PARAMETERS, AdminSession
@@ -637,6 +646,10 @@ class ClientConnection:
     def check_timeouts(self, now: float) -> None:
         settings = self.proxy.settings
         server = self.server
+        if server is not None and settings.client_request_timeout and self._request_stalled(now):
+            self.proxy.count_rejection("client_request_timeout")
+            self.fail(errors.client_request_timeout(settings.client_request_timeout))
+            return
         if self.pending:
             if (settings.query_timeout and server is not None and not self._cancel_sent
                     and now - self.query_started > settings.query_timeout):
@@ -658,6 +671,24 @@ class ClientConnection:
         elif not in_transaction and settings.client_idle_timeout and idle_for > settings.client_idle_timeout:
             self.proxy.count_rejection("client_idle_timeout")
             self.fail(errors.client_idle_timeout(settings.client_idle_timeout))
+
+    def _request_stalled(self, now: float) -> bool:
+        """Part of a message arrived, then nothing more of it for client_request_timeout.
+
+        Its server waits for the rest and serves nobody else meanwhile. Progress is read from the
+        scanner here, every janitor pass, so the relay keeps no clock. A client whose reading pgmux
+        paused (backpressure) is not stalling.
+        """
+        scanner = self._scanner
+        transport = self.transport
+        if scanner.at_boundary or transport is None or not transport.is_reading():
+            self._stalled_since = 0.0
+            return False
+        progress = scanner.progress
+        if not self._stalled_since or progress != self._stall_mark:
+            self._stall_mark, self._stalled_since = progress, now
+            return False
+        return now - self._stalled_since > self.proxy.settings.client_request_timeout
 
     # ---- ending -----------------------------------------------------------------------------------
 

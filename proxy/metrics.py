@@ -1,18 +1,19 @@
-"""Metrics: the Prometheus collector that reads live state at scrape time, PgBouncer-style totals and averages, and /metrics, /healthz, /readyz."""
+"""Metrics: the Prometheus exposition written from live state at scrape time, PgBouncer-style totals and averages, and /metrics, /healthz, /readyz."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import platform
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.utils import floatToGoString
 
 from proxy import BUILD, __version__
 from proxy.client import ClientState
@@ -22,7 +23,7 @@ from proxy.settings import split_address
 
 if TYPE_CHECKING:
     from proxy.app import Proxy
-    from proxy.pool import Pool
+    from proxy.pool import Pool, PoolConfig
     from proxy.settings import Upstream
 
 log = get_logger("metrics")
@@ -39,6 +40,7 @@ REJECTION_REASONS = (
     "max_client_conn", "db_client_limit", "user_client_limit", "wait_timeout", "queue_full", "auth_failed",
     "unknown_database", "protocol_error", "shutdown", "upstream_unavailable", "admin_not_allowed",
     "login_timeout", "client_idle_timeout", "idle_transaction_timeout", "server_lost", "internal_error",
+    "login_limit", "client_request_timeout",
 )
 CLIENT_STATES = ("active", "idle", "waiting", "login")
 SERVER_STATES = ("active", "idle", "used", "tested", "login", "closing")
@@ -199,15 +201,15 @@ class StatsWindow:
     def averages(self, database: str | None) -> Totals:
         """Averages of one database (None: all) over the last complete period."""
         if database is None:
-            newer = _sum(self._newer.values())
-            older = _sum(self._older.values())
+            newer = sum_totals(self._newer.values())
+            older = sum_totals(self._older.values())
         else:
             newer = self._newer.get(database, Totals())
             older = self._older.get(database, Totals())
         return newer.averages_since(older, self._newer_at - self._older_at)
 
 
-def _sum(items: Iterable[Totals]) -> Totals:
+def sum_totals(items: Iterable[Totals]) -> Totals:
     total = Totals()
     for item in items:
         for f in fields(Totals):
@@ -222,87 +224,161 @@ def stats_log_line(avg: Totals) -> str:
             f"wait {avg.wait_time} us")
 
 
-# ---- the Prometheus collector ------------------------------------------------------------------
+# ---- the Prometheus exposition of pgmux_* ------------------------------------------------------
 
-def _family(name: str) -> Metric:
-    kind, text, labels = METRICS[name]
-    if kind == "counter":
-        return CounterMetricFamily(name.removesuffix("_total"), text, labels=labels)
-    if kind == "histogram":
-        return HistogramMetricFamily(name, text, labels=labels)
-    return GaugeMetricFamily(name, text, labels=labels)
+# Pools (and, for the client tally, clients/32) formatted between two returns to the event loop:
+# a slice takes well under a millisecond, so a scrape of thousands of pools never stalls the relay.
+_SLICE = 32
 
 
-class PgmuxCollector:
-    """Builds every pgmux_* metric from the proxy's objects when Prometheus scrapes; nothing is kept between scrapes."""
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _value(value: float) -> str:
+    return str(value) if type(value) is int else floatToGoString(value)
+
+
+def _labels(**labels: str) -> str:
+    return ",".join(f'{name}="{_escape(value)}"' for name, value in labels.items())
+
+
+def _sample(name: str, labels: str, value: float) -> str:
+    return f"{name}{{{labels}}} {_value(value)}\n" if labels else f"{name} {_value(value)}\n"
+
+
+def _header(name: str) -> str:
+    kind, text, _ = METRICS[name]  # a counter's HELP and TYPE name its _total samples, as prometheus-client's do
+    help_text = text.replace("\\", "\\\\").replace("\n", "\\n")
+    return f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n"
+
+
+class _PoolRow:
+    """What one scrape reads of one pool besides its live counters: its label text and configured sizes."""
+
+    __slots__ = ("pool", "labels", "configured")
+
+    def __init__(self, pool: Pool, labels: str, configured: PoolConfig) -> None:
+        self.pool = pool
+        self.labels = labels
+        self.configured = configured
+
+
+class PgmuxExposition:
+    """Writes every pgmux_* metric in the Prometheus text format from the proxy's objects at scrape time.
+
+    Values are read from the live pools and connections; nothing is kept between scrapes. The text
+    comes in parts, per-pool families a slice of pools at a time, so that the caller can let the
+    event loop run between parts: one scrape of many pools never holds the relay for long.
+    """
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
 
-    def describe(self) -> Iterator[Metric]:
-        return iter(())  # names are dynamic per pool; registering must not run a collection
-
-    def collect(self) -> Iterator[Metric]:
+    def parts(self) -> Iterator[str]:
         proxy = self.proxy
         now = time.monotonic()
-        # Any: each family kind has its own add_metric signature, chosen by METRICS[name].
-        families: dict[str, Any] = {name: _family(name) for name in METRICS}
-
-        def gauge(name: str, value: float, *labels: str) -> None:
-            families[name].add_metric(labels, value)
-
-        gauge("pgmux_build_info", 1, __version__, platform.python_version(), "compiled" if BUILD.compiled else "python")
-        gauge("pgmux_ready", 1 if proxy.readiness.ready()[0] else 0)
-        gauge("pgmux_draining", 1 if proxy.draining else 0)
-        gauge("pgmux_client_connections", len(proxy.clients))
-        gauge("pgmux_max_client_conn", proxy.settings.max_client_conn)
-        families["pgmux_client_connections_accepted_total"].add_metric((), proxy.accepted)
-        rejections = collections.Counter({reason: 0 for reason in REJECTION_REASONS})
-        rejections.update(proxy.rejections)
-        for reason, count in sorted(rejections.items()):
-            families["pgmux_client_rejections_total"].add_metric((reason,), count)
-
-        modes = sorted({listener.pool_mode.value for listener in proxy.settings.all_listeners()})
-        clients: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
-        for pool in proxy.pools.values():
-            for mode in modes:
-                for state in CLIENT_STATES:
-                    clients[(pool.key.database, pool.key.user, mode, state)] = 0
-        for client in proxy.clients:
-            client_state = _CLIENT_STATE_NAMES.get(client.state)
-            if client_state is None or client.pool is None:
-                continue
-            key = client.pool.key
-            clients[(key.database, key.user, client.listener.pool_mode.value, client_state)] += 1
-        for client_labels, count in sorted(clients.items()):
-            gauge("pgmux_clients", count, *client_labels)
-
+        yield self._process_wide()
+        pools = list(proxy.pools.values())  # in creation order: sorting thousands would be one long step
+        rows: list[_PoolRow] = []
         server_counts: collections.Counter[str] = collections.Counter()
-        for pool in sorted(proxy.pools.values(), key=lambda p: (p.key.database, p.key.user)):
-            labels = (pool.key.database, pool.key.user)
+        for start in range(0, len(pools), _SLICE):
+            for pool in pools[start:start + _SLICE]:
+                rows.append(_PoolRow(pool, _labels(database=pool.key.database, user=pool.key.user),
+                                     proxy.configured_pool(pool)))
+                server_counts[pool.key.database] += pool.total
+            yield ""
+        clients: collections.Counter[tuple[Pool, str, str]] = collections.Counter()
+        everyone = list(proxy.clients)
+        for start in range(0, len(everyone), _SLICE * 32):
+            for client in everyone[start:start + _SLICE * 32]:
+                client_state = _CLIENT_STATE_NAMES.get(client.state)
+                if client_state is not None and client.pool is not None:
+                    clients[(client.pool, client.listener.pool_mode.value, client_state)] += 1
+            yield ""
+        modes = sorted({listener.pool_mode.value for listener in proxy.settings.all_listeners()})
+
+        def client_lines(row: _PoolRow) -> str:
+            return "".join(_sample("pgmux_clients", f'{row.labels},pool_mode="{mode}",state="{state}"',
+                                   clients[(row.pool, mode, state)])
+                           for mode in modes for state in CLIENT_STATES)
+
+        def server_lines(row: _PoolRow) -> str:
+            pool = row.pool
             by_state = {"active": len(pool.active), "idle": len(pool.idle), "used": 0,
                         "tested": len(pool.resetting), "login": len(pool.login), "closing": len(pool.closing)}
-            for state in SERVER_STATES:
-                gauge("pgmux_servers", by_state[state], *labels, state)
-            server_counts[pool.key.database] += pool.total
-            configured = proxy.configured_pool(pool)
-            gauge("pgmux_pool_size", configured.pool_size, *labels)
-            gauge("pgmux_pool_min_size", configured.min_pool_size, *labels)
-            gauge("pgmux_pool_reserve_size", configured.reserve_pool_size, *labels)
-            gauge("pgmux_pool_maxwait_seconds", oldest_wait(pool, now), *labels)
-            stats = pool.stats
-            for name, path in _POOL_COUNTERS.items():
-                families[name].add_metric(labels, stat(stats, path))
-            for name, attribute in _POOL_HISTOGRAMS.items():
-                histogram = getattr(stats, attribute)
-                buckets = [(_bound(bound), count) for bound, count in histogram.cumulative()]
-                families[name].add_metric(labels, buckets, histogram.sum)
+            return "".join(_sample("pgmux_servers", f'{row.labels},state="{state}"', by_state[state])
+                           for state in SERVER_STATES)
 
-        for database in proxy.database_names():
-            gauge("pgmux_database_paused", 1 if proxy.is_paused(database) else 0, database)
-            gauge("pgmux_database_max_connections", proxy.database_max_connections(database), database)
-            gauge("pgmux_database_server_connections", server_counts[database], database)
-        return iter(families.values())
+        yield from self._per_pool("pgmux_clients", rows, client_lines)
+        yield from self._per_pool("pgmux_servers", rows, server_lines)
+        yield from self._per_pool("pgmux_pool_size", rows,
+                                  lambda row: _sample("pgmux_pool_size", row.labels, row.configured.pool_size))
+        yield from self._per_pool("pgmux_pool_min_size", rows,
+                                  lambda row: _sample("pgmux_pool_min_size", row.labels,
+                                                      row.configured.min_pool_size))
+        yield from self._per_pool("pgmux_pool_reserve_size", rows,
+                                  lambda row: _sample("pgmux_pool_reserve_size", row.labels,
+                                                      row.configured.reserve_pool_size))
+        yield from self._per_pool("pgmux_pool_maxwait_seconds", rows,
+                                  lambda row: _sample("pgmux_pool_maxwait_seconds", row.labels,
+                                                      oldest_wait(row.pool, now)))
+        for name, path in _POOL_COUNTERS.items():
+            yield from self._per_pool(name, rows, functools.partial(_counter_line, name, path))
+        for name, attribute in _POOL_HISTOGRAMS.items():
+            yield from self._per_pool(name, rows, functools.partial(_histogram_lines, name, attribute))
+        yield self._per_database(server_counts)
+
+    @staticmethod
+    def _per_pool(name: str, rows: list[_PoolRow], lines: Callable[[_PoolRow], str]) -> Iterator[str]:
+        yield _header(name)
+        for start in range(0, len(rows), _SLICE):
+            yield "".join(lines(row) for row in rows[start:start + _SLICE])
+
+    def _process_wide(self) -> str:
+        proxy = self.proxy
+        rejections = collections.Counter({reason: 0 for reason in REJECTION_REASONS})
+        rejections.update(proxy.rejections)
+        build = _labels(version=__version__, python_version=platform.python_version(),
+                        hot_path="compiled" if BUILD.compiled else "python")
+        out = [
+            _header("pgmux_build_info"), _sample("pgmux_build_info", build, 1),
+            _header("pgmux_ready"), _sample("pgmux_ready", "", 1 if proxy.readiness.ready()[0] else 0),
+            _header("pgmux_draining"), _sample("pgmux_draining", "", 1 if proxy.draining else 0),
+            _header("pgmux_client_connections"), _sample("pgmux_client_connections", "", len(proxy.clients)),
+            _header("pgmux_max_client_conn"), _sample("pgmux_max_client_conn", "", proxy.settings.max_client_conn),
+            _header("pgmux_client_connections_accepted_total"),
+            _sample("pgmux_client_connections_accepted_total", "", proxy.accepted),
+            _header("pgmux_client_rejections_total"),
+        ]
+        out.extend(_sample("pgmux_client_rejections_total", _labels(reason=reason), count)
+                   for reason, count in sorted(rejections.items()))
+        return "".join(out)
+
+    def _per_database(self, server_counts: collections.Counter[str]) -> str:
+        proxy = self.proxy
+        names = proxy.database_names()
+        out = []
+        for name, value_of in (("pgmux_database_paused", lambda db: 1 if proxy.is_paused(db) else 0),
+                               ("pgmux_database_max_connections", proxy.database_max_connections),
+                               ("pgmux_database_server_connections", lambda db: server_counts[db])):
+            out.append(_header(name))
+            out.extend(_sample(name, _labels(database=database), value_of(database)) for database in names)
+        return "".join(out)
+
+
+def _counter_line(name: str, path: str, row: _PoolRow) -> str:
+    return _sample(name, row.labels, stat(row.pool.stats, path))
+
+
+def _histogram_lines(name: str, attribute: str, row: _PoolRow) -> str:
+    histogram = getattr(row.pool.stats, attribute)
+    labels = row.labels
+    out = [f'{name}_bucket{{{labels},le="{floatToGoString(bound)}"}} {count}\n'
+           for bound, count in histogram.cumulative()]
+    out.append(f"{name}_count{{{labels}}} {histogram.count}\n")
+    out.append(_sample(f"{name}_sum", labels, histogram.sum))
+    return "".join(out)
 
 
 def stat(stats: object, path: str) -> float:
@@ -315,18 +391,14 @@ def stat(stats: object, path: str) -> float:
     return value  # type: ignore[return-value]
 
 
-def _bound(value: float) -> str:
-    return "+Inf" if value == float("inf") else repr(value)
-
-
 def oldest_wait(pool: Pool, now: float) -> float:
     """Seconds the first client in the pool's line has waited (PgBouncer's maxwait)."""
     return max(0.0, now - pool.waiters[0].since) if pool.waiters else 0.0
 
 
-def build_registry(proxy: Proxy) -> CollectorRegistry:
+def process_registry() -> CollectorRegistry:
+    """prometheus-client's process_* and python_* metrics (pgmux_* are written by PgmuxExposition)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PgmuxCollector(proxy))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
@@ -409,7 +481,7 @@ class MetricsServer:
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
-        self.registry = build_registry(proxy)
+        self.registry = process_registry()
         self.address: tuple[str, int] | None = None
         self._server: asyncio.Server | None = None
 
@@ -425,21 +497,30 @@ class MetricsServer:
         if self._server is not None:
             self._server.close()
 
-    def respond(self, method: str, path: str) -> tuple[int, str, bytes]:
-        """(status, content type, body) for one request."""
+    async def respond(self, method: str, path: str) -> tuple[int, str, list[bytes]]:
+        """(status, content type, body in parts) for one request."""
         if method not in ("GET", "HEAD"):
-            return 405, "text/plain; charset=utf-8", b"only GET and HEAD\n"
+            return 405, "text/plain; charset=utf-8", [b"only GET and HEAD\n"]
         if path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+            return 200, CONTENT_TYPE_LATEST, await self.scrape()
         if path == "/healthz":
-            return 200, "text/plain; charset=utf-8", b"ok\n"
+            return 200, "text/plain; charset=utf-8", [b"ok\n"]
         if path == "/readyz":
             ready, reasons = self.proxy.readiness.ready()
             body = ("ready\n" if ready else "not ready\n") + "".join(f"{reason}\n" for reason in reasons)
-            return (200 if ready else 503), "text/plain; charset=utf-8", body.encode()
+            return (200 if ready else 503), "text/plain; charset=utf-8", [body.encode()]
         if path == "/":
-            return 200, "text/plain; charset=utf-8", b"pgmux: /metrics /healthz /readyz\n"
-        return 404, "text/plain; charset=utf-8", b"not found\n"
+            return 200, "text/plain; charset=utf-8", [b"pgmux: /metrics /healthz /readyz\n"]
+        return 404, "text/plain; charset=utf-8", [b"not found\n"]
+
+    async def scrape(self) -> list[bytes]:
+        """The /metrics text in parts, never joined: the event loop runs between them (about a millisecond each)."""
+        parts = []
+        for part in PgmuxExposition(self.proxy).parts():
+            parts.append(part.encode())  # part by part: encoding megabytes at the end would be one long step
+            await asyncio.sleep(0)
+        parts.append(generate_latest(self.registry))
+        return parts
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
@@ -454,34 +535,42 @@ class _HttpConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.timer: asyncio.TimerHandle | None = None
+        self.answering = False  # the request is complete; anything after it is ignored
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.timer = asyncio.get_running_loop().call_later(_REQUEST_TIMEOUT, transport.close)
 
     def data_received(self, data: bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
+        if self.answering or self.transport is None or self.transport.is_closing():
             return
         self.buffer += data
         end = self.buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(self.buffer) > _MAX_REQUEST_HEAD:
-                self._send(431, "text/plain; charset=utf-8", b"request head too large\n", head_only=False)
+                self._send(431, "text/plain; charset=utf-8", [b"request head too large\n"], head_only=False)
             return
         request_line = bytes(self.buffer[:self.buffer.find(b"\r\n")]).decode("latin-1")
         parts = request_line.split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            self._send(400, "text/plain; charset=utf-8", b"bad request\n", head_only=False)
+            self._send(400, "text/plain; charset=utf-8", [b"bad request\n"], head_only=False)
             return
         method, target = parts[0], parts[1]
-        status, content_type, body = self.server.respond(method, target.split("?", 1)[0])
-        self._send(status, content_type, body, head_only=method == "HEAD")
+        self.answering = True
+        self.server.proxy.spawn(self._answer(method, target.split("?", 1)[0]), name="metrics request")
 
-    def _send(self, status: int, content_type: str, body: bytes, head_only: bool) -> None:
+    async def _answer(self, method: str, path: str) -> None:
+        status, content_type, body = await self.server.respond(method, path)
+        if self.transport is not None and not self.transport.is_closing():
+            self._send(status, content_type, body, head_only=method == "HEAD")
+
+    def _send(self, status: int, content_type: str, body: list[bytes], head_only: bool) -> None:
         assert self.transport is not None
         head = (f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("latin-1")
-        self.transport.write(head if head_only else head + body)
+                f"Content-Length: {sum(map(len, body))}\r\nConnection: close\r\n\r\n").encode("latin-1")
+        self.transport.write(head)
+        if not head_only:
+            self.transport.writelines(body)  # not joined: that copies a large scrape once more
         self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:

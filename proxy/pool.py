@@ -134,6 +134,8 @@ class Pool:
         self._generation_started = 0.0  # servers created before this are retired when they come back
         self.last_connect_error: str | None = None
         self.stats = PoolStats()
+        self.clients = 0  # authenticated clients using this pool (the proxy counts them in and out)
+        self.unused_since = 0.0  # when the janitor first saw it without clients, servers or waiters
 
     def __repr__(self) -> str:
         return f"<Pool {self.key} idle={len(self.idle)} active={len(self.active)} login={len(self.login)} waiting={len(self.waiters)}>"
@@ -522,6 +524,11 @@ class Pool:
                 self.close_server(server, "server_idle_timeout reached")
         while self.total < keep and self._has_room():
             self._start_connect()
+
+    def leave_budgets(self) -> None:
+        """The pool is being dropped: the budgets it shared stop counting it among their pools."""
+        for budget in self._budgets:
+            budget.pools.remove(self)
 
     def close_all(self, reason: str) -> None:
         """Close every server now (shutdown, KILL): idle ones gracefully; the rest, and pending closes, aborted."""

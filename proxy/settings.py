@@ -198,7 +198,11 @@ class Settings(BaseSettings):
     min_pool_size: Count = 0
     reserve_pool_size: Count = 0
     reserve_pool_timeout: Duration = 5.0
-    max_client_conn: Annotated[int, Field(ge=1)] = 1000
+    max_client_conn: Annotated[int, Field(ge=1)] = 1000  # logged-in clients (logins count in max_login_clients)
+    # Clients still logging in (no StartupMessage or no password yet); 0 means max_client_conn. When all
+    # are taken, the oldest unfinished login is closed to make room: a login takes milliseconds, so the
+    # oldest is the one most likely stalled, and silent sockets cannot lock healthy clients out.
+    max_login_clients: Count = 0
     max_db_connections: Count = 0
     max_user_connections: Count = 0
     max_db_client_connections: Count = 0
@@ -213,9 +217,14 @@ class Settings(BaseSettings):
     # past it, and at once for wrong passwords or a pool that never logged in, they get 08006.
     server_login_retry: Duration = 15.0
     query_wait_timeout: Duration = 120.0
-    client_login_timeout: Duration = 60.0
+    # PgBouncer's default is 60 s; a login to pgmux takes milliseconds, and a socket that never logs in
+    # should hold its slot for as short a time as a slow network allows.
+    client_login_timeout: Duration = 15.0
     client_idle_timeout: Duration = 0.0
     idle_transaction_timeout: Duration = 0.0
+    # A linked client that sent part of a message and nothing more of it for this long is cut off (08P01)
+    # and its backend closed: the server waits for the rest and serves nobody else meanwhile.
+    client_request_timeout: Duration = 30.0
     query_timeout: Duration = 0.0
     shutdown_timeout: Duration = 30.0
 

@@ -165,6 +165,23 @@ def wait_queue_full(pool: str, waiting: int, limit: int, active: int, pool_size:
                    reason="queue_full")
 
 
+def login_crowded_out(limit: int) -> PgError:
+    return PgError(SqlState.TOO_MANY_CONNECTIONS,
+                   f"too many clients logging in to pgmux: this was the oldest unfinished login and made room "
+                   f"for a new one (max_login_clients={limit} reached)",
+                   hint="A login takes milliseconds; send the StartupMessage and password promptly, "
+                        "or raise max_login_clients in the pgmux config.",
+                   severity=Severity.FATAL)
+
+
+def client_request_timeout(timeout: float) -> PgError:
+    # PostgreSQL's own words for a message that never completes ("incomplete message from client").
+    return PgError(SqlState.PROTOCOL_VIOLATION,
+                   f"incomplete message from client: no more of it arrived within client_request_timeout={timeout:g}s",
+                   hint="The server connection it held was closed; nothing of the unfinished request ran.",
+                   severity=Severity.FATAL)
+
+
 def client_idle_timeout(timeout: float) -> PgError:
     return PgError(SqlState.IDLE_SESSION_TIMEOUT,
                    f"terminating connection due to idle timeout (client_idle_timeout={timeout:g}s)",

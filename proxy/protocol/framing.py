@@ -147,6 +147,12 @@ class FrameScanner:
         return held
 
     @property
+    def progress(self) -> int:
+        """Grows as more of an unfinished message arrives: lets a timer tell a stalled sender from a
+        slow one without the relay keeping a clock."""
+        return len(self._partial) - self._remaining
+
+    @property
     def at_rest(self) -> bool:
         """True at a batch boundary: no message begun since the last batch end, none half-fed."""
         return not self.mid_batch and self.at_boundary
