@@ -618,7 +618,8 @@ class ClientConnection:
                 self._cancel_sent = True
                 log.info("query_timeout=%gs reached: cancelling the query", settings.query_timeout,
                          extra={"conn": self.id})
-                self.proxy.spawn(server.send_cancel(settings.server_connect_timeout), name=f"cancel {server.id}")
+                assert self.pool is not None  # a client linked to a server is in its pool
+                self.pool.cancel(server)
             return
         if self.state not in (ClientState.IDLE, ClientState.ACTIVE):
             if (self.state in _LOGGING_IN and settings.client_login_timeout
@@ -695,7 +696,7 @@ class ClientConnection:
         if self.pending or self._scanner.mid_batch:
             # Mid-query, mid-COPY, with unread results, or part of a request sent without its Sync:
             # its state cannot be known. Stop whatever runs and close it.
-            self.proxy.spawn(server.send_cancel(), name=f"cancel {server.id}")
+            pool.cancel(server)
             pool.close_server(server, f"client {self.id} left with a query in progress")
             return
         cleanup = []
