@@ -139,13 +139,12 @@ def test_postgres_ignores_a_cancel_that_reaches_an_idle_backend(postgres) -> Non
 
 
 class _CancelHoldingRelay:
-    """A TCP relay in front of PostgreSQL that keeps a CancelRequest's connection open after PostgreSQL
-    closed it, until ``release()``: to pgmux that cancel stays in flight as long as the test wants."""
+    """A TCP relay in front of PostgreSQL that keeps each CancelRequest's connection open after PostgreSQL
+    closed it, until released: to pgmux that cancel stays in flight as long as the test wants."""
 
     def __init__(self, host: str, port: int) -> None:
         self._upstream = (host, port)
-        self._released = asyncio.Event()
-        self.signalled = asyncio.Event()  # PostgreSQL has closed a cancel connection: the backend is signalled
+        self.held: list[asyncio.Event] = []  # one per cancel PostgreSQL has carried out, set to close it
         self.port = 0
         self._server: asyncio.Server | None = None
 
@@ -153,11 +152,18 @@ class _CancelHoldingRelay:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
-    def release(self) -> None:
-        self._released.set()
+    def upstream_url(self) -> str:
+        return f"postgresql://{APP.name}:{APP.password}@127.0.0.1:{self.port}/{APP_DATABASE}?sslmode=disable"
 
-    async def close(self) -> None:
-        self.release()
+    async def wait_held(self, count: int) -> None:
+        """Until ``count`` cancels have signalled their backend (PostgreSQL closed their connection)."""
+        async with asyncio.timeout(5):
+            while len(self.held) < count:
+                await asyncio.sleep(0.01)
+
+    def close(self) -> None:
+        for held in self.held:
+            held.set()
         assert self._server is not None
         self._server.close()
 
@@ -171,8 +177,9 @@ class _CancelHoldingRelay:
                 up_writer.write(await reader.readexactly(length - 8))
                 assert await up_reader.read() == b""
                 up_writer.close()
-                self.signalled.set()
-                await self._released.wait()
+                held = asyncio.Event()
+                self.held.append(held)
+                await held.wait()
             else:
                 await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
         except (OSError, asyncio.IncompleteReadError):
@@ -199,6 +206,26 @@ def _pool_and_servers(proxy) -> tuple[dict, list[dict]]:
         return next(row for row in rows("SHOW POOLS") if row["database"] == APP_DATABASE), rows("SHOW SERVERS")
 
 
+async def _cancel_while_another_waits(proxy, relay: _CancelHoldingRelay, cancels: int,
+                                      ) -> tuple[int, asyncio.Future[int], list[asyncpg.Connection]]:
+    """On a pool of one: A's query runs, B waits for the backend, ``cancels`` cancels (0: query_timeout's)
+    stop A's query and are held by the relay. Returns A's backend pid, B's pending pg_backend_pid(), A and B."""
+    a = await _connect(proxy)
+    b = await _connect(proxy)
+    backend = await a.fetchval("SELECT pg_backend_pid()")
+    running = asyncio.Event()
+    a.add_log_listener(lambda conn, message: running.set())
+    cancelled = asyncio.ensure_future(a.execute(_ANNOUNCED_SLEEP.format(10)))
+    await asyncio.wait_for(running.wait(), 10)
+    waiting = asyncio.ensure_future(b.fetchval("SELECT pg_backend_pid()"))
+    for _ in range(cancels):
+        await _send_cancel(proxy.host, proxy.port(), a)
+    with pytest.raises(asyncpg.QueryCanceledError):  # the cancel still stops the query it was sent for
+        await asyncio.wait_for(cancelled, 5)
+    await relay.wait_held(max(cancels, 1))
+    return backend, waiting, [a, b]
+
+
 @pytest.mark.parametrize("cancel_by", ["CancelRequest", "query_timeout"])
 def test_a_backend_whose_cancel_is_in_flight_is_shown_being_canceled_and_lent_only_once_it_completed(
         pgmux, postgres, cancel_by) -> None:
@@ -206,23 +233,10 @@ def test_a_backend_whose_cancel_is_in_flight_is_shown_being_canceled_and_lent_on
         relay = _CancelHoldingRelay(postgres.host, postgres.port)
         await relay.start()
         timeouts = {"query_timeout": 0.5} if cancel_by == "query_timeout" else {}
-        proxy = pgmux(upstream_url=f"postgresql://{APP.name}:{APP.password}@127.0.0.1:{relay.port}/{APP_DATABASE}"
-                                   "?sslmode=disable", default_pool_size=1, admin_users=[APP.name], **timeouts)
+        proxy = pgmux(upstream_url=relay.upstream_url(), default_pool_size=1, admin_users=[APP.name], **timeouts)
         try:
-            a = await _connect(proxy)
-            b = await _connect(proxy)
-            backend = await a.fetchval("SELECT pg_backend_pid()")
-            running = asyncio.Event()
-            a.add_log_listener(lambda conn, message: running.set())
-            cancelled = asyncio.ensure_future(a.execute(_ANNOUNCED_SLEEP.format(10)))
-            await asyncio.wait_for(running.wait(), 10)
-            waiting = asyncio.ensure_future(b.fetchval("SELECT pg_backend_pid()"))
-            if cancel_by == "CancelRequest":
-                await _send_cancel(proxy.host, proxy.port(), a)
-            with pytest.raises(asyncpg.QueryCanceledError):  # the cancel still stops the query it was sent for
-                await asyncio.wait_for(cancelled, 5)
-            await asyncio.wait_for(relay.signalled.wait(), 5)
-
+            backend, waiting, clients = await _cancel_while_another_waits(
+                proxy, relay, cancels=1 if cancel_by == "CancelRequest" else 0)
             # A's query is over, but pgmux has not seen its cancel complete: the backend waits, B too.
             pool, servers = await asyncio.to_thread(_pool_and_servers, proxy)
             assert (pool["sv_being_canceled"], pool["sv_idle"], pool["sv_active"], pool["cl_waiting"]) == (1, 0, 0, 1)
@@ -230,14 +244,34 @@ def test_a_backend_whose_cancel_is_in_flight_is_shown_being_canceled_and_lent_on
             await asyncio.sleep(0.2)
             assert not waiting.done()
 
-            relay.release()  # the cancel connection closes: the backend goes to the client in line
+            relay.held[0].set()  # the cancel connection closes: the backend goes to the client in line
             assert await asyncio.wait_for(waiting, 5) == backend
             pool, servers = await asyncio.to_thread(_pool_and_servers, proxy)
             assert (pool["sv_being_canceled"], pool["sv_idle"], pool["cl_waiting"]) == (0, 1, 0)
-            await a.close()
-            await b.close()
+            for conn in clients:
+                await conn.close()
         finally:
-            await relay.close()
+            relay.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_backend_is_lent_again_only_after_every_overlapping_cancel_completed(pgmux, postgres) -> None:
+    async def scenario() -> None:
+        relay = _CancelHoldingRelay(postgres.host, postgres.port)
+        await relay.start()
+        proxy = pgmux(upstream_url=relay.upstream_url(), default_pool_size=1)
+        try:
+            backend, waiting, clients = await _cancel_while_another_waits(proxy, relay, cancels=2)
+            relay.held[0].set()
+            await asyncio.sleep(0.3)
+            assert not waiting.done(), "the backend was lent while a second cancel to it was in flight"
+            relay.held[1].set()
+            assert await asyncio.wait_for(waiting, 5) == backend
+            for conn in clients:
+                await conn.close()
+        finally:
+            relay.close()
 
     asyncio.run(scenario())
 
@@ -246,25 +280,35 @@ def test_a_backend_whose_cancel_is_never_confirmed_is_closed_not_lent(pgmux, pos
     async def scenario() -> None:
         relay = _CancelHoldingRelay(postgres.host, postgres.port)
         await relay.start()
-        proxy = pgmux(upstream_url=f"postgresql://{APP.name}:{APP.password}@127.0.0.1:{relay.port}/{APP_DATABASE}"
-                                   "?sslmode=disable", default_pool_size=1, server_connect_timeout=1)
+        proxy = pgmux(upstream_url=relay.upstream_url(), default_pool_size=1, server_connect_timeout=1)
         try:
-            a = await _connect(proxy)
-            b = await _connect(proxy)
-            backend = await a.fetchval("SELECT pg_backend_pid()")
-            running = asyncio.Event()
-            a.add_log_listener(lambda conn, message: running.set())
-            cancelled = asyncio.ensure_future(a.execute(_ANNOUNCED_SLEEP.format(10)))
-            await asyncio.wait_for(running.wait(), 10)
-            waiting = asyncio.ensure_future(b.fetchval("SELECT pg_backend_pid()"))
-            await _send_cancel(proxy.host, proxy.port(), a)
-            with pytest.raises(asyncpg.QueryCanceledError):
-                await asyncio.wait_for(cancelled, 5)
+            backend, waiting, clients = await _cancel_while_another_waits(proxy, relay, cancels=1)
             # server_connect_timeout passes without the cancel connection closing: B gets a new backend.
             assert await asyncio.wait_for(waiting, 5) != backend
-            await a.close()
-            await b.close()
+            for conn in clients:
+                await conn.close()
         finally:
-            await relay.close()
+            relay.close()
+
+    asyncio.run(scenario())
+
+
+def test_shutdown_closes_a_backend_that_waits_for_its_cancel(pgmux, postgres) -> None:
+    async def scenario() -> None:
+        relay = _CancelHoldingRelay(postgres.host, postgres.port)
+        await relay.start()
+        proxy = pgmux(upstream_url=relay.upstream_url(), default_pool_size=1)
+        try:
+            backend, waiting, clients = await _cancel_while_another_waits(proxy, relay, cancels=1)
+            await asyncio.to_thread(proxy.stop)
+            with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
+                await asyncio.wait_for(waiting, 5)  # told that pgmux is shutting down, not left hanging
+            async with asyncio.timeout(5):  # and the parked backend was closed, not leaked
+                while postgres.psql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {backend}").strip() != "0":
+                    await asyncio.sleep(0.05)
+            for conn in clients:
+                conn.terminate()
+        finally:
+            relay.close()
 
     asyncio.run(scenario())
