@@ -291,7 +291,8 @@ class AdminSession:
             rows.append([pool.key.database, pool.key.user,
                          counts[(pool, ClientState.ACTIVE)] + counts[(pool, ClientState.IDLE)],
                          counts[(pool, ClientState.WAITING)], 0, 0,
-                         len(pool.active), 0, 0, len(pool.idle), 0, len(pool.resetting), len(pool.login),
+                         len(pool.active), 0, len(pool.being_canceled), len(pool.idle), 0, len(pool.resetting),
+                         len(pool.login),
                          int(wait), int(wait * 1e6) % 1_000_000, modes.get(pool, self._default_mode()), None])
         columns: Columns = [("database", "s"), ("user", "s"), ("cl_active", "i"), ("cl_waiting", "i"),
                             ("cl_active_cancel_req", "i"), ("cl_waiting_cancel_req", "i"), ("sv_active", "i"),
@@ -440,14 +441,14 @@ class AdminSession:
     def show_servers(self) -> bytes:
         rows = []
         for pool in self._pools():
-            for server in sorted([*pool.active, *pool.idle, *pool.resetting, *pool.login],
+            for server in sorted([*pool.active, *pool.idle, *pool.resetting, *pool.login, *pool.being_canceled],
                                  key=lambda s: _number(s.id)):
                 rows.append(self._server_row(pool, server))
         return result(_SOCKET_COLUMNS, rows)
 
     def _server_row(self, pool: Pool, server: ServerConnection) -> list[Any]:
         state = {ServerState.ACTIVE: "active", ServerState.IDLE: "idle", ServerState.RESETTING: "tested",
-                 ServerState.LOGIN: "new"}[server.state]
+                 ServerState.LOGIN: "new", ServerState.BEING_CANCELED: "being_canceled"}[server.state]
         addr, port = _endpoint(server.transport, "peername")
         local_addr, local_port = _endpoint(server.transport, "sockname")
         client = server.client

@@ -293,7 +293,7 @@ class Proxy:
         log.info("forwarding cancel request to %s", server.id, extra={"conn": client.id})
         if client.pool is not None:
             client.pool.stats.cancels_forwarded += 1
-        self.spawn(server.send_cancel(self.settings.server_connect_timeout), name=f"cancel {server.id}")
+            client.pool.cancel(server)
 
     def forget_client(self, client: ClientConnection) -> None:
         self.clients.discard(client)
@@ -522,8 +522,9 @@ class Proxy:
         self._reconfigure(database)
 
     def servers_in_use(self, database: str | None) -> int:
-        """Servers of ``database`` still lent, being reset or logging in: what PAUSE waits for."""
-        return sum(len(pool.active) + len(pool.resetting) + len(pool.login) for pool in self._pools_of(database))
+        """Servers of ``database`` still lent, being reset, canceled or logging in: what PAUSE waits for."""
+        return sum(len(pool.active) + len(pool.resetting) + len(pool.login) + len(pool.being_canceled)
+                   for pool in self._pools_of(database))
 
     def reconnect(self, database: str | None) -> None:
         """Close every server of ``database`` (None: all) once it is not in use; new ones connect as needed."""
@@ -534,7 +535,7 @@ class Proxy:
     def servers_to_close(self, database: str | None) -> int:
         """Servers marked to close after use (RECONNECT, reload): what WAIT_CLOSE waits for."""
         return sum(1 for pool in self._pools_of(database)
-                   for server in (*pool.active, *pool.idle, *pool.resetting, *pool.login)
+                   for server in (*pool.active, *pool.idle, *pool.resetting, *pool.login, *pool.being_canceled)
                    if pool.will_retire(server) or server.upstream != pool.config.upstream)
 
     def kill(self, database: str | None) -> None:

@@ -656,7 +656,8 @@ class ClientConnection:
                 self._cancel_sent = True
                 log.info("query_timeout=%gs reached: cancelling the query", settings.query_timeout,
                          extra={"conn": self.id})
-                self.proxy.spawn(server.send_cancel(settings.server_connect_timeout), name=f"cancel {server.id}")
+                assert self.pool is not None  # a client linked to a server is in its pool
+                self.pool.cancel(server)
             return
         if self.state not in (ClientState.IDLE, ClientState.ACTIVE):
             if (self.state in _LOGGING_IN and settings.client_login_timeout
@@ -752,7 +753,7 @@ class ClientConnection:
             # Mid-query, mid-COPY, with unread results, or part of a request sent without its Sync:
             # its state cannot be known. Stop whatever runs and abort it (a graceful close could wait
             # forever behind results nobody reads).
-            self.proxy.spawn(server.send_cancel(), name=f"cancel {server.id}")
+            pool.cancel(server)
             pool.abort_server(server, f"client {self.id} left with a query in progress")
             return
         cleanup = []

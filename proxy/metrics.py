@@ -43,11 +43,12 @@ REJECTION_REASONS = (
     "login_limit", "client_request_timeout",
 )
 CLIENT_STATES = ("active", "idle", "waiting", "login")
-SERVER_STATES = ("active", "idle", "used", "tested", "login", "closing")
+SERVER_STATES = ("active", "idle", "used", "tested", "login", "being_canceled", "closing")
 _CLIENT_STATE_NAMES = {ClientState.ACTIVE: "active", ClientState.IDLE: "idle", ClientState.WAITING: "waiting",
                        ClientState.AUTH: "login", ClientState.LOGIN: "login"}
 _SERVER_STATE_NAMES = {ServerState.ACTIVE: "active", ServerState.IDLE: "idle", ServerState.LOGIN: "login",
-                       ServerState.RESETTING: "tested", ServerState.CLOSING: "closing"}
+                       ServerState.RESETTING: "tested", ServerState.BEING_CANCELED: "being_canceled",
+                       ServerState.CLOSING: "closing"}
 
 POOL_LABELS = ("database", "user")
 
@@ -63,7 +64,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "pgmux_clients": ("gauge", "Pooled clients by state: active (linked to a server), idle, waiting (for a server), "
                       "login", ("database", "user", "pool_mode", "state")),
     "pgmux_servers": ("gauge", "Server connections by state: active (linked), idle, used, tested (being reset), "
-                      "login, closing", ("database", "user", "state")),
+                      "login, being_canceled (waiting for a cancel to complete), closing", ("database", "user", "state")),
     "pgmux_pool_size": ("gauge", "Configured pool_size: servers the pool may hold", POOL_LABELS),
     "pgmux_pool_min_size": ("gauge", "Configured min_pool_size", POOL_LABELS),
     "pgmux_pool_reserve_size": ("gauge", "Configured reserve_pool_size (extra servers after reserve_pool_timeout)",
@@ -306,7 +307,8 @@ class PgmuxExposition:
         def server_lines(row: _PoolRow) -> str:
             pool = row.pool
             by_state = {"active": len(pool.active), "idle": len(pool.idle), "used": 0,
-                        "tested": len(pool.resetting), "login": len(pool.login), "closing": len(pool.closing)}
+                        "tested": len(pool.resetting), "login": len(pool.login),
+                        "being_canceled": len(pool.being_canceled), "closing": len(pool.closing)}
             return "".join(_sample("pgmux_servers", f'{row.labels},state="{state}"', by_state[state])
                            for state in SERVER_STATES)
 

@@ -115,8 +115,10 @@ class Pool:
         self.login: set[ServerConnection] = set()
         self.resetting: set[ServerConnection] = set()
         self.closing: set[ServerConnection] = set()
+        self.being_canceled: set[ServerConnection] = set()  # back from their client, waiting for its cancels
         self._sets = {ServerState.ACTIVE: self.active, ServerState.LOGIN: self.login,
-                      ServerState.RESETTING: self.resetting, ServerState.CLOSING: self.closing}
+                      ServerState.RESETTING: self.resetting, ServerState.CLOSING: self.closing,
+                      ServerState.BEING_CANCELED: self.being_canceled}
         self.waiters: deque[Waiter] = deque()
         self.server_params: dict[str, str] | None = None  # what a fresh server reports; clients start from these
         self._budgets = budgets
@@ -142,7 +144,8 @@ class Pool:
 
     @property
     def total(self) -> int:
-        return len(self.idle) + len(self.active) + len(self.login) + len(self.resetting) + len(self.closing)
+        return (len(self.idle) + len(self.active) + len(self.login) + len(self.resetting) + len(self.closing)
+                + len(self.being_canceled))
 
     @property
     def limit(self) -> int:
@@ -290,6 +293,14 @@ class Pool:
         if state is ServerState.CLOSING or state is ServerState.CLOSED:
             return
         server.client = None
+        if server.being_canceled:
+            # A cancel for the client it served is still on its way: lent now, it could stop the next
+            # client's query. It comes back through _cancel_done.
+            self._move(server, ServerState.BEING_CANCELED)
+            return
+        if server.cancel_failed:
+            self.close_server(server, "a cancel request to it was not confirmed: it could stop a later query")
+            return
         config = self.config
         if config.server_lifetime and time.monotonic() - server.created_at > config.server_lifetime:
             self.close_server(server, "server_lifetime reached")
@@ -297,7 +308,7 @@ class Pool:
         if self.will_retire(server):
             self.close_server(server, "retired (RECONNECT or a changed upstream)")
             return
-        if len(self.idle) + len(self.active) + len(self.login) + len(self.resetting) > self.limit:
+        if self.total - len(self.closing) > self.limit:
             self.close_server(server, "pool is over its size (lowered by reload)")
             return
         if self.waiters:
@@ -317,6 +328,29 @@ class Pool:
             if not budget.has_room() and any(p.waiters for p in budget.pools if p is not self):
                 return True
         return False
+
+    def cancel(self, server: ServerConnection) -> None:
+        """Have PostgreSQL cancel what ``server`` runs now; until that is done the server is lent to nobody else.
+
+        Done means PostgreSQL closed the cancel connection, after signalling the backend: a query
+        the signal then finds is the one it was meant for, or none (an idle backend ignores it).
+        """
+        server.being_canceled += 1
+        self._spawn(self._cancel(server), name=f"cancel {server.id}")
+
+    async def _cancel(self, server: ServerConnection) -> None:
+        confirmed = False
+        try:
+            confirmed = await server.send_cancel(self.config.server_connect_timeout)
+        finally:
+            self._cancel_done(server, confirmed)
+
+    def _cancel_done(self, server: ServerConnection, confirmed: bool) -> None:
+        server.being_canceled -= 1
+        if not confirmed:
+            server.cancel_failed = True
+        if not server.being_canceled and server.state is ServerState.BEING_CANCELED:
+            self.release(server)  # idle, to a waiter, or closed if a cancel failed
 
     def reset_and_release(self, server: ServerConnection, statements: list[str], reason: str) -> None:
         """Clean a server (ROLLBACK, then DISCARD ALL) in the background; close it if that fails."""
@@ -420,7 +454,7 @@ class Pool:
         short backoff. A pool that never logged in, a refusal that will not heal by itself (wrong
         password, missing database), or an outage older than server_login_retry fails them at once.
         """
-        if not self._failures or self.idle or self.active or self.resetting:
+        if not self._failures or self.idle or self.active or self.resetting or self.being_canceled:
             return False
         if any(server.transport is None or not server.transport.is_closing() for server in self.login):
             return False  # a login is still under way: its outcome decides
@@ -532,7 +566,7 @@ class Pool:
 
     def close_all(self, reason: str) -> None:
         """Close every server now (shutdown, KILL): idle ones gracefully; the rest, and pending closes, aborted."""
-        unknown_state = [*self.active, *self.login, *self.resetting, *self.closing]
+        unknown_state = [*self.active, *self.login, *self.resetting, *self.being_canceled, *self.closing]
         for server in list(self.idle):
             self.close_server(server, reason)
         for server in unknown_state:

@@ -46,6 +46,7 @@ class ServerState(enum.Enum):
     IDLE = "idle"
     ACTIVE = "active"  # linked to a client
     RESETTING = "resetting"  # running pgmux's own cleanup before it may be reused
+    BEING_CANCELED = "being_canceled"  # released while a cancel for its last client is in flight: lent to nobody
     CLOSING = "closing"  # asked to close; still counts against the limits until the socket is gone
     CLOSED = "closed"
 
@@ -118,6 +119,8 @@ class ServerConnection:
         self.prepared = ServerPrepared()  # named statements this backend holds (transaction mode)
         self.fatal_relayed = False  # the backend sent its client a FATAL: the client needs no other error
         self.discard_statements = False  # a plan went stale: drop every statement before reuse
+        self.being_canceled = 0  # cancels sent to this backend whose connection PostgreSQL has not closed yet
+        self.cancel_failed = False  # a cancel was not confirmed: its signal may still come, so never lend it again
 
     def __repr__(self) -> str:
         return f"<ServerConnection {self.id} {self.state.value} {self.upstream.redacted()}>"
@@ -435,24 +438,34 @@ class ServerConnection:
         elif self.state is not ServerState.CLOSED:
             self.connection_lost(None)
 
-    async def send_cancel(self, connect_timeout: float = 5.0) -> None:
-        """Ask the backend to cancel what it runs now, over a separate connection as the protocol wants."""
+    async def send_cancel(self, timeout: float) -> bool:
+        """Ask the backend to cancel what it runs now, over a separate connection as the protocol wants.
+
+        True once PostgreSQL has closed that connection, which it does after signalling the backend;
+        False when that was not seen (the signal may still be on its way).
+        """
         if self.backend_key is None:
-            return
+            return True
         process_id, secret = self.backend_key
-        await send_cancel_request(self.upstream, process_id, secret.to_bytes(4, "big", signed=True), connect_timeout)
+        return await send_cancel_request(self.upstream, process_id, secret.to_bytes(4, "big", signed=True), timeout)
 
 
-async def send_cancel_request(upstream: Upstream, process_id: int, secret: bytes, timeout: float) -> None:
+async def send_cancel_request(upstream: Upstream, process_id: int, secret: bytes, timeout: float) -> bool:
     try:
         async with asyncio.timeout(timeout):
             if upstream.unix_socket:
-                _, writer = await asyncio.open_unix_connection(upstream.unix_socket)
+                reader, writer = await asyncio.open_unix_connection(upstream.unix_socket)
             else:
-                _, writer = await asyncio.open_connection(upstream.host, upstream.port)
+                reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
             writer.write(build_cancel_request(process_id, secret))
-            await writer.drain()
+            # PostgreSQL answers nothing: it closes the connection once the backend has been signalled.
+            await reader.read()
             writer.close()
             await writer.wait_closed()
-    except (OSError, TimeoutError) as exc:
+    except TimeoutError:
+        log.warning("cancel request to %s not completed within %gs", upstream.redacted(), timeout)
+        return False
+    except OSError as exc:
         log.warning("could not send a cancel request to %s: %s", upstream.redacted(), exc)
+        return False
+    return True
