@@ -109,7 +109,6 @@ class ServerConnection:
         self._internal_done: asyncio.Future[None] | None = None
         self._internal_error: str | None = None
         self.prepared = ServerPrepared()  # named statements this backend holds (transaction mode)
-        self.discard_statements = False  # a plan went stale: drop every statement before reuse
 
     def __repr__(self) -> str:
         return f"<ServerConnection {self.id} {self.state.value} {self.upstream.redacted()}>"
@@ -193,11 +192,17 @@ class ServerConnection:
             client.on_parameter_status(name, value)
         elif kind == m.ERROR_RESPONSE:
             fields = parse_error_fields(frame.data[5:])
-            if fields.get("C") == "0A000" and "cached plan" in fields.get("M", ""):
+            code = fields.get("C")
+            if code == "0A000" and "cached plan" in fields.get("M", ""):
                 # A schema change made a prepared plan's result type wrong: the client gets the error
                 # as PostgreSQL sent it; the statement must be prepared afresh everywhere.
                 client.on_stale_plan()
-                self.discard_statements = True
+                self.prepared.discard_all = True
+            elif code == "26000" and "pgmux_" in fields.get("M", ""):  # quotes differ by lc_messages
+                # One of pgmux's own statements is gone: something pgmux could not see (a function
+                # running DEALLOCATE ALL, say) emptied this backend. This client gets the error; the
+                # statements are prepared again before their next use, here and for everyone.
+                self.prepared.forget_all()
 
     def _swallow_frame(self, frame: Frame) -> None:
         kind = frame.kind
