@@ -45,6 +45,7 @@ _RELAY_COUNTED = frozenset({m.SYNC, m.QUERY, m.FUNCTION_CALL})  # each earns exa
 _RELAY_NEUTRAL = frozenset({m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL, m.TERMINATE})  # open no request
 _BATCH_ENDS_AND_TERMINATE = _RELAY_COUNTED | {m.TERMINATE}
 _IDLE: Final = m.TransactionStatus.IDLE
+_IN_TRANSACTION: Final = m.TransactionStatus.IN_TRANSACTION
 _QUEUE_HIGH_WATER = 1 << 20  # bytes queued while waiting for a server before we stop reading
 
 
@@ -213,6 +214,11 @@ class ClientConnection:
             sql = self._parameter_sync_sql(self.server)
             if sql:
                 self.server.send_internal(sql)
+        elif (status is _IN_TRANSACTION and self.server is not None and self.server.prepared.discard_all
+              and self._scanner.at_rest):
+            # Mid-transaction, after something that may have dropped statements: make sure they are
+            # gone before the client's next use prepares one again (a survivor would fail it with 42P05).
+            self._discard_statements(self.server)
 
     def on_parameter_status(self, name: str, value: str) -> None:
         if name not in SYNCED_PARAMETERS:
@@ -615,20 +621,25 @@ class ClientConnection:
         self.pool.release(server)
 
     def _trim_statements(self, server: ServerConnection) -> None:
-        """Between transactions: keep the server within max_prepared_statements, or drop stale plans."""
+        """Between transactions: keep the server within max_prepared_statements, or drop every statement
+        when pgmux's record of them may be wrong (a stale plan, a statement drop)."""
         held = server.prepared.statements
         limit = self.proxy.settings.max_prepared_statements
-        if not server.discard_statements and len(held) <= limit:
+        if not server.prepared.discard_all and len(held) <= limit:
             return  # the common case: nothing to drop
-        if server.discard_statements:
-            server.discard_statements = False
-            held.clear()
-            server.send_internal("DEALLOCATE ALL")
+        if server.prepared.discard_all:
+            self._discard_statements(server)
             return
         evicted = held.evict_over(limit)
         if evicted:
             self.pool.stats.prepared.evictions += len(evicted)  # type: ignore[union-attr]
             server.send_internal(deallocate_sql(evicted))
+
+    @staticmethod
+    def _discard_statements(server: ServerConnection) -> None:
+        """DEALLOCATE ALL on the server, so that pgmux knows again what it holds: nothing."""
+        server.prepared.deallocating_all()
+        server.send_internal("DEALLOCATE ALL")
 
     def on_stale_plan(self) -> None:
         self.proxy.statement_names.invalidate_all()
@@ -759,6 +770,10 @@ class ClientConnection:
         cleanup = []
         if server.tx_status is not m.TransactionStatus.IDLE:
             cleanup.append("ROLLBACK")
+        if self.statements is not None and server.prepared.discard_all:
+            # pgmux's record of the statements there may be wrong, and only now can it be made right.
+            server.prepared.deallocating_all()
+            cleanup.append("DEALLOCATE ALL")
         if not self.transaction_mode:
             if pool.config.server_reset_query:
                 cleanup.append(pool.config.server_reset_query)

@@ -12,17 +12,16 @@ server holds (answered by a real CloseComplete), so every reply stays in its pla
 from __future__ import annotations
 
 import hashlib
-import re
 import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from proxy.protocol import messages as m
 from proxy.protocol.framing import ProtocolViolation
+from proxy.protocol.sql_words import drops_all_statements, mentions_statement_drop
 from proxy.stats import PreparedCounters
 
 _ABSENT_STATEMENT = b"pgmux_no_such_statement\x00"  # Close of a missing statement is no error
-_RESET_ALL = re.compile(rb"^\s*(DISCARD\s+ALL|DEALLOCATE\s+(PREPARE\s+)?ALL)\s*;?\s*$", re.IGNORECASE)
 _INT16 = struct.Struct("!h")
 
 
@@ -30,6 +29,12 @@ _INT16 = struct.Struct("!h")
 class Statement:
     server_name: bytes  # NUL-terminated, as it goes on the wire
     parse: bytes  # the whole Parse message that creates it on a server
+    may_drop_statements: bool  # its text mentions DEALLOCATE or DISCARD: running it may empty the server
+
+    @property
+    def definition(self) -> bytes:
+        """The Parse body after the name: query text, NUL, parameter types."""
+        return self.parse[5 + len(self.server_name):]
 
 
 class StatementNames:
@@ -42,7 +47,7 @@ class StatementNames:
         """``definition`` is a Parse body after the name: query text, NUL, parameter types."""
         digest = hashlib.blake2b(definition, digest_size=10, salt=self.generation.to_bytes(8, "big")).hexdigest()
         name = f"pgmux_{digest}".encode() + b"\x00"
-        return Statement(name, m.message(m.PARSE, name + definition))
+        return Statement(name, m.message(m.PARSE, name + definition), mentions_statement_drop(definition))
 
     def invalidate_all(self) -> None:
         self.generation += 1
@@ -102,7 +107,8 @@ class PendingParse:
 class ServerPrepared:
     """What rewriting needs to know about the server a client is linked to, kept on that server."""
 
-    __slots__ = ("statements", "pending", "injected", "batches_sent", "batches_answered")
+    __slots__ = ("statements", "pending", "injected", "batches_sent", "batches_answered", "discard_all",
+                 "unnamed_drop")
 
     def __init__(self) -> None:
         self.statements = ServerStatements()
@@ -110,6 +116,25 @@ class ServerPrepared:
         self.injected = 0  # entries of ``pending`` that are pgmux's own: while any, replies need sorting
         self.batches_sent = 0
         self.batches_answered = 0
+        # ``statements`` may be wrong (a stale plan, a statement drop): DEALLOCATE ALL at the next safe point.
+        self.discard_all = False
+        # The text of the server's unnamed statement, when it mentions DEALLOCATE or DISCARD: its Binds may drop.
+        self.unnamed_drop: bytes | None = None
+
+    def forget_all(self) -> None:
+        """Something may have dropped this server's statements: take them all as gone, and make sure they are.
+
+        Forgotten statements are prepared again before their next use; the DEALLOCATE ALL that
+        ``discard_all`` asks for removes those a false alarm left behind, which re-preparing would
+        otherwise collide with (42P05).
+        """
+        self.statements.clear()
+        self.discard_all = True
+
+    def deallocating_all(self) -> None:
+        """pgmux is sending DEALLOCATE ALL ahead of anything else: the server will hold none of its statements."""
+        self.statements.clear()
+        self.discard_all = False
 
     def expect(self, parse: PendingParse) -> None:
         self.pending.append(parse)
@@ -178,18 +203,30 @@ class ClientStatements:
             raise ProtocolViolation(f"malformed {chr(kind)!r} message") from None
 
     def note_query(self, data: bytes | memoryview, link: ServerPrepared) -> None:
-        """A simple Query passes unchanged; it ends a batch, and DISCARD/DEALLOCATE ALL drop every name."""
+        """A simple Query passes unchanged; it ends a batch, and may drop statements (see _note_drop)."""
         link.batches_sent += 1
-        # Cheap first-letter test before the regex: this runs for every simple query.
-        if len(data) > 5 and data[5] in b"Dd" and _RESET_ALL.match(bytes(data[5:-1])):
+        # The compiled word test first: this runs for every simple query.
+        if mentions_statement_drop(data):
+            self._note_drop(data[5:], link)
+
+    def _note_drop(self, sql: bytes | memoryview, link: ServerPrepared) -> None:
+        """``sql`` (up to a NUL) mentions DEALLOCATE or DISCARD, anywhere: it may empty the linked server.
+
+        The server's statements are forgotten on any mention (a miss would fail every client's
+        statements there); the client's own names only when a statement surely drops them all, as
+        PostgreSQL drops them (a wrong guess would fail the client's next use of one).
+        """
+        link.forget_all()
+        if drops_all_statements(bytes(sql).split(b"\x00", 1)[0]):
             self.names.clear()
-            link.statements.clear()
 
     def _parse(self, data: bytes | memoryview, link: ServerPrepared) -> bytes | memoryview:
         if data[5] == 0:
             # Unnamed statements are the client's own business, but their ParseComplete is counted
             # like any other so that swallowed ones are told apart by position.
             link.expect(PendingParse(link.batches_sent + 1, False, None, None))
+            # Nothing is dropped before it runs: its Binds, however late in the batch, are where to look.
+            link.unnamed_drop = bytes(data[6:]) if mentions_statement_drop(data) else None
             return data
         body = bytes(data[5:])
         end = body.index(b"\x00") + 1
@@ -212,6 +249,8 @@ class ClientStatements:
         return statement.parse
 
     def _bind(self, data: bytes | memoryview, link: ServerPrepared) -> bytes | memoryview:
+        if link.unnamed_drop is not None and data[bytes(data).index(b"\x00", 5) + 1] == 0:
+            self._note_drop(link.unnamed_drop, link)  # the Execute of this Bind of it may empty the server
         if not self.names:
             return data  # no name of ours can be in it: unnamed or unknown (the server answers 26000)
         body = bytes(data[5:])
@@ -220,8 +259,11 @@ class ClientStatements:
         statement = self.names.get(body[portal_end:name_end])
         if statement is None:
             return data  # unnamed, or unknown: the server answers 26000 with the client's own name
-        out = self._ensure(statement, link)
-        return out + m.message(m.BIND, body[:portal_end] + statement.server_name + body[name_end:])
+        out = self._ensure(statement, link) + m.message(m.BIND, body[:portal_end] + statement.server_name
+                                                        + body[name_end:])
+        if statement.may_drop_statements:
+            self._note_drop(statement.definition, link)  # the Execute of this Bind may empty the server
+        return out
 
     def _describe(self, data: bytes | memoryview, link: ServerPrepared) -> bytes | memoryview:
         if data[5] != ord("S") or not self.names:
@@ -254,7 +296,7 @@ class ClientStatements:
 
 def resets_all_statements(sql: str) -> bool:
     """Whether ``sql`` (e.g. server_reset_query) drops every prepared statement of the session."""
-    return bool(_RESET_ALL.match(sql.encode()))
+    return drops_all_statements(sql.encode())
 
 
 def deallocate_sql(names: list[bytes]) -> str:

@@ -118,7 +118,6 @@ class ServerConnection:
         self._internal_error: str | None = None
         self.prepared = ServerPrepared()  # named statements this backend holds (transaction mode)
         self.fatal_relayed = False  # the backend sent its client a FATAL: the client needs no other error
-        self.discard_statements = False  # a plan went stale: drop every statement before reuse
         self.being_canceled = 0  # cancels sent to this backend whose connection PostgreSQL has not closed yet
         self.cancel_failed = False  # a cancel was not confirmed: its signal may still come, so never lend it again
 
@@ -204,15 +203,21 @@ class ServerConnection:
             client.on_parameter_status(name, value)
         elif kind == m.ERROR_RESPONSE:
             fields = parse_error_fields(frame.data[5:])
+            code = fields.get("C")
             if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
                 # The backend says goodbye to the client itself: when the socket closes, pgmux adds no error.
                 self.fatal_relayed = True
-                self.close_reason = f"server said {fields.get('V', '')} {fields.get('C', '')} {fields.get('M', '')}"
-            elif fields.get("C") == "0A000" and "cached plan" in fields.get("M", ""):
+                self.close_reason = f"server said {fields.get('V', '')} {code or ''} {fields.get('M', '')}"
+            elif code == "0A000" and "cached plan" in fields.get("M", ""):
                 # A schema change made a prepared plan's result type wrong: the client gets the error
                 # as PostgreSQL sent it; the statement must be prepared afresh everywhere.
                 client.on_stale_plan()
-                self.discard_statements = True
+                self.prepared.discard_all = True
+            elif code == "26000" and "pgmux_" in fields.get("M", ""):  # quotes differ by lc_messages
+                # One of pgmux's own statements is gone: something pgmux could not see (a function
+                # running DEALLOCATE ALL, say) emptied this backend. This client gets the error; the
+                # statements are prepared again before their next use, here and for everyone.
+                self.prepared.forget_all()
 
     def _swallow_frame(self, frame: Frame) -> None:
         kind = frame.kind

@@ -1,5 +1,5 @@
 /*
- * The two loops pgmux runs over every relayed request, compiled.
+ * The loops pgmux runs over every relayed request, compiled.
  *
  * walk: the inner loop of FrameScanner.feed (proxy/protocol/framing.py). It walks whole message
  * headers in one received chunk and stops where Python has to decide something: the chunk's end, a
@@ -8,6 +8,9 @@
  *
  * mentions_reset: whether a simple Query's text has the word RESET or DISCARD, as the regex in
  * proxy/protocol/sql_words.py answers it.
+ *
+ * mentions_statement_drop: whether a simple Query's or a Parse's text has the word DEALLOCATE or
+ * DISCARD, as the other regex in sql_words.py answers it.
  *
  * The Python versions stay the reference and the fallback, and the tests run both.
  */
@@ -183,9 +186,29 @@ mentions_reset(PyObject *module, PyObject *arg)
     return PyBool_FromLong(found);
 }
 
+static PyObject *
+mentions_statement_drop(PyObject *module, PyObject *arg)
+{
+    Py_buffer sql;
+    if (PyObject_GetBuffer(arg, &sql, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *s = sql.buf;
+    Py_ssize_t n = sql.len;
+    int found = 0;
+    for (Py_ssize_t i = 0; i < n && !found; i++) {
+        if ((s[i] | 0x20) != 'd' || (i > 0 && is_word_byte(s[i - 1])))
+            continue;
+        found = word_at(s, i, n, "deallocate", 10) || word_at(s, i, n, "discard", 7);
+    }
+    PyBuffer_Release(&sql);
+    return PyBool_FromLong(found);
+}
+
 static PyMethodDef methods[] = {
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL, "Walk whole messages of one chunk (see framing.py)."},
     {"mentions_reset", mentions_reset, METH_O, "Whether the SQL has the word RESET or DISCARD (see sql_words.py)."},
+    {"mentions_statement_drop", mentions_statement_drop, METH_O,
+     "Whether the SQL has the word DEALLOCATE or DISCARD (see sql_words.py)."},
     {NULL, NULL, 0, NULL},
 };
 

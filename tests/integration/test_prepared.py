@@ -225,3 +225,186 @@ def test_10000_distinct_statements_leave_at_most_max_prepared_statements_per_ser
     # Between transactions a server is trimmed to the limit; within one it may hold the few it just got.
     assert max(held) <= 100 + 1
     assert _prepared_counters(proxy)[2] >= 10_000 - 2 * 101
+
+
+async def _drop_statements_from_another_client(proxy, how: str, sql: str) -> None:
+    """Client B runs ``sql``, which may empty the backend it shares with everyone (pool of 1)."""
+    if how == "psycopg_extended":
+        # binary=True makes psycopg send Parse/Bind/Execute of an unnamed statement (pgjdbc's and
+        # Npgsql's default way), not a simple Query.
+        dsn = proxy.dsn(APP.name, APP.password, APP_DATABASE)
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await conn.execute(sql, binary=True)
+        return
+    conn = await _connect(proxy)
+    try:
+        if how == "asyncpg_named_statement":
+            await conn.fetch(sql)  # asyncpg's cache: a named Parse, then Bind/Execute of it
+        else:
+            await conn.execute(sql)  # no arguments: one simple Query
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize(("how", "sql"), [
+    ("psycopg_extended", "DEALLOCATE ALL"),
+    ("asyncpg_named_statement", "DEALLOCATE ALL"),
+    ("simple_query", "SELECT 1; DEALLOCATE ALL"),
+    ("simple_query", "/* c */ DISCARD ALL"),
+    ("simple_query", "select 1;\n-- tidy up\n  deallocate prepare all;"),
+    ("simple_query", "discard plans"),
+    ("simple_query", "DEALLOCATE ALL"),
+])
+def test_statements_dropped_by_one_client_never_fail_anothers_prepared_statements(pgmux, how, sql) -> None:
+    proxy = pgmux(default_pool_size=1)
+    statements = [f"SELECT $1::int * {factor}" for factor in range(1, 4)]
+
+    async def run_all(conn: asyncpg.Connection) -> None:
+        for factor, statement in enumerate(statements, 1):
+            assert await conn.fetchval(statement, 7) == 7 * factor
+
+    async def scenario() -> None:
+        a = await _connect(proxy)
+        try:
+            for _ in range(3):
+                await run_all(a)
+                await _drop_statements_from_another_client(proxy, how, sql)
+                await run_all(a)  # the backend lost them: pgmux prepares them there again
+                c = await _connect(proxy)  # a newcomer shares the same server statements
+                try:
+                    await run_all(c)
+                finally:
+                    await c.close()
+        finally:
+            await a.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_false_alarm_inside_a_transaction_leaves_its_prepared_statements_working(pgmux) -> None:
+    # Any mention of DEALLOCATE/DISCARD makes pgmux forget the backend's statements; they must then
+    # really be gone (pgmux deallocates them itself), or re-preparing one would fail with 42P05.
+    proxy = pgmux(default_pool_size=1)
+
+    async def scenario() -> None:
+        conn = await _connect(proxy)
+        try:
+            assert await conn.fetchval("SELECT $1::int + 1", 1) == 2
+            async with conn.transaction():
+                assert await conn.fetchval("SELECT 'discard all'::text") == "discard all"
+                assert await conn.fetchval("SELECT $1::int + 1", 2) == 3
+                assert await conn.fetchval("SELECT $1::int + 2", 2) == 4
+            assert await conn.fetchval("SELECT $1::int + 1", 3) == 4
+        finally:
+            await conn.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("in_transaction", [False, True])
+def test_statements_lost_where_pgmux_cannot_see_it_fail_once_then_work_again(pgmux, in_transaction) -> None:
+    # A function deallocates behind pgmux's back: no DEALLOCATE/DISCARD in the client's text. The
+    # backend's 26000 about a pgmux_ statement tells pgmux its record is wrong.
+    proxy = pgmux(default_pool_size=1)
+
+    async def use(conn: asyncpg.Connection, n: int) -> None:
+        if in_transaction:
+            async with conn.transaction():
+                assert await conn.fetchval("SELECT $1::int * 5", n) == 5 * n
+        else:
+            assert await conn.fetchval("SELECT $1::int * 5", n) == 5 * n
+
+    async def scenario() -> None:
+        a = await _connect(proxy)
+        b = await _connect(proxy)
+        try:
+            await b.execute("CREATE OR REPLACE FUNCTION pgmux_test_forget() RETURNS void LANGUAGE plpgsql "
+                            "AS $$ BEGIN EXECUTE 'DEAL' || 'LOCATE ALL'; END $$")
+            assert await a.fetchval("SELECT $1::int * 5", 2) == 10
+            await b.execute("SELECT pgmux_test_forget()")
+            failures = 0
+            for attempt in range(5):
+                try:
+                    await use(a, attempt)
+                except asyncpg.InvalidSQLStatementNameError:
+                    failures += 1
+            assert failures <= 1
+            c = await _connect(proxy)
+            try:
+                assert await c.fetchval("SELECT $1::int * 5", 3) == 15
+            finally:
+                await c.close()
+            await b.execute("DROP FUNCTION pgmux_test_forget()")
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_unnamed_deallocate_all_bound_late_in_a_pipeline_is_noticed_where_it_runs(pgmux_process) -> None:
+    # Parse("", DEALLOCATE ALL) drops nothing; its Bind/Execute, later in the same batch, does.
+    with psycopg.connect(_process_dsn(pgmux_process), autocommit=True) as conn:
+        pgconn = conn.pgconn
+        assert pgconn.prepare(b"s1", b"SELECT 41 + 1").status == psycopg.pq.ExecStatus.COMMAND_OK
+        pgconn.enter_pipeline_mode()
+        pgconn.send_prepare(b"", b"DEALLOCATE ALL")
+        pgconn.send_query_prepared(b"s1", None)  # still there: PostgreSQL has dropped nothing yet
+        pgconn.send_query_prepared(b"", None)  # now everything goes, s1 and pgmux's statements alike
+        pgconn.send_prepare(b"s1", b"SELECT 43")  # so the name is free again, as in PostgreSQL
+        pgconn.send_query_prepared(b"s1", None)
+        pgconn.pipeline_sync()
+        results = []
+        while len(results) < 6:
+            result = pgconn.get_result()
+            if result is None:
+                continue
+            results.append(result)
+        pgconn.exit_pipeline_mode()
+        errors = [r.error_message for r in results if r.status == psycopg.pq.ExecStatus.FATAL_ERROR]
+        assert not errors
+        values = [r.get_value(0, 0) for r in results if r.status == psycopg.pq.ExecStatus.TUPLES_OK]
+        assert values == [b"42", b"43"]
+
+
+def test_a_client_leaving_a_failed_transaction_after_a_false_alarm_leaves_the_backend_usable(pgmux) -> None:
+    # The alarm made pgmux forget the backend's statements inside a failed transaction, where it
+    # cannot DEALLOCATE ALL yet; the client then leaves: the cleanup must deallocate them too.
+    proxy = pgmux(default_pool_size=1)
+
+    async def scenario() -> None:
+        a = await _connect(proxy)
+        b = await _connect(proxy)
+        try:
+            assert await a.fetchval("SELECT $1::int + 1", 1) == 2
+            transaction = b.transaction()
+            await transaction.start()
+            with pytest.raises(asyncpg.InvalidTextRepresentationError):
+                await b.execute("SELECT 'discard'::int")
+            await b.close()  # without ROLLBACK: pgmux cleans the backend up
+            assert await a.fetchval("SELECT $1::int + 1", 2) == 3
+        finally:
+            await a.close()
+
+    asyncio.run(scenario())
+
+
+def test_deallocating_one_of_pgmuxs_own_statements_by_name_is_noticed(pgmux) -> None:
+    proxy = pgmux(default_pool_size=1)
+
+    async def scenario() -> None:
+        a = await _connect(proxy)
+        b = await _connect(proxy, statement_cache_size=0)  # so b's own query prepares nothing named
+        try:
+            assert await a.fetchval("SELECT $1::int - 1", 1) == 0
+            names = [row["name"] for row in await b.fetch(
+                "SELECT name FROM pg_prepared_statements WHERE name LIKE 'pgmux_%'")]
+            assert names
+            for name in names:
+                await b.execute(f'DEALLOCATE "{name}"')
+            assert await a.fetchval("SELECT $1::int - 1", 2) == 1
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())

@@ -12,6 +12,7 @@ from proxy.protocol import errors
 from proxy.protocol import messages as m
 from proxy.protocol.errors import PgError, Severity, SqlState, parse_error_fields
 from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation
+from proxy.protocol.sql_words import drops_all_statements
 from proxy.protocol.startup import (
     CANCEL_REQUEST_CODE,
     GSSENC_REQUEST_CODE,
@@ -284,3 +285,16 @@ def test_property_error_response_round_trip(message, hint, detail, severity, sql
     fields = parse_error_fields(wire[5:])
     assert fields["C"] == sqlstate.value and fields["S"] == severity.value and fields["M"] == message
     assert fields.get("H") == hint and fields.get("D") == detail
+
+
+@pytest.mark.parametrize(("sql", "drops"), [
+    (b"DEALLOCATE ALL", True), (b"deallocate prepare all;", True), (b"/* c */ DISCARD ALL", True),
+    (b"SELECT 1; DEALLOCATE ALL", True), (b"select 1;\n-- tidy up\n  Discard  All ;  ", True),
+    (b"SELECT ';'; DISCARD ALL", True), (b"$q$;$q$; DISCARD ALL", True), (b"DISCARD ALL -- done", True),
+    (b"DISCARD PLANS", False), (b"DEALLOCATE s1", False), (b"SELECT 'x; DISCARD ALL'", False),
+    (b"SELECT E'\\'; DISCARD ALL'", False), (b'SELECT "a;DISCARD ALL"', False),
+    (b"DO $$BEGIN EXECUTE 'DEALLOCATE ALL'; END$$", False), (b"-- DISCARD ALL", False), (b"", False),
+])
+def test_drops_all_statements_reads_statements_not_comments_or_quoted_text(sql, drops) -> None:
+    # A client's own statement names are forgotten only when PostgreSQL surely forgets them.
+    assert drops_all_statements(sql) is drops

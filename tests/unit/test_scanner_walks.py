@@ -48,6 +48,7 @@ def test_property_compiled_and_python_walks_agree(data, kinds, start, max_length
 
 
 _SQL_PIECES = st.sampled_from([b"reset", b"RESET", b"ReSeT", b"discard", b"DISCARD", b"Discard", b"rese", b"discar",
+                               b"deallocate", b"DEALLOCATE", b"DeAlLoCaTe", b"dealloc", b"deallocated", b"D",
                                b"_", b"x", b"9", b" ", b";", b"\n", b"(", b"'", b"\xc3\xa9", b"\x00", b"r", b"d", b"all"])
 
 
@@ -69,3 +70,25 @@ def test_property_compiled_and_python_reset_word_tests_agree(sql) -> None:
 ])
 def test_reset_word_test_finds_whole_words_in_any_case(implementation, sql, mentions) -> None:
     assert sql_words.IMPLEMENTATIONS[implementation](sql) is mentions
+
+
+@FUZZ
+@given(sql=st.one_of(st.binary(max_size=80), st.lists(_SQL_PIECES, max_size=12).map(b"".join)))
+def test_property_compiled_and_python_statement_drop_word_tests_agree(sql) -> None:
+    if len(sql_words.STATEMENT_DROP_IMPLEMENTATIONS) < 2:
+        pytest.skip("no compiled scanner on this machine")
+    answers = {name: test(sql) for name, test in sql_words.STATEMENT_DROP_IMPLEMENTATIONS.items()}
+    assert len(set(answers.values())) == 1, answers
+    assert answers["compiled"] == sql_words.STATEMENT_DROP_IMPLEMENTATIONS["compiled"](memoryview(sql))
+
+
+@pytest.mark.parametrize("implementation", sorted(sql_words.STATEMENT_DROP_IMPLEMENTATIONS))
+@pytest.mark.parametrize(("sql", "mentions"), [
+    (b"DEALLOCATE ALL", True), (b"SELECT 1; deallocate all", True), (b"/* c */ DISCARD ALL", True),
+    (b"discard plans", True), (b"DEALLOCATE pgmux_0123", True), (b"DO $$BEGIN EXECUTE 'DEALLOCATE ALL'; END$$", True),
+    (b"\x00DEALLOCATE ALL\x00\x00\x00", True),  # a Parse body: unnamed, the text, no parameter types
+    (b"SELECT deallocated FROM t", False), (b"SELECT my_discard()", False), (b"RESET ALL", False),
+    (b"SELECT abalance FROM pgbench_accounts WHERE aid = 1;", False), (b"", False),
+])
+def test_statement_drop_word_test_finds_whole_words_in_any_case(implementation, sql, mentions) -> None:
+    assert sql_words.STATEMENT_DROP_IMPLEMENTATIONS[implementation](sql) is mentions
