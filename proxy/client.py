@@ -16,7 +16,7 @@ from proxy.prepared import ClientStatements, deallocate_sql, resets_all_statemen
 from proxy.protocol import errors
 from proxy.protocol import messages as m
 from proxy.protocol.errors import PgError
-from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation, Segment, end_of_first
+from proxy.protocol.framing import BatchSkipper, Frame, FrameScanner, ProtocolViolation, Segment
 from proxy.protocol.sql_words import mentions_reset
 from proxy.protocol.startup import (
     CancelRequest,
@@ -73,7 +73,7 @@ class ClientConnection:
     # Slots, not a __dict__: ten thousand idle clients must stay small.
     __slots__ = (
         "_admin", "_admitted", "_auth", "_cancel_sent", "_linked_at", "_queued",
-        "_queued_bytes", "_refusal", "_rejected_batch", "_reset_seen", "_resync", "_scanner",
+        "_queued_bytes", "_refusal", "_reset_seen", "_resync", "_scanner", "_skipper",
         "_startup_buffer", "_startup_params", "_task", "_unsupported_options", "_waiter", "cancel_key",
         "connected_at", "database", "id", "last_active", "listener", "params", "peer", "pending", "pool", "proxy",
         "query_started", "server", "state", "statements", "transaction_mode", "transport", "unreported",
@@ -102,7 +102,7 @@ class ClientConnection:
         self._auth: ClientAuthenticator | None = None
         self._queued: list[bytes] = []
         self._queued_bytes = 0
-        self._rejected_batch = False  # answering a refused request: skipping to its batch end
+        self._skipper: BatchSkipper | None = None  # answering a refused request: skipping to its batch end
         self._admitted = False  # counted by Admission until the connection ends
         self._admin: AdminSession | None = None
         self.statements: ClientStatements | None = None  # named statements, when pgmux rewrites them
@@ -386,7 +386,10 @@ class ClientConnection:
         if self.server is not None:
             self._forward(data)
             return
-        if self.state is ClientState.IDLE and not self._queued and not self._rejected_batch:
+        if self._skipper is not None:
+            self._skip_rejected_batch(data)
+            return
+        if self.state is ClientState.IDLE and not self._queued:
             if data[0] == m.TERMINATE:
                 # Saying goodbye between transactions needs no server (and must not wait for one).
                 self._close_quietly("client sent Terminate")
@@ -400,10 +403,7 @@ class ClientConnection:
                 return
         self._queue(data)
         if self.state is ClientState.IDLE:
-            if self._rejected_batch:
-                self._skip_rejected_batch()
-            else:
-                self._wait_for_server()
+            self._wait_for_server()
 
     def _forward(self, data: bytes) -> None:
         """Client bytes to the linked server: counted, looked at where needed, rewritten where needed."""
@@ -527,27 +527,28 @@ class ClientConnection:
         self.proxy.count_rejection(error.reason or "upstream_unavailable")
         log.warning("request refused: %s", error, extra={"conn": self.id})
         self.write(error.to_bytes())
-        self._rejected_batch = True
-        self._skip_rejected_batch()
+        self._skipper = BatchSkipper(_BATCH_ENDS_AND_TERMINATE)
+        self._skip_rejected_batch(b"".join(self._take_queued()))
 
-    def _skip_rejected_batch(self) -> None:
-        queued = b"".join(self._take_queued())
+    def _skip_rejected_batch(self, data: bytes) -> None:
+        """Drop a refused request's bytes as they arrive, up to its batch end: none are kept, and reading
+        goes on however large the request, so the batch end is always read and answered."""
+        skipper = self._skipper
+        assert skipper is not None
         try:
-            end = end_of_first(queued, _BATCH_ENDS_AND_TERMINATE)
+            end = skipper.feed(data)
         except ProtocolViolation as exc:
             self.fail(errors.protocol_violation(str(exc)), reason="protocol_error")
             return
         if end is None:
-            if queued:
-                self._queue(queued)  # the batch's end has not arrived yet: wait for more bytes
-            return
-        if queued[end - 5] == m.TERMINATE:
+            return  # the batch's end has not arrived yet
+        self._skipper = None
+        if skipper.kind == m.TERMINATE:
             self._close_quietly("client sent Terminate")
             return
-        self._rejected_batch = False
         self.write(m.ready_for_query())
-        if end < len(queued):
-            self._relay(queued[end:])
+        if end < len(data):
+            self._relay(data[end:])
 
     def _link(self, server: ServerConnection) -> None:
         self._linked_at = time.monotonic()
@@ -602,7 +603,7 @@ class ClientConnection:
     def at_transaction_boundary(self) -> bool:
         """True when closing now loses nothing: no request in flight and no transaction open."""
         if self.state in (ClientState.STARTUP, ClientState.AUTH, ClientState.IDLE):
-            return not self._queued
+            return not self._queued and self._skipper is None
         if self.state is ClientState.ACTIVE and self.server is not None:
             return not self.pending and self.server.tx_status is m.TransactionStatus.IDLE
         return False

@@ -239,17 +239,47 @@ class FrameScanner:
         return pos
 
 
-def end_of_first(data: bytes, kinds: frozenset[int]) -> int | None:
-    """Offset just past the first whole message of one of ``kinds`` in ``data`` (which starts at a boundary)."""
-    pos = 0
-    end = len(data)
-    while end - pos >= HEADER_SIZE:
-        kind, length = _HEADER.unpack_from(data, pos)
-        if length < 4 or length > MAX_MESSAGE_LENGTH:
-            raise ProtocolViolation(f"invalid length {length} for message type {chr(kind)!r}")
-        pos += length + 1
-        if pos > end:
-            return None
-        if kind in kinds:
-            return pos
-    return None
+class BatchSkipper:
+    """Discards a message stream up to the end of the first message of some types, holding at most a split header.
+
+    For a refused request: its bytes are dropped as they arrive, however large, until its batch ends.
+    """
+
+    __slots__ = ("_kinds", "_header", "_remaining", "kind")
+
+    def __init__(self, kinds: frozenset[int]) -> None:
+        self._kinds = kinds
+        self._header = bytearray()  # a header split across reads
+        self._remaining = 0  # body bytes of the current message still to discard
+        self.kind = 0  # the type of the current message; once the skip ended, the type it ended with
+
+    def feed(self, data: bytes) -> int | None:
+        """Discard ``data`` up to the end of the first message of one of the types; return the offset just
+        past it, or None when all of ``data`` was discarded and the end is still to come."""
+        header = self._header
+        pos = 0
+        end = len(data)
+        while True:
+            if self._remaining:
+                take = min(self._remaining, end - pos)
+                pos += take
+                self._remaining -= take
+                if self._remaining:
+                    return None
+                if self.kind in self._kinds:
+                    return pos
+            if pos == end:
+                return None
+            take = min(HEADER_SIZE - len(header), end - pos)
+            header += data[pos:pos + take]
+            pos += take
+            if len(header) < HEADER_SIZE:
+                return None
+            kind, length = _HEADER.unpack_from(header)
+            header.clear()
+            if length < 4 or length > MAX_MESSAGE_LENGTH:
+                raise ProtocolViolation(f"invalid length {length} for message type {chr(kind)!r}")
+            self.kind = kind
+            self._remaining = length - 4
+            if not self._remaining and kind in self._kinds:
+                return pos

@@ -273,3 +273,43 @@ def test_property_random_bytes_raise_only_protocol_violation(data, capture, cuts
             assert out == data
 
 
+
+
+# ---- BatchSkipper -------------------------------------------------------------------------------
+
+_ENDS = frozenset({m.SYNC, m.QUERY, m.FUNCTION_CALL, m.TERMINATE})
+
+
+@FUZZ
+@given(items=_messages, tail=st.binary(max_size=30), tail_cut=st.integers(0, 40), cuts=_cuts)
+def test_property_batch_skipper_stops_just_past_the_first_batch_end(items, tail, tail_cut, cuts) -> None:
+    # Behind the messages, maybe the start of one more that is still arriving.
+    stream = b"".join(m.message(kind, body) for kind, body in items) + m.message(m.COPY_DATA, tail)[:tail_cut]
+    expected, pos = None, 0
+    for kind, body in items:
+        pos += 5 + len(body)
+        if kind in _ENDS:
+            expected = (pos, kind)
+            break
+    skipper = framing.BatchSkipper(_ENDS)
+    offset, found = 0, None
+    for chunk in split_at(stream, cuts):
+        end = skipper.feed(chunk)
+        if end is not None:
+            found = (offset + end, skipper.kind)
+            break
+        offset += len(chunk)
+    if expected is None:
+        assert found is None
+    else:
+        assert found == expected
+
+
+def test_batch_skipper_holds_nothing_of_a_huge_message() -> None:
+    skipper = framing.BatchSkipper(_ENDS)
+    bind = msg("B", b"\x00\x00" + b"z" * 3_000_000)
+    for start in range(0, len(bind), 65536):
+        assert skipper.feed(bind[start:start + 65536]) is None
+    assert skipper.feed(msg("S") + msg("Q", b"SELECT 1\x00")) == 5 and skipper.kind == m.SYNC
+    with pytest.raises(ProtocolViolation, match="invalid length 3"):
+        framing.BatchSkipper(_ENDS).feed(b"S\x00\x00\x00\x03")
