@@ -12,11 +12,19 @@ from typing import TYPE_CHECKING, Final, cast
 from proxy.auth.client_auth import AuthenticationFailed, ClientAuthenticator, client_authenticator
 from proxy.logs import get_logger
 from proxy.parameters import SYNCED_PARAMETERS, parse_startup_parameters, sync_sql
-from proxy.prepared import ClientStatements, deallocate_sql, resets_all_statements
+from proxy.prepared import ClientStatements, deallocate_sql, needs_whole, resets_all_statements
 from proxy.protocol import errors
 from proxy.protocol import messages as m
 from proxy.protocol.errors import PgError
-from proxy.protocol.framing import BatchSkipper, Frame, FrameScanner, ProtocolViolation, Segment
+from proxy.protocol.framing import (
+    BatchSkipper,
+    BufferLimitExceeded,
+    Frame,
+    FrameScanner,
+    ProtocolViolation,
+    Segment,
+    is_whole,
+)
 from proxy.protocol.sql_words import mentions_reset
 from proxy.protocol.startup import (
     CancelRequest,
@@ -46,6 +54,9 @@ _RELAY_NEUTRAL = frozenset({m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL, m.TERMINATE})
 _BATCH_ENDS_AND_TERMINATE = _RELAY_COUNTED | {m.TERMINATE}
 _IDLE: Final = m.TransactionStatus.IDLE
 _QUEUE_HIGH_WATER = 1 << 20  # bytes queued while waiting for a server before we stop reading
+# A captured message larger than this is not held: its head (enough for every decision pgmux makes
+# about it) comes back from the scanner, and its rest streams on to the server as it arrives.
+_CAPTURE_HEAD: Final = 1 << 16
 
 
 class ClientState(enum.Enum):
@@ -326,10 +337,14 @@ class ClientConnection:
             return
         self.state = ClientState.LOGIN
         capture = _RELAY_CAPTURE
+        keep_whole = None  # a simple Query's head is enough: a huge one counts as mentioning RESET
         if self.transaction_mode and self.proxy.settings.max_prepared_statements and self.pool is not None:
             self.statements = ClientStatements(self.proxy.statement_names, self.pool.stats.prepared)
             capture = _PREPARED_CAPTURE
-        self._scanner = FrameScanner(capture, counted=_RELAY_COUNTED, neutral=_RELAY_NEUTRAL)
+            keep_whole = needs_whole
+        self._scanner = FrameScanner(capture, counted=_RELAY_COUNTED, neutral=_RELAY_NEUTRAL,
+                                     head_limit=_CAPTURE_HEAD, keep_whole=keep_whole,
+                                     max_whole=self.proxy.settings.max_client_buffer)
         if self.pool is not None and self.pool.server_params is not None:
             self._welcome()
         else:
@@ -435,6 +450,9 @@ class ClientConnection:
             self._forward_segments(segments, server)
         except ProtocolViolation as exc:
             self.fail(errors.protocol_violation(str(exc)), reason="protocol_error")
+        except BufferLimitExceeded as exc:
+            error = errors.client_buffer_exceeded(chr(exc.kind), exc.size, exc.limit)
+            self.fail(error, reason=error.reason)
 
     def _forward_segments(self, segments: list[Segment], server: ServerConnection) -> None:
         out: list[bytes | memoryview] = []
@@ -450,14 +468,15 @@ class ClientConnection:
                 self._close_quietly("client sent Terminate")
                 return
             if kind == m.QUERY:
-                self._note_query(segment.data, server)
+                self._note_query(segment.data, server, is_whole(segment))
                 out.append(segment.data)
             else:
                 out.append(statements.rewrite(kind, segment.data, server.prepared) if statements else segment.data)
         server.write(out[0] if len(out) == 1 else b"".join(out))
 
-    def _note_query(self, data: bytes | memoryview, server: ServerConnection) -> None:
-        if mentions_reset(data):
+    def _note_query(self, data: bytes | memoryview, server: ServerConnection, whole: bool = True) -> None:
+        # A Query too large to hold is not searched: over-detecting costs only a parameter re-sync.
+        if not whole or mentions_reset(data):
             self._reset_seen = True
             server.unreported.clear()  # whatever pgmux had SET there may be gone now
         if self.statements is not None:
@@ -472,7 +491,7 @@ class ClientConnection:
     def _queue(self, data: bytes) -> None:
         self._queued.append(data)
         self._queued_bytes += len(data)
-        if self._queued_bytes > _QUEUE_HIGH_WATER:
+        if self._queued_bytes > min(_QUEUE_HIGH_WATER, self.proxy.settings.max_client_buffer):
             self.pause_reading()
 
     def _take_queued(self) -> list[bytes]:

@@ -18,12 +18,16 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from proxy.protocol import messages as m
-from proxy.protocol.framing import ProtocolViolation
+from proxy.protocol.framing import Frame, ProtocolViolation
 from proxy.stats import PreparedCounters
 
 _ABSENT_STATEMENT = b"pgmux_no_such_statement\x00"  # Close of a missing statement is no error
-_RESET_ALL = re.compile(rb"^\s*(DISCARD\s+ALL|DEALLOCATE\s+(PREPARE\s+)?ALL)\s*;?\s*$", re.IGNORECASE)
+# Linear even on long runs of whitespace: "\s*;?\s*$" backtracks quadratically over them.
+_RESET_ALL = re.compile(rb"^\s*(DISCARD\s+ALL|DEALLOCATE\s+(PREPARE\s+)?ALL)\s*(?:;\s*)?$", re.IGNORECASE)
 _INT16 = struct.Struct("!h")
+_TYPED_HEADER = struct.Struct("!BI")
+_WHITESPACE = b" \t\n\r\x0b\x0c"  # what \s matches in _RESET_ALL
+_RESET_ALL_LONGEST = len(b"DEALLOCATEPREPAREALL;")  # the most non-whitespace bytes _RESET_ALL can match
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +225,10 @@ class ClientStatements:
         if statement is None:
             return data  # unnamed, or unknown: the server answers 26000 with the client's own name
         out = self._ensure(statement, link)
-        return out + m.message(m.BIND, body[:portal_end] + statement.server_name + body[name_end:])
+        # The length from the header, not from the bytes here: ``data`` may be the head of a Bind
+        # whose parameters stream on behind it.
+        length = _TYPED_HEADER.unpack_from(data)[1] + len(statement.server_name) - (name_end - portal_end)
+        return out + _TYPED_HEADER.pack(m.BIND, length) + body[:portal_end] + statement.server_name + body[name_end:]
 
     def _describe(self, data: bytes | memoryview, link: ServerPrepared) -> bytes | memoryview:
         if data[5] != ord("S") or not self.names:
@@ -250,6 +257,28 @@ class ClientStatements:
         link.statements.add(statement.server_name)
         link.expect(PendingParse(link.batches_sent + 1, True, None, statement.server_name))
         return statement.parse
+
+
+def needs_whole(head: Frame) -> bool:
+    """Whether rewriting needs all of a captured message of which only ``head`` is here (it is too large to
+    hold unasked; without this its rest streams on to the server).
+
+    A named Parse is renamed after a hash of all of it and kept to prepare it on other servers. Bind,
+    Describe and Close are renamed from the names at their start: needed whole only if those do not
+    end within the head. A Query only if it could still be DISCARD ALL or DEALLOCATE ALL padded with
+    whitespace (``note_query``).
+    """
+    kind = head.kind
+    data = bytes(head.data)
+    if kind == m.PARSE:
+        return data[5] != 0
+    if kind == m.BIND:
+        return data.count(b"\x00", 5) < 2
+    if kind == m.DESCRIBE or kind == m.CLOSE:
+        return b"\x00" not in data[6:]
+    if kind == m.QUERY:
+        return len(data[5:].translate(None, _WHITESPACE)) <= _RESET_ALL_LONGEST
+    return False
 
 
 def resets_all_statements(sql: str) -> bool:

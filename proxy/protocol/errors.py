@@ -28,6 +28,7 @@ class SqlState(str, enum.Enum):
     SYNTAX_ERROR = "42601"
     OBJECT_NOT_IN_PREREQUISITE_STATE = "55000"
     CONFIG_FILE_ERROR = "F0000"
+    PROGRAM_LIMIT_EXCEEDED = "54000"
 
 
 class Severity(str, enum.Enum):
@@ -162,6 +163,15 @@ def wait_queue_full(pool: str, waiting: int, limit: int, active: int, pool_size:
                    f"(max_wait_clients={limit} reached; {active} of {pool_size} busy)",
                    hint="Retry with backoff, or raise default_pool_size / max_wait_clients in the pgmux config.",
                    reason="queue_full")
+
+
+def client_buffer_exceeded(kind: str, size: int, limit: int) -> PgError:
+    return PgError(SqlState.PROGRAM_LIMIT_EXCEEDED,
+                   f"message of type {kind!r} is too large for pgmux to hold: {size} bytes "
+                   f"(max_client_buffer={limit} reached)",
+                   hint="In transaction mode pgmux holds a named prepared statement's Parse whole to rename it: "
+                        "use an unnamed statement or session mode for texts this large, or raise max_client_buffer.",
+                   severity=Severity.FATAL, reason="max_client_buffer")
 
 
 def client_idle_timeout(timeout: float) -> PgError:
