@@ -12,11 +12,19 @@ from typing import TYPE_CHECKING, Final, cast
 from proxy.auth.client_auth import AuthenticationFailed, ClientAuthenticator, client_authenticator
 from proxy.logs import get_logger
 from proxy.parameters import SYNCED_PARAMETERS, parse_startup_parameters, sync_sql
-from proxy.prepared import ClientStatements, deallocate_sql, resets_all_statements
+from proxy.prepared import ClientStatements, deallocate_sql, needs_whole, resets_all_statements
 from proxy.protocol import errors
 from proxy.protocol import messages as m
 from proxy.protocol.errors import PgError
-from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation, Segment, end_of_first
+from proxy.protocol.framing import (
+    BatchSkipper,
+    BufferLimitExceeded,
+    Frame,
+    FrameScanner,
+    ProtocolViolation,
+    Segment,
+    is_whole,
+)
 from proxy.protocol.sql_words import mentions_reset
 from proxy.protocol.startup import (
     CancelRequest,
@@ -47,6 +55,9 @@ _BATCH_ENDS_AND_TERMINATE = _RELAY_COUNTED | {m.TERMINATE}
 _IDLE: Final = m.TransactionStatus.IDLE
 _IN_TRANSACTION: Final = m.TransactionStatus.IN_TRANSACTION
 _QUEUE_HIGH_WATER = 1 << 20  # bytes queued while waiting for a server before we stop reading
+# A captured message larger than this is not held: its head (enough for every decision pgmux makes
+# about it) comes back from the scanner, and its rest streams on to the server as it arrives.
+_CAPTURE_HEAD: Final = 1 << 16
 
 
 class ClientState(enum.Enum):
@@ -74,7 +85,7 @@ class ClientConnection:
     # Slots, not a __dict__: ten thousand idle clients must stay small.
     __slots__ = (
         "_admin", "_admitted", "_auth", "_cancel_sent", "_linked_at", "_queued",
-        "_queued_bytes", "_refusal", "_rejected_batch", "_reset_seen", "_resync", "_scanner",
+        "_queued_bytes", "_refusal", "_reset_seen", "_resync", "_scanner", "_skipper",
         "_startup_buffer", "_startup_params", "_task", "_unsupported_options", "_waiter", "cancel_key",
         "connected_at", "database", "id", "last_active", "listener", "params", "peer", "pending", "pool", "proxy",
         "query_started", "server", "state", "statements", "transaction_mode", "transport", "unreported",
@@ -104,7 +115,7 @@ class ClientConnection:
         self._auth: ClientAuthenticator | None = None
         self._queued: list[bytes] = []
         self._queued_bytes = 0
-        self._rejected_batch = False  # answering a refused request: skipping to its batch end
+        self._skipper: BatchSkipper | None = None  # answering a refused request: skipping to its batch end
         self._admitted = False  # counted by Admission until the connection ends
         self._admin: AdminSession | None = None
         self.statements: ClientStatements | None = None  # named statements, when pgmux rewrites them
@@ -362,10 +373,14 @@ class ClientConnection:
         self.pool = self.proxy.login_pool(self.database, self.user)
         self.state = ClientState.LOGIN
         capture = _RELAY_CAPTURE
+        keep_whole = None  # a simple Query's head is enough: a huge one counts as mentioning RESET
         if self.transaction_mode and self.proxy.settings.max_prepared_statements and self.pool is not None:
             self.statements = ClientStatements(self.proxy.statement_names, self.pool.stats.prepared)
             capture = _PREPARED_CAPTURE
-        self._scanner = FrameScanner(capture, counted=_RELAY_COUNTED, neutral=_RELAY_NEUTRAL)
+            keep_whole = needs_whole
+        self._scanner = FrameScanner(capture, counted=_RELAY_COUNTED, neutral=_RELAY_NEUTRAL,
+                                     head_limit=_CAPTURE_HEAD, keep_whole=keep_whole,
+                                     max_whole=self.proxy.settings.max_client_buffer)
         if self.pool is not None and self.pool.server_params is not None:
             self._welcome()
         else:
@@ -426,7 +441,10 @@ class ClientConnection:
         if self.server is not None:
             self._forward(data)
             return
-        if self.state is ClientState.IDLE and not self._queued and not self._rejected_batch:
+        if self._skipper is not None:
+            self._skip_rejected_batch(data)
+            return
+        if self.state is ClientState.IDLE and not self._queued:
             if data[0] == m.TERMINATE:
                 # Saying goodbye between transactions needs no server (and must not wait for one).
                 self._close_quietly("client sent Terminate")
@@ -440,10 +458,7 @@ class ClientConnection:
                 return
         self._queue(data)
         if self.state is ClientState.IDLE:
-            if self._rejected_batch:
-                self._skip_rejected_batch()
-            else:
-                self._wait_for_server()
+            self._wait_for_server()
 
     def _forward(self, data: bytes) -> None:
         """Client bytes to the linked server: counted, looked at where needed, rewritten where needed."""
@@ -475,6 +490,9 @@ class ClientConnection:
             self._forward_segments(segments, server)
         except ProtocolViolation as exc:
             self.fail(errors.protocol_violation(str(exc)), reason="protocol_error")
+        except BufferLimitExceeded as exc:
+            error = errors.client_buffer_exceeded(chr(exc.kind), exc.size, exc.limit)
+            self.fail(error, reason=error.reason)
 
     def _forward_segments(self, segments: list[Segment], server: ServerConnection) -> None:
         out: list[bytes | memoryview] = []
@@ -497,7 +515,8 @@ class ClientConnection:
         server.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _note_query(self, data: bytes | memoryview, server: ServerConnection) -> None:
-        if mentions_reset(data):
+        # A Query too large to hold whole is not searched: over-detecting costs only a parameter re-sync.
+        if mentions_reset(data) or not is_whole(data):
             self._reset_seen = True
             server.unreported.clear()  # whatever pgmux had SET there may be gone now
         if self.statements is not None:
@@ -512,7 +531,7 @@ class ClientConnection:
     def _queue(self, data: bytes) -> None:
         self._queued.append(data)
         self._queued_bytes += len(data)
-        if self._queued_bytes > _QUEUE_HIGH_WATER:
+        if self._queued_bytes > min(_QUEUE_HIGH_WATER, self.proxy.settings.max_client_buffer):
             self.pause_reading()
 
     def _take_queued(self) -> list[bytes]:
@@ -567,27 +586,28 @@ class ClientConnection:
         self.proxy.count_rejection(error.reason or "upstream_unavailable")
         log.warning("request refused: %s", error, extra={"conn": self.id})
         self.write(error.to_bytes())
-        self._rejected_batch = True
-        self._skip_rejected_batch()
+        self._skipper = BatchSkipper(_BATCH_ENDS_AND_TERMINATE)
+        self._skip_rejected_batch(b"".join(self._take_queued()))
 
-    def _skip_rejected_batch(self) -> None:
-        queued = b"".join(self._take_queued())
+    def _skip_rejected_batch(self, data: bytes) -> None:
+        """Drop a refused request's bytes as they arrive, up to its batch end: none are kept, and reading
+        goes on however large the request, so the batch end is always read and answered."""
+        skipper = self._skipper
+        assert skipper is not None
         try:
-            end = end_of_first(queued, _BATCH_ENDS_AND_TERMINATE)
+            end = skipper.feed(data)
         except ProtocolViolation as exc:
             self.fail(errors.protocol_violation(str(exc)), reason="protocol_error")
             return
         if end is None:
-            if queued:
-                self._queue(queued)  # the batch's end has not arrived yet: wait for more bytes
-            return
-        if queued[end - 5] == m.TERMINATE:
+            return  # the batch's end has not arrived yet
+        self._skipper = None
+        if skipper.kind == m.TERMINATE:
             self._close_quietly("client sent Terminate")
             return
-        self._rejected_batch = False
         self.write(m.ready_for_query())
-        if end < len(queued):
-            self._relay(queued[end:])
+        if end < len(data):
+            self._relay(data[end:])
 
     def _link(self, server: ServerConnection) -> None:
         self._linked_at = time.monotonic()
@@ -647,7 +667,7 @@ class ClientConnection:
     def at_transaction_boundary(self) -> bool:
         """True when closing now loses nothing: no request in flight and no transaction open."""
         if self.state in (ClientState.STARTUP, ClientState.AUTH, ClientState.IDLE):
-            return not self._queued
+            return not self._queued and self._skipper is None
         if self.state is ClientState.ACTIVE and self.server is not None:
             return not self.pending and self.server.tx_status is m.TransactionStatus.IDLE
         return False

@@ -17,12 +17,16 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from proxy.protocol import messages as m
-from proxy.protocol.framing import ProtocolViolation
+from proxy.protocol.framing import Frame, ProtocolViolation, is_whole
 from proxy.protocol.sql_words import drops_all_statements, mentions_statement_drop
 from proxy.stats import PreparedCounters
 
 _ABSENT_STATEMENT = b"pgmux_no_such_statement\x00"  # Close of a missing statement is no error
 _INT16 = struct.Struct("!h")
+_TYPED_HEADER = struct.Struct("!BI")
+_WHITESPACE = b" \t\n\r\x0b\x0c"
+# The most non-whitespace bytes of a statement that drops_all_statements recognises without comments.
+_RESET_ALL_LONGEST = len(b"DEALLOCATEPREPAREALL;")
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,8 +209,10 @@ class ClientStatements:
     def note_query(self, data: bytes | memoryview, link: ServerPrepared) -> None:
         """A simple Query passes unchanged; it ends a batch, and may drop statements (see _note_drop)."""
         link.batches_sent += 1
-        # The compiled word test first: this runs for every simple query.
-        if mentions_statement_drop(data):
+        # The compiled word test first: this runs for every simple query. A Query too large to hold
+        # whole (its rest streams on) cannot be searched: it is taken to drop them (over-detection
+        # costs a DEALLOCATE ALL and re-preparing; a miss would fail every client's statements there).
+        if mentions_statement_drop(data) or not is_whole(data):
             self._note_drop(data[5:], link)
 
     def _note_drop(self, sql: bytes | memoryview, link: ServerPrepared) -> None:
@@ -226,7 +232,8 @@ class ClientStatements:
             # like any other so that swallowed ones are told apart by position.
             link.expect(PendingParse(link.batches_sent + 1, False, None, None))
             # Nothing is dropped before it runs: its Binds, however late in the batch, are where to look.
-            link.unnamed_drop = bytes(data[6:]) if mentions_statement_drop(data) else None
+            may_drop = mentions_statement_drop(data) or not is_whole(data)
+            link.unnamed_drop = bytes(data[6:]) if may_drop else None
             return data
         body = bytes(data[5:])
         end = body.index(b"\x00") + 1
@@ -259,8 +266,11 @@ class ClientStatements:
         statement = self.names.get(body[portal_end:name_end])
         if statement is None:
             return data  # unnamed, or unknown: the server answers 26000 with the client's own name
-        out = self._ensure(statement, link) + m.message(m.BIND, body[:portal_end] + statement.server_name
-                                                        + body[name_end:])
+        out = self._ensure(statement, link)
+        # The length from the header, not from the bytes here: ``data`` may be the head of a Bind
+        # whose parameters stream on behind it.
+        length = _TYPED_HEADER.unpack_from(data)[1] + len(statement.server_name) - (name_end - portal_end)
+        out += _TYPED_HEADER.pack(m.BIND, length) + body[:portal_end] + statement.server_name + body[name_end:]
         if statement.may_drop_statements:
             self._note_drop(statement.definition, link)  # the Execute of this Bind may empty the server
         return out
@@ -292,6 +302,28 @@ class ClientStatements:
         link.statements.add(statement.server_name)
         link.expect(PendingParse(link.batches_sent + 1, True, None, statement.server_name))
         return statement.parse
+
+
+def needs_whole(head: Frame) -> bool:
+    """Whether rewriting needs all of a captured message of which only ``head`` is here (it is too large to
+    hold unasked; without this its rest streams on to the server).
+
+    A named Parse is renamed after a hash of all of it and kept to prepare it on other servers. Bind,
+    Describe and Close are renamed from the names at their start: needed whole only if those do not
+    end within the head. A Query only if it could still be DISCARD ALL or DEALLOCATE ALL padded with
+    whitespace (``note_query``).
+    """
+    kind = head.kind
+    data = bytes(head.data)
+    if kind == m.PARSE:
+        return data[5] != 0
+    if kind == m.BIND:
+        return data.count(b"\x00", 5) < 2
+    if kind == m.DESCRIBE or kind == m.CLOSE:
+        return b"\x00" not in data[6:]
+    if kind == m.QUERY:
+        return len(data[5:].translate(None, _WHITESPACE)) <= _RESET_ALL_LONGEST
+    return False
 
 
 def resets_all_statements(sql: str) -> bool:

@@ -373,9 +373,9 @@ class ServerConnection:
                     self.write(reply)
             elif frame.kind == m.ERROR_RESPONSE:
                 fields = parse_error_fields(body)
-                code = fields.get("C")
-                raise ServerLoginError(f"{fields.get('M', 'login refused')}", code,
-                                       shown=f"the server refused the login (SQLSTATE {code})")
+                sqlstate = fields.get("C")
+                raise ServerLoginError(f"{fields.get('M', 'login refused')}", sqlstate,
+                                       shown=f"the server refused the login (SQLSTATE {sqlstate})")
             elif frame.kind == m.PARAMETER_STATUS:
                 self._take_parameter(body)
             elif frame.kind == m.BACKEND_KEY_DATA:

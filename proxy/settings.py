@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ByteSize, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -231,6 +231,10 @@ class Settings(BaseSettings):
     server_reset_query: str = "DISCARD ALL"
     ignore_startup_parameters: list[str] = []
     max_prepared_statements: Count = 200
+    # The largest client message pgmux holds whole to look at (in transaction mode a named prepared
+    # statement's Parse); a larger one is refused with FATAL 54000. Messages pgmux needs only the
+    # start of stream through at any size. Bytes: 16777216, "16MiB", "64kB".
+    max_client_buffer: Annotated[ByteSize, Field(ge=0)] = ByteSize(16 * 1024 * 1024)
 
     admin_users: list[str] = []  # may run every admin console command
     stats_users: list[str] = []  # may run the read-only SHOW commands

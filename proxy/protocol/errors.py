@@ -28,6 +28,7 @@ class SqlState(str, enum.Enum):
     SYNTAX_ERROR = "42601"
     OBJECT_NOT_IN_PREREQUISITE_STATE = "55000"
     CONFIG_FILE_ERROR = "F0000"
+    PROGRAM_LIMIT_EXCEEDED = "54000"
 
 
 class Severity(str, enum.Enum):
@@ -180,6 +181,15 @@ def client_request_timeout(timeout: float) -> PgError:
                    f"incomplete message from client: no more of it arrived within client_request_timeout={timeout:g}s",
                    hint="The server connection it held was closed; nothing of the unfinished request ran.",
                    severity=Severity.FATAL)
+
+
+def client_buffer_exceeded(kind: str, size: int, limit: int) -> PgError:
+    return PgError(SqlState.PROGRAM_LIMIT_EXCEEDED,
+                   f"message of type {kind!r} is too large for pgmux to hold: {size} bytes "
+                   f"(max_client_buffer={limit} reached)",
+                   hint="In transaction mode pgmux holds a named prepared statement's Parse whole to rename it: "
+                        "use an unnamed statement or session mode for texts this large, or raise max_client_buffer.",
+                   severity=Severity.FATAL, reason="max_client_buffer")
 
 
 def client_idle_timeout(timeout: float) -> PgError:

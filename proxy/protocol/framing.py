@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
 _HEADER = struct.Struct("!BI")
@@ -17,11 +18,30 @@ class ProtocolViolation(ValueError):
     """The peer sent bytes that cannot be a valid message stream."""
 
 
+class BufferLimitExceeded(ValueError):
+    """A message the consumer must see whole is larger than the scanner may hold for it."""
+
+    def __init__(self, kind: int, size: int, limit: int) -> None:
+        super().__init__(f"message of type {chr(kind)!r} is {size} bytes, over the {limit} the scanner may hold")
+        self.kind = kind
+        self.size = size
+        self.limit = limit
+
+
 class Frame(NamedTuple):
-    """One whole captured message, header included (``data[0]`` is the type, the body starts at 5)."""
+    """One captured message, header included (``data[0]`` is the type, the body starts at 5).
+
+    Whole, or only its head when it is too large to hold (see FrameScanner): its header still says
+    the whole length, and the rest follows as pass-through bytes.
+    """
 
     kind: int
     data: bytes | memoryview
+
+
+def is_whole(message: bytes | memoryview) -> bool:
+    """False for the head of a captured message too large to hold, whose rest streams on behind it."""
+    return len(message) == _HEADER.unpack_from(message)[1] + 1
 
 
 # tuple.__new__ builds a Frame without the Python-level __new__ NamedTuple generates: this runs
@@ -108,22 +128,34 @@ class FrameScanner:
     a 1 GiB COPY row costs no more memory than the socket's read size. Captured messages come back
     whole, as a zero-copy slice when they fit in one chunk.
 
+    With a ``head_limit``, a captured message larger than that which does not fit in one chunk is
+    not held whole: its first ``head_limit`` bytes come back as a Frame (its head, see ``is_whole``)
+    and the rest streams through as it arrives, unless ``keep_whole(head)`` says the consumer needs
+    all of it; such a message is then held whole if it is at most ``max_whole`` bytes, and refused
+    with BufferLimitExceeded (as soon as its head is here) otherwise.
+
     Types in ``counted`` (the batch ends: Sync, Query, FunctionCall) are only tallied in ``count``
     as their headers pass. ``mid_batch`` tells whether a message has begun since the last batch end,
     i.e. whether the server has been sent part of a request it has not been asked to answer yet;
     types in ``neutral`` (COPY data) neither open nor close a batch.
     """
 
-    __slots__ = ("_flags", "_max_length", "_remaining", "_partial",
-                 "_partial_total", "count", "mid_batch", "verbatim")
+    __slots__ = ("_flags", "_max_length", "_remaining", "_partial", "_partial_total", "_message_total",
+                 "_head_limit", "_keep_whole", "_max_whole", "count", "mid_batch", "verbatim")
 
     def __init__(self, capture: frozenset[int], max_length: int = MAX_MESSAGE_LENGTH,
-                 counted: frozenset[int] = frozenset(), neutral: frozenset[int] = frozenset()) -> None:
+                 counted: frozenset[int] = frozenset(), neutral: frozenset[int] = frozenset(),
+                 head_limit: int = 0, keep_whole: Callable[[Frame], bool] | None = None,
+                 max_whole: int = MAX_MESSAGE_LENGTH) -> None:
         self._flags = kind_flags(capture, counted, neutral)
         self._max_length = max_length
-        self._remaining = 0  # body bytes still to stream through for a message not captured
-        self._partial = bytearray()  # an incomplete header, or an incomplete captured message
-        self._partial_total = 0  # size of the captured message being assembled; 0 while assembling a header
+        self._remaining = 0  # body bytes still to stream through for a message not held
+        self._partial = bytearray()  # an incomplete header, or an incomplete captured message or head
+        self._partial_total = 0  # bytes to hold of the captured message being assembled; 0 while assembling a header
+        self._message_total = 0  # size of that whole message: more than _partial_total while holding only its head
+        self._head_limit = head_limit  # 0: captured messages always come back whole
+        self._keep_whole = keep_whole
+        self._max_whole = max_whole
         self.count = 0
         self.mid_batch = False
         self.verbatim = True  # the last feed's segments are exactly the bytes it was fed, nothing held
@@ -143,7 +175,7 @@ class FrameScanner:
         """Hand back the bytes held for an incomplete message (another scanner takes over the stream)."""
         held = bytes(self._partial)
         self._partial.clear()
-        self._partial_total = 0
+        self._partial_total = self._message_total = 0
         return held
 
     @property
@@ -206,8 +238,11 @@ class FrameScanner:
             self._check(*_HEADER.unpack_from(data, pos))
         if run_start < pos:
             out.append(view[run_start:pos])
-        self._partial += view[pos:]  # a split header, or a captured message to assemble
-        self._partial_total = total
+        if status == WALK_HEADER_SPLIT:
+            self._partial += view[pos:]
+        else:  # a captured message to assemble, or the head of one
+            self._start_capture(total)
+            self._collect(view, pos, out)
         return out
 
     def _continue_partial(self, view: memoryview, out: list[Segment]) -> int:
@@ -234,28 +269,86 @@ class FrameScanner:
                     out.append(view[pos:pos + take])
                 self._remaining = body - take
                 return pos + take
-            self._partial_total = total
+            self._start_capture(total)
+        return self._collect(view, pos, out)
+
+    def _start_capture(self, total: int) -> None:
+        """A captured message of ``total`` bytes begins: hold it whole, or first only its head."""
+        self._message_total = total
+        self._partial_total = self._head_limit if total > self._head_limit > 0 else total
+
+    def _collect(self, view: memoryview, pos: int, out: list[Segment]) -> int:
+        """Hold the captured message's bytes from ``view[pos:]``; pass it on once whole, or its head once
+        that is here (then stream its rest through). Return how far into ``view`` it went."""
+        partial = self._partial
         take = min(self._partial_total - len(partial), len(view) - pos)
         partial += view[pos:pos + take]
         pos += take
-        if len(partial) == self._partial_total:
+        if len(partial) < self._partial_total:
+            return pos
+        if self._partial_total == self._message_total:
             out.append(Frame(partial[0], bytes(partial)))
             partial.clear()
-            self._partial_total = 0
-        return pos
-
-
-def end_of_first(data: bytes, kinds: frozenset[int]) -> int | None:
-    """Offset just past the first whole message of one of ``kinds`` in ``data`` (which starts at a boundary)."""
-    pos = 0
-    end = len(data)
-    while end - pos >= HEADER_SIZE:
-        kind, length = _HEADER.unpack_from(data, pos)
-        if length < 4 or length > MAX_MESSAGE_LENGTH:
-            raise ProtocolViolation(f"invalid length {length} for message type {chr(kind)!r}")
-        pos += length + 1
-        if pos > end:
-            return None
-        if kind in kinds:
+            self._partial_total = self._message_total = 0
             return pos
-    return None
+        head = Frame(partial[0], bytes(partial))
+        if self._keep_whole is not None and self._keep_whole(head):
+            if self._message_total > self._max_whole:
+                raise BufferLimitExceeded(head.kind, self._message_total, self._max_whole)
+            self._partial_total = self._message_total
+            return self._collect(view, pos, out)
+        out.append(head)
+        partial.clear()
+        body = self._message_total - self._partial_total  # the rest streams through as it arrives
+        self._partial_total = self._message_total = 0
+        take = min(body, len(view) - pos)
+        if take:
+            out.append(view[pos:pos + take])
+        self._remaining = body - take
+        return pos + take
+
+
+class BatchSkipper:
+    """Discards a message stream up to the end of the first message of some types, holding at most a split header.
+
+    For a refused request: its bytes are dropped as they arrive, however large, until its batch ends.
+    """
+
+    __slots__ = ("_kinds", "_header", "_remaining", "kind")
+
+    def __init__(self, kinds: frozenset[int]) -> None:
+        self._kinds = kinds
+        self._header = bytearray()  # a header split across reads
+        self._remaining = 0  # body bytes of the current message still to discard
+        self.kind = 0  # the type of the current message; once the skip ended, the type it ended with
+
+    def feed(self, data: bytes) -> int | None:
+        """Discard ``data`` up to the end of the first message of one of the types; return the offset just
+        past it, or None when all of ``data`` was discarded and the end is still to come."""
+        header = self._header
+        pos = 0
+        end = len(data)
+        while True:
+            if self._remaining:
+                take = min(self._remaining, end - pos)
+                pos += take
+                self._remaining -= take
+                if self._remaining:
+                    return None
+                if self.kind in self._kinds:
+                    return pos
+            if pos == end:
+                return None
+            take = min(HEADER_SIZE - len(header), end - pos)
+            header += data[pos:pos + take]
+            pos += take
+            if len(header) < HEADER_SIZE:
+                return None
+            kind, length = _HEADER.unpack_from(header)
+            header.clear()
+            if length < 4 or length > MAX_MESSAGE_LENGTH:
+                raise ProtocolViolation(f"invalid length {length} for message type {chr(kind)!r}")
+            self.kind = kind
+            self._remaining = length - 4
+            if not self._remaining and kind in self._kinds:
+                return pos

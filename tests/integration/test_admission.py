@@ -112,6 +112,24 @@ def test_psycopg_sees_wait_timeout_as_too_many_connections(pgmux) -> None:
         assert waiter.execute("SELECT 3").fetchone() == (3,)
 
 
+@pytest.mark.timeout(60)  # the bug was a hang: fail instead of blocking the suite
+def test_refused_request_with_a_3mb_parameter_gets_53300_and_the_connection_stays_usable(pgmux) -> None:
+    # Past 1 MB the skipped bytes of a refused request used to be queued again, reading paused at
+    # the queue's high-water mark and the Sync behind the parameter was never read: no ReadyForQuery.
+    proxy = pgmux(default_pool_size=1, query_wait_timeout=0.5)
+    dsn = proxy.dsn(APP.name, APP.password, APP_DATABASE)
+    with psycopg.connect(dsn, autocommit=True) as holder, psycopg.connect(dsn, autocommit=True) as waiter:
+        holder.execute("BEGIN")
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.TooManyConnections, match="query_wait_timeout=0.5s"):
+            waiter.execute("SELECT length(%s)", ["x" * (3 * 1024 * 1024)])
+        assert time.monotonic() - started < 10
+        holder.execute("COMMIT")
+        assert waiter.execute("SELECT 1").fetchone() == (1,)  # the same connection, usable
+        assert waiter.execute("SELECT length(%s)", ["y" * (3 * 1024 * 1024)]).fetchone() == (3 * 1024 * 1024,)
+    assert _rejections(proxy)["wait_timeout"] == 1
+
+
 class RawClient:
     """A hand-driven protocol client (trust auth) to send exactly the bytes a test needs."""
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import threading
 import time
 
+import psutil
 import psycopg
 
 from pgusers import APP, APP_DATABASE
@@ -17,6 +19,9 @@ _BACKEND_KINDS = frozenset(b"123ACDEGHINRSTVZcdnst")
 # What pgmux may hold for one direction of one connection: a write buffer past its high-water mark
 # plus one read. Far below the tens or hundreds of MB these tests push through.
 BOUND = 16 * MB
+# What pgmux may grow by while huge client messages stream through it: a few reads and write buffers
+# per connection, and the allocator's slack. Holding the messages would take hundreds of MB.
+STREAMED_BOUND = 64 * MB
 
 
 def _linked_pair_state(proxy) -> dict[str, object]:
@@ -218,3 +223,73 @@ def test_answers_cut_across_reads_at_any_byte_reach_the_client_intact(pgmux) -> 
         assert first[0] == 1 and second[0] == rows, f"attempt {attempt}: got {first[0]} and {second[0]} rows"
         assert second[2] == [m.ROW_DESCRIPTION, m.COMMAND_COMPLETE, m.READY_FOR_QUERY], second[2]
     client.close()
+
+
+class _PeakRss:
+    """The peak resident memory of a process, sampled from a thread while a test pushes bytes through it."""
+
+    def __init__(self, pid: int) -> None:
+        self._process = psutil.Process(pid)
+        self.baseline = self._process.memory_info().rss
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def growth(self) -> int:
+        """Stop sampling; return how far above the baseline the process went."""
+        self._stop.set()
+        self._thread.join(5)
+        self.peak = max(self.peak, self._process.memory_info().rss)
+        return self.peak - self.baseline
+
+
+def test_unfinished_huge_queries_stream_to_the_server_instead_of_piling_up_in_pgmux(pgmux_process) -> None:
+    # Three clients each send most of a 100 MB simple Query and then say nothing more. pgmux used to
+    # assemble each whole (twice its size, growing) and hold it as long as the client liked.
+    proxy = pgmux_process(PGMUX_AUTH_TYPE="trust")
+    port = proxy.ports()[0]
+    clients = [RawClient("127.0.0.1", port) for _ in range(3)]
+    size = 100 * MB
+    text = b"SELECT length('" + b"x" * (size - 20) + b"')\x00"
+    query = m.message(m.QUERY, text)
+    memory = _PeakRss(proxy.process.pid)
+    for client in clients:
+        client.sock.settimeout(60)
+        client.send(query[:-4096])  # all but the end: the message stays unfinished
+    time.sleep(1.0)  # whatever the kernel still buffered reaches pgmux
+    growth = memory.growth()
+    print(f"\n3 unfinished {size / MB:.0f} MB Queries: pgmux RSS grew by {growth / MB:.1f} MB")
+    assert growth < STREAMED_BOUND, f"pgmux held {growth / MB:.0f} MB of three unfinished Queries"
+    # Finished, the Queries run whole on the server: the streamed bytes arrived intact.
+    for client in clients:
+        client.send(query[-4096:])
+    for client in clients:
+        kinds = client.read_until_ready()
+        assert m.ERROR_RESPONSE not in kinds and m.DATA_ROW in kinds
+        client.close()
+
+
+def test_huge_bind_of_a_named_statement_streams_through_with_its_name_rewritten(pgmux_process) -> None:
+    # Transaction mode renames prepared statements, so pgmux looks at every Bind: it used to hold a
+    # whole Bind (a 2 x 200 MB bytea Bind took 883 MB). Now only the names at its start are held.
+    proxy = pgmux_process()
+    dsn = f"postgresql://{APP.name}:{APP.password}@127.0.0.1:{proxy.ports()[0]}/{APP_DATABASE}"
+    size = 50 * MB
+    first = bytes(range(256)) * (size // 256)
+    second = b"\xff" + first[1:]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        statement = "SELECT length(%s::bytea), md5(%s::bytea), length(%s::bytea), md5(%s::bytea)"
+        memory = _PeakRss(proxy.process.pid)
+        row = conn.execute(statement, [first, first, second, second], prepare=True).fetchone()
+        growth = memory.growth()
+        print(f"\nBind of 4 x {size / MB:.0f} MB bytea: pgmux peak RSS growth {growth / MB:.1f} MB")
+        # Every byte arrived, in order, behind the renamed statement name.
+        assert row == (size, hashlib.md5(first).hexdigest(), size, hashlib.md5(second).hexdigest())
+        assert growth < STREAMED_BOUND, f"pgmux held {growth / MB:.0f} MB of a {4 * size / MB:.0f} MB Bind"
+        # A small Bind of the same named statement is renamed the same way.
+        assert conn.execute(statement, [b"a", b"a", b"bc", b"bc"], prepare=True).fetchone()[::2] == (1, 2)

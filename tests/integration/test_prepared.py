@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import subprocess
+import time
 
 import asyncpg
 import psycopg
@@ -132,6 +134,61 @@ def test_deallocate_all_clears_the_clients_names(pgmux_process) -> None:
         assert pgconn.exec_prepared(b"s3", []).error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"26000"
         assert pgconn.prepare(b"s3", b"SELECT 33").status == psycopg.pq.ExecStatus.COMMAND_OK
         assert pgconn.exec_prepared(b"s3", []).get_value(0, 0) == b"33"
+
+
+def test_discard_all_padded_past_the_held_head_is_told_from_one_that_fails(pgmux_process) -> None:
+    # A simple Query over 64 KiB streams on after its head, unless it could still be DISCARD ALL or
+    # DEALLOCATE ALL padded with whitespace: that one is held whole and judged on all of its text.
+    dsn = _process_dsn(functools.partial(pgmux_process, PGMUX_DEFAULT_POOL_SIZE="1"))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        pgconn = conn.pgconn
+        assert pgconn.prepare(b"s4", b"SELECT 4").status == psycopg.pq.ExecStatus.COMMAND_OK
+        # Not a DISCARD ALL after all (it fails: a multi-statement Query is a transaction block).
+        # A megabyte of whitespace: judging it must take linear time, not stall pgmux for hours.
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.ActiveSqlTransaction):
+            conn.execute("DISCARD ALL" + " " * 1_000_000 + "; SELECT 1")
+        assert time.monotonic() - started < 10
+        assert pgconn.exec_prepared(b"s4", []).get_value(0, 0) == b"4"  # the name still works
+        conn.execute("DISCARD" + " " * 100_000 + "ALL")  # the ALL beyond the head
+        missing = pgconn.exec_prepared(b"s4", [])
+        assert missing.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"26000"
+        assert b'"s4"' in missing.error_field(psycopg.pq.DiagnosticField.MESSAGE_PRIMARY)
+        # The server lost its statements too: the same text under a new name is prepared there afresh.
+        assert pgconn.prepare(b"s5", b"SELECT 4").status == psycopg.pq.ExecStatus.COMMAND_OK
+        assert pgconn.exec_prepared(b"s5", []).get_value(0, 0) == b"4"
+
+
+def test_named_statements_past_the_held_head_are_held_whole_and_prepared_on_other_backends(pgmux) -> None:
+    proxy = pgmux(default_pool_size=2, max_client_buffer="1MiB")
+    dsn = proxy.dsn(APP.name, APP.password, APP_DATABASE)
+    text = "SELECT length(%s) + length('" + "z" * 200_000 + "')"
+    with psycopg.connect(dsn, autocommit=True) as conn, psycopg.connect(dsn, autocommit=True) as holder:
+        parameter = "p" * 300_000  # a Bind past the head too
+        assert conn.execute(text, [parameter], prepare=True).fetchone() == (500_000,)
+        # Hold the backend the statement was prepared on: the next run is on the other one, where
+        # pgmux prepares it first from the Parse it kept.
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1")
+        assert conn.execute(text, ["q"], prepare=True).fetchone() == (200_001,)
+        holder.execute("COMMIT")
+    _, misses, _ = _prepared_counters(proxy)
+    assert misses >= 1
+
+
+def test_named_parse_over_max_client_buffer_is_refused_with_54000_and_unnamed_ones_stream(pgmux) -> None:
+    proxy = pgmux(max_client_buffer="128KiB")
+    dsn = proxy.dsn(APP.name, APP.password, APP_DATABASE)
+    text = "SELECT length('" + "z" * 300_000 + "')"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # Unnamed, the same text and a large parameter stream through: nothing is held whole.
+        assert conn.execute(text + " + length(%s)", ["p" * 300_000], prepare=False).fetchone() == (600_000,)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(psycopg.Error, match=r"max_client_buffer=131072") as refused:
+            conn.execute(text, prepare=True)
+        assert refused.value.sqlstate == "54000"
+        assert conn.closed or conn.broken
+    assert proxy.call(lambda p: dict(p.rejections)).get("max_client_buffer") == 1
 
 
 def test_many_distinct_statements_never_exceed_max_prepared_statements_per_server(pgmux, postgres) -> None:

@@ -273,3 +273,138 @@ def test_property_random_bytes_raise_only_protocol_violation(data, capture, cuts
             assert out == data
 
 
+
+
+# ---- captured messages too large to hold: a head, then the rest streams through ---------------
+
+def scan_heads(scanner: FrameScanner, chunks: list[bytes]) -> tuple[bytes, list[bytes], list[list[bytes]]]:
+    """Feed the chunks; return every byte that came out, the captured frames (whole or heads) and
+    what each feed returned."""
+    out = bytearray()
+    frames: list[bytes] = []
+    per_feed: list[list[bytes]] = []
+    for chunk in chunks:
+        segments = scanner.feed(chunk)
+        per_feed.append([bytes(s.data) if type(s) is Frame else bytes(s) for s in segments])
+        for segment in segments:
+            if type(segment) is Frame:
+                assert segment.kind == segment.data[0]
+                frames.append(bytes(segment.data))
+        out += b"".join(per_feed[-1])
+    return bytes(out), frames, per_feed
+
+
+def test_a_captured_message_over_the_head_limit_streams_on_after_its_head() -> None:
+    query = msg("Q", b"SELECT '" + b"x" * 300_000 + b"'\x00")
+    scanner = FrameScanner(frozenset({m.QUERY}), counted=COUNTED, head_limit=1000)
+    chunks = [query[i:i + 65536] for i in range(0, len(query), 65536)]
+    out, frames, per_feed = scan_heads(scanner, chunks)
+    # Nothing is held past a feed: every chunk comes out as it went in, its head as a Frame.
+    assert [b"".join(fed) for fed in per_feed] == chunks
+    assert frames == [query[:1000]] and out == query
+    assert not framing.is_whole(frames[0])
+    assert scanner.count == 1 and scanner.at_boundary
+
+
+def test_a_head_split_across_reads_is_held_only_until_it_is_complete() -> None:
+    bind = msg("B", b"portal\x00stmt\x00" + b"p" * 5000)
+    scanner = FrameScanner(frozenset({m.BIND}), head_limit=1000)
+    out, frames, per_feed = scan_heads(scanner, [bind[i:i + 300] for i in range(0, len(bind), 300)])
+    assert per_feed[:3] == [[], [], []]  # 900 bytes: the head is not complete yet
+    assert per_feed[3] == [bind[:1000], bind[1000:1200]]
+    assert all(b"".join(fed) == bind[i * 300:(i + 1) * 300] for i, fed in enumerate(per_feed) if i > 3)
+    assert frames == [bind[:1000]] and out == bind and scanner.at_boundary
+
+
+def test_small_captured_messages_and_ones_within_a_chunk_stay_whole_with_a_head_limit() -> None:
+    small = msg("Q", b"SELECT 1\x00")
+    large = msg("Q", b"x" * 5000 + b"\x00")
+    for chunks in ([small + large], [small[:3], small[3:] + large]):
+        _, frames, _ = scan_heads(FrameScanner(frozenset({m.QUERY}), head_limit=1000), chunks)
+        assert frames == [small, large]  # the large one arrived in one read: a slice of it, no copy
+        assert all(framing.is_whole(frame) for frame in frames)
+
+
+def test_keep_whole_holds_what_the_consumer_asks_for_up_to_max_whole() -> None:
+    named = msg("P", b"s1\x00SELECT '" + b"y" * 5000 + b"'\x00\x00\x00")
+    unnamed = msg("P", b"\x00SELECT '" + b"y" * 5000 + b"'\x00\x00\x00")
+    stream = named + unnamed
+    seen: list[bytes] = []
+
+    def named_parse(head: Frame) -> bool:
+        seen.append(bytes(head.data))
+        return head.data[5] != 0
+
+    chunks = [stream[i:i + 700] for i in range(0, len(stream), 700)]
+    scanner = FrameScanner(frozenset({m.PARSE}), head_limit=1000, keep_whole=named_parse, max_whole=len(named))
+    out, frames, _ = scan_heads(scanner, chunks)
+    assert out == stream and frames == [named, unnamed[:1000]]
+    assert seen == [named[:1000], unnamed[:1000]]  # asked once per message, with its head
+    # One byte over max_whole: refused as soon as the head is here, long before the rest arrives.
+    scanner = FrameScanner(frozenset({m.PARSE}), head_limit=1000, keep_whole=named_parse, max_whole=len(named) - 1)
+    scanner.feed(chunks[0])
+    with pytest.raises(framing.BufferLimitExceeded) as refused:
+        scanner.feed(chunks[1])
+    assert (refused.value.kind, refused.value.size, refused.value.limit) == (m.PARSE, len(named), len(named) - 1)
+
+
+_head_limits = st.sampled_from([0, 6, 16, 64])
+
+
+@FUZZ
+@given(items=st.lists(st.tuples(_kinds, st.binary(max_size=120)), max_size=10), capture=_capture_sets,
+       keep=_capture_sets, counted=_capture_sets, head_limit=_head_limits, cuts=_cuts)
+def test_property_heads_and_streamed_rests_give_back_every_byte(items, capture, keep, counted, head_limit,
+                                                              cuts) -> None:
+    stream = b"".join(m.message(kind, body) for kind, body in items)
+    scanner = FrameScanner(capture, counted=counted, head_limit=head_limit, keep_whole=lambda head: head.kind in keep)
+    out, frames, _ = scan_heads(scanner, split_at(stream, cuts))
+    assert out == stream
+    expected = [m.message(kind, body) for kind, body in items if kind in capture]
+    assert len(frames) == len(expected)
+    for frame, whole in zip(frames, expected):
+        if frame != whole:
+            # Only a message too large to hold that the consumer did not ask for whole comes as a head.
+            assert 0 < head_limit < len(whole) and whole[0] not in keep and frame == whole[:head_limit]
+    assert scanner.count == sum(1 for kind, _ in items if kind in counted)
+    assert scanner.at_boundary
+
+
+# ---- BatchSkipper -------------------------------------------------------------------------------
+
+_ENDS = frozenset({m.SYNC, m.QUERY, m.FUNCTION_CALL, m.TERMINATE})
+
+
+@FUZZ
+@given(items=_messages, tail=st.binary(max_size=30), tail_cut=st.integers(0, 40), cuts=_cuts)
+def test_property_batch_skipper_stops_just_past_the_first_batch_end(items, tail, tail_cut, cuts) -> None:
+    # Behind the messages, maybe the start of one more that is still arriving.
+    stream = b"".join(m.message(kind, body) for kind, body in items) + m.message(m.COPY_DATA, tail)[:tail_cut]
+    expected, pos = None, 0
+    for kind, body in items:
+        pos += 5 + len(body)
+        if kind in _ENDS:
+            expected = (pos, kind)
+            break
+    skipper = framing.BatchSkipper(_ENDS)
+    offset, found = 0, None
+    for chunk in split_at(stream, cuts):
+        end = skipper.feed(chunk)
+        if end is not None:
+            found = (offset + end, skipper.kind)
+            break
+        offset += len(chunk)
+    if expected is None:
+        assert found is None
+    else:
+        assert found == expected
+
+
+def test_batch_skipper_holds_nothing_of_a_huge_message() -> None:
+    skipper = framing.BatchSkipper(_ENDS)
+    bind = msg("B", b"\x00\x00" + b"z" * 3_000_000)
+    for start in range(0, len(bind), 65536):
+        assert skipper.feed(bind[start:start + 65536]) is None
+    assert skipper.feed(msg("S") + msg("Q", b"SELECT 1\x00")) == 5 and skipper.kind == m.SYNC
+    with pytest.raises(ProtocolViolation, match="invalid length 3"):
+        framing.BatchSkipper(_ENDS).feed(b"S\x00\x00\x00\x03")
