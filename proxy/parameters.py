@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterable
+from typing import Final
 
 from proxy.protocol import errors
 
@@ -13,6 +14,9 @@ SYNCED_PARAMETERS = frozenset({
     "client_encoding", "DateStyle", "IntervalStyle", "TimeZone", "standard_conforming_strings",
     "application_name", "search_path",
 })
+# What pgmux records for a setting it SET on a backend when a RESET/DISCARD may have undone it: no startup
+# value can contain a NUL, so it never matches what a client wants and the next sync sets or resets it.
+UNKNOWN_VALUE: Final = "\x00"
 _PARAMETER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _OPTION = re.compile(r"(?:-c\s*|--)([A-Za-z_][A-Za-z0-9_.-]*)=((?:\\.|[^\s\\])*)")
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Final, cast
 
 from proxy.auth.server_auth import ServerAuthenticator, ServerAuthError
 from proxy.logs import get_logger
-from proxy.parameters import ParameterSync
+from proxy.parameters import UNKNOWN_VALUE, ParameterSync
 from proxy.protocol import messages as m
 from proxy.protocol.errors import parse_error_fields
 from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation
@@ -417,10 +417,15 @@ class ServerConnection:
         self._sync_replies_left = self.swallow
 
     def forget_unreported(self) -> None:
-        """The client sent RESET/DISCARD: what pgmux set (or is setting) may be gone once it runs."""
-        self.unreported.clear()
-        if self._sync is not None:
-            self._sync.unreported = None
+        """The client sent RESET/DISCARD: what pgmux set (or is setting) may or may not be there once it runs.
+
+        Unknown, not gone: the next sync sets or resets each of them again. Recording them as gone would
+        let the next client inherit whatever the RESET left (a role, a work_mem).
+        """
+        self.unreported = dict.fromkeys(self.unreported, UNKNOWN_VALUE)
+        sync = self._sync
+        if sync is not None and sync.unreported is not None:
+            sync.unreported = dict.fromkeys(sync.unreported, UNKNOWN_VALUE)
 
     async def run_internal(self, sql: str, timeout: float = 10.0) -> None:
         """Run a query for pgmux itself and wait for it; raises InternalQueryFailed on any error."""

@@ -154,3 +154,25 @@ def test_startup_settings_postgres_refuses_are_refused_at_login_with_its_error(p
         await ignored.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_query_mentioning_reset_never_leaves_another_clients_settings_on_the_backend(pgmux, tenants) -> None:
+    # pgmux notices RESET/DISCARD by the word alone (here only in a string literal): it must then treat
+    # what it SET on the backend as unknown, not as gone, or the next client inherits it.
+    proxy = pgmux(default_pool_size=1)
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        setter = await _connect(proxy, options=f"-c role={SYNC_ROLE} -c work_mem=5MB")
+        plain = await _connect(proxy)
+        seen_by_setter, seen_by_plain = [], []
+        for _ in range(2):
+            seen_by_setter.append(await setter.fetchval("SELECT current_user || ' ' || current_setting('work_mem')"))
+            await setter.execute("SELECT length('password reset')")  # a simple Query: the one pgmux reads
+            seen_by_plain.append(await plain.fetchval("SELECT current_user || ' ' || current_setting('work_mem')"))
+        await setter.close()
+        await plain.close()
+        return seen_by_setter, seen_by_plain
+
+    seen_by_setter, seen_by_plain = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert seen_by_setter == [f"{SYNC_ROLE} 5MB"] * 2
+    assert seen_by_plain == [f"{APP.name} 4MB"] * 2

@@ -115,3 +115,12 @@ def test_a_failed_sync_records_nothing_and_closes_the_backend() -> None:
                          + m.ready_for_query(m.TransactionStatus.FAILED))
     assert server.params == {"search_path": "tenant_p"} and server.unreported == {}
     assert transport.closed and (server.close_reason or "").startswith("parameter sync failed: 42704")
+
+
+def test_after_a_reset_what_pgmux_set_is_unknown_and_set_or_reset_again() -> None:
+    server, _ = _relaying_server()
+    server.unreported = {"role": "tenant", "work_mem": "5MB"}
+    server.forget_unreported()
+    sync = parameter_sync({}, {"work_mem": "5MB"}, server.params, server.unreported, in_transaction=False)
+    assert sync is not None
+    assert sync.sql == "BEGIN;RESET role;SELECT pg_catalog.set_config('work_mem', '5MB', false);COMMIT"
