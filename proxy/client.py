@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Final, cast
 
 from proxy.auth.client_auth import AuthenticationFailed, ClientAuthenticator, client_authenticator
 from proxy.logs import get_logger
-from proxy.parameters import SYNCED_PARAMETERS, parse_startup_parameters, sync_sql
+from proxy.parameters import SYNCED_PARAMETERS, parameter_sync, parse_startup_parameters, settings_to_check
 from proxy.prepared import ClientStatements, deallocate_sql, needs_whole, resets_all_statements
 from proxy.protocol import errors
 from proxy.protocol import messages as m
@@ -222,9 +222,8 @@ class ClientConnection:
         elif self._resync and self.server is not None:
             # RESET put the server back to its own defaults: restore this client's (its startup values).
             self._resync = False
-            sql = self._parameter_sync_sql(self.server)
-            if sql:
-                self.server.send_internal(sql)
+            # Mid-batch the backend may be inside the batch's implicit transaction: no COMMIT of pgmux's there.
+            self._sync_parameters(self.server, in_transaction=status is not _IDLE or not self._scanner.at_rest)
         elif (status is _IN_TRANSACTION and self.server is not None and self.server.prepared.discard_all
               and self._scanner.at_rest):
             # Mid-transaction, after something that may have dropped statements: make sure they are
@@ -241,6 +240,21 @@ class ClientConnection:
             self._resync = True
             return
         self.params[name] = value
+
+    def on_parameter_sync_failed(self, error: dict[str, str]) -> None:
+        """PostgreSQL refused this client's parameters on the linked server (``error``: its ErrorResponse fields).
+
+        The request sent behind the sync was refused by the aborted block (see parameter_sync), or, in a
+        transaction, aborted it: the client gets PostgreSQL's error as FATAL, the backend is closed, and
+        logins check their settings with the server again.
+        """
+        server, self.server = self.server, None
+        pool = self.pool
+        if server is not None and pool is not None:
+            server.client = None
+            pool.close_server(server, f"parameter sync for client {self.id} failed")
+            pool.accepted_settings.clear()
+        self.fail(errors.parameter_refused_by_server(error, "parameter_sync_failed"), reason="parameter_sync_failed")
 
     def on_server_lost(self, server: ServerConnection) -> None:
         self.server = None
@@ -381,16 +395,27 @@ class ClientConnection:
         self._scanner = FrameScanner(capture, counted=_RELAY_COUNTED, neutral=_RELAY_NEUTRAL,
                                      head_limit=_CAPTURE_HEAD, keep_whole=keep_whole,
                                      max_whole=self.proxy.settings.max_client_buffer)
-        if self.pool is not None and self.pool.server_params is not None:
+        if self.pool is not None and self.pool.server_params is not None and not self._unchecked_settings():
             self._welcome()
         else:
-            self._task = self.proxy.spawn(self._welcome_after_warm_up(), name=f"welcome {self.id}")
+            self._task = self.proxy.spawn(self._welcome_after_checks(), name=f"welcome {self.id}")
 
-    async def _welcome_after_warm_up(self) -> None:
-        """The pool's first login: the welcome reports the server's parameters, so learn them first."""
+    def _unchecked_settings(self) -> dict[str, str]:
+        assert self.pool is not None
+        return settings_to_check(self._startup_params, self.unreported, self.pool.server_params or {},
+                                 self.pool.accepted_settings)
+
+    async def _welcome_after_checks(self) -> None:
+        """The welcome waits for what it needs a backend for: the server's parameters (the pool's first
+        login reports them) and PostgreSQL's verdict on startup settings this pool has not seen accepted.
+        """
         assert self.pool is not None
         try:
             await self.pool.warm_up()
+            unchecked = self._unchecked_settings()
+            if unchecked:
+                # As PostgreSQL refuses a login with a setting it rejects: pgmux could never apply it.
+                await self.pool.check_settings(unchecked)
         except PgError as exc:
             # At login there is no session to keep: the same error, as FATAL.
             self.fail(dataclasses.replace(exc, severity=errors.Severity.FATAL), reason=exc.reason)
@@ -518,7 +543,7 @@ class ClientConnection:
         # A Query too large to hold whole is not searched: over-detecting costs only a parameter re-sync.
         if mentions_reset(data) or not is_whole(data):
             self._reset_seen = True
-            server.unreported.clear()  # whatever pgmux had SET there may be gone now
+            server.forget_unreported()
         if self.statements is not None:
             self.statements.note_query(data, server.prepared)
 
@@ -618,12 +643,12 @@ class ClientConnection:
         self.server = server
         server.client = self
         self.state = ClientState.ACTIVE
-        sql = self._parameter_sync_sql(server)
-        if sql:
-            server.send_internal(sql)
+        self._sync_parameters(server, in_transaction=server.tx_status is not _IDLE)
 
-    def _parameter_sync_sql(self, server: ServerConnection) -> str | None:
-        return sync_sql(self.params, self.unreported, server.params, server.unreported)
+    def _sync_parameters(self, server: ServerConnection, in_transaction: bool) -> None:
+        sync = parameter_sync(self.params, self.unreported, server.params, server.unreported, in_transaction)
+        if sync is not None:
+            server.send_parameter_sync(sync)
 
     def _unlink_and_release(self, now: float) -> None:
         server = self.server

@@ -40,7 +40,7 @@ REJECTION_REASONS = (
     "max_client_conn", "db_client_limit", "user_client_limit", "wait_timeout", "queue_full", "auth_failed",
     "unknown_database", "protocol_error", "shutdown", "upstream_unavailable", "admin_not_allowed",
     "login_timeout", "client_idle_timeout", "idle_transaction_timeout", "server_lost", "internal_error",
-    "login_limit", "client_request_timeout", "max_client_buffer",
+    "login_limit", "client_request_timeout", "max_client_buffer", "startup_parameter_refused", "parameter_sync_failed",
 )
 CLIENT_STATES = ("active", "idle", "waiting", "login")
 SERVER_STATES = ("active", "idle", "used", "tested", "login", "being_canceled", "closing")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
+from typing import Final
 
 from proxy.protocol import errors
 
@@ -13,6 +14,9 @@ SYNCED_PARAMETERS = frozenset({
     "client_encoding", "DateStyle", "IntervalStyle", "TimeZone", "standard_conforming_strings",
     "application_name", "search_path",
 })
+# What pgmux records for a setting it SET on a backend when a RESET/DISCARD may have undone it: no startup
+# value can contain a NUL, so it never matches what a client wants and the next sync sets or resets it.
+UNKNOWN_VALUE: Final = "\x00"
 _PARAMETER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _OPTION = re.compile(r"(?:-c\s*|--)([A-Za-z_][A-Za-z0-9_.-]*)=((?:\\.|[^\s\\])*)")
 
@@ -65,21 +69,42 @@ def _quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def sync_sql(wanted: dict[str, str], wanted_unreported: dict[str, str],
-             server_params: dict[str, str], server_unreported: dict[str, str]) -> str | None:
-    """SQL that gives a backend the wanted parameters, or None when it has them already.
+def _set_config_calls(settings: Iterable[tuple[str, str]], is_local: bool) -> str:
+    local = "true" if is_local else "false"
+    return ", ".join(f"pg_catalog.set_config({_quote_literal(name)}, {_quote_literal(value)}, {local})"
+                     for name, value in settings)
 
-    The backend's dicts are updated now, not when the reply comes: the next client linked to it
-    must compare against what this SQL will have done. set_config takes the value as a plain
-    string, so list values such as search_path keep their meaning.
+
+class ParameterSync:
+    """SQL that gives a backend a client's parameters, and what the backend holds once PostgreSQL confirms it.
+
+    Nothing is recorded on the backend when the SQL is built: its ``params``/``unreported`` change only
+    when the sync's ReadyForQuery comes back without an error (ServerConnection settles it).
+    """
+
+    __slots__ = ("sql", "params", "unreported")
+
+    def __init__(self, sql: str, params: dict[str, str], unreported: dict[str, str] | None) -> None:
+        self.sql = sql
+        self.params = params  # reported parameters the sync sets, merged into the backend's on success
+        self.unreported = unreported  # the backend's unreported parameters on success; None: unchanged
+
+
+def parameter_sync(wanted: dict[str, str], wanted_unreported: dict[str, str],
+                   server_params: dict[str, str], server_unreported: dict[str, str],
+                   in_transaction: bool) -> ParameterSync | None:
+    """What gives a backend the wanted parameters, or None when it has them already.
+
+    Outside a transaction the statements are wrapped in BEGIN ... COMMIT: a failure then leaves the
+    backend in an aborted transaction block, so the client request pgmux sends right behind the sync
+    (same round trip) is refused by PostgreSQL (25P02) instead of running with the wrong parameters.
+    All statements of one Query share one transaction, so a sync applies entirely or not at all.
+    set_config takes the value as a plain string, so list values such as search_path keep their meaning.
     """
     if wanted.items() <= server_params.items() and wanted_unreported == server_unreported:
         return None  # the common case, checked in C: the backend already has them all
-    changes: list[tuple[str, str]] = []
-    for name, value in wanted.items():
-        if server_params.get(name) != value:
-            changes.append((name, value))
-            server_params[name] = value
+    params = {name: value for name, value in wanted.items() if server_params.get(name) != value}
+    changes = list(params.items())
     statements: list[str] = []
     for name in wanted_unreported.keys() | server_unreported.keys():
         wanted_value = wanted_unreported.get(name)
@@ -87,12 +112,36 @@ def sync_sql(wanted: dict[str, str], wanted_unreported: dict[str, str],
             continue
         if wanted_value is None:
             statements.append(f"RESET {name}")
-            del server_unreported[name]
         else:
             changes.append((name, wanted_value))
-            server_unreported[name] = wanted_value
     if changes:
-        calls = ", ".join(f"pg_catalog.set_config({_quote_literal(name)}, {_quote_literal(value)}, false)"
-                          for name, value in changes)
-        statements.append(f"SELECT {calls}")
-    return ";".join(statements) if statements else None
+        statements.append(f"SELECT {_set_config_calls(changes, is_local=False)}")
+    if not statements:
+        return None
+    if not in_transaction:
+        statements = ["BEGIN", *statements, "COMMIT"]
+    unreported = None if wanted_unreported == server_unreported else dict(wanted_unreported)
+    return ParameterSync(";".join(statements), params, unreported)
+
+
+# Parameters PostgreSQL accepts with any value (application_name is only cleaned of non-ASCII):
+# checking them would cost a login a round trip for nothing, and their values vary per connection.
+_ANY_VALUE_ACCEPTED = frozenset({"application_name"})
+
+
+def settings_to_check(startup_synced: dict[str, str], unreported: dict[str, str],
+                      server_defaults: dict[str, str], accepted: set[tuple[str, str]]) -> dict[str, str]:
+    """The startup settings PostgreSQL has yet to accept for this pool (server defaults need no check)."""
+    unchecked = {name: value for name, value in startup_synced.items()
+                 if server_defaults.get(name) != value and name not in _ANY_VALUE_ACCEPTED
+                 and (name, value) not in accepted}
+    unchecked.update((name, value) for name, value in unreported.items() if (name, value) not in accepted)
+    return unchecked
+
+
+def check_sql(settings: dict[str, str]) -> str:
+    """One statement that fails with PostgreSQL's own error for the first setting it refuses, and changes nothing.
+
+    set_config(..., true) lasts until the end of the statement's own implicit transaction.
+    """
+    return f"SELECT {_set_config_calls(settings.items(), is_local=True)}"

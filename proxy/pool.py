@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from proxy.logs import get_logger
+from proxy.parameters import check_sql
 from proxy.protocol import errors
 from proxy.protocol.errors import PgError
 from proxy.protocol.messages import TransactionStatus
@@ -24,6 +25,7 @@ _MAX_LOGIN_BACKOFF = 2.0  # seconds between failed logins at most
 # A graceful close (Terminate, then the write buffer drained) takes one round trip to a healthy
 # backend; one still pending after this long never ends by itself, and the janitor aborts it.
 SERVER_CLOSE_DEADLINE: Final = 5.0
+_MAX_ACCEPTED_SETTINGS = 1024  # (name, value) pairs remembered per pool; clients choose them, so bounded
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,9 @@ class Pool:
                       ServerState.BEING_CANCELED: self.being_canceled}
         self.waiters: deque[Waiter] = deque()
         self.server_params: dict[str, str] | None = None  # what a fresh server reports; clients start from these
+        # Startup settings PostgreSQL accepted here: a login using only these needs no check. Cleared
+        # whenever a sync fails or the upstream changes, so it is never trusted across a failure.
+        self.accepted_settings: set[tuple[str, str]] = set()
         self._budgets = budgets
         for budget in budgets:
             budget.pools.append(self)
@@ -509,6 +514,7 @@ class Pool:
         Servers already closing are aborted: a close still pending must not outlive a RECONNECT.
         """
         self._generation_started = time.monotonic()
+        self.accepted_settings.clear()  # the new upstream may not accept what the old one did
         for server in list(self.closing):
             self.abort_server(server, reason)
         for server in list(self.idle):
@@ -516,6 +522,26 @@ class Pool:
 
     def will_retire(self, server: ServerConnection) -> bool:
         return server.created_at < self._generation_started
+
+    async def check_settings(self, settings: dict[str, str]) -> None:
+        """Ask PostgreSQL on one of this pool's backends whether it accepts these settings; raises its refusal."""
+        server = await self.acquire()
+        try:
+            await server.run_internal(check_sql(settings))
+        except InternalQueryFailed as failed:
+            if failed.fields is not None and server.tx_status is TransactionStatus.IDLE:
+                self.release(server)  # the refused statement was rolled back: the backend is as it was
+                raise errors.parameter_refused_by_server(failed.fields, "startup_parameter_refused") from None
+            # The log names what failed; the client is told no more than for any other upstream failure.
+            self.abort_server(server, f"checking startup parameters failed: {failed}")
+            raise errors.upstream_unavailable("checking the startup parameters on the server failed") from None
+        except BaseException:
+            self.abort_server(server, "checking startup parameters was interrupted")
+            raise
+        self.release(server)
+        if len(self.accepted_settings) + len(settings) > _MAX_ACCEPTED_SETTINGS:
+            self.accepted_settings.clear()
+        self.accepted_settings.update(settings.items())
 
     async def warm_up(self) -> None:
         """Make sure the pool knows the server's parameters (needed for a client's welcome)."""

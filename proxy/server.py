@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Final, cast
 
 from proxy.auth.server_auth import ServerAuthenticator, ServerAuthError
 from proxy.logs import get_logger
+from proxy.parameters import UNKNOWN_VALUE, ParameterSync
 from proxy.protocol import messages as m
 from proxy.protocol.errors import parse_error_fields
 from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation
@@ -70,7 +71,14 @@ class ServerLoginError(Exception):
 
 
 class InternalQueryFailed(Exception):
-    """A query pgmux ran for itself (reset, rollback) failed: the server is in an unknown state."""
+    """A query pgmux ran for itself (reset, rollback) failed: the server is in an unknown state.
+
+    ``fields`` are the server's ErrorResponse fields when it refused the query, None when no answer came.
+    """
+
+    def __init__(self, reason: str, fields: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.fields = fields
 
 
 @functools.lru_cache(maxsize=64)
@@ -115,7 +123,10 @@ class ServerConnection:
         self._login_frames: asyncio.Queue[Frame | None] | None = asyncio.Queue()
         self._ssl_reply: asyncio.Future[bytes] | None = None
         self._internal_done: asyncio.Future[None] | None = None
-        self._internal_error: str | None = None
+        self._internal_error: dict[str, str] | None = None  # ErrorResponse fields of pgmux's own query
+        self._sync: ParameterSync | None = None  # a parameter sync sent and not yet answered
+        self._sync_replies_left = 0  # pgmux's own ReadyForQuery still to come, the sync's the last of them
+        self._sync_error: dict[str, str] | None = None  # the sync's ErrorResponse fields, if it failed
         self.prepared = ServerPrepared()  # named statements this backend holds (transaction mode)
         self.fatal_relayed = False  # the backend sent its client a FATAL: the client needs no other error
         self.being_canceled = 0  # cancels sent to this backend whose connection PostgreSQL has not closed yet
@@ -224,14 +235,40 @@ class ServerConnection:
         if kind == m.READY_FOR_QUERY:
             self.tx_status = _TX_STATUS[frame.data[5]]
             self.swallow -= 1
+            if self._sync is not None:
+                self._sync_replies_left -= 1
+                if not self._sync_replies_left:
+                    self._settle_sync()
             if not self.swallow and self._internal_done is not None and not self._internal_done.done():
                 self._internal_done.set_result(None)
         elif kind == m.PARAMETER_STATUS:
             self._take_parameter(frame.data[5:])
         elif kind == m.ERROR_RESPONSE:
             fields = parse_error_fields(frame.data[5:])
-            self._internal_error = f"{fields.get('C', '')} {fields.get('M', '')}"
-            log.warning("pgmux's own query failed on the server: %s", self._internal_error, extra={"conn": self.id})
+            log.warning("pgmux's own query failed on the server: %s %s", fields.get("C", ""), fields.get("M", ""),
+                        extra={"conn": self.id})
+            if self._sync is not None and self._sync_replies_left == 1:
+                self._sync_error = fields  # replies come in order: this one answers the sync
+            else:
+                self._internal_error = fields
+
+    def _settle_sync(self) -> None:
+        """The sync's ReadyForQuery came: record its values if PostgreSQL applied them, else give up the backend."""
+        sync, self._sync = self._sync, None
+        error, self._sync_error = self._sync_error, None
+        assert sync is not None
+        if error is None:
+            self.params.update(sync.params)
+            if sync.unreported is not None:
+                self.unreported = sync.unreported
+            return
+        # PostgreSQL rolled the sync back: the backend kept its previous values, and (outside a transaction)
+        # it refuses whatever the client sent behind the sync until that aborted block ends. Nobody may be
+        # lent it as if synced: the client is told why and the backend closed.
+        self._internal_error = error  # a reset waiting behind the sync must not release the backend either
+        if self.client is not None:
+            self.client.on_parameter_sync_failed(error)
+        self.close(f"parameter sync failed: {error.get('C', '')} {error.get('M', '')}")
 
     def _take_parameter(self, body: bytes | memoryview) -> tuple[str, str]:
         """Record a ParameterStatus the backend sent: what it now has, whoever asked for it."""
@@ -395,6 +432,26 @@ class ServerConnection:
         self.swallow += 1
         self.write(m.query(sql))
 
+    def send_parameter_sync(self, sync: ParameterSync) -> None:
+        """Send a client's parameters; they are recorded here only once PostgreSQL confirms them (_settle_sync)."""
+        # One at a time: a sync is built against confirmed values, and the next one is only built once the
+        # client's request behind this one is answered, after this sync's own reply.
+        assert self._sync is None
+        self.send_internal(sync.sql)
+        self._sync = sync
+        self._sync_replies_left = self.swallow
+
+    def forget_unreported(self) -> None:
+        """The client sent RESET/DISCARD: what pgmux set (or is setting) may or may not be there once it runs.
+
+        Unknown, not gone: the next sync sets or resets each of them again. Recording them as gone would
+        let the next client inherit whatever the RESET left (a role, a work_mem).
+        """
+        self.unreported = dict.fromkeys(self.unreported, UNKNOWN_VALUE)
+        sync = self._sync
+        if sync is not None and sync.unreported is not None:
+            sync.unreported = dict.fromkeys(sync.unreported, UNKNOWN_VALUE)
+
     async def run_internal(self, sql: str, timeout: float = 10.0) -> None:
         """Run a query for pgmux itself and wait for it; raises InternalQueryFailed on any error."""
         if self.state is ServerState.CLOSED:
@@ -409,8 +466,9 @@ class ServerConnection:
             raise InternalQueryFailed(f"{sql!r} timed out") from None
         finally:
             self._internal_done = None
-        if self._internal_error is not None:
-            raise InternalQueryFailed(self._internal_error)
+        fields = self._internal_error
+        if fields is not None:
+            raise InternalQueryFailed(f"{fields.get('C', '')} {fields.get('M', '')}", fields)
 
     # ---- ending ---------------------------------------------------------------------------------
 

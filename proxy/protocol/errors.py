@@ -42,7 +42,7 @@ class Severity(str, enum.Enum):
 class PgError(Exception):
     """An error pgmux reports to a client; ``severity`` FATAL means the connection is closed after it."""
 
-    sqlstate: SqlState
+    sqlstate: SqlState | str  # a plain string only for an error PostgreSQL itself raised, relayed as it is
     message: str
     hint: str | None = None
     detail: str | None = None
@@ -50,7 +50,8 @@ class PgError(Exception):
     reason: str | None = None  # the rejection reason it is counted under (pgmux_client_rejections_total)
 
     def __str__(self) -> str:
-        return f"{self.severity.value} {self.sqlstate.value} {self.message}"
+        code = self.sqlstate.value if isinstance(self.sqlstate, SqlState) else self.sqlstate
+        return f"{self.severity.value} {code} {self.message}"
 
     def to_bytes(self) -> bytes:
         return error_response(self.severity, self.sqlstate, self.message, hint=self.hint, detail=self.detail)
@@ -119,6 +120,16 @@ def unsupported_startup_parameter(name: str) -> PgError:
     return PgError(SqlState.PROTOCOL_VIOLATION, f"unsupported startup parameter: {name}",
                    hint=f"Add {name} to ignore_startup_parameters in the pgmux config to drop it.",
                    severity=Severity.FATAL)
+
+
+def parameter_refused_by_server(fields: dict[str, str], reason: str) -> PgError:
+    """PostgreSQL refused one of a client's session parameters: its own error, FATAL, as its own login would end.
+
+    ``reason`` is startup_parameter_refused (checked at login) or parameter_sync_failed (the sync to a
+    backend failed later, e.g. after the role it names lost a privilege).
+    """
+    return PgError(fields.get("C") or SqlState.INTERNAL_ERROR, fields.get("M") or "the server refused a parameter",
+                   hint=fields.get("H"), detail=fields.get("D"), severity=Severity.FATAL, reason=reason)
 
 
 # Clients are never told the upstream's host, port or user: pgmux's log names them (redacted).

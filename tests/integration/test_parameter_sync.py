@@ -1,0 +1,178 @@
+"""Session parameters on a pool of one backend: a failed sync never lends it as synced; bad settings fail the login."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+
+from pgusers import APP, APP_DATABASE
+
+TENANT_A_ROWS = ["a-alice", "a-bob"]
+TENANT_P_ROWS = ["p-secret-1", "p-secret-2"]
+SYNC_ROLE = "pgmux_sync_role"
+TENANTS = f"""
+DROP SCHEMA IF EXISTS tenant_a CASCADE;
+DROP SCHEMA IF EXISTS tenant_p CASCADE;
+CREATE SCHEMA tenant_a;
+CREATE SCHEMA tenant_p;
+CREATE TABLE tenant_a.accounts (name text);
+CREATE TABLE tenant_p.accounts (name text);
+INSERT INTO tenant_a.accounts VALUES ('a-alice'), ('a-bob');
+INSERT INTO tenant_p.accounts VALUES ('p-secret-1'), ('p-secret-2');
+GRANT USAGE ON SCHEMA tenant_a, tenant_p TO {APP.name};
+GRANT SELECT ON ALL TABLES IN SCHEMA tenant_a, tenant_p TO {APP.name};
+DROP TABLE IF EXISTS public.encoding_probe;
+CREATE TABLE public.encoding_probe (id int, word text);
+GRANT ALL ON public.encoding_probe TO {APP.name};
+DROP ROLE IF EXISTS {SYNC_ROLE};
+CREATE ROLE {SYNC_ROLE} NOLOGIN;
+GRANT {SYNC_ROLE} TO {APP.name};
+"""
+# Two ways a client's parameters can fail to apply: a setting PostgreSQL refuses outright (pgmux must refuse
+# the login as PostgreSQL would), or one it accepted at login and refuses later (the membership that
+# `role` needs is revoked): then the sync itself fails on the backend the client was lent.
+FAILURES = {
+    "misspelled_option": ({"options": "-c statment_timeout=5"}, "42704"),
+    "revoked_role": ({"options": f"-c role={SYNC_ROLE}"}, "42501"),
+}
+
+
+@pytest.fixture
+def tenants(postgres) -> None:
+    postgres.psql(TENANTS, database=APP_DATABASE)
+
+
+async def _connect(proxy, **settings: str) -> asyncpg.Connection:
+    return await asyncpg.connect(host=proxy.host, port=proxy.port(), user=APP.name, password=APP.password,
+                                 database=APP_DATABASE, statement_cache_size=0, server_settings=settings,
+                                 timeout=10)
+
+
+async def _accounts(conn: asyncpg.Connection) -> list[str]:
+    return [row["name"] for row in await conn.fetch("SELECT name FROM accounts ORDER BY name")]
+
+
+async def _run_failing_client(proxy, postgres, failure: str, **settings: str) -> tuple[Any, asyncpg.PostgresError | None]:
+    """Connect a client whose parameters fail as ``failure`` says and let it query once.
+
+    Returns what its query returned (None if it was refused) and the error it got.
+    """
+    extra, _ = FAILURES[failure]
+    try:
+        conn = await _connect(proxy, **settings, **extra)
+    except asyncpg.PostgresError as refused:
+        return None, refused
+    try:
+        if failure == "revoked_role":
+            await asyncio.to_thread(postgres.psql, f"REVOKE {SYNC_ROLE} FROM {APP.name}", APP_DATABASE)
+        try:
+            return await conn.fetchval("SELECT string_agg(name, ',' ORDER BY name) FROM accounts"), None
+        except asyncpg.PostgresError as error:
+            # A FATAL during a query reaches asyncpg as "connection closed", caused by the server's error
+            # (the same as for PostgreSQL's own FATALs).
+            cause = error.__cause__
+            return None, cause if isinstance(cause, asyncpg.PostgresError) else error
+    finally:
+        conn.terminate()
+
+
+@pytest.mark.parametrize("failure", sorted(FAILURES))
+def test_failed_parameter_sync_never_lends_a_backend_as_synced(pgmux, postgres, tenants, failure: str) -> None:
+    proxy = pgmux(default_pool_size=1)
+
+    async def scenario() -> tuple[list[list[str]], Any, asyncpg.PostgresError | None]:
+        tenant_p = await _connect(proxy, search_path="tenant_p")
+        assert await _accounts(tenant_p) == TENANT_P_ROWS  # the one backend now has search_path=tenant_p
+        seen_by_failing, error = await _run_failing_client(proxy, postgres, failure, search_path="tenant_a")
+        tenant_a = await _connect(proxy, search_path="tenant_a")
+        seen_by_a = []
+        for _ in range(3):
+            seen_by_a.append(await _accounts(tenant_a))
+            assert await _accounts(tenant_p) == TENANT_P_ROWS
+        await tenant_a.close()
+        await tenant_p.close()
+        return seen_by_a, seen_by_failing, error
+
+    seen_by_a, seen_by_failing, error = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert seen_by_a == [TENANT_A_ROWS] * 3
+    assert seen_by_failing is None  # refused, and never shown tenant P's rows
+    assert error is not None and error.sqlstate == FAILURES[failure][1], error
+
+
+@pytest.mark.parametrize("failure", sorted(FAILURES))
+def test_failed_parameter_sync_never_changes_an_innocent_clients_encoding(pgmux, postgres, tenants,
+                                                                         failure: str) -> None:
+    proxy = pgmux(default_pool_size=1)
+
+    async def scenario() -> tuple[str, asyncpg.PostgresError | None]:
+        latin1 = await asyncio.to_thread(
+            psycopg.connect, proxy.dsn(APP.name, APP.password, APP_DATABASE), client_encoding="LATIN1",
+            autocommit=True, connect_timeout=10)
+        try:
+            # The one backend now speaks LATIN1 to its clients.
+            assert (await asyncio.to_thread(lambda: latin1.execute("SELECT 'é'").fetchone())) == ("é",)
+            _, error = await _run_failing_client(proxy, postgres, failure)
+            utf8 = await _connect(proxy)
+            await utf8.execute("INSERT INTO encoding_probe VALUES (1, 'café')")
+            read_back = await utf8.fetchval("SELECT word FROM encoding_probe WHERE id = 1")
+            await utf8.close()
+        finally:
+            await asyncio.to_thread(latin1.close)
+        return read_back, error
+
+    read_back, error = asyncio.run(asyncio.wait_for(scenario(), 60))
+    stored = postgres.psql("SELECT word || '|' || char_length(word) FROM encoding_probe WHERE id = 1",
+                           database=APP_DATABASE)
+    assert stored == "café|4\n"  # as PostgreSQL itself holds it, not 'cafÃ©'
+    assert read_back == "café"
+    assert error is not None and error.sqlstate == FAILURES[failure][1], error
+
+
+def test_startup_settings_postgres_refuses_are_refused_at_login_with_its_error(pgmux, postgres) -> None:
+    proxy = pgmux(default_pool_size=1, ignore_startup_parameters=["statment_timeout"])
+
+    async def refusal(port: int, host: str, user: str, password: str, **settings: str) -> tuple[str, str, str]:
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await asyncpg.connect(host=host, port=port, user=user, password=password, database=APP_DATABASE,
+                                  server_settings=settings, timeout=10)
+        return info.value.sqlstate, info.value.severity, str(info.value)
+
+    async def scenario() -> None:
+        for settings in ({"options": "-c statment_timeout=5"}, {"statement_timeout": "abc"},
+                         {"options": "-c statement_timeout=5 -c work_mem=lots"}, {"client_encoding": "KLINGON"}):
+            from_postgres = await refusal(postgres.port, postgres.host, APP.name, APP.password, **settings)
+            assert from_postgres[1] == "FATAL"
+            for _ in range(2):  # the second time too: a refusal is never cached as a success
+                assert await refusal(proxy.port(), proxy.host, APP.name, APP.password, **settings) == from_postgres
+        # A name listed in ignore_startup_parameters is still dropped, never checked.
+        ignored = await _connect(proxy, statment_timeout="5", statement_timeout="1234")
+        assert await ignored.fetchval("SHOW statement_timeout") == "1234ms"
+        await ignored.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_query_mentioning_reset_never_leaves_another_clients_settings_on_the_backend(pgmux, tenants) -> None:
+    # pgmux notices RESET/DISCARD by the word alone (here only in a string literal): it must then treat
+    # what it SET on the backend as unknown, not as gone, or the next client inherits it.
+    proxy = pgmux(default_pool_size=1)
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        setter = await _connect(proxy, options=f"-c role={SYNC_ROLE} -c work_mem=5MB")
+        plain = await _connect(proxy)
+        seen_by_setter, seen_by_plain = [], []
+        for _ in range(2):
+            seen_by_setter.append(await setter.fetchval("SELECT current_user || ' ' || current_setting('work_mem')"))
+            await setter.execute("SELECT length('password reset')")  # a simple Query: the one pgmux reads
+            seen_by_plain.append(await plain.fetchval("SELECT current_user || ' ' || current_setting('work_mem')"))
+        await setter.close()
+        await plain.close()
+        return seen_by_setter, seen_by_plain
+
+    seen_by_setter, seen_by_plain = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert seen_by_setter == [f"{SYNC_ROLE} 5MB"] * 2
+    assert seen_by_plain == [f"{APP.name} 4MB"] * 2
