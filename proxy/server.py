@@ -466,7 +466,7 @@ class ServerConnection:
             raise InternalQueryFailed(f"{sql!r} timed out") from None
         finally:
             self._internal_done = None
-        fields = self._internal_error
+        fields: dict[str, str] | None = self._internal_error
         if fields is not None:
             raise InternalQueryFailed(f"{fields.get('C', '')} {fields.get('M', '')}", fields)
 
