@@ -42,7 +42,10 @@ _RELAY_CAPTURE = frozenset({m.TERMINATE, m.QUERY})  # Query: to notice RESET/DIS
 # With named statements rewritten (transaction mode), the statement-naming messages are looked at too.
 _PREPARED_CAPTURE = frozenset({m.TERMINATE, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE, m.SYNC, m.QUERY, m.FUNCTION_CALL})
 _RELAY_COUNTED = frozenset({m.SYNC, m.QUERY, m.FUNCTION_CALL})  # each earns exactly one ReadyForQuery
-_RELAY_NEUTRAL = frozenset({m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL, m.TERMINATE})  # open no request
+# Open no request: COPY data, Terminate, and Flush, which only asks for the answers so far (psycopg
+# ends every pipeline with one): a Flush behind a Parse leaves its batch open, one behind a Sync opens none.
+_RELAY_NEUTRAL = frozenset({m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL, m.TERMINATE, m.FLUSH})
+_FLUSH: Final = m.message(m.FLUSH)
 _BATCH_ENDS_AND_TERMINATE = _RELAY_COUNTED | {m.TERMINATE}
 _IDLE: Final = m.TransactionStatus.IDLE
 _QUEUE_HIGH_WATER = 1 << 20  # bytes queued while waiting for a server before we stop reading
@@ -390,6 +393,10 @@ class ClientConnection:
             if data[0] == m.TERMINATE:
                 # Saying goodbye between transactions needs no server (and must not wait for one).
                 self._close_quietly("client sent Terminate")
+                return
+            if data == _FLUSH:
+                # Nothing is in flight, so there is nothing to flush; a server taken for it would stay
+                # linked with no answer to come (psycopg's Flush can arrive after the last ReadyForQuery).
                 return
             pool = self.pool
             assert pool is not None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import select
 import struct
+import time
 
 import asyncpg
 import pytest
@@ -103,3 +105,68 @@ def test_notices_and_notifications_reach_the_client(pgmux) -> None:
         await other.close()
 
     asyncio.run(scenario())
+
+
+# ---- when a backend is free again: Flush, and COPY IN begun by Execute ------------------------------
+
+
+def _read_until(client: RawClient, kind: int) -> list[int]:
+    kinds: list[int] = []
+    while not kinds or kinds[-1] != kind:
+        kinds.append(client.read_message()[0])
+        assert kinds[-1] != m.ERROR_RESPONSE or kind == m.READY_FOR_QUERY, kinds
+    return kinds
+
+
+def _answered_at_once(client: RawClient, sql: str, within: float = 1.0) -> list[bytes]:
+    """Run ``sql``; it must be answered without an error well within the pool's query_wait_timeout."""
+    started = time.monotonic()
+    client.send(m.query(sql))
+    values: list[bytes] = []
+    while True:
+        kind, body = client.read_message()
+        assert kind != m.ERROR_RESPONSE, body
+        if kind == m.DATA_ROW:
+            values.append(body[6:])  # one column: int16 count, int32 length, the text
+        if kind == m.READY_FOR_QUERY:
+            break
+    assert time.monotonic() - started < within, f"{sql!r} waited {time.monotonic() - started:.1f}s for a backend"
+    return values
+
+
+def test_flush_between_requests_takes_no_backend(pgmux) -> None:
+    """psycopg may send its pipeline's closing Flush after the last ReadyForQuery came back."""
+    proxy = pgmux(auth_type="trust", default_pool_size=1, query_wait_timeout=3)
+    first = RawClient(proxy.host, proxy.port())
+    second = RawClient(proxy.host, proxy.port())
+    try:
+        assert _answered_at_once(first, "SELECT 1") == [b"1"]
+        first.send(m.message(m.FLUSH))
+        time.sleep(0.2)  # pgmux reads it while first holds no backend
+        assert _answered_at_once(second, "SELECT 2") == [b"2"]
+        assert _answered_at_once(first, "SELECT 3") == [b"3"]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_flush_without_sync_keeps_the_backend_until_the_sync(pgmux) -> None:
+    """asyncpg prepares with Parse/Describe/Flush and waits: that backend is mid-request, not free."""
+    proxy = pgmux(auth_type="trust", default_pool_size=1, query_wait_timeout=5)
+    first = RawClient(proxy.host, proxy.port())
+    second = RawClient(proxy.host, proxy.port())
+    try:
+        first.send(m.message(m.PARSE, m.cstring("") + m.cstring("SELECT 42") + b"\x00\x00")
+                   + m.message(m.DESCRIBE, b"S\x00") + m.message(m.FLUSH))
+        assert _read_until(first, m.ROW_DESCRIPTION) == [m.PARSE_COMPLETE, m.PARAMETER_DESCRIPTION,
+                                                         m.ROW_DESCRIPTION]
+        second.send(m.query("SELECT 2"))
+        readable, _, _ = select.select([second.sock], [], [], 0.5)
+        assert not readable, "the second client was given a backend in the middle of the first one's request"
+        first.send(m.message(m.BIND, b"\x00\x00" + b"\x00\x00" * 3)
+                   + m.message(m.EXECUTE, b"\x00" + b"\x00\x00\x00\x00") + m.message(m.SYNC))
+        assert first.read_until_ready() == [m.BIND_COMPLETE, m.DATA_ROW, m.COMMAND_COMPLETE, m.READY_FOR_QUERY]
+        assert second.read_until_ready() == [m.ROW_DESCRIPTION, m.DATA_ROW, m.COMMAND_COMPLETE, m.READY_FOR_QUERY]
+    finally:
+        first.close()
+        second.close()
