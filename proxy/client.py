@@ -46,11 +46,16 @@ _ids = itertools.count(1)
 
 ADMIN_DATABASES = frozenset({"pgmux", "pgbouncer"})  # the console answers to PgBouncer's name too
 _LOGIN_CAPTURE = frozenset(range(256))
-_RELAY_CAPTURE = frozenset({m.TERMINATE, m.QUERY})  # Query: to notice RESET/DISCARD
+# Query: to notice RESET/DISCARD; CopyDone/CopyFail (once per COPY): to tell one sent before the server asked.
+_RELAY_CAPTURE = frozenset({m.TERMINATE, m.QUERY, m.COPY_DONE, m.COPY_FAIL})
 # With named statements rewritten (transaction mode), the statement-naming messages are looked at too.
-_PREPARED_CAPTURE = frozenset({m.TERMINATE, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE, m.SYNC, m.QUERY, m.FUNCTION_CALL})
+_PREPARED_CAPTURE = frozenset({m.TERMINATE, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE, m.SYNC, m.QUERY, m.FUNCTION_CALL,
+                               m.COPY_DONE, m.COPY_FAIL})
 _RELAY_COUNTED = frozenset({m.SYNC, m.QUERY, m.FUNCTION_CALL})  # each earns exactly one ReadyForQuery
-_RELAY_NEUTRAL = frozenset({m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL, m.TERMINATE})  # open no request
+# Open no request: COPY data, Terminate, and Flush, which only asks for the answers so far (psycopg
+# ends every pipeline with one): a Flush behind a Parse leaves its batch open, one behind a Sync opens none.
+_RELAY_NEUTRAL = frozenset({m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL, m.TERMINATE, m.FLUSH})
+_FLUSH: Final = m.message(m.FLUSH)
 _BATCH_ENDS_AND_TERMINATE = _RELAY_COUNTED | {m.TERMINATE}
 _IDLE: Final = m.TransactionStatus.IDLE
 _IN_TRANSACTION: Final = m.TransactionStatus.IN_TRANSACTION
@@ -85,6 +90,7 @@ class ClientConnection:
     # Slots, not a __dict__: ten thousand idle clients must stay small.
     __slots__ = (
         "_admin", "_admitted", "_auth", "_cancel_sent", "_linked_at", "_queued",
+        "_copy_done_early", "_copy_ignored", "_copy_in", "_query_mark",
         "_queued_bytes", "_refusal", "_reset_seen", "_resync", "_scanner", "_skipper",
         "_startup_buffer", "_startup_params", "_task", "_unsupported_options", "_waiter", "cancel_key",
         "connected_at", "database", "id", "last_active", "listener", "params", "peer", "pending", "pool", "proxy",
@@ -108,6 +114,10 @@ class ClientConnection:
         self.params: dict[str, str] = {}  # the reported parameters as this client believes them
         self.unreported: dict[str, str] = {}  # other startup parameters, SET on each server
         self.pending = 0  # Sync/Query/FunctionCall sent to the server and not yet answered
+        self._query_mark = 0  # the scanner's count at the end of the read that held the last Query
+        self._copy_in = False  # the server began a COPY FROM STDIN whose ReadyForQuery has not come
+        self._copy_ignored = 0  # Syncs counted in ``pending`` that the server ignores during that COPY
+        self._copy_done_early = False  # a CopyDone/CopyFail went out while no COPY IN was known to run
         self.cancel_key = (0, b"")
         self.connected_at = time.monotonic()
         self._startup_buffer = bytearray()
@@ -204,6 +214,8 @@ class ClientConnection:
             self.transport.resume_reading()
 
     def on_ready_for_query(self, status: m.TransactionStatus) -> None:
+        if self._copy_in:
+            self._end_copy_in()
         if self.pending > 1:
             self.pending -= 1
             return
@@ -229,6 +241,42 @@ class ClientConnection:
             # Mid-transaction, after something that may have dropped statements: make sure they are
             # gone before the client's next use prepares one again (a survivor would fail it with 42P05).
             self._discard_statements(self.server)
+
+    def on_copy_in(self) -> None:
+        """The server sent CopyInResponse: until this COPY ends it reads Syncs and ignores them.
+
+        libpq sends Parse/Bind/Describe/Execute/Sync in one write, before the server has said the
+        statement is a COPY, and one more Sync after CopyDone: one ReadyForQuery answers both. The
+        Syncs ignored are those sent after the Execute (or the Query) that began the COPY and before
+        its CopyDone. Every request sent before that Execute has been answered by now, so the ones
+        already sent are those counted since the later of the last answer and the last Query. They
+        leave ``pending`` when the COPY's ReadyForQuery comes, so the backend counts as busy until
+        then. (Syncs sent after this reply and before CopyDone, which no driver sends, stay counted:
+        the backend would stay linked too long, never too short.)
+        """
+        if self._copy_done_early:
+            # The client sent its CopyDone before the server asked for data: which Syncs came before
+            # it is unknown. Discount none: the backend may stay linked too long, never too short.
+            self._copy_done_early = False
+            ignored = 0
+        else:
+            # Not yet ignored by an earlier COPY of the same Query, hence the difference.
+            ignored = min(self.pending, self._scanner.count - self._query_mark) - self._copy_ignored
+        self._copy_in = True
+        if ignored > 0:
+            self._copy_ignored += ignored
+            if self.statements is not None and self.server is not None:
+                self.server.prepared.batches_sent -= ignored  # numbers the batches the server will answer
+
+    def _end_copy_in(self) -> None:
+        """The ReadyForQuery after a COPY IN: the Syncs the server ignored during it get no answer."""
+        self._copy_in = False
+        ignored = self._copy_ignored
+        if ignored:
+            self._copy_ignored = 0
+            self.pending -= ignored
+            if self.pool is not None:
+                self.pool.stats.queries -= ignored
 
     def on_parameter_status(self, name: str, value: str) -> None:
         if name not in SYNCED_PARAMETERS:
@@ -474,6 +522,10 @@ class ClientConnection:
                 # Saying goodbye between transactions needs no server (and must not wait for one).
                 self._close_quietly("client sent Terminate")
                 return
+            if data == _FLUSH:
+                # Nothing is in flight, so there is nothing to flush; a server taken for it would stay
+                # linked with no answer to come (psycopg's Flush can arrive after the last ReadyForQuery).
+                return
             pool = self.pool
             assert pool is not None
             server = pool.take_idle()
@@ -535,11 +587,16 @@ class ClientConnection:
             if kind == m.QUERY:
                 self._note_query(segment.data, server)
                 out.append(segment.data)
+            elif kind == m.COPY_DONE or kind == m.COPY_FAIL:
+                if self.pending and not self._copy_in:
+                    self._copy_done_early = True  # pipelined behind the COPY, before its CopyInResponse
+                out.append(segment.data)
             else:
                 out.append(statements.rewrite(kind, segment.data, server.prepared) if statements else segment.data)
         server.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _note_query(self, data: bytes | memoryview, server: ServerConnection) -> None:
+        self._query_mark = self._scanner.count  # where a COPY this Query may begin starts ignoring Syncs
         # A Query too large to hold whole is not searched: over-detecting costs only a parameter re-sync.
         if mentions_reset(data) or not is_whole(data):
             self._reset_seen = True

@@ -29,7 +29,9 @@ log = get_logger("server")
 _ids = itertools.count(1)
 
 # What the relay must look at in server traffic; everything else streams through undecoded.
-_RELAY_CAPTURE = frozenset({m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE, m.PARSE_COMPLETE})
+# CopyInResponse (once per COPY FROM STDIN): the Syncs the client sends during it go unanswered.
+_RELAY_CAPTURE = frozenset({m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE, m.PARSE_COMPLETE,
+                            m.COPY_IN_RESPONSE})
 _LOGIN_CAPTURE = frozenset(range(256))
 _TX_STATUS: Final = m.TRANSACTION_STATUS_BY_BYTE
 
@@ -229,6 +231,8 @@ class ServerConnection:
                 # running DEALLOCATE ALL, say) emptied this backend. This client gets the error; the
                 # statements are prepared again before their next use, here and for everyone.
                 self.prepared.forget_all()
+        elif kind == m.COPY_IN_RESPONSE:
+            client.on_copy_in()
 
     def _swallow_frame(self, frame: Frame) -> None:
         kind = frame.kind

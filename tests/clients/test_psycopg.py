@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import decimal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
@@ -49,6 +50,28 @@ def test_psycopg_executemany_inserts_every_row_and_returns_them(pgmux) -> None:
             2_000, sum(range(2_000)), sum(r[2] for r in rows))
         conn.execute("DROP TABLE psycopg_many")
         conn.commit()
+
+
+def test_psycopg_pipeline_ending_in_flush_frees_the_backend_at_its_last_ready_for_query(pgmux) -> None:
+    """psycopg ends every pipeline, and so its executemany, with a Flush that asks for no answer."""
+    proxy = pgmux(default_pool_size=1, query_wait_timeout=3)
+    with _connect(proxy, autocommit=True) as first, _connect(proxy, autocommit=True) as second:
+        pid = first.execute("SELECT pg_backend_pid()").fetchone()[0]
+        for step in ("pipeline", "executemany"):
+            if step == "pipeline":
+                with first.pipeline():
+                    first.execute("SELECT 1")
+            else:
+                with first.cursor() as cur:
+                    cur.executemany("SELECT %s::int", [(1,), (2,)])
+            started = time.monotonic()
+            # The only backend is free at once: the first client sits idle between transactions.
+            assert second.execute("SELECT pg_backend_pid()").fetchone() == (pid,), step
+            assert time.monotonic() - started < 1.0, f"after {step}: waited {time.monotonic() - started:.1f}s"
+        assert first.execute("SELECT pg_backend_pid()").fetchone() == (pid,)
+    with _connect(proxy) as third:
+        assert third.execute("SELECT pg_backend_pid()").fetchone() == (pid,)  # never closed at disconnect
+    assert proxy.call(lambda p: sum(pool.stats.server_connects for pool in p.pools.values())) == 1
 
 
 def test_psycopg_named_cursor_streams_inside_a_transaction(pgmux) -> None:

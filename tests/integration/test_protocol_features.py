@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import select
 import struct
+import time
 
 import asyncpg
+import psycopg
 import pytest
 
 from pgusers import APP, APP_DATABASE
@@ -103,3 +106,150 @@ def test_notices_and_notifications_reach_the_client(pgmux) -> None:
         await other.close()
 
     asyncio.run(scenario())
+
+
+# ---- when a backend is free again: Flush, and COPY IN begun by Execute ------------------------------
+
+
+def _server_connects(proxy) -> int:
+    return proxy.call(lambda p: sum(pool.stats.server_connects for pool in p.pools.values()))
+
+
+def _read_until(client: RawClient, kind: int) -> list[int]:
+    kinds: list[int] = []
+    while not kinds or kinds[-1] != kind:
+        kinds.append(client.read_message()[0])
+        assert kinds[-1] != m.ERROR_RESPONSE or kind == m.READY_FOR_QUERY, kinds
+    return kinds
+
+
+def _answered_at_once(client: RawClient, sql: str, within: float = 1.0) -> list[bytes]:
+    """Run ``sql``; it must be answered without an error well within the pool's query_wait_timeout."""
+    started = time.monotonic()
+    client.send(m.query(sql))
+    values: list[bytes] = []
+    while True:
+        kind, body = client.read_message()
+        assert kind != m.ERROR_RESPONSE, body
+        if kind == m.DATA_ROW:
+            values.append(body[6:])  # one column: int16 count, int32 length, the text
+        if kind == m.READY_FOR_QUERY:
+            break
+    assert time.monotonic() - started < within, f"{sql!r} waited {time.monotonic() - started:.1f}s for a backend"
+    return values
+
+
+def _unnamed_extended(sql: str, ending: int) -> bytes:
+    """What libpq's PQsendQueryParams sends: Parse, Bind, Describe (portal), Execute, then Sync or Flush."""
+    return (m.message(m.PARSE, m.cstring("") + m.cstring(sql) + b"\x00\x00")
+            + m.message(m.BIND, b"\x00\x00" + b"\x00\x00" * 3)
+            + m.message(m.DESCRIBE, b"P\x00")
+            + m.message(m.EXECUTE, b"\x00" + b"\x00\x00\x00\x00")
+            + m.message(ending))
+
+
+@pytest.mark.parametrize("after_execute", [m.SYNC, m.FLUSH], ids=["sync", "flush"])
+@pytest.mark.parametrize("copy_end", [m.COPY_DONE, m.COPY_FAIL], ids=["copy_done", "copy_fail"])
+@pytest.mark.parametrize("max_prepared_statements", [0, 200], ids=["plain", "named_statements"])
+def test_extended_protocol_copy_in_hands_its_backend_back_when_it_ends(
+        pgmux, postgres, after_execute: int, copy_end: int, max_prepared_statements: int) -> None:
+    """PostgreSQL ignores the Sync libpq sends behind the Execute of a COPY FROM STDIN: one answer, not two."""
+    postgres.psql(f"DROP TABLE IF EXISTS copy_extended; CREATE TABLE copy_extended (n int); "
+                  f"ALTER TABLE copy_extended OWNER TO {APP.name}", database=APP_DATABASE)
+    proxy = pgmux(auth_type="trust", default_pool_size=1, query_wait_timeout=3,
+                  max_prepared_statements=max_prepared_statements)
+    first = RawClient(proxy.host, proxy.port())
+    first.send(_unnamed_extended("COPY copy_extended FROM STDIN", after_execute))
+    assert _read_until(first, m.COPY_IN_RESPONSE) == [m.PARSE_COMPLETE, m.BIND_COMPLETE, m.NO_DATA,
+                                                      m.COPY_IN_RESPONSE]
+    first.send(m.message(m.COPY_DATA, b"1\n2\n") + m.message(m.COPY_DATA, b"3\n"))
+    # libpq's PQputCopyEnd: CopyDone (or CopyFail) and, for a COPY begun by Execute, a Sync.
+    first.send(m.message(copy_end, b"" if copy_end == m.COPY_DONE else m.cstring("client gave up"))
+               + m.message(m.SYNC))
+    assert first.read_until_ready() == (
+        [m.COMMAND_COMPLETE, m.READY_FOR_QUERY] if copy_end == m.COPY_DONE else [m.ERROR_RESPONSE, m.READY_FOR_QUERY])
+    rows = b"3" if copy_end == m.COPY_DONE else b"0"
+    second = RawClient(proxy.host, proxy.port())
+    try:
+        # The only backend is free at once: the first client sits idle between transactions.
+        assert _answered_at_once(second, "SELECT count(*) FROM copy_extended") == [rows]
+        assert _answered_at_once(first, "SELECT count(*) FROM copy_extended") == [rows]
+        first.close()
+        time.sleep(0.2)  # pgmux notices the disconnect
+        assert _answered_at_once(second, "SELECT 1") == [b"1"]
+        assert _server_connects(proxy) == 1  # the backend was never closed
+    finally:
+        second.close()
+        postgres.psql("DROP TABLE IF EXISTS copy_extended", database=APP_DATABASE)
+
+
+def test_libpq_copy_from_stdin_by_either_protocol_leaves_the_backend_free(pgmux_process, postgres) -> None:
+    postgres.psql(f"DROP TABLE IF EXISTS copy_libpq; CREATE TABLE copy_libpq (n int); "
+                  f"ALTER TABLE copy_libpq OWNER TO {APP.name}", database=APP_DATABASE)
+    # libpq's blocking calls (pgconn.get_result) hold the GIL, which an in-process pgmux needs.
+    port = pgmux_process(PGMUX_DEFAULT_POOL_SIZE="1", PGMUX_QUERY_WAIT_TIMEOUT="3").ports()[0]
+    dsn = f"postgresql://{APP.name}:{APP.password}@127.0.0.1:{port}/{APP_DATABASE}"
+
+    def served_at_once(conn: psycopg.Connection) -> tuple[int, int]:
+        started = time.monotonic()
+        row = conn.execute("SELECT count(*), pg_backend_pid() FROM copy_libpq").fetchone()
+        assert time.monotonic() - started < 1.0, f"waited {time.monotonic() - started:.1f}s for the backend"
+        return row
+
+    try:
+        with psycopg.connect(dsn, autocommit=True) as first, psycopg.connect(dsn, autocommit=True) as second:
+            pid = first.execute("SELECT pg_backend_pid()").fetchone()[0]
+            pgconn = first.pgconn
+            pgconn.send_query_params(b"COPY copy_libpq FROM STDIN", None)  # Parse/Bind/Describe/Execute/Sync
+            assert pgconn.get_result().status == psycopg.pq.ExecStatus.COPY_IN
+            assert pgconn.put_copy_data(b"1\n2\n") == 1
+            assert pgconn.put_copy_end() == 1  # CopyDone, then a second Sync
+            assert pgconn.get_result().status == psycopg.pq.ExecStatus.COMMAND_OK
+            assert pgconn.get_result() is None
+            assert served_at_once(second) == (2, pid)
+            with first.cursor() as cur, cur.copy("COPY copy_libpq FROM STDIN") as copy:  # a simple Query, as psql's \copy
+                copy.write_row((3,))
+            assert served_at_once(second) == (3, pid)
+            assert served_at_once(first) == (3, pid)
+        with psycopg.connect(dsn, autocommit=True) as third:
+            assert served_at_once(third) == (3, pid)  # the same backend: none was closed at disconnect
+    finally:
+        postgres.psql("DROP TABLE IF EXISTS copy_libpq", database=APP_DATABASE)
+
+
+def test_flush_between_requests_takes_no_backend(pgmux) -> None:
+    """psycopg may send its pipeline's closing Flush after the last ReadyForQuery came back."""
+    proxy = pgmux(auth_type="trust", default_pool_size=1, query_wait_timeout=3)
+    first = RawClient(proxy.host, proxy.port())
+    second = RawClient(proxy.host, proxy.port())
+    try:
+        assert _answered_at_once(first, "SELECT 1") == [b"1"]
+        first.send(m.message(m.FLUSH))
+        time.sleep(0.2)  # pgmux reads it while first holds no backend
+        assert _answered_at_once(second, "SELECT 2") == [b"2"]
+        assert _answered_at_once(first, "SELECT 3") == [b"3"]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_flush_without_sync_keeps_the_backend_until_the_sync(pgmux) -> None:
+    """asyncpg prepares with Parse/Describe/Flush and waits: that backend is mid-request, not free."""
+    proxy = pgmux(auth_type="trust", default_pool_size=1, query_wait_timeout=5)
+    first = RawClient(proxy.host, proxy.port())
+    second = RawClient(proxy.host, proxy.port())
+    try:
+        first.send(m.message(m.PARSE, m.cstring("") + m.cstring("SELECT 42") + b"\x00\x00")
+                   + m.message(m.DESCRIBE, b"S\x00") + m.message(m.FLUSH))
+        assert _read_until(first, m.ROW_DESCRIPTION) == [m.PARSE_COMPLETE, m.PARAMETER_DESCRIPTION,
+                                                         m.ROW_DESCRIPTION]
+        second.send(m.query("SELECT 2"))
+        readable, _, _ = select.select([second.sock], [], [], 0.5)
+        assert not readable, "the second client was given a backend in the middle of the first one's request"
+        first.send(m.message(m.BIND, b"\x00\x00" + b"\x00\x00" * 3)
+                   + m.message(m.EXECUTE, b"\x00" + b"\x00\x00\x00\x00") + m.message(m.SYNC))
+        assert first.read_until_ready() == [m.BIND_COMPLETE, m.DATA_ROW, m.COMMAND_COMPLETE, m.READY_FOR_QUERY]
+        assert second.read_until_ready() == [m.ROW_DESCRIPTION, m.DATA_ROW, m.COMMAND_COMPLETE, m.READY_FOR_QUERY]
+    finally:
+        first.close()
+        second.close()
