@@ -567,8 +567,8 @@ class ClientConnection:
             self._forward_segments(segments, server)
         except ProtocolViolation as exc:
             self.fail(errors.protocol_violation(str(exc)), reason="protocol_error")
-        except BufferLimitExceeded as exc:
-            error = errors.client_buffer_exceeded(chr(exc.kind), exc.size, exc.limit)
+        except BufferLimitExceeded as too_large:  # not "exc": compiled, one name keeps the first clause's type
+            error = errors.client_buffer_exceeded(chr(too_large.kind), too_large.size, too_large.limit)
             self.fail(error, reason=error.reason)
 
     def _forward_segments(self, segments: list[Segment], server: ServerConnection) -> None:

@@ -460,7 +460,7 @@ class ServerConnection:
         """Run a query for pgmux itself and wait for it; raises InternalQueryFailed on any error."""
         if self.state is ServerState.CLOSED:
             raise InternalQueryFailed("server is closed")
-        self._internal_error = None
+        self._take_internal_error()  # an error of an earlier query is not this one's
         self._internal_done = asyncio.get_running_loop().create_future()
         self.send_internal(sql)
         try:
@@ -470,9 +470,18 @@ class ServerConnection:
             raise InternalQueryFailed(f"{sql!r} timed out") from None
         finally:
             self._internal_done = None
-        fields: dict[str, str] | None = self._internal_error
+        fields = self._take_internal_error()
         if fields is not None:
             raise InternalQueryFailed(f"{fields.get('C', '')} {fields.get('M', '')}", fields)
+
+    def _take_internal_error(self) -> dict[str, str] | None:
+        """The ErrorResponse fields pgmux's own query failed with, if it did, and clear them.
+
+        A method, not a read of the attribute beside its reset: compiled, an attribute read after
+        ``self._internal_error = None`` in the same function is checked as None, however it changed.
+        """
+        error, self._internal_error = self._internal_error, None
+        return error
 
     # ---- ending ---------------------------------------------------------------------------------
 
