@@ -52,14 +52,16 @@ _SQL_PIECES = st.sampled_from([b"reset", b"RESET", b"ReSeT", b"discard", b"DISCA
                                b"_", b"x", b"9", b" ", b";", b"\n", b"(", b"'", b"\xc3\xa9", b"\x00", b"r", b"d", b"all"])
 
 
+@pytest.mark.parametrize("implementations", [sql_words.IMPLEMENTATIONS, sql_words.STATEMENT_DROP_IMPLEMENTATIONS],
+                         ids=["reset", "statement_drop"])
 @FUZZ
 @given(sql=st.one_of(st.binary(max_size=80), st.lists(_SQL_PIECES, max_size=12).map(b"".join)))
-def test_property_compiled_and_python_reset_word_tests_agree(sql) -> None:
-    if len(sql_words.IMPLEMENTATIONS) < 2:
+def test_property_compiled_and_python_word_tests_agree(implementations, sql) -> None:
+    if len(implementations) < 2:
         pytest.skip("no compiled scanner on this machine")
-    answers = {name: test(sql) for name, test in sql_words.IMPLEMENTATIONS.items()}
+    answers = {name: test(sql) for name, test in implementations.items()}
     assert len(set(answers.values())) == 1, answers
-    assert answers["compiled"] == sql_words.IMPLEMENTATIONS["compiled"](memoryview(sql))
+    assert answers["compiled"] == implementations["compiled"](memoryview(sql))
 
 
 @pytest.mark.parametrize("implementation", sorted(sql_words.IMPLEMENTATIONS))
@@ -72,14 +74,6 @@ def test_reset_word_test_finds_whole_words_in_any_case(implementation, sql, ment
     assert sql_words.IMPLEMENTATIONS[implementation](sql) is mentions
 
 
-@FUZZ
-@given(sql=st.one_of(st.binary(max_size=80), st.lists(_SQL_PIECES, max_size=12).map(b"".join)))
-def test_property_compiled_and_python_statement_drop_word_tests_agree(sql) -> None:
-    if len(sql_words.STATEMENT_DROP_IMPLEMENTATIONS) < 2:
-        pytest.skip("no compiled scanner on this machine")
-    answers = {name: test(sql) for name, test in sql_words.STATEMENT_DROP_IMPLEMENTATIONS.items()}
-    assert len(set(answers.values())) == 1, answers
-    assert answers["compiled"] == sql_words.STATEMENT_DROP_IMPLEMENTATIONS["compiled"](memoryview(sql))
 
 
 @pytest.mark.parametrize("implementation", sorted(sql_words.STATEMENT_DROP_IMPLEMENTATIONS))
