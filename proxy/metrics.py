@@ -157,12 +157,12 @@ class Totals:
             totals.received += s.bytes_received
             totals.sent += s.bytes_sent
             totals.xact_time += int(s.xact_time * 1e6)
-            totals.query_time += int(stat(s, "query_time") * 1e6)
+            totals.query_time += int(s.query_time * 1e6)
             totals.wait_time += int(s.wait_time * 1e6)
-            totals.client_parse_count += int(stat(s, "client_parses"))
-            totals.server_parse_count += int(stat(s, "prepared.misses"))  # Parses pgmux sent to servers
-            totals.bind_count += int(stat(s, "binds"))
-            totals.client_login_count += int(stat(s, "client_logins"))
+            totals.client_parse_count += s.prepared.client_parses
+            totals.server_parse_count += s.prepared.server_parses
+            totals.bind_count += s.prepared.binds
+            totals.client_login_count += s.client_logins
         return totals
 
     def values(self) -> list[int]:
@@ -384,13 +384,12 @@ def _histogram_lines(name: str, attribute: str, row: _PoolRow) -> str:
 
 
 def stat(stats: object, path: str) -> float:
-    """``stats.a.b`` for path "a.b"; 0 when any part is missing."""
+    """``stats.a.b`` for path "a.b"; a missing field raises: a silent 0 would hide a counter never kept."""
     value: object = stats
     for part in path.split("."):
-        value = getattr(value, part, None)
-        if value is None:
-            return 0
-    return value  # type: ignore[return-value]
+        value = getattr(value, part)
+    assert isinstance(value, (int, float)), path
+    return value
 
 
 def oldest_wait(pool: Pool, now: float) -> float:

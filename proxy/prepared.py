@@ -235,6 +235,7 @@ class ClientStatements:
             may_drop = mentions_statement_drop(data) or not is_whole(data)
             link.unnamed_drop = bytes(data[6:]) if may_drop else None
             return data
+        self._counters.client_parses += 1
         body = bytes(data[5:])
         end = body.index(b"\x00") + 1
         name = body[:end]
@@ -243,6 +244,7 @@ class ClientStatements:
             # PostgreSQL refuses to redefine a name: let the server say so (42P05) about our statement.
             out = self._ensure(existing, link)
             link.expect(PendingParse(link.batches_sent + 1, False, None, None))
+            self._counters.server_parses += 1
             return out + existing.parse
         statement = self._registry.statement(body[end:])
         self.names[name] = statement
@@ -253,6 +255,7 @@ class ClientStatements:
             return m.message(m.PARSE, b"\x00" + body[end:])
         link.statements.add(statement.server_name)
         link.expect(PendingParse(link.batches_sent + 1, False, name, statement.server_name))
+        self._counters.server_parses += 1
         return statement.parse
 
     def _bind(self, data: bytes | memoryview, link: ServerPrepared) -> bytes | memoryview:
@@ -266,6 +269,7 @@ class ClientStatements:
         statement = self.names.get(body[portal_end:name_end])
         if statement is None:
             return data  # unnamed, or unknown: the server answers 26000 with the client's own name
+        self._counters.binds += 1
         out = self._ensure(statement, link)
         # The length from the header, not from the bytes here: ``data`` may be the head of a Bind
         # whose parameters stream on behind it.
@@ -299,6 +303,7 @@ class ClientStatements:
             self._counters.hits += 1
             return b""
         self._counters.misses += 1
+        self._counters.server_parses += 1
         link.statements.add(statement.server_name)
         link.expect(PendingParse(link.batches_sent + 1, True, None, statement.server_name))
         return statement.parse

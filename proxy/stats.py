@@ -39,9 +39,12 @@ class Histogram:
 class PreparedCounters:
     """Named prepared statements in transaction mode, per pool."""
 
-    __slots__ = ("hits", "misses", "evictions")
+    __slots__ = ("client_parses", "server_parses", "binds", "hits", "misses", "evictions")
 
     def __init__(self) -> None:
+        self.client_parses = 0  # named statements clients prepared (PgBouncer's total_client_parse_count)
+        self.server_parses = 0  # Parses of pgmux's statements sent to servers (PgBouncer's total_server_parse_count)
+        self.binds = 0  # Binds of named statements passed on (PgBouncer's total_bind_count)
         self.hits = 0  # a Bind/Describe found its statement on the linked server
         self.misses = 0  # pgmux injected a Parse first
         self.evictions = 0  # statements closed on a server to stay within max_prepared_statements

@@ -123,6 +123,20 @@ def test_every_show_command_has_pgbouncers_columns_and_types(pgmux) -> None:
             assert rows(console, "SHOW VERSION")[0]["version"].startswith("pgmux ")
 
 
+def test_show_stats_counts_the_named_statements_clients_prepare_and_bind(pgmux) -> None:
+    proxy = admin_pgmux(pgmux)
+    with psycopg.connect(proxy.dsn(APP.name, APP.password, APP_DATABASE), autocommit=True,
+                         prepare_threshold=0) as client:  # every parameterised query as a named statement
+        for value in range(5):
+            assert client.execute("SELECT %s::int + 1", (value,)).fetchone() == (value + 1,)
+        client.execute("SELECT %s::text", ("other statement",)).fetchone()
+        with admin(proxy) as console:
+            stats = next(s for s in rows(console, "SHOW STATS") if s["database"] == APP_DATABASE)
+    # Two statements prepared once each and bound six times; pgmux put each on the one backend once.
+    assert (stats["total_client_parse_count"], stats["total_server_parse_count"], stats["total_bind_count"]) == \
+        (2, 2, 6)
+
+
 def test_psql_runs_the_admin_commands(pgmux) -> None:
     proxy = admin_pgmux(pgmux)
     psql = postgres_bin_dir() / "psql"
