@@ -90,7 +90,7 @@ class ClientConnection:
     # Slots, not a __dict__: ten thousand idle clients must stay small.
     __slots__ = (
         "_admin", "_admitted", "_auth", "_cancel_sent", "_linked_at", "_queued",
-        "_copy_done_early", "_copy_ignored", "_copy_in", "_query_mark",
+        "_copy_done_early", "_copy_ignored", "_copy_in", "_query_mark", "_held_for_sync",
         "_queued_bytes", "_refusal", "_reset_seen", "_resync", "_scanner", "_skipper",
         "_startup_buffer", "_startup_params", "_task", "_unsupported_options", "_waiter", "cancel_key",
         "connected_at", "database", "id", "last_active", "listener", "params", "peer", "pending", "pool", "proxy",
@@ -116,6 +116,7 @@ class ClientConnection:
         self.pending = 0  # Sync/Query/FunctionCall sent to the server and not yet answered
         self._query_mark = 0  # the scanner's count at the end of the read that held the last Query
         self._copy_in = False  # the server began a COPY FROM STDIN whose ReadyForQuery has not come
+        self._held_for_sync = False  # the linked server is taking this client's parameters: requests wait
         self._copy_ignored = 0  # Syncs counted in ``pending`` that the server ignores during that COPY
         self._copy_done_early = False  # a CopyDone/CopyFail went out while no COPY IN was known to run
         self.cancel_key = (0, b"")
@@ -512,7 +513,10 @@ class ClientConnection:
     def _relay(self, data: bytes) -> None:
         """Client bytes after login: to the linked server, or queued until the pool lends one."""
         if self.server is not None:
-            self._forward(data)
+            if self._held_for_sync:
+                self._queue(data)
+            else:
+                self._forward(data)
             return
         if self._skipper is not None:
             self._skip_rejected_batch(data)
@@ -531,7 +535,10 @@ class ClientConnection:
             server = pool.take_idle()
             if server is not None:  # the fast path: a warm server and nobody in line
                 self._link(server)
-                self._forward(data)
+                if self._held_for_sync:
+                    self._queue(data)
+                else:
+                    self._forward(data)
                 return
         self._queue(data)
         if self.state is ClientState.IDLE:
@@ -605,6 +612,8 @@ class ClientConnection:
             self.statements.note_query(data, server.prepared)
 
     def _forward_queued(self) -> None:
+        if self._held_for_sync:
+            return  # sent once the server has confirmed this client's parameters
         for chunk in self._take_queued():
             if self.server is None:
                 return
@@ -700,12 +709,24 @@ class ClientConnection:
         self.server = server
         server.client = self
         self.state = ClientState.ACTIVE
-        self._sync_parameters(server, in_transaction=server.tx_status is not _IDLE)
+        # The request waits for the sync's answer (one round trip, only when the values differ): sent
+        # right behind it, a request beginning with ROLLBACK could end the block a failed sync leaves
+        # and run the rest under the previous client's parameters.
+        self._held_for_sync = self._sync_parameters(server, in_transaction=server.tx_status is not _IDLE)
 
-    def _sync_parameters(self, server: ServerConnection, in_transaction: bool) -> None:
+    def _sync_parameters(self, server: ServerConnection, in_transaction: bool) -> bool:
+        """Send the server this client's parameters where they differ; True when a sync was sent."""
         sync = parameter_sync(self.params, self.unreported, server.params, server.unreported, in_transaction)
-        if sync is not None:
-            server.send_parameter_sync(sync)
+        if sync is None:
+            return False
+        server.send_parameter_sync(sync)
+        return True
+
+    def on_parameter_sync_done(self) -> None:
+        """PostgreSQL applied this client's parameters on the linked server: what waited for that goes now."""
+        if self._held_for_sync:
+            self._held_for_sync = False
+            self._forward_queued()
 
     def _unlink_and_release(self, now: float) -> None:
         server = self.server
@@ -751,7 +772,7 @@ class ClientConnection:
         if self.state in (ClientState.STARTUP, ClientState.AUTH, ClientState.IDLE):
             return not self._queued and self._skipper is None
         if self.state is ClientState.ACTIVE and self.server is not None:
-            return not self.pending and self.server.tx_status is m.TransactionStatus.IDLE
+            return not self.pending and not self._queued and self.server.tx_status is m.TransactionStatus.IDLE
         return False
 
     # ---- timeouts (checked by the janitor) --------------------------------------------------------

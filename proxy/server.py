@@ -265,6 +265,8 @@ class ServerConnection:
             self.params.update(sync.params)
             if sync.unreported is not None:
                 self.unreported = sync.unreported
+            if self.client is not None:
+                self.client.on_parameter_sync_done()
             return
         # PostgreSQL rolled the sync back: the backend kept its previous values, and (outside a transaction)
         # it refuses whatever the client sent behind the sync until that aborted block ends. Nobody may be

@@ -176,3 +176,31 @@ def test_a_query_mentioning_reset_never_leaves_another_clients_settings_on_the_b
     seen_by_setter, seen_by_plain = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert seen_by_setter == [f"{SYNC_ROLE} 5MB"] * 2
     assert seen_by_plain == [f"{APP.name} 4MB"] * 2
+
+
+def test_a_request_behind_a_failed_sync_never_runs_even_if_it_begins_with_rollback(pgmux, postgres, tenants) -> None:
+    # Sent right behind a failed sync, a request beginning with ROLLBACK would end the aborted block the
+    # sync leaves and run the rest under the previous client's search_path: it must wait for the sync.
+    proxy = pgmux(default_pool_size=1)
+
+    async def scenario() -> asyncpg.PostgresError | None:
+        tenant_p = await _connect(proxy, search_path="tenant_p")
+        assert await _accounts(tenant_p) == TENANT_P_ROWS  # the one backend now has search_path=tenant_p
+        failing = await _connect(proxy, search_path="tenant_a", options=f"-c role={SYNC_ROLE}")
+        await asyncio.to_thread(postgres.psql, f"REVOKE {SYNC_ROLE} FROM {APP.name}", APP_DATABASE)
+        try:
+            await failing.execute(
+                "ROLLBACK; INSERT INTO public.encoding_probe SELECT 99, string_agg(name, ',') FROM accounts")
+        except asyncpg.PostgresError as error:
+            cause = error.__cause__
+            return cause if isinstance(cause, asyncpg.PostgresError) else error
+        finally:
+            failing.terminate()
+            await tenant_p.close()
+        return None
+
+    error = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert error is not None and error.sqlstate == "42501", error
+    ran = postgres.psql("SELECT count(*) FROM encoding_probe WHERE id = 99", database=APP_DATABASE)
+    assert ran == "0\n"  # the request never ran: neither on tenant P's search_path nor at all
+
