@@ -63,6 +63,9 @@ _QUEUE_HIGH_WATER = 1 << 20  # bytes queued while waiting for a server before we
 # A captured message larger than this is not held: its head (enough for every decision pgmux makes
 # about it) comes back from the scanner, and its rest streams on to the server as it arrives.
 _CAPTURE_HEAD: Final = 1 << 16
+# A batch is kept to be sent again (see ClientConnection.replay) only up to this size: larger ones are
+# rare enough to answer with the server's 26000.
+_REPLAY_LIMIT: Final = 1 << 16
 
 
 class ClientState(enum.Enum):
@@ -94,7 +97,7 @@ class ClientConnection:
         "_queued_bytes", "_refusal", "_reset_seen", "_resync", "_scanner", "_skipper",
         "_startup_buffer", "_startup_params", "_task", "_unsupported_options", "_waiter", "cancel_key",
         "connected_at", "database", "id", "last_active", "listener", "params", "peer", "pending", "pool", "proxy",
-        "query_started", "server", "state", "statements", "transaction_mode", "transport", "unreported",
+        "query_started", "replay", "server", "state", "statements", "transaction_mode", "transport", "unreported",
         "user", "wait_started",
         "_stall_mark", "_stalled_since",
     )
@@ -130,6 +133,10 @@ class ClientConnection:
         self._admitted = False  # counted by Admission until the connection ends
         self._admin: AdminSession | None = None
         self.statements: ClientStatements | None = None  # named statements, when pgmux rewrites them
+        # The batch in flight, kept while its answer may yet show that the server lost pgmux's statements:
+        # then nothing of it has run, and it is sent again (resend_batch). Only a batch that relied on
+        # statements the server held, sent with nothing else in flight outside a transaction.
+        self.replay: list[Segment] | None = None
         self._startup_params: dict[str, str] = {}  # synced parameters the client set at startup
         self._unsupported_options: list[str] = []
         self._reset_seen = False  # the current request batch contains RESET or DISCARD
@@ -548,6 +555,8 @@ class ClientConnection:
         """Client bytes to the linked server: counted, looked at where needed, rewritten where needed."""
         scanner = self._scanner
         before = scanner.count
+        fresh = not self.pending and scanner.at_rest  # these bytes begin a batch, with nothing in flight
+        self.replay = None  # a kept batch is not sent again once anything follows it
         try:
             segments = scanner.feed(data)
             pool = self.pool
@@ -571,16 +580,17 @@ class ClientConnection:
                     self._note_query(segment.data, server)
                     server.write(data)
                     return
-            self._forward_segments(segments, server)
+            self._forward_segments(segments, server, fresh)
         except ProtocolViolation as exc:
             self.fail(errors.protocol_violation(str(exc)), reason="protocol_error")
         except BufferLimitExceeded as too_large:  # not "exc": compiled, one name keeps the first clause's type
             error = errors.client_buffer_exceeded(chr(too_large.kind), too_large.size, too_large.limit)
             self.fail(error, reason=error.reason)
 
-    def _forward_segments(self, segments: list[Segment], server: ServerConnection) -> None:
+    def _forward_segments(self, segments: list[Segment], server: ServerConnection, fresh: bool) -> None:
         out: list[bytes | memoryview] = []
         statements = self.statements
+        trusted = server.prepared.trusted
         for segment in segments:
             if not isinstance(segment, Frame):
                 out.append(segment)
@@ -601,6 +611,52 @@ class ClientConnection:
             else:
                 out.append(statements.rewrite(kind, segment.data, server.prepared) if statements else segment.data)
         server.write(out[0] if len(out) == 1 else b"".join(out))
+        if statements is not None:
+            self.replay = segments if fresh and server.prepared.trusted != trusted and self._replayable(segments, server) else None
+
+    def _replayable(self, segments: list[Segment], server: ServerConnection) -> bool:
+        """Whether a batch just sent, which relied on the server's statements, can be sent again unseen.
+
+        It must be one batch, ended (its Sync sent) or not yet ended (asyncpg prepares with Parse, Describe
+        and Flush), with nothing pipelined behind it (the answers would no longer be told apart); sent
+        outside a transaction (where a 26000 leaves nothing run) and behind none of pgmux's own queries;
+        every message of it whole and the lot small.
+        """
+        scanner = self._scanner
+        ended = self.pending == 1 and scanner.at_rest
+        if not (ended or (not self.pending and scanner.at_boundary)) or server.swallow or server.tx_status is not _IDLE:
+            return False
+        size = 0
+        for segment in segments:
+            data = segment.data if isinstance(segment, Frame) else segment
+            if isinstance(segment, Frame) and not is_whole(data):
+                return False
+            size += len(data)
+        return size <= _REPLAY_LIMIT
+
+    def resend_batch(self) -> None:
+        """The linked server had lost pgmux's statements, and the kept batch failed for it before anything
+        of it ran or reached the client: send it again, the statements prepared afresh.
+
+        Something pgmux could not see (a function running DEALLOCATE) dropped them; which ones is unknown,
+        so all go (DEALLOCATE ALL first: re-preparing a survivor would fail with 42P05).
+        """
+        batch, self.replay = self.replay, None
+        server, statements = self.server, self.statements
+        assert batch is not None and server is not None and statements is not None
+        log.info("the server had lost pgmux's prepared statements (something it ran deallocated them): "
+                 "preparing them again and re-sending the request", extra={"conn": self.id})
+        server.skip_failed_batch(send_sync=not self.pending)
+        server.prepared.start_link()  # the failed batch's answer is over: nothing is in flight
+        statements.forget_parsed_names([segment for segment in batch if isinstance(segment, Frame)])
+        self._discard_statements(server)
+        out: list[bytes | memoryview] = []
+        for segment in batch:
+            if isinstance(segment, Frame):
+                out.append(statements.rewrite(segment.kind, segment.data, server.prepared))
+            else:
+                out.append(segment)
+        server.write(b"".join(out))
 
     def _note_query(self, data: bytes | memoryview, server: ServerConnection) -> None:
         self._query_mark = self._scanner.count  # where a COPY this Query may begin starts ignoring Syncs

@@ -112,7 +112,7 @@ class ServerPrepared:
     """What rewriting needs to know about the server a client is linked to, kept on that server."""
 
     __slots__ = ("statements", "pending", "injected", "batches_sent", "batches_answered", "discard_all",
-                 "unnamed_drop")
+                 "unnamed_drop", "trusted")
 
     def __init__(self) -> None:
         self.statements = ServerStatements()
@@ -124,6 +124,9 @@ class ServerPrepared:
         self.discard_all = False
         # The text of the server's unnamed statement, when it mentions DEALLOCATE or DISCARD: its Binds may drop.
         self.unnamed_drop: bytes | None = None
+        # Grows each time rewriting relies on the server holding a statement (sends no Parse for it):
+        # a batch that did may fail with 26000 if something pgmux could not see dropped it.
+        self.trusted = 0
 
     def forget_all(self) -> None:
         """Something may have dropped this server's statements: take them all as gone, and make sure they are.
@@ -226,6 +229,18 @@ class ClientStatements:
         if drops_all_statements(bytes(sql).split(b"\x00", 1)[0]):
             self.names.clear()
 
+    def forget_parsed_names(self, frames: list[Frame]) -> None:
+        """Undo the client names that the Parses among ``frames`` registered: the batch is sent again.
+
+        Sent again as it was, each Parse registers its name anew; left registered, the name would read as
+        a redefinition (refused by PostgreSQL with 42P05).
+        """
+        for frame in frames:
+            data = frame.data
+            if frame.kind == m.PARSE and data[5] != 0:
+                body = bytes(data[5:])
+                self.names.pop(body[:body.index(b"\x00") + 1], None)
+
     def _parse(self, data: bytes | memoryview, link: ServerPrepared) -> bytes | memoryview:
         if data[5] == 0:
             # Unnamed statements are the client's own business, but their ParseComplete is counted
@@ -250,6 +265,7 @@ class ClientStatements:
         self.names[name] = statement
         if statement.server_name in link.statements:
             link.statements.touch(statement.server_name)
+            link.trusted += 1
             link.expect(PendingParse(link.batches_sent + 1, False, name, None))
             # The server has it: an unnamed Parse of the same text earns the real ParseComplete.
             return m.message(m.PARSE, b"\x00" + body[end:])
@@ -300,6 +316,7 @@ class ClientStatements:
         """The Parse to inject first if the linked server lacks ``statement``, else nothing."""
         if statement.server_name in link.statements:
             link.statements.touch(statement.server_name)
+            link.trusted += 1
             self._counters.hits += 1
             return b""
         self._counters.misses += 1

@@ -34,6 +34,7 @@ _RELAY_CAPTURE = frozenset({m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPO
                             m.COPY_IN_RESPONSE})
 _LOGIN_CAPTURE = frozenset(range(256))
 _TX_STATUS: Final = m.TRANSACTION_STATUS_BY_BYTE
+_SYNC: Final = m.message(m.SYNC)
 
 
 def _ends_at_last_ready(segments: list) -> bool:
@@ -133,6 +134,9 @@ class ServerConnection:
         self.fatal_relayed = False  # the backend sent its client a FATAL: the client needs no other error
         self.being_canceled = 0  # cancels sent to this backend whose connection PostgreSQL has not closed yet
         self.cancel_failed = False  # a cancel was not confirmed: its signal may still come, so never lend it again
+        # While the client keeps its batch to re-send (ClientConnection.replay): the answer's first replies,
+        # held until they show whether the statements were lost (then they never reach the client).
+        self._held_answer: list[bytes | memoryview] = []
 
     def __repr__(self) -> str:
         return f"<ServerConnection {self.id} {self.state.value} {self.upstream.redacted()}>"
@@ -156,8 +160,11 @@ class ServerConnection:
                 self._login_frames.put_nowait(segment)  # type: ignore[arg-type]
             return
         client = self.client
-        if (client is not None and not self.swallow and not self.prepared.injected and self._scanner.verbatim
-                and (len(segments) == 1 or _ends_at_last_ready(segments))):
+        if (client is not None and client.replay is not None and segments and not isinstance(segments[0], Frame)
+                and not self.swallow):
+            client.replay = None  # the answer begins with a reply to it: the statements were there
+        if (client is not None and not self.swallow and not self.prepared.injected and client.replay is None
+                and self._scanner.verbatim and (len(segments) == 1 or _ends_at_last_ready(segments))):
             # The common case: every byte goes to the client as it is; only a few frames are looked at.
             client.write(data)
             pool = client.pool
@@ -176,6 +183,8 @@ class ServerConnection:
                 if self.swallow:
                     self._swallow_frame(segment)
                 elif client is not None:
+                    if client.replay is not None and self._hold_for_replay(segment, client, out):
+                        continue
                     if segment.kind == m.PARSE_COMPLETE:
                         if self.prepared.on_parse_complete():
                             out.append(segment.data)
@@ -187,9 +196,47 @@ class ServerConnection:
                 else:
                     self._unsolicited(segment)
             elif client is not None and not self.swallow:
+                if client.replay is not None:
+                    self._release_held(out, client)
                 out.append(segment)
         if self.client is not None:
             self._flush(out, self.client)
+
+    def _hold_for_replay(self, frame: Frame, client: ClientConnection, out: list[bytes | memoryview]) -> bool:
+        """Look at a frame of the answer to a batch the client may re-send; True when it is consumed here.
+
+        ParseCompletes are held (a Parse runs nothing). A 26000 naming one of pgmux's statements means the
+        batch failed before anything of it ran: what was held is dropped and the client sends the batch
+        again. Any other reply shows the statements were there: what was held goes on to the client.
+        """
+        kind = frame.kind
+        if kind == m.PARSE_COMPLETE:
+            if self.prepared.on_parse_complete():
+                self._held_answer.append(frame.data)
+            return True
+        if kind == m.ERROR_RESPONSE:
+            fields = parse_error_fields(frame.data[5:])
+            if fields.get("C") == "26000" and "pgmux_" in fields.get("M", ""):
+                self._held_answer.clear()
+                client.resend_batch()
+                return True
+        self._release_held(out, client)
+        return False
+
+    def skip_failed_batch(self, send_sync: bool) -> None:
+        """The rest of the answer to a failed batch, up to its ReadyForQuery, is pgmux's to consume.
+
+        ``send_sync``: the client has not ended the batch yet (it sent Flush and waits), so pgmux ends it.
+        """
+        if send_sync:
+            self.write(_SYNC)
+        self.swallow += 1
+
+    def _release_held(self, out: list[bytes | memoryview], client: ClientConnection) -> None:
+        """The answer to the kept batch is the client's after all: nothing will be re-sent."""
+        client.replay = None
+        out.extend(self._held_answer)
+        self._held_answer.clear()
 
     @staticmethod
     def _flush(out: list[bytes | memoryview], client: ClientConnection) -> None:
