@@ -18,7 +18,7 @@ from typing import Any, Final
 from proxy import BUILD, __version__
 from proxy.admission import Admission
 from proxy.auth.secrets import UserSecret
-from proxy.client import ClientConnection, ClientState
+from proxy.client import ClientConnection
 from proxy.logs import LogSummary, get_logger
 from proxy.metrics import MetricsServer, Readiness, StatsWindow, Totals, stats_log_line, sum_totals
 from proxy.pool import Pool, PoolConfig, PoolKey, ServerBudget
@@ -26,6 +26,7 @@ from proxy.prepared import StatementNames
 from proxy.protocol import errors
 from proxy.server import ServerConnection
 from proxy.settings import DatabaseSettings, Settings, Upstream, parse_upstream_url, split_address
+from proxy.states import ClientState
 
 log = get_logger("app")
 

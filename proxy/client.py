@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import itertools
 import time
 from typing import TYPE_CHECKING, Final, cast
@@ -33,8 +32,9 @@ from proxy.protocol.startup import (
     StartupMessage,
     read_startup_packet,
 )
-from proxy.server import ServerConnection, ServerState
+from proxy.server import ServerConnection
 from proxy.settings import ListenerSettings, PoolMode
+from proxy.states import LOGGING_IN, ClientState, ServerState
 
 if TYPE_CHECKING:
     from proxy.admin import AdminSession
@@ -63,21 +63,6 @@ _QUEUE_HIGH_WATER = 1 << 20  # bytes queued while waiting for a server before we
 # A captured message larger than this is not held: its head (enough for every decision pgmux makes
 # about it) comes back from the scanner, and its rest streams on to the server as it arrives.
 _CAPTURE_HEAD: Final = 1 << 16
-
-
-class ClientState(enum.Enum):
-    STARTUP = "startup"
-    AUTH = "auth"
-    LOGIN = "login"  # authenticated, being welcomed
-    ADMIN = "admin"  # talking to the admin console (virtual database pgmux / pgbouncer)
-    IDLE = "idle"  # between transactions, no server
-    WAITING = "waiting"  # in line for a server
-    ACTIVE = "active"  # linked to a server
-    CLOSED = "closed"
-
-
-# client_login_timeout counts in these; the janitor checks it, so no login pays for a timer.
-_LOGGING_IN = frozenset({ClientState.STARTUP, ClientState.AUTH, ClientState.LOGIN})
 
 
 class ClientConnection:
@@ -794,7 +779,8 @@ class ClientConnection:
                 self.pool.cancel(server)
             return
         if self.state not in (ClientState.IDLE, ClientState.ACTIVE):
-            if (self.state in _LOGGING_IN and settings.client_login_timeout
+            # Checked here by the janitor, so that no login pays for a timer of its own.
+            if (self.state in LOGGING_IN and settings.client_login_timeout
                     and now - self.connected_at > settings.client_login_timeout):
                 self._login_timed_out()
             return

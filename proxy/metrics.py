@@ -16,10 +16,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.utils import floatToGoString
 
 from proxy import BUILD, __version__
-from proxy.client import ClientState
 from proxy.logs import get_logger
-from proxy.server import ServerState
 from proxy.settings import split_address
+from proxy.states import CLIENT_LABELS, CLIENT_NAMES, LOGGING_IN, SERVER_LABELS, SERVER_NAMES
 
 if TYPE_CHECKING:
     from proxy.app import Proxy
@@ -42,13 +41,6 @@ REJECTION_REASONS = (
     "login_timeout", "client_idle_timeout", "idle_transaction_timeout", "server_lost", "internal_error",
     "login_limit", "client_request_timeout", "max_client_buffer", "startup_parameter_refused", "parameter_sync_failed",
 )
-CLIENT_STATES = ("active", "idle", "waiting", "login")
-SERVER_STATES = ("active", "idle", "used", "tested", "login", "being_canceled", "closing")
-_CLIENT_STATE_NAMES = {ClientState.ACTIVE: "active", ClientState.IDLE: "idle", ClientState.WAITING: "waiting",
-                       ClientState.AUTH: "login", ClientState.LOGIN: "login"}
-_SERVER_STATE_NAMES = {ServerState.ACTIVE: "active", ServerState.IDLE: "idle", ServerState.LOGIN: "login",
-                       ServerState.RESETTING: "tested", ServerState.BEING_CANCELED: "being_canceled",
-                       ServerState.CLOSING: "closing"}
 
 POOL_LABELS = ("database", "user")
 
@@ -61,8 +53,10 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "pgmux_draining": ("gauge", "1 once shutdown has begun", ()),
     "pgmux_client_connections": ("gauge", "Client sockets open now, in any state (logging in, pooled, admin)", ()),
     "pgmux_max_client_conn": ("gauge", "The max_client_conn limit", ()),
+    "pgmux_login_clients": ("gauge", "Client sockets logging in now, from accept to welcome (SHOW LISTS login_clients)",
+                            ()),
     "pgmux_clients": ("gauge", "Pooled clients by state: active (linked to a server), idle, waiting (for a server), "
-                      "login", ("database", "user", "pool_mode", "state")),
+                      "login (authenticated, not yet welcomed)", ("database", "user", "pool_mode", "state")),
     "pgmux_servers": ("gauge", "Server connections by state: active (linked), idle, used, tested (being reset), "
                       "login, being_canceled (waiting for a cancel to complete), closing", ("database", "user", "state")),
     "pgmux_pool_size": ("gauge", "Configured pool_size: servers the pool may hold", POOL_LABELS),
@@ -291,26 +285,30 @@ class PgmuxExposition:
             yield ""
         clients: collections.Counter[tuple[Pool, str, str]] = collections.Counter()
         everyone = list(proxy.clients)
+        logging_in = 0
         for start in range(0, len(everyone), _SLICE * 32):
             for client in everyone[start:start + _SLICE * 32]:
-                client_state = _CLIENT_STATE_NAMES.get(client.state)
-                if client_state is not None and client.pool is not None:
-                    clients[(client.pool, client.listener.pool_mode.value, client_state)] += 1
+                if client.state in LOGGING_IN:
+                    logging_in += 1
+                label = CLIENT_NAMES[client.state].label
+                if label is not None and client.pool is not None:
+                    clients[(client.pool, client.listener.pool_mode.value, label)] += 1
             yield ""
+        yield _header("pgmux_login_clients") + _sample("pgmux_login_clients", "", logging_in)
         modes = sorted({listener.pool_mode.value for listener in proxy.settings.all_listeners()})
 
         def client_lines(row: _PoolRow) -> str:
             return "".join(_sample("pgmux_clients", f'{row.labels},pool_mode="{mode}",state="{state}"',
                                    clients[(row.pool, mode, state)])
-                           for mode in modes for state in CLIENT_STATES)
+                           for mode in modes for state in CLIENT_LABELS)
 
         def server_lines(row: _PoolRow) -> str:
-            pool = row.pool
-            by_state = {"active": len(pool.active), "idle": len(pool.idle), "used": 0,
-                        "tested": len(pool.resetting), "login": len(pool.login),
-                        "being_canceled": len(pool.being_canceled), "closing": len(pool.closing)}
-            return "".join(_sample("pgmux_servers", f'{row.labels},state="{state}"', by_state[state])
-                           for state in SERVER_STATES)
+            by_label = dict.fromkeys(SERVER_LABELS, 0)
+            for state, names in SERVER_NAMES.items():
+                if names.label is not None:
+                    by_label[names.label] += len(row.pool.in_state(state))
+            return "".join(_sample("pgmux_servers", f'{row.labels},state="{label}"', count)
+                           for label, count in by_label.items())
 
         yield from self._per_pool("pgmux_clients", rows, client_lines)
         yield from self._per_pool("pgmux_servers", rows, server_lines)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import enum
 import functools
 import itertools
 import os
@@ -21,6 +20,7 @@ from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation
 from proxy.prepared import ServerPrepared
 from proxy.protocol.startup import build_cancel_request, build_ssl_request, build_startup_message
 from proxy.settings import SslMode, Upstream
+from proxy.states import ServerState
 
 if TYPE_CHECKING:
     from proxy.client import ClientConnection
@@ -42,20 +42,6 @@ def _ends_at_last_ready(segments: list) -> bool:
         if isinstance(segment, Frame) and segment.kind == m.READY_FOR_QUERY:
             return False
     return True
-
-
-class ServerState(enum.Enum):
-    LOGIN = "login"
-    IDLE = "idle"
-    ACTIVE = "active"  # linked to a client
-    RESETTING = "resetting"  # running pgmux's own cleanup before it may be reused
-    BEING_CANCELED = "being_canceled"  # released while a cancel for its last client is in flight: lent to nobody
-    CLOSING = "closing"  # asked to close; still counts against the limits until the socket is gone
-    CLOSED = "closed"
-
-    # Members are singletons: identity hashing is as correct as Enum's name hashing and runs in C
-    # (the pool keys its per-state sets by state on every transaction).
-    __hash__ = object.__hash__
 
 
 class ServerLoginError(Exception):
