@@ -31,6 +31,7 @@ HOT_MODULES = [
     "proxy/parameters.py",
     "proxy/stats.py",
     "proxy/states.py",
+    "proxy/flow.py",
     "proxy/protocol/framing.py",
     "proxy/protocol/messages.py",
     "proxy/protocol/startup.py",

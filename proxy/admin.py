@@ -190,7 +190,7 @@ class AdminSession:
                 self._queue.append((m.PARSE, ""))
                 self._skipping = True
         if len(self._queue) > _MAX_QUEUED:
-            self.client.pause_reading()  # commands pile up behind a PAUSE: stop reading until they are answered
+            self.client.flow.pause_for_queue()  # commands pile up behind a PAUSE: stop reading until they are answered
         self._answer_queued()
 
     def _answer_queued(self) -> None:
@@ -208,7 +208,7 @@ class AdminSession:
             else:
                 self._waiting = self.proxy.spawn(self._answer_later(reply), name=f"admin {self.client.id}")
         if not self._queue:
-            self.client.resume_reading()
+            self.client.flow.resume_for_queue()
 
     async def _answer_later(self, reply: Coroutine[Any, Any, bytes]) -> None:
         try:

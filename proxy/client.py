@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING, Final, cast
 
 from proxy.auth.client_auth import AuthenticationFailed, ClientAuthenticator, client_authenticator
+from proxy.flow import FlowControl
 from proxy.logs import get_logger
 from proxy.parameters import SYNCED_PARAMETERS, parameter_sync, parse_startup_parameters, settings_to_check
 from proxy.prepared import ClientStatements, deallocate_sql, needs_whole, resets_all_statements
@@ -78,7 +79,7 @@ class ClientConnection:
         "_copy_done_early", "_copy_ignored", "_copy_in", "_query_mark", "_held_for_sync",
         "_queued_bytes", "_refusal", "_reset_seen", "_resync", "_scanner", "_skipper",
         "_startup_buffer", "_startup_params", "_task", "_unsupported_options", "_waiter", "cancel_key",
-        "connected_at", "database", "id", "last_active", "listener", "params", "peer", "pending", "pool", "proxy",
+        "connected_at", "database", "flow", "id", "last_active", "listener", "params", "peer", "pending", "pool", "proxy",
         "query_started", "server", "state", "statements", "transaction_mode", "transport", "unreported",
         "user", "wait_started",
         "_stall_mark", "_stalled_since",
@@ -91,6 +92,7 @@ class ClientConnection:
         self.transaction_mode = listener.pool_mode is PoolMode.TRANSACTION
         self.state = ClientState.STARTUP
         self.transport: asyncio.Transport | None = None
+        self.flow = FlowControl()
         self.peer = ""
         self.user = ""
         self.database = ""
@@ -135,7 +137,7 @@ class ClientConnection:
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+        self.transport = self.flow.transport = cast(asyncio.Transport, transport)
         if self.state is ClientState.CLOSED:  # crowded out by newer logins before the loop got to it
             transport.close()
             return
@@ -192,12 +194,11 @@ class ClientConnection:
             transport.write(data)
 
     def pause_reading(self) -> None:
-        if self.transport is not None and self.transport.is_reading():
-            self.transport.pause_reading()
+        """The linked server's write buffer is full: stop reading this client until it drains."""
+        self.flow.pause_for_peer()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing() and not self.transport.is_reading():
-            self.transport.resume_reading()
+        self.flow.resume_for_peer()
 
     def on_ready_for_query(self, status: m.TransactionStatus) -> None:
         if self._copy_in:
@@ -608,11 +609,11 @@ class ClientConnection:
         self._queued.append(data)
         self._queued_bytes += len(data)
         if self._queued_bytes > min(_QUEUE_HIGH_WATER, self.proxy.settings.max_client_buffer):
-            self.pause_reading()
+            self.flow.pause_for_queue()
 
     def _take_queued(self) -> list[bytes]:
         queued, self._queued, self._queued_bytes = self._queued, [], 0
-        self.resume_reading()
+        self.flow.resume_for_queue()
         return queued
 
     def _wait_for_server(self) -> None:

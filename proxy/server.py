@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
 
 from proxy.auth.server_auth import ServerAuthenticator, ServerAuthError
+from proxy.flow import FlowControl
 from proxy.logs import get_logger
 from proxy.parameters import UNKNOWN_VALUE, ParameterSync
 from proxy.protocol import messages as m
@@ -96,6 +97,7 @@ class ServerConnection:
         self.upstream = upstream
         self.state = ServerState.LOGIN
         self.transport: asyncio.Transport | None = None
+        self.flow = FlowControl()
         self.client: ClientConnection | None = None
         self.params: dict[str, str] = {}  # what the server reported with ParameterStatus
         self.unreported: dict[str, str] = {}  # parameters pgmux SET that the server does not report
@@ -126,7 +128,7 @@ class ServerConnection:
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+        self.transport = self.flow.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self._ssl_reply is not None and not self._ssl_reply.done():
@@ -313,12 +315,12 @@ class ServerConnection:
     # ---- flow control from the client side ----------------------------------------------------
 
     def pause_reading(self) -> None:
-        if self.transport is not None and self.transport.is_reading():
-            self.transport.pause_reading()
+        """The linked client's write buffer is full: stop reading this server until it drains."""
+        self.flow.pause_for_peer()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_reading():
-            self.transport.resume_reading()
+        """The client caught up, or the server left it: read it again (an idle server must notice its own death)."""
+        self.flow.resume_for_peer()
 
     def write(self, data: bytes | memoryview) -> None:
         assert self.transport is not None
@@ -377,6 +379,7 @@ class ServerConnection:
                 self.transport, self,  # type: ignore[arg-type]
                 _ssl_context(upstream.sslmode, upstream.sslrootcert),
                 server_hostname=upstream.host)
+            self.flow.transport = self.transport  # reading is paused and resumed on the TLS transport now
         elif reply[:1] == b"N":
             if upstream.sslmode not in (SslMode.ALLOW, SslMode.PREFER):
                 raise ServerLoginError(f"server does not support TLS, but sslmode={upstream.sslmode.value}")
