@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 from proxy import __version__
 from proxy.logs import get_logger
-from proxy.metrics import oldest_wait, sum_totals
 from proxy.protocol import errors
 from proxy.protocol import messages as m
 from proxy.protocol.errors import PgError
 from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation
 from proxy.settings import Settings, parse_upstream_url
 from proxy.states import CLIENT_NAMES, LOGGING_IN, SERVER_NAMES, ClientState
+from proxy.stats import sum_totals
 
 if TYPE_CHECKING:
     from proxy.app import Proxy
@@ -294,7 +294,7 @@ class AdminSession:
             for state, names in SERVER_NAMES.items():
                 if names.column is not None:
                     counts[(pool, names.column)] += len(pool.in_state(state))
-            wait = oldest_wait(pool, now)
+            wait = pool.oldest_wait(now)
             # A column no state maps to (a cancel request in flight, sv_used) is PgBouncer's and reads 0.
             rows.append([pool.key.database, pool.key.user, *(counts[(pool, column)] for column in _POOL_COUNTS),
                          int(wait), int(wait * 1e6) % 1_000_000, modes.get(pool, self._default_mode()), None])

@@ -159,6 +159,10 @@ class Pool:
             return self.idle
         return self._sets.get(state, ())
 
+    def oldest_wait(self, now: float) -> float:
+        """Seconds the first client in line has waited (PgBouncer's maxwait)."""
+        return max(0.0, now - self.waiters[0].since) if self.waiters else 0.0
+
     @property
     def limit(self) -> int:
         return self.config.pool_size + (self.config.reserve_pool_size if self._reserve_open else 0)
