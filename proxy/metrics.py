@@ -1,4 +1,4 @@
-"""Metrics: the Prometheus exposition written from live state at scrape time, PgBouncer-style totals and averages, and /metrics, /healthz, /readyz."""
+"""Metrics: the Prometheus exposition written from live state at scrape time, and /metrics, /healthz, /readyz."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Client and server connection states, and the one table of their PgBouncer names that the admin console and /metrics read."""
+"""Client and server connection states, and the one table of their PgBouncer names that admin and metrics read."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Plain counters and fixed-bucket histograms that the hot path bumps and /metrics reads; the totals and averages of SHOW STATS."""
+"""Counters and histograms the hot path bumps and /metrics reads; the totals and averages of SHOW STATS."""
 
 from __future__ import annotations
 
