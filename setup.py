@@ -30,6 +30,8 @@ HOT_MODULES = [
     "proxy/prepared.py",
     "proxy/parameters.py",
     "proxy/stats.py",
+    "proxy/states.py",
+    "proxy/flow.py",
     "proxy/protocol/framing.py",
     "proxy/protocol/messages.py",
     "proxy/protocol/startup.py",

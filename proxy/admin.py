@@ -10,15 +10,14 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from proxy import __version__
-from proxy.client import ClientState
 from proxy.logs import get_logger
-from proxy.metrics import oldest_wait, sum_totals
 from proxy.protocol import errors
 from proxy.protocol import messages as m
 from proxy.protocol.errors import PgError
 from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation
-from proxy.server import ServerState
 from proxy.settings import Settings, parse_upstream_url
+from proxy.states import CLIENT_NAMES, LOGGING_IN, SERVER_NAMES, ClientState
+from proxy.stats import sum_totals
 
 if TYPE_CHECKING:
     from proxy.app import Proxy
@@ -88,6 +87,9 @@ _AVERAGES_NAMES = _TOTALS_NAMES[:8] + [f"avg_{n}" for n in _TOTALS_NAMES[8:]]
 _TOTALS_ROW_NAMES = ["server_assignment_count", "xact_count", "query_count", "client_bytes", "server_bytes",
                      "xact_time", "query_time", "wait_time", "ps_client_parse_count", "ps_server_parse_count",
                      "ps_bind_count", "client_login_count"]
+# SHOW POOLS' count columns, in order.
+_POOL_COUNTS = ("cl_active", "cl_waiting", "cl_active_cancel_req", "cl_waiting_cancel_req", "sv_active",
+                "sv_active_cancel", "sv_being_canceled", "sv_idle", "sv_used", "sv_tested", "sv_login")
 # Settings a RELOAD cannot change: they are bound at start.
 _NOT_RELOADABLE = frozenset({"listen", "listeners", "pool_mode", "auth_type", "metrics_listen", "log_format",
                              "log_level"})
@@ -188,7 +190,7 @@ class AdminSession:
                 self._queue.append((m.PARSE, ""))
                 self._skipping = True
         if len(self._queue) > _MAX_QUEUED:
-            self.client.pause_reading()  # commands pile up behind a PAUSE: stop reading until they are answered
+            self.client.flow.pause_for_queue()  # commands pile up behind a PAUSE: stop reading until they are answered
         self._answer_queued()
 
     def _answer_queued(self) -> None:
@@ -206,7 +208,7 @@ class AdminSession:
             else:
                 self._waiting = self.proxy.spawn(self._answer_later(reply), name=f"admin {self.client.id}")
         if not self._queue:
-            self.client.resume_reading()
+            self.client.flow.resume_for_queue()
 
     async def _answer_later(self, reply: Coroutine[Any, Any, bytes]) -> None:
         try:
@@ -271,11 +273,13 @@ class AdminSession:
                       [["active", "no" if paused else "yes"], ["paused", "yes" if paused else "no"],
                        ["suspended", "no"]])
 
-    def _client_counts(self) -> collections.Counter[tuple[Pool, ClientState]]:
-        counts: collections.Counter[tuple[Pool, ClientState]] = collections.Counter()
+    def _client_counts(self) -> collections.Counter[tuple[Pool, str]]:
+        """Clients per (pool, SHOW POOLS column)."""
+        counts: collections.Counter[tuple[Pool, str]] = collections.Counter()
         for client in self.proxy.clients:
-            if client.pool is not None:
-                counts[(client.pool, client.state)] += 1
+            column = CLIENT_NAMES[client.state].column
+            if client.pool is not None and column is not None:
+                counts[(client.pool, column)] += 1
         return counts
 
     def _pools(self) -> list[Pool]:
@@ -287,18 +291,15 @@ class AdminSession:
         now = time.monotonic()
         rows = []
         for pool in self._pools():
-            wait = oldest_wait(pool, now)
-            rows.append([pool.key.database, pool.key.user,
-                         counts[(pool, ClientState.ACTIVE)] + counts[(pool, ClientState.IDLE)],
-                         counts[(pool, ClientState.WAITING)], 0, 0,
-                         len(pool.active), 0, len(pool.being_canceled), len(pool.idle), 0, len(pool.resetting),
-                         len(pool.login),
+            for state, names in SERVER_NAMES.items():
+                if names.column is not None:
+                    counts[(pool, names.column)] += len(pool.in_state(state))
+            wait = pool.oldest_wait(now)
+            # A column no state maps to (a cancel request in flight, sv_used) is PgBouncer's and reads 0.
+            rows.append([pool.key.database, pool.key.user, *(counts[(pool, column)] for column in _POOL_COUNTS),
                          int(wait), int(wait * 1e6) % 1_000_000, modes.get(pool, self._default_mode()), None])
-        columns: Columns = [("database", "s"), ("user", "s"), ("cl_active", "i"), ("cl_waiting", "i"),
-                            ("cl_active_cancel_req", "i"), ("cl_waiting_cancel_req", "i"), ("sv_active", "i"),
-                            ("sv_active_cancel", "i"), ("sv_being_canceled", "i"), ("sv_idle", "i"),
-                            ("sv_used", "i"), ("sv_tested", "i"), ("sv_login", "i"), ("maxwait", "i"),
-                            ("maxwait_us", "i"), ("pool_mode", "s"), ("load_balance_hosts", "s")]
+        columns: Columns = [("database", "s"), ("user", "s"), *((column, "i") for column in _POOL_COUNTS),
+                            ("maxwait", "i"), ("maxwait_us", "i"), ("pool_mode", "s"), ("load_balance_hosts", "s")]
         return result(columns, rows)
 
     def _default_mode(self) -> str:
@@ -394,8 +395,7 @@ class AdminSession:
 
     def show_lists(self) -> bytes:
         proxy = self.proxy
-        logging_in = sum(1 for c in proxy.clients if c.state in (ClientState.STARTUP, ClientState.AUTH,
-                                                                  ClientState.LOGIN))
+        logging_in = sum(1 for client in proxy.clients if client.state in LOGGING_IN)
         items = [("databases", len(proxy.settings.all_databases())), ("users", len(self._users())), ("peers", 0),
                  ("pools", len(proxy.pools)), ("peer_pools", 0), ("free_clients", 0),
                  ("used_clients", len(proxy.clients)), ("login_clients", logging_in), ("free_servers", 0),
@@ -425,10 +425,9 @@ class AdminSession:
         return result(_SOCKET_COLUMNS, rows)
 
     def _client_row(self, client: ClientConnection) -> list[Any] | None:
-        state = {ClientState.ACTIVE: "active", ClientState.IDLE: "idle", ClientState.WAITING: "waiting",
-                 ClientState.ADMIN: "active"}.get(client.state)
+        state = CLIENT_NAMES[client.state].shown
         if state is None:
-            return None  # still logging in: PgBouncer lists those only in SHOW SOCKETS
+            return None  # still logging in (PgBouncer lists those only in SHOW SOCKETS), or gone
         addr, port = _endpoint(client.transport, "peername")
         local_addr, local_port = _endpoint(client.transport, "sockname")
         waited = time.monotonic() - client.last_active if client.state is ClientState.WAITING else 0.0
@@ -441,14 +440,14 @@ class AdminSession:
     def show_servers(self) -> bytes:
         rows = []
         for pool in self._pools():
-            for server in sorted([*pool.active, *pool.idle, *pool.resetting, *pool.login, *pool.being_canceled],
-                                 key=lambda s: _number(s.id)):
+            listed = [server for state, names in SERVER_NAMES.items() if names.shown is not None
+                      for server in pool.in_state(state)]
+            for server in sorted(listed, key=lambda s: _number(s.id)):
                 rows.append(self._server_row(pool, server))
         return result(_SOCKET_COLUMNS, rows)
 
     def _server_row(self, pool: Pool, server: ServerConnection) -> list[Any]:
-        state = {ServerState.ACTIVE: "active", ServerState.IDLE: "idle", ServerState.RESETTING: "tested",
-                 ServerState.LOGIN: "new", ServerState.BEING_CANCELED: "being_canceled"}[server.state]
+        state = SERVER_NAMES[server.state].shown
         addr, port = _endpoint(server.transport, "peername")
         local_addr, local_port = _endpoint(server.transport, "sockname")
         client = server.client

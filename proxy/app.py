@@ -18,14 +18,16 @@ from typing import Any, Final
 from proxy import BUILD, __version__
 from proxy.admission import Admission
 from proxy.auth.secrets import UserSecret
-from proxy.client import ClientConnection, ClientState
+from proxy.client import ClientConnection
 from proxy.logs import LogSummary, get_logger
-from proxy.metrics import MetricsServer, Readiness, StatsWindow, Totals, stats_log_line, sum_totals
+from proxy.metrics import MetricsServer, Readiness
 from proxy.pool import Pool, PoolConfig, PoolKey, ServerBudget
 from proxy.prepared import StatementNames
 from proxy.protocol import errors
 from proxy.server import ServerConnection
 from proxy.settings import DatabaseSettings, Settings, Upstream, parse_upstream_url, split_address
+from proxy.states import ClientState
+from proxy.stats import DatabaseTotals, StatsWindow, Totals, stats_log_line
 
 log = get_logger("app")
 
@@ -73,7 +75,7 @@ class Proxy:
         # Kept for users with a configured secret only: a name that is not configured must cost nothing.
         self._secrets: dict[tuple[str, str], UserSecret] = {}
         self._login_pools: dict[tuple[str, str], Pool] = {}  # (database, user) -> the pool its logins use
-        self._retired_totals: dict[str, Totals] = {}  # by database: the stats of pools dropped as unused
+        self.database_totals = DatabaseTotals()
         self._cancel_keys: dict[int, ClientConnection] = {}
         self._unknown_cancel_keys = LogSummary(log, "cancel request with an unknown key ignored", CANCEL_LOG_INTERVAL)
         self.statement_names = StatementNames()
@@ -342,10 +344,7 @@ class Proxy:
         budget = self._user_budgets.get(pool.key.user)
         if budget is not None and not budget.pools:
             del self._user_budgets[pool.key.user]
-        # SHOW STATS totals and the stats line's averages must not go backwards.
-        database = pool.key.database
-        self._retired_totals[database] = sum_totals([self._retired_totals.get(database, Totals()),
-                                                     Totals.of_pools([pool])])
+        self.database_totals.retire(pool.key.database, pool.stats)
 
     async def stop(self, graceful: bool = True) -> None:
         """Stop listening; let transactions finish (up to shutdown_timeout) if graceful; close everything."""
@@ -458,13 +457,7 @@ class Proxy:
 
     def totals_by_database(self) -> dict[str, Totals]:
         """Each database's running totals, including those of its pools dropped as unused."""
-        by_database: dict[str, list[Pool]] = collections.defaultdict(list)
-        for pool in self.pools.values():
-            by_database[pool.key.database].append(pool)
-        names = sorted(by_database.keys() | self._retired_totals.keys())
-        return {name: sum_totals([Totals.of_pools(by_database.get(name, [])),
-                                  self._retired_totals.get(name, Totals())])
-                for name in names}
+        return self.database_totals.by_database((pool.key.database, pool.stats) for pool in self.pools.values())
 
     # ---- views for the admin console and /metrics ---------------------------------------------------
 

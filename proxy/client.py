@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import itertools
 import time
 from typing import TYPE_CHECKING, Final, cast
 
 from proxy.auth.client_auth import AuthenticationFailed, ClientAuthenticator, client_authenticator
+from proxy.flow import FlowControl
 from proxy.logs import get_logger
 from proxy.parameters import SYNCED_PARAMETERS, parameter_sync, parse_startup_parameters, settings_to_check
 from proxy.prepared import ClientStatements, deallocate_sql, needs_whole, resets_all_statements
@@ -33,8 +33,9 @@ from proxy.protocol.startup import (
     StartupMessage,
     read_startup_packet,
 )
-from proxy.server import ServerConnection, ServerState
+from proxy.server import ServerConnection
 from proxy.settings import ListenerSettings, PoolMode
+from proxy.states import LOGGING_IN, ClientState, ServerState
 
 if TYPE_CHECKING:
     from proxy.admin import AdminSession
@@ -68,21 +69,6 @@ _CAPTURE_HEAD: Final = 1 << 16
 _REPLAY_LIMIT: Final = 1 << 16
 
 
-class ClientState(enum.Enum):
-    STARTUP = "startup"
-    AUTH = "auth"
-    LOGIN = "login"  # authenticated, being welcomed
-    ADMIN = "admin"  # talking to the admin console (virtual database pgmux / pgbouncer)
-    IDLE = "idle"  # between transactions, no server
-    WAITING = "waiting"  # in line for a server
-    ACTIVE = "active"  # linked to a server
-    CLOSED = "closed"
-
-
-# client_login_timeout counts in these; the janitor checks it, so no login pays for a timer.
-_LOGGING_IN = frozenset({ClientState.STARTUP, ClientState.AUTH, ClientState.LOGIN})
-
-
 class ClientConnection:
     """An application connection, relayed to a pooled server one transaction (or session) at a time.
 
@@ -96,8 +82,9 @@ class ClientConnection:
         "_copy_done_early", "_copy_ignored", "_copy_in", "_query_mark", "_held_for_sync",
         "_queued_bytes", "_refusal", "_reset_seen", "_resync", "_scanner", "_skipper",
         "_startup_buffer", "_startup_params", "_task", "_unsupported_options", "_waiter", "cancel_key",
-        "connected_at", "database", "id", "last_active", "listener", "params", "peer", "pending", "pool", "proxy",
-        "query_started", "replay", "server", "state", "statements", "transaction_mode", "transport", "unreported",
+        "connected_at", "database", "flow", "id", "last_active", "listener", "params", "peer", "pending", "pool",
+        "proxy", "query_started", "replay", "server", "state", "statements", "transaction_mode", "transport",
+        "unreported",
         "user", "wait_started",
         "_stall_mark", "_stalled_since",
     )
@@ -109,6 +96,7 @@ class ClientConnection:
         self.transaction_mode = listener.pool_mode is PoolMode.TRANSACTION
         self.state = ClientState.STARTUP
         self.transport: asyncio.Transport | None = None
+        self.flow = FlowControl()
         self.peer = ""
         self.user = ""
         self.database = ""
@@ -157,7 +145,7 @@ class ClientConnection:
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+        self.transport = self.flow.transport = cast(asyncio.Transport, transport)
         if self.state is ClientState.CLOSED:  # crowded out by newer logins before the loop got to it
             transport.close()
             return
@@ -214,12 +202,11 @@ class ClientConnection:
             transport.write(data)
 
     def pause_reading(self) -> None:
-        if self.transport is not None and self.transport.is_reading():
-            self.transport.pause_reading()
+        """The linked server's write buffer is full: stop reading this client until it drains."""
+        self.flow.pause_for_peer()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing() and not self.transport.is_reading():
-            self.transport.resume_reading()
+        self.flow.resume_for_peer()
 
     def on_ready_for_query(self, status: m.TransactionStatus) -> None:
         if self._copy_in:
@@ -679,11 +666,11 @@ class ClientConnection:
         self._queued.append(data)
         self._queued_bytes += len(data)
         if self._queued_bytes > min(_QUEUE_HIGH_WATER, self.proxy.settings.max_client_buffer):
-            self.pause_reading()
+            self.flow.pause_for_queue()
 
     def _take_queued(self) -> list[bytes]:
         queued, self._queued, self._queued_bytes = self._queued, [], 0
-        self.resume_reading()
+        self.flow.resume_for_queue()
         return queued
 
     def _wait_for_server(self) -> None:
@@ -850,7 +837,8 @@ class ClientConnection:
                 self.pool.cancel(server)
             return
         if self.state not in (ClientState.IDLE, ClientState.ACTIVE):
-            if (self.state in _LOGGING_IN and settings.client_login_timeout
+            # Checked here by the janitor, so that no login pays for a timer of its own.
+            if (self.state in LOGGING_IN and settings.client_login_timeout
                     and now - self.connected_at > settings.client_login_timeout):
                 self._login_timed_out()
             return

@@ -1,4 +1,4 @@
-"""Metrics: the Prometheus exposition written from live state at scrape time, PgBouncer-style totals and averages, and /metrics, /healthz, /readyz."""
+"""Metrics: the Prometheus exposition written from live state at scrape time, and /metrics, /healthz, /readyz."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import collections
 import functools
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -16,10 +16,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.utils import floatToGoString
 
 from proxy import BUILD, __version__
-from proxy.client import ClientState
 from proxy.logs import get_logger
-from proxy.server import ServerState
 from proxy.settings import split_address
+from proxy.states import CLIENT_LABELS, CLIENT_NAMES, LOGGING_IN, SERVER_LABELS, SERVER_NAMES
 
 if TYPE_CHECKING:
     from proxy.app import Proxy
@@ -42,13 +41,6 @@ REJECTION_REASONS = (
     "login_timeout", "client_idle_timeout", "idle_transaction_timeout", "server_lost", "internal_error",
     "login_limit", "client_request_timeout", "max_client_buffer", "startup_parameter_refused", "parameter_sync_failed",
 )
-CLIENT_STATES = ("active", "idle", "waiting", "login")
-SERVER_STATES = ("active", "idle", "used", "tested", "login", "being_canceled", "closing")
-_CLIENT_STATE_NAMES = {ClientState.ACTIVE: "active", ClientState.IDLE: "idle", ClientState.WAITING: "waiting",
-                       ClientState.AUTH: "login", ClientState.LOGIN: "login"}
-_SERVER_STATE_NAMES = {ServerState.ACTIVE: "active", ServerState.IDLE: "idle", ServerState.LOGIN: "login",
-                       ServerState.RESETTING: "tested", ServerState.BEING_CANCELED: "being_canceled",
-                       ServerState.CLOSING: "closing"}
 
 POOL_LABELS = ("database", "user")
 
@@ -61,8 +53,10 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "pgmux_draining": ("gauge", "1 once shutdown has begun", ()),
     "pgmux_client_connections": ("gauge", "Client sockets open now, in any state (logging in, pooled, admin)", ()),
     "pgmux_max_client_conn": ("gauge", "The max_client_conn limit", ()),
+    "pgmux_login_clients": ("gauge", "Client sockets logging in now, from accept to welcome (SHOW LISTS login_clients)",
+                            ()),
     "pgmux_clients": ("gauge", "Pooled clients by state: active (linked to a server), idle, waiting (for a server), "
-                      "login", ("database", "user", "pool_mode", "state")),
+                      "login (authenticated, not yet welcomed)", ("database", "user", "pool_mode", "state")),
     "pgmux_servers": ("gauge", "Server connections by state: active (linked), idle, used, tested (being reset), "
                       "login, being_canceled (waiting for a cancel to complete), closing", ("database", "user", "state")),
     "pgmux_pool_size": ("gauge", "Configured pool_size: servers the pool may hold", POOL_LABELS),
@@ -98,8 +92,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                            POOL_LABELS),
 }
 
-# The PoolStats field (dotted: an attribute of an attribute) each per-pool counter reads; a field
-# that does not exist reads as 0, so a counter is exported before the feature behind it lands.
+# The PoolStats field (dotted: an attribute of an attribute) each per-pool counter reads.
 _POOL_COUNTERS = {
     "pgmux_server_connects_total": "server_connects",
     "pgmux_server_connect_failures_total": "server_connect_failures",
@@ -125,104 +118,6 @@ def exposition_names(name: str) -> tuple[str, ...]:
     if kind == "histogram":
         return (f"{name}_bucket", f"{name}_sum", f"{name}_count")
     return (name,)
-
-
-# ---- PgBouncer-style totals and per-period averages (SHOW STATS, the "stats:" log line) ----------
-
-@dataclass(slots=True)
-class Totals:
-    """Running totals of one database (or all), in PgBouncer's units: counts, bytes, microseconds."""
-
-    server_assignment_count: int = 0
-    xact_count: int = 0
-    query_count: int = 0
-    received: int = 0
-    sent: int = 0
-    xact_time: int = 0
-    query_time: int = 0
-    wait_time: int = 0
-    client_parse_count: int = 0
-    server_parse_count: int = 0
-    bind_count: int = 0
-    client_login_count: int = 0
-
-    @classmethod
-    def of_pools(cls, pools: Iterable[Pool]) -> Totals:
-        totals = cls()
-        for pool in pools:
-            s = pool.stats
-            totals.server_assignment_count += s.server_assignments
-            totals.xact_count += s.xacts
-            totals.query_count += s.queries
-            totals.received += s.bytes_received
-            totals.sent += s.bytes_sent
-            totals.xact_time += int(s.xact_time * 1e6)
-            totals.query_time += int(s.query_time * 1e6)
-            totals.wait_time += int(s.wait_time * 1e6)
-            totals.client_parse_count += s.prepared.client_parses
-            totals.server_parse_count += s.prepared.server_parses
-            totals.bind_count += s.prepared.binds
-            totals.client_login_count += s.client_logins
-        return totals
-
-    def values(self) -> list[int]:
-        return [getattr(self, f.name) for f in fields(self)]
-
-    def averages_since(self, older: Totals, seconds: float) -> Totals:
-        """PgBouncer's averages: counts and bytes per second; times per transaction, query or assignment."""
-        avg = Totals()
-        if seconds <= 0:
-            return avg
-        for name in ("server_assignment_count", "xact_count", "query_count", "received", "sent",
-                     "client_parse_count", "server_parse_count", "bind_count", "client_login_count"):
-            setattr(avg, name, int((getattr(self, name) - getattr(older, name)) / seconds))
-        xacts = self.xact_count - older.xact_count
-        queries = self.query_count - older.query_count
-        assignments = self.server_assignment_count - older.server_assignment_count
-        avg.xact_time = (self.xact_time - older.xact_time) // xacts if xacts > 0 else 0
-        avg.query_time = (self.query_time - older.query_time) // queries if queries > 0 else 0
-        avg.wait_time = (self.wait_time - older.wait_time) // assignments if assignments > 0 else 0
-        return avg
-
-
-class StatsWindow:
-    """The totals at the last two stats_period ticks; the averages are taken between them."""
-
-    def __init__(self) -> None:
-        self._older: dict[str, Totals] = {}
-        self._newer: dict[str, Totals] = {}
-        self._older_at = self._newer_at = time.monotonic()
-
-    def tick(self, current: dict[str, Totals], now: float) -> Totals:
-        """Record the totals now; returns the averages over all databases for the period just ended."""
-        self._older, self._older_at = self._newer, self._newer_at
-        self._newer, self._newer_at = current, now
-        return self.averages(None)
-
-    def averages(self, database: str | None) -> Totals:
-        """Averages of one database (None: all) over the last complete period."""
-        if database is None:
-            newer = sum_totals(self._newer.values())
-            older = sum_totals(self._older.values())
-        else:
-            newer = self._newer.get(database, Totals())
-            older = self._older.get(database, Totals())
-        return newer.averages_since(older, self._newer_at - self._older_at)
-
-
-def sum_totals(items: Iterable[Totals]) -> Totals:
-    total = Totals()
-    for item in items:
-        for f in fields(Totals):
-            setattr(total, f.name, getattr(total, f.name) + getattr(item, f.name))
-    return total
-
-
-def stats_log_line(avg: Totals) -> str:
-    """PgBouncer's periodic line, with pgmux's numbers."""
-    return (f"stats: {avg.xact_count} xacts/s, {avg.query_count} queries/s, {avg.client_login_count} client logins/s, "
-            f"in {avg.received} B/s, out {avg.sent} B/s, xact {avg.xact_time} us, query {avg.query_time} us, "
-            f"wait {avg.wait_time} us")
 
 
 # ---- the Prometheus exposition of pgmux_* ------------------------------------------------------
@@ -291,26 +186,30 @@ class PgmuxExposition:
             yield ""
         clients: collections.Counter[tuple[Pool, str, str]] = collections.Counter()
         everyone = list(proxy.clients)
+        logging_in = 0
         for start in range(0, len(everyone), _SLICE * 32):
             for client in everyone[start:start + _SLICE * 32]:
-                client_state = _CLIENT_STATE_NAMES.get(client.state)
-                if client_state is not None and client.pool is not None:
-                    clients[(client.pool, client.listener.pool_mode.value, client_state)] += 1
+                if client.state in LOGGING_IN:
+                    logging_in += 1
+                label = CLIENT_NAMES[client.state].label
+                if label is not None and client.pool is not None:
+                    clients[(client.pool, client.listener.pool_mode.value, label)] += 1
             yield ""
+        yield _header("pgmux_login_clients") + _sample("pgmux_login_clients", "", logging_in)
         modes = sorted({listener.pool_mode.value for listener in proxy.settings.all_listeners()})
 
         def client_lines(row: _PoolRow) -> str:
             return "".join(_sample("pgmux_clients", f'{row.labels},pool_mode="{mode}",state="{state}"',
                                    clients[(row.pool, mode, state)])
-                           for mode in modes for state in CLIENT_STATES)
+                           for mode in modes for state in CLIENT_LABELS)
 
         def server_lines(row: _PoolRow) -> str:
-            pool = row.pool
-            by_state = {"active": len(pool.active), "idle": len(pool.idle), "used": 0,
-                        "tested": len(pool.resetting), "login": len(pool.login),
-                        "being_canceled": len(pool.being_canceled), "closing": len(pool.closing)}
-            return "".join(_sample("pgmux_servers", f'{row.labels},state="{state}"', by_state[state])
-                           for state in SERVER_STATES)
+            by_label = dict.fromkeys(SERVER_LABELS, 0)
+            for state, names in SERVER_NAMES.items():
+                if names.label is not None:
+                    by_label[names.label] += len(row.pool.in_state(state))
+            return "".join(_sample("pgmux_servers", f'{row.labels},state="{label}"', count)
+                           for label, count in by_label.items())
 
         yield from self._per_pool("pgmux_clients", rows, client_lines)
         yield from self._per_pool("pgmux_servers", rows, server_lines)
@@ -324,7 +223,7 @@ class PgmuxExposition:
                                                       row.configured.reserve_pool_size))
         yield from self._per_pool("pgmux_pool_maxwait_seconds", rows,
                                   lambda row: _sample("pgmux_pool_maxwait_seconds", row.labels,
-                                                      oldest_wait(row.pool, now)))
+                                                      row.pool.oldest_wait(now)))
         for name, path in _POOL_COUNTERS.items():
             yield from self._per_pool(name, rows, functools.partial(_counter_line, name, path))
         for name, attribute in _POOL_HISTOGRAMS.items():
@@ -390,11 +289,6 @@ def stat(stats: object, path: str) -> float:
         value = getattr(value, part)
     assert isinstance(value, (int, float)), path
     return value
-
-
-def oldest_wait(pool: Pool, now: float) -> float:
-    """Seconds the first client in the pool's line has waited (PgBouncer's maxwait)."""
-    return max(0.0, now - pool.waiters[0].since) if pool.waiters else 0.0
 
 
 def process_registry() -> CollectorRegistry:

@@ -6,7 +6,7 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Final
 
@@ -15,8 +15,9 @@ from proxy.parameters import check_sql
 from proxy.protocol import errors
 from proxy.protocol.errors import PgError
 from proxy.protocol.messages import TransactionStatus
-from proxy.server import InternalQueryFailed, ServerConnection, ServerLoginError, ServerState
+from proxy.server import InternalQueryFailed, ServerConnection, ServerLoginError
 from proxy.settings import Upstream
+from proxy.states import ServerState
 from proxy.stats import PoolStats
 
 log = get_logger("pool")
@@ -151,6 +152,16 @@ class Pool:
     def total(self) -> int:
         return (len(self.idle) + len(self.active) + len(self.login) + len(self.resetting) + len(self.closing)
                 + len(self.being_canceled))
+
+    def in_state(self, state: ServerState) -> Collection[ServerConnection]:
+        """The servers in ``state`` now (CLOSED: none, the pool has let go of them)."""
+        if state is ServerState.IDLE:
+            return self.idle
+        return self._sets.get(state, ())
+
+    def oldest_wait(self, now: float) -> float:
+        """Seconds the first client in line has waited (PgBouncer's maxwait)."""
+        return max(0.0, now - self.waiters[0].since) if self.waiters else 0.0
 
     @property
     def limit(self) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import enum
 import functools
 import itertools
 import os
@@ -13,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
 
 from proxy.auth.server_auth import ServerAuthenticator, ServerAuthError
+from proxy.flow import FlowControl
 from proxy.logs import get_logger
 from proxy.parameters import UNKNOWN_VALUE, ParameterSync
 from proxy.protocol import messages as m
@@ -21,6 +21,7 @@ from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation
 from proxy.prepared import ServerPrepared
 from proxy.protocol.startup import build_cancel_request, build_ssl_request, build_startup_message
 from proxy.settings import SslMode, Upstream
+from proxy.states import ServerState
 
 if TYPE_CHECKING:
     from proxy.client import ClientConnection
@@ -43,20 +44,6 @@ def _ends_at_last_ready(segments: list) -> bool:
         if isinstance(segment, Frame) and segment.kind == m.READY_FOR_QUERY:
             return False
     return True
-
-
-class ServerState(enum.Enum):
-    LOGIN = "login"
-    IDLE = "idle"
-    ACTIVE = "active"  # linked to a client
-    RESETTING = "resetting"  # running pgmux's own cleanup before it may be reused
-    BEING_CANCELED = "being_canceled"  # released while a cancel for its last client is in flight: lent to nobody
-    CLOSING = "closing"  # asked to close; still counts against the limits until the socket is gone
-    CLOSED = "closed"
-
-    # Members are singletons: identity hashing is as correct as Enum's name hashing and runs in C
-    # (the pool keys its per-state sets by state on every transaction).
-    __hash__ = object.__hash__
 
 
 class ServerLoginError(Exception):
@@ -111,6 +98,7 @@ class ServerConnection:
         self.upstream = upstream
         self.state = ServerState.LOGIN
         self.transport: asyncio.Transport | None = None
+        self.flow = FlowControl()
         self.client: ClientConnection | None = None
         self.params: dict[str, str] = {}  # what the server reported with ParameterStatus
         self.unreported: dict[str, str] = {}  # parameters pgmux SET that the server does not report
@@ -144,7 +132,7 @@ class ServerConnection:
     # ---- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+        self.transport = self.flow.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self._ssl_reply is not None and not self._ssl_reply.done():
@@ -374,12 +362,12 @@ class ServerConnection:
     # ---- flow control from the client side ----------------------------------------------------
 
     def pause_reading(self) -> None:
-        if self.transport is not None and self.transport.is_reading():
-            self.transport.pause_reading()
+        """The linked client's write buffer is full: stop reading this server until it drains."""
+        self.flow.pause_for_peer()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_reading():
-            self.transport.resume_reading()
+        """The client caught up, or the server left it: read it again (an idle server must notice its own death)."""
+        self.flow.resume_for_peer()
 
     def write(self, data: bytes | memoryview) -> None:
         assert self.transport is not None
@@ -438,6 +426,7 @@ class ServerConnection:
                 self.transport, self,  # type: ignore[arg-type]
                 _ssl_context(upstream.sslmode, upstream.sslrootcert),
                 server_hostname=upstream.host)
+            self.flow.transport = self.transport  # reading is paused and resumed on the TLS transport now
         elif reply[:1] == b"N":
             if upstream.sslmode not in (SslMode.ALLOW, SslMode.PREFER):
                 raise ServerLoginError(f"server does not support TLS, but sslmode={upstream.sslmode.value}")

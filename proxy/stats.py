@@ -1,8 +1,11 @@
-"""Plain counters and fixed-bucket histograms that the hot path bumps and /metrics and SHOW STATS read."""
+"""Counters and histograms the hot path bumps and /metrics reads; the totals and averages of SHOW STATS."""
 
 from __future__ import annotations
 
 import bisect
+import time
+from collections.abc import Iterable
+from typing import Final
 
 # 100 µs to 30 s, roughly ×2.5 per step: resolves pooler overhead and minute-long stalls alike.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -73,3 +76,138 @@ class PoolStats:
         self.prepared = PreparedCounters()
         self.query_time = 0.0  # seconds from a request's send to its ReadyForQuery
         self.client_logins = 0
+
+
+# ---- PgBouncer-style totals and per-period averages (SHOW STATS, the "stats:" log line) ----------
+
+# The Totals fields, in SHOW STATS_TOTALS' column order.
+TOTALS_FIELDS: Final = ("server_assignment_count", "xact_count", "query_count", "received", "sent", "xact_time",
+                        "query_time", "wait_time", "client_parse_count", "server_parse_count", "bind_count",
+                        "client_login_count")
+# Averaged per second; the times are averaged per transaction, query or assignment instead.
+_RATES: Final = ("server_assignment_count", "xact_count", "query_count", "received", "sent", "client_parse_count",
+                 "server_parse_count", "bind_count", "client_login_count")
+
+
+class Totals:
+    """Running totals of one database (or all), in PgBouncer's units: counts, bytes, microseconds."""
+
+    def __init__(self) -> None:
+        self.server_assignment_count = 0
+        self.xact_count = 0
+        self.query_count = 0
+        self.received = 0
+        self.sent = 0
+        self.xact_time = 0
+        self.query_time = 0
+        self.wait_time = 0
+        self.client_parse_count = 0
+        self.server_parse_count = 0
+        self.bind_count = 0
+        self.client_login_count = 0
+
+    def add_pool(self, s: PoolStats) -> None:
+        """Count in one pool's running totals."""
+        self.server_assignment_count += s.server_assignments
+        self.xact_count += s.xacts
+        self.query_count += s.queries
+        self.received += s.bytes_received
+        self.sent += s.bytes_sent
+        self.xact_time += int(s.xact_time * 1e6)
+        self.query_time += int(s.query_time * 1e6)
+        self.wait_time += int(s.wait_time * 1e6)
+        self.client_parse_count += s.prepared.client_parses
+        self.server_parse_count += s.prepared.server_parses
+        self.bind_count += s.prepared.binds
+        self.client_login_count += s.client_logins
+
+    def add(self, other: Totals) -> None:
+        for name in TOTALS_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def values(self) -> list[int]:
+        """The fields in TOTALS_FIELDS' order."""
+        return [getattr(self, name) for name in TOTALS_FIELDS]
+
+    def averages_since(self, older: Totals, seconds: float) -> Totals:
+        """PgBouncer's averages: counts and bytes per second; times per transaction, query or assignment."""
+        avg = Totals()
+        if seconds <= 0:
+            return avg
+        for name in _RATES:
+            setattr(avg, name, int((getattr(self, name) - getattr(older, name)) / seconds))
+        xacts = self.xact_count - older.xact_count
+        queries = self.query_count - older.query_count
+        assignments = self.server_assignment_count - older.server_assignment_count
+        avg.xact_time = (self.xact_time - older.xact_time) // xacts if xacts > 0 else 0
+        avg.query_time = (self.query_time - older.query_time) // queries if queries > 0 else 0
+        avg.wait_time = (self.wait_time - older.wait_time) // assignments if assignments > 0 else 0
+        return avg
+
+
+def sum_totals(items: Iterable[Totals]) -> Totals:
+    total = Totals()
+    for item in items:
+        total.add(item)
+    return total
+
+
+class DatabaseTotals:
+    """Each database's running totals since start: its pools' counters, and those of its pools already dropped."""
+
+    def __init__(self) -> None:
+        self._retired: dict[str, Totals] = {}  # by database: the counters of pools dropped as unused
+
+    def retire(self, database: str, stats: PoolStats) -> None:
+        """A pool of ``database`` is dropped: its counts stay, so that totals and averages never go backwards."""
+        retired = self._retired.get(database)
+        if retired is None:
+            retired = self._retired[database] = Totals()
+        retired.add_pool(stats)
+
+    def by_database(self, pools: Iterable[tuple[str, PoolStats]]) -> dict[str, Totals]:
+        """Totals per database, by name, from the (database, counters) of every live pool."""
+        totals: dict[str, Totals] = {}
+        for database, stats in pools:
+            current = totals.get(database)
+            if current is None:
+                current = totals[database] = Totals()
+            current.add_pool(stats)
+        for database, retired in self._retired.items():
+            current = totals.get(database)
+            if current is None:
+                current = totals[database] = Totals()
+            current.add(retired)
+        return dict(sorted(totals.items()))
+
+
+class StatsWindow:
+    """The totals at the last two stats_period ticks; the averages are taken between them."""
+
+    def __init__(self) -> None:
+        self._older: dict[str, Totals] = {}
+        self._newer: dict[str, Totals] = {}
+        self._older_at = self._newer_at = time.monotonic()
+
+    def tick(self, current: dict[str, Totals], now: float) -> Totals:
+        """Record the totals now; returns the averages over all databases for the period just ended."""
+        self._older, self._older_at = self._newer, self._newer_at
+        self._newer, self._newer_at = current, now
+        return self.averages(None)
+
+    def averages(self, database: str | None) -> Totals:
+        """Averages of one database (None: all) over the last complete period."""
+        if database is None:
+            newer = sum_totals(self._newer.values())
+            older = sum_totals(self._older.values())
+        else:
+            newer = self._newer.get(database, Totals())
+            older = self._older.get(database, Totals())
+        return newer.averages_since(older, self._newer_at - self._older_at)
+
+
+def stats_log_line(avg: Totals) -> str:
+    """PgBouncer's periodic line, with pgmux's numbers."""
+    return (f"stats: {avg.xact_count} xacts/s, {avg.query_count} queries/s, {avg.client_login_count} client logins/s, "
+            f"in {avg.received} B/s, out {avg.sent} B/s, xact {avg.xact_time} us, query {avg.query_time} us, "
+            f"wait {avg.wait_time} us")

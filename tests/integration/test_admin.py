@@ -20,6 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pgusers import APP, APP_DATABASE, MD5, PLAIN
 from proxy.embedded import postgres_bin_dir
+from proxy.protocol import messages as m
+from proxy.protocol.startup import build_startup_message
+from test_metrics import scrape, value
 
 # Column names and types exactly as PgBouncer's src/admin.c and src/stats.c write them
 # (s text, i int4, q int8, N numeric, T timestamp sent as text). pgmux deviates in two places,
@@ -121,6 +124,46 @@ def test_every_show_command_has_pgbouncers_columns_and_types(pgmux) -> None:
                                                   {"key": "paused", "value": "no"},
                                                   {"key": "suspended", "value": "no"}]
             assert rows(console, "SHOW VERSION")[0]["version"].startswith("pgmux ")
+
+
+def test_clients_still_logging_in_are_login_clients_in_show_lists_and_metrics_and_in_no_pool(pgmux) -> None:
+    # One socket has sent nothing yet, one only its StartupMessage (it has the SCRAM request and never
+    # answers): both are logging in, as PgBouncer counts its login_client_list, and belong to no pool yet.
+    proxy = admin_pgmux(pgmux, metrics_listen="127.0.0.1:0")
+    with app(proxy) as client, admin(proxy) as console:
+        client.execute("SELECT 1")
+        silent = socket.create_connection((proxy.host, proxy.port()), timeout=10)
+        halfway = socket.create_connection((proxy.host, proxy.port()), timeout=10)
+        try:
+            halfway.sendall(build_startup_message({"user": APP.name, "database": APP_DATABASE}))
+            assert halfway.recv(1)[0] == m.AUTHENTICATION
+            deadline = time.monotonic() + 10
+            while proxy.call(lambda p: len(p.clients)) < 4:  # the silent socket is accepted on the loop's next turn
+                assert time.monotonic() < deadline, "pgmux did not accept the silent socket"
+                time.sleep(0.02)
+
+            lists = {r["list"]: r["items"] for r in rows(console, "SHOW LISTS")}
+            assert (lists["login_clients"], lists["used_clients"]) == (2, 4)
+            assert {(c["database"], c["state"]) for c in rows(console, "SHOW CLIENTS")} == \
+                {(APP_DATABASE, "idle"), ("pgmux", "active")}
+            pool = pool_row(console)
+            assert (pool["cl_active"], pool["cl_waiting"]) == (1, 0)
+            text = scrape(proxy)
+            assert value(text, "pgmux_login_clients") == 2
+            assert value(text, "pgmux_client_connections") == 4
+            labels = dict(database=APP_DATABASE, user=APP.name)
+            assert value(text, "pgmux_clients", state="login", **labels) == 0  # unauthenticated: in no pool
+            assert value(text, "pgmux_clients", state="idle", **labels) == 1
+            assert value(text, "pgmux_clients", **labels) == 1
+        finally:
+            silent.close()
+            halfway.close()
+        deadline = time.monotonic() + 10
+        while proxy.call(lambda p: len(p.clients)) > 2:
+            assert time.monotonic() < deadline, "pgmux did not notice the logins leave"
+            time.sleep(0.02)
+        assert {r["list"]: r["items"] for r in rows(console, "SHOW LISTS")}["login_clients"] == 0
+        assert value(scrape(proxy), "pgmux_login_clients") == 0
 
 
 def test_show_stats_counts_the_named_statements_clients_prepare_and_bind(pgmux) -> None:
