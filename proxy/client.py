@@ -934,6 +934,11 @@ class ClientConnection:
             pool.cancel(server)
             pool.abort_server(server, f"client {self.id} left with a query in progress")
             return
+        if self._held_for_sync:
+            # Its parameter sync is still on its way: whether the backend took the values is unknown, and
+            # the next client's own sync would overlap it (its replies would settle the wrong one).
+            pool.close_server(server, f"client {self.id} left while its parameters were being applied")
+            return
         cleanup = []
         if server.tx_status is not m.TransactionStatus.IDLE:
             cleanup.append("ROLLBACK")
