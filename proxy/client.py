@@ -187,10 +187,12 @@ class ClientConnection:
 
     def pause_writing(self) -> None:
         # The app reads slower than the server sends: stop reading the server until it catches up.
+        self.flow.write_paused = True
         if self.server is not None:
             self.server.pause_reading()
 
     def resume_writing(self) -> None:
+        self.flow.write_paused = False
         if self.server is not None:
             self.server.resume_reading()
 
@@ -752,6 +754,8 @@ class ClientConnection:
         self.server = server
         server.client = self
         self.state = ClientState.ACTIVE
+        if self.flow.write_paused:
+            server.pause_reading()  # the app has not read the last answer yet: no more until it does
         # The request waits for the sync's answer (one round trip, only when the values differ): sent
         # right behind it, a request beginning with ROLLBACK could end the block a failed sync leaves
         # and run the rest under the previous client's parameters.

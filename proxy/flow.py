@@ -21,6 +21,9 @@ class FlowControl:
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None  # set once connected (and again after a TLS upgrade)
         self.paused_by = 0  # the reasons, as bits; 0: reading
+        # This transport's write buffer is past its high-water mark (pause_writing came, resume_writing not
+        # yet): a peer linked meanwhile must start paused, as the transport will not say it again.
+        self.write_paused = False
 
     def pause_for_peer(self) -> None:
         self._pause(_PEER)
