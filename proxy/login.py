@@ -112,8 +112,10 @@ class LoginMachine:
     """One connection's login, from its first byte to AuthenticationOk (h11's style: the caller does the IO).
 
     ``feed(data)`` returns the events the bytes complete. After ``Identified`` the caller answers with
-    ``authenticate(method, secret)``, which returns the next events; ``welcome()`` builds what ends a
-    successful login.
+    ``authenticate(method, secret)``, which returns the next events, or refuses the login itself.
+    After ``Authenticated``, ``Refused``, ``AuthFailed``, ``CancelRequested`` or ``ClientLeft`` the
+    machine reads nothing more: the bytes that follow are the session's, or nobody's. ``welcome()``
+    builds what ends a successful login.
     """
 
     __slots__ = ("_phase", "_buffer", "_scanner", "_auth", "_refusal", "_ignored", "user")

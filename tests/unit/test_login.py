@@ -209,7 +209,7 @@ def one_flight(data: bytes) -> Callable[[], Flights]:
     return flights
 
 
-IDENTIFIED = ("identified", USER, DATABASE, 0, {"application_name": "tests"}, {}, [])
+IDENTIFIED: tuple[Any, ...] = ("identified", USER, DATABASE, 0, {"application_name": "tests"}, {}, [])
 SECRET = UserSecret(USER, password=PASSWORD)
 
 
