@@ -63,7 +63,7 @@ def summary(event: LoginEvent) -> tuple[Any, ...]:
     return ("left",)
 
 
-class Login:
+class LoginRun:
     """One login as the edge runs it: replies collected, Identified answered at once, and every byte
     after Authenticated (its leftover, then later reads) collected as the session's."""
 
@@ -99,8 +99,8 @@ class Login:
 
 
 def converse(client: Callable[[], Flights], feeding: Feeding, method: AuthMethod = AuthMethod.TRUST,
-             secret: UserSecret | None = None, refusal: errors.PgError | None = None) -> Login:
-    login = Login(method, secret, refusal)
+             secret: UserSecret | None = None, refusal: errors.PgError | None = None) -> LoginRun:
+    login = LoginRun(method, secret, refusal)
     flights = client()
     flight = next(flights)
     number = seen = 0
@@ -131,7 +131,7 @@ def split_at(wanted: int, at: int) -> Feeding:
     return feeding
 
 
-def every_feeding(client: Callable[[], Flights], **login: Any) -> Iterator[tuple[str, Login]]:
+def every_feeding(client: Callable[[], Flights], **login: Any) -> Iterator[tuple[str, LoginRun]]:
     """The conversation fed whole, byte by byte, and split at every byte boundary of every flight."""
     first = converse(client, whole, **login)
     yield "whole", first
@@ -141,7 +141,7 @@ def every_feeding(client: Callable[[], Flights], **login: Any) -> Iterator[tuple
             yield f"flight {number} split at {at}", converse(client, split_at(number, at), **login)
 
 
-def assert_same_however_split(client: Callable[[], Flights], compare_replies: bool = True, **login: Any) -> Login:
+def assert_same_however_split(client: Callable[[], Flights], compare_replies: bool = True, **login: Any) -> LoginRun:
     runs = every_feeding(client, **login)
     _, expected = next(runs)
     for how, run in runs:
