@@ -129,29 +129,29 @@ class Reception(Login):
         client.fail(event.error)
 
     def _authenticated(self) -> None:
-        client, proxy = self.client, self.proxy
+        client = self.client
         # Checked again: logins that ran side by side may have filled max_client_conn meanwhile.
-        refusal = proxy.client_limit_error()
+        refusal = self.proxy.client_limit_error()
         if refusal is not None:
             client.fail(refusal)
             return
-        proxy.login_finished(client)
+        self.proxy.login_finished(client)
         if client.database in ADMIN_DATABASES:
             self._open_admin_console()
             return
         if self._database_unknown():  # only a trust listener lets such a login this far
-            proxy.count_rejection("unknown_database")
+            self.proxy.count_rejection("unknown_database")
             client.fail(errors.unknown_database(client.database))
             return
-        if self._refused(proxy.admission.admit(client.database, client.user)):
+        if self._refused(self.proxy.admission.admit(client.database, client.user)):
             return
         client.admitted = True
-        pool = proxy.login_pool(client.database, client.user)
+        pool = self.proxy.login_pool(client.database, client.user)
         client.begin_session(pool)
         if pool.server_params is not None and not self._unchecked_settings(pool):
             self._welcome(pool)
         else:
-            self._task = proxy.spawn(self._welcome_after_checks(pool), name=f"welcome {client.id}")
+            self._task = self.proxy.spawn(self._welcome_after_checks(pool), name=f"welcome {client.id}")
 
     def _refused(self, refusal: tuple[PgError, str] | None) -> bool:
         """Tell the client an admission refusal, counted under its reason; True when there was one."""
