@@ -38,6 +38,8 @@ HOT_MODULES = [
     "proxy/app.py",
     "proxy/admission.py",
     "proxy/auth/client_auth.py",
+    "proxy/login.py",
+    "proxy/reception.py",
 ]
 SCANNER_SOURCE = "proxy/protocol/_scanner.c"
 # What was compiled, by content: proxy/compiled.py refuses a build whose sources have changed since.

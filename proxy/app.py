@@ -24,6 +24,7 @@ from proxy.metrics import MetricsServer, Readiness
 from proxy.pool import Pool, PoolConfig, PoolKey, ServerBudget
 from proxy.prepared import StatementNames
 from proxy.protocol import errors
+from proxy.reception import Reception
 from proxy.server import ServerConnection
 from proxy.settings import DatabaseSettings, Settings, Upstream, parse_upstream_url, split_address
 from proxy.states import ClientState
@@ -133,6 +134,7 @@ class Proxy:
     def _accept(self, listener: Any) -> ClientConnection:
         self.accepted += 1
         client = ClientConnection(self, listener)
+        client.login = Reception(self, client)
         limit = self.settings.max_login_clients or self.settings.max_client_conn
         if len(self._logging_in) >= limit:
             # Refusing the newcomer would let sockets that never log in lock everyone out.

@@ -1,17 +1,17 @@
-"""ClientConnection: one application connection — startup, authentication, and relay to a linked server."""
+"""ClientConnection: one application connection's edge — its login handed to a Login, then the relay to a linked server."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import time
 from typing import TYPE_CHECKING, Final, cast
 
-from proxy.auth.client_auth import AuthenticationFailed, ClientAuthenticator, client_authenticator
+from mypy_extensions import trait
+
 from proxy.flow import FlowControl
 from proxy.logs import get_logger
-from proxy.parameters import SYNCED_PARAMETERS, parameter_sync, parse_startup_parameters, settings_to_check
+from proxy.parameters import SYNCED_PARAMETERS, parameter_sync
 from proxy.prepared import ClientStatements, deallocate_sql, needs_whole, resets_all_statements
 from proxy.protocol import errors
 from proxy.protocol import messages as m
@@ -26,16 +26,9 @@ from proxy.protocol.framing import (
     is_whole,
 )
 from proxy.protocol.sql_words import mentions_reset
-from proxy.protocol.startup import (
-    CancelRequest,
-    GSSENCRequest,
-    SSLRequest,
-    StartupMessage,
-    read_startup_packet,
-)
 from proxy.server import ServerConnection
 from proxy.settings import ListenerSettings, PoolMode
-from proxy.states import LOGGING_IN, ClientState, ServerState
+from proxy.states import ClientState, ServerState
 
 if TYPE_CHECKING:
     from proxy.admin import AdminSession
@@ -45,8 +38,6 @@ if TYPE_CHECKING:
 log = get_logger("client")
 _ids = itertools.count(1)
 
-ADMIN_DATABASES = frozenset({"pgmux", "pgbouncer"})  # the console answers to PgBouncer's name too
-_LOGIN_CAPTURE = frozenset(range(256))
 # Query: to notice RESET/DISCARD; CopyDone/CopyFail (once per COPY): to tell one sent before the server asked.
 _RELAY_CAPTURE = frozenset({m.TERMINATE, m.QUERY, m.COPY_DONE, m.COPY_FAIL})
 # With named statements rewritten (transaction mode), the statement-naming messages are looked at too.
@@ -68,6 +59,32 @@ _CAPTURE_HEAD: Final = 1 << 16
 # rare enough to answer with the server's 26000.
 _REPLAY_LIMIT: Final = 1 << 16
 
+# The relay's scanner is made once the login has a pool; until then this one stands in, and is never fed.
+_BEFORE_SESSION: Final = FrameScanner(frozenset())
+
+
+@trait
+class Login:
+    """A login under way, as the connection sees it (proxy/reception.py drives one for the pooler).
+
+    A trait, not a Protocol: compiled, the calls stay native.
+    """
+
+    def connection_made(self) -> None:
+        raise NotImplementedError
+
+    def data_received(self, data: bytes) -> bytes:
+        """Take client bytes; return those pipelined behind the login, which belong to the session."""
+        raise NotImplementedError
+
+    def check_timeout(self, now: float) -> None:
+        """Janitor work: end the login if it has taken longer than client_login_timeout."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """The connection ends: stop whatever the login still waits for."""
+        raise NotImplementedError
+
 
 class ClientConnection:
     """An application connection, relayed to a pooled server one transaction (or session) at a time.
@@ -78,12 +95,12 @@ class ClientConnection:
 
     # Slots, not a __dict__: ten thousand idle clients must stay small.
     __slots__ = (
-        "_admin", "_admitted", "_auth", "_cancel_sent", "_linked_at", "_queued",
+        "_admin", "admitted", "_cancel_sent", "_linked_at", "_queued",
         "_copy_done_early", "_copy_ignored", "_copy_in", "_query_mark", "_held_for_sync",
-        "_queued_bytes", "_refusal", "_reset_seen", "_resync", "_scanner", "_skipper",
-        "_startup_buffer", "_startup_params", "_task", "_unsupported_options", "_waiter", "cancel_key",
-        "connected_at", "database", "flow", "id", "last_active", "listener", "params", "peer", "pending", "pool",
-        "proxy", "query_started", "replay", "server", "state", "statements", "transaction_mode", "transport",
+        "_queued_bytes", "_reset_seen", "_resync", "_scanner", "_skipper",
+        "startup_params", "_waiter", "cancel_key",
+        "connected_at", "database", "flow", "id", "last_active", "listener", "login", "params", "peer", "pending",
+        "pool", "proxy", "query_started", "replay", "server", "state", "statements", "transaction_mode", "transport",
         "unreported",
         "user", "wait_started",
         "_stall_mark", "_stalled_since",
@@ -112,21 +129,19 @@ class ClientConnection:
         self._copy_done_early = False  # a CopyDone/CopyFail went out while no COPY IN was known to run
         self.cancel_key = (0, b"")
         self.connected_at = time.monotonic()
-        self._startup_buffer = bytearray()
-        self._scanner = FrameScanner(_LOGIN_CAPTURE, max_length=1 << 16)
-        self._auth: ClientAuthenticator | None = None
+        self.login: Login | None = None  # set by whoever accepts the connection; None once logged in
+        self._scanner = _BEFORE_SESSION
         self._queued: list[bytes] = []
         self._queued_bytes = 0
         self._skipper: BatchSkipper | None = None  # answering a refused request: skipping to its batch end
-        self._admitted = False  # counted by Admission until the connection ends
+        self.admitted = False  # counted by Admission until the connection ends
         self._admin: AdminSession | None = None
         self.statements: ClientStatements | None = None  # named statements, when pgmux rewrites them
         # The batch in flight, kept while its answer may yet show that the server lost pgmux's statements:
         # then nothing of it has run, and it is sent again (resend_batch). Only a batch that relied on
         # statements the server held, sent with nothing else in flight outside a transaction.
         self.replay: list[Segment] | None = None
-        self._startup_params: dict[str, str] = {}  # synced parameters the client set at startup
-        self._unsupported_options: list[str] = []
+        self.startup_params: dict[str, str] = {}  # synced parameters the client set at startup
         self._reset_seen = False  # the current request batch contains RESET or DISCARD
         self._resync = False  # the linked server must get this client's parameters again
         self.last_active = self.connected_at  # the last time a request or an answer passed
@@ -134,7 +149,6 @@ class ClientConnection:
         self._cancel_sent = False
         self._linked_at = 0.0
         self.wait_started = 0.0  # when the client last joined the line for a server
-        self._task: asyncio.Task[None] | None = None  # the welcome, while it waits for the pool's first server
         self._waiter: Waiter | None = None  # our place in the pool's line
         self._stall_mark = 0  # the scanner's progress when the janitor last saw a message unfinished
         self._stalled_since = 0.0  # since when that progress has not changed (0: no unfinished message)
@@ -152,9 +166,8 @@ class ClientConnection:
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self.transport.set_write_buffer_limits(high=256 * 1024)
-        # Decided now, told after the StartupMessage: drivers expect their SSLRequest answered first,
-        # and a CancelRequest must get through even when pgmux is full.
-        self._refusal = self.proxy.client_limit_error()
+        assert self.login is not None
+        self.login.connection_made()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -168,10 +181,11 @@ class ClientConnection:
         state = self.state
         if state is ClientState.ACTIVE or state is ClientState.IDLE or state is ClientState.WAITING:
             self._relay(data)
-        elif state is ClientState.STARTUP:
-            self._startup(data)
-        elif state is ClientState.AUTH:
-            self._authenticate(data)
+        elif state is ClientState.STARTUP or state is ClientState.AUTH:
+            assert self.login is not None
+            rest = self.login.data_received(data)
+            if rest and self.state is not ClientState.CLOSED:
+                self._route(rest)
         elif state is ClientState.LOGIN:
             self._queue(data)
         elif state is ClientState.ADMIN:
@@ -278,7 +292,7 @@ class ClientConnection:
     def on_parameter_status(self, name: str, value: str) -> None:
         if name not in SYNCED_PARAMETERS:
             return
-        if (self._reset_seen and name in self._startup_params and self.pool is not None
+        if (self._reset_seen and name in self.startup_params and self.pool is not None
                 and (self.pool.server_params or {}).get(name) == value):
             # RESET returns a setting to the session default, which for this client is its startup
             # value, not the default of the backend it happens to use: keep the client's view.
@@ -312,197 +326,34 @@ class ClientConnection:
         else:
             self.fail(errors.server_connection_lost(), reason="server_lost")
 
-    # ---- startup and authentication -----------------------------------------------------------
+    # ---- called by the login ---------------------------------------------------------------------
 
-    def _startup(self, data: bytes) -> None:
-        self._startup_buffer += data
-        while self.state is ClientState.STARTUP:
-            parsed = read_startup_packet(self._startup_buffer)
-            if parsed is None:
-                return
-            packet, used = parsed
-            del self._startup_buffer[:used]
-            if isinstance(packet, (SSLRequest, GSSENCRequest)):
-                if self._startup_buffer:
-                    raise ProtocolViolation("data after SSLRequest/GSSENCRequest before the reply")
-                self.write(b"N")  # no client-side TLS/GSS yet: the client continues in plaintext
-            elif isinstance(packet, CancelRequest):
-                self.proxy.cancel(packet.process_id, packet.secret_key)
-                self._close_quietly("cancel request handled")
-                return
-            else:
-                self._begin_login(packet)
-        if self._startup_buffer and self.state is not ClientState.CLOSED:
-            rest = bytes(self._startup_buffer)
-            self._startup_buffer.clear()
-            self._route(rest)
-
-    def _begin_login(self, startup: StartupMessage) -> None:
-        if self._refusal is not None:
-            raise self._refusal
-        self.user = startup.user
-        self.database = startup.database
-        if not self.user:
-            raise errors.protocol_violation("no PostgreSQL user name specified in startup packet")
-        self._take_parameters(startup)
-        if startup.minor > 0 or self._unsupported_options:
-            # Tell newer clients we speak 3.0 and which _pq_ extensions we ignored; they carry on.
-            self.write(m.negotiate_protocol_version(0, self._unsupported_options))
-        if self.database in ADMIN_DATABASES:
-            secret = self.proxy.admin_secret(self.user)
-        else:
-            # Nothing is created or counted for the user yet: a name alone must cost no state.
-            secret = self.proxy.login_secret(self.database, self.user)
-            self._refuse(self.proxy.admission.refusal(self.database, self.user))
-        self.state = ClientState.AUTH
-        self._auth = client_authenticator(self.listener.auth_type, self.user, secret)
-        first = self._auth.start()
-        if first:
-            self.write(first)
-        if self._auth.done:
-            self._authenticated()
-
-    def _refuse(self, refusal: tuple[PgError, str] | None) -> None:
-        if refusal is not None:
-            error, reason = refusal
-            self.proxy.count_rejection(reason)
-            raise error
-
-    def _take_parameters(self, startup: StartupMessage) -> None:
-        parsed = parse_startup_parameters(startup.parameters, self.proxy.settings.ignore_startup_parameters)
-        self.params.update(parsed.synced)
-        self._startup_params = dict(parsed.synced)
-        self.unreported = parsed.unreported
-        self._unsupported_options = parsed.unsupported_options
-
-    def _authenticate(self, data: bytes) -> None:
-        assert self._auth is not None
-        scanner = self._scanner  # replaced by the relay's once authenticated
-        segments = scanner.feed(data)
-        for index, segment in enumerate(segments):
-            if self.state is not ClientState.AUTH:
-                if self.state is not ClientState.CLOSED:
-                    # Bytes pipelined behind the last auth message belong to the session.
-                    rest = [bytes(s.data) if isinstance(s, Frame) else bytes(s) for s in segments[index:]]
-                    self._route(b"".join(rest) + scanner.release_held())
-                return
-            if not isinstance(segment, Frame):
-                continue  # captures everything: only incomplete tails come back raw, and they stay inside
-            if segment.kind == m.TERMINATE:
-                self._close_quietly("client left during authentication")
-                return
-            if segment.kind != m.PASSWORD:
-                raise errors.protocol_violation(f"expected a password message, got {chr(segment.kind)!r}")
-            try:
-                reply = self._auth.receive(bytes(segment.data[5:]))
-            except AuthenticationFailed as exc:
-                if self._database_unknown():
-                    self.proxy.count_rejection("unknown_database")
-                    log.warning("login refused: database %r does not exist in pgmux (the client is told: wrong "
-                                "password)", self.database, extra={"conn": self.id})
-                else:
-                    self.proxy.count_rejection("auth_failed")
-                    log.warning("authentication failed for user %r: %s", self.user, exc.reason,
-                                extra={"conn": self.id})
-                self.fail(errors.password_authentication_failed(self.user))
-                return
-            if reply:
-                self.write(reply)
-            if self._auth.done:
-                self._authenticated()
-        if self.state is not ClientState.AUTH and self.state is not ClientState.CLOSED and scanner.holding:
-            self._route(scanner.release_held())  # a message split across reads began behind the last one
-
-    def _authenticated(self) -> None:
-        self._auth = None  # its SCRAM state is a kilobyte or two per idle client, needed no more
-        # Checked again: logins that ran side by side may have filled max_client_conn meanwhile.
-        refusal = self.proxy.client_limit_error()
-        if refusal is not None:
-            raise refusal
-        self.proxy.login_finished(self)
-        if self.database in ADMIN_DATABASES:
-            self._open_admin_console()
-            return
-        if self._database_unknown():  # only a trust listener lets such a login this far
-            self.proxy.count_rejection("unknown_database")
-            self.fail(errors.unknown_database(self.database))
-            return
-        self._refuse(self.proxy.admission.admit(self.database, self.user))
-        self._admitted = True
-        self.pool = self.proxy.login_pool(self.database, self.user)
+    def begin_session(self, pool: Pool) -> None:
+        """Logged in to ``pool``, about to be welcomed: set up the relay's scanner and statement names."""
+        self.pool = pool
         self.state = ClientState.LOGIN
         capture = _RELAY_CAPTURE
         keep_whole = None  # a simple Query's head is enough: a huge one counts as mentioning RESET
-        if self.transaction_mode and self.proxy.settings.max_prepared_statements and self.pool is not None:
-            self.statements = ClientStatements(self.proxy.statement_names, self.pool.stats.prepared)
+        if self.transaction_mode and self.proxy.settings.max_prepared_statements:
+            self.statements = ClientStatements(self.proxy.statement_names, pool.stats.prepared)
             capture = _PREPARED_CAPTURE
             keep_whole = needs_whole
         self._scanner = FrameScanner(capture, counted=_RELAY_COUNTED, neutral=_RELAY_NEUTRAL,
                                      head_limit=_CAPTURE_HEAD, keep_whole=keep_whole,
                                      max_whole=self.proxy.settings.max_client_buffer)
-        if self.pool is not None and self.pool.server_params is not None and not self._unchecked_settings():
-            self._welcome()
-        else:
-            self._task = self.proxy.spawn(self._welcome_after_checks(), name=f"welcome {self.id}")
 
-    def _unchecked_settings(self) -> dict[str, str]:
-        assert self.pool is not None
-        return settings_to_check(self._startup_params, self.unreported, self.pool.server_params or {},
-                                 self.pool.accepted_settings)
-
-    async def _welcome_after_checks(self) -> None:
-        """The welcome waits for what it needs a backend for: the server's parameters (the pool's first
-        login reports them) and PostgreSQL's verdict on startup settings this pool has not seen accepted.
-        """
-        assert self.pool is not None
-        try:
-            await self.pool.warm_up()
-            unchecked = self._unchecked_settings()
-            if unchecked:
-                # As PostgreSQL refuses a login with a setting it rejects: pgmux could never apply it.
-                await self.pool.check_settings(unchecked)
-        except PgError as exc:
-            # At login there is no session to keep: the same error, as FATAL.
-            self.fail(dataclasses.replace(exc, severity=errors.Severity.FATAL), reason=exc.reason)
-            return
-        self._task = None
-        if self.state is ClientState.LOGIN:
-            self._welcome()
-
-    def _welcome(self) -> None:
-        assert self.pool is not None
-        params = dict(self.pool.server_params or {})
-        params.update(self.params)
-        self.params = {k: v for k, v in params.items() if k in SYNCED_PARAMETERS}
-        self.cancel_key = self.proxy.register_cancel_key(self)
-        process_id, secret = self.cancel_key
-        self.write(m.authentication_ok() + m.parameter_statuses(params)
-                   + m.backend_key_data(process_id, int.from_bytes(secret, "big", signed=True))
-                   + m.ready_for_query())
+    def logged_in(self) -> None:
+        """The welcome is sent: requests go to the pool from now on, those that came meanwhile first."""
         self.state = ClientState.IDLE
-        log.info("login ok: %s@%s from %s (%s mode)", self.user, self.database, self.peer,
-                 "transaction" if self.transaction_mode else "session", extra={"conn": self.id})
-        self.pool.stats.client_logins += 1
+        self.login = None
         if self._queued:
             self._relay(b"".join(self._take_queued()))
 
-    def _database_unknown(self) -> bool:
-        """The login named a database pgmux does not serve."""
-        return self.database not in ADMIN_DATABASES and not self.proxy.serves_database(self.database)
-
-    def _open_admin_console(self) -> None:
-        from proxy.admin import ADMIN_PARAMETERS, AdminSession
-
-        role = self.proxy.admin_role(self.user)
-        if role is None:
-            self.proxy.count_rejection("admin_not_allowed")
-            self.fail(errors.admin_not_allowed(self.user))
-            return
+    def open_console(self, console: AdminSession) -> None:
+        """From now on this connection talks to the admin console."""
         self.state = ClientState.ADMIN
-        self._admin = AdminSession(self.proxy, self, can_modify=role == "admin")
-        self.write(m.authentication_ok() + m.parameter_statuses(ADMIN_PARAMETERS) + m.backend_key_data(0, 0)
-                   + m.ready_for_query())
-        log.info("admin console login: %s (%s)", self.user, role, extra={"conn": self.id})
+        self.login = None
+        self._admin = console
 
     # ---- relay ------------------------------------------------------------------------------------
 
@@ -841,10 +692,8 @@ class ClientConnection:
                 self.pool.cancel(server)
             return
         if self.state not in (ClientState.IDLE, ClientState.ACTIVE):
-            # Checked here by the janitor, so that no login pays for a timer of its own.
-            if (self.state in LOGGING_IN and settings.client_login_timeout
-                    and now - self.connected_at > settings.client_login_timeout):
-                self._login_timed_out()
+            if self.login is not None:
+                self.login.check_timeout(now)  # by the janitor, so that no login pays for a timer of its own
             return
         idle_for = now - self.last_active
         in_transaction = server is not None and server.tx_status is not m.TransactionStatus.IDLE
@@ -875,12 +724,6 @@ class ClientConnection:
 
     # ---- ending -----------------------------------------------------------------------------------
 
-    def _login_timed_out(self) -> None:
-        self.proxy.count_rejection("login_timeout")
-        self.fail(PgError(errors.SqlState.PROTOCOL_VIOLATION,
-                          f"client_login_timeout={self.proxy.settings.client_login_timeout:g}s reached "
-                          "before the login finished", severity=errors.Severity.FATAL))
-
     def fail(self, error: PgError, reason: str | None = None) -> None:
         """Send the error; a FATAL one also ends the connection."""
         if reason:
@@ -909,15 +752,15 @@ class ClientConnection:
             return
         was_logged_in = self.state not in (ClientState.STARTUP, ClientState.AUTH)
         self.state = ClientState.CLOSED
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        login, self.login = self.login, None
+        if login is not None:
+            login.close()
         if self._waiter is not None:
             self.pool.cancel_wait(self._waiter)  # type: ignore[union-attr]
             self._waiter = None
         self.proxy.forget_client(self)
-        if self._admitted:
-            self._admitted = False
+        if self.admitted:
+            self.admitted = False
             self.proxy.admission.leave(self.database, self.user)
         server, self.server = self.server, None
         if server is not None and self.pool is not None:

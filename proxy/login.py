@@ -1,0 +1,256 @@
+"""The login conversation as a sans-IO state machine: client bytes in, events out (no socket, no event loop)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection, Mapping
+from typing import Final
+
+from proxy.auth.client_auth import AuthenticationFailed, ClientAuthenticator, client_authenticator
+from proxy.auth.secrets import AuthMethod, UserSecret
+from proxy.parameters import StartupParameters, parse_startup_parameters
+from proxy.protocol import errors
+from proxy.protocol import messages as m
+from proxy.protocol.errors import PgError
+from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation
+from proxy.protocol.startup import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, read_startup_packet
+
+_CAPTURE_ALL: Final = frozenset(range(256))
+_MAX_AUTH_MESSAGE: Final = 1 << 16  # a password or SASL message is far smaller
+
+
+# The events: plain classes, not dataclasses, so that compiled their __init__ is native code (one or
+# two are made per login).
+
+class Reply:
+    """Bytes to send the client."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class CancelRequested:
+    """The connection was a CancelRequest: forward it, then close without a word."""
+
+    __slots__ = ("process_id", "secret_key")
+
+    def __init__(self, process_id: int, secret_key: bytes) -> None:
+        self.process_id = process_id
+        self.secret_key = secret_key
+
+
+class Identified:
+    """The StartupMessage said who logs in where. The machine waits: call ``authenticate()`` with the
+    user's secret, or refuse the login (nothing more is read until then)."""
+
+    __slots__ = ("user", "database", "minor", "parameters")
+
+    def __init__(self, user: str, database: str, minor: int, parameters: StartupParameters) -> None:
+        self.user = user
+        self.database = database
+        self.minor = minor  # the protocol 3.x the client asked for (NegotiateProtocolVersion has answered 3.0)
+        self.parameters = parameters
+
+
+class Authenticated:
+    """The client proved who it is: welcome it. ``leftover``: what it pipelined behind its last auth message."""
+
+    __slots__ = ("leftover",)
+
+    def __init__(self, leftover: bytes) -> None:
+        self.leftover = leftover
+
+
+class Refused:
+    """The login cannot go on: send ``error`` (FATAL) and close.
+
+    ``reason``: the rejection it is counted under; None when it is not counted (or was already).
+    """
+
+    __slots__ = ("error", "reason")
+
+    def __init__(self, error: PgError, reason: str | None) -> None:
+        self.error = error
+        self.reason = reason
+
+
+class AuthFailed:
+    """The client did not prove who it is: send ``error`` (FATAL) and close.
+
+    ``error`` is the same whatever went wrong, so that a client cannot tell an unknown user from a
+    wrong password; ``log_reason`` says what went wrong, for pgmux's logs only.
+    """
+
+    __slots__ = ("error", "log_reason")
+
+    def __init__(self, error: PgError, log_reason: str) -> None:
+        self.error = error
+        self.log_reason = log_reason
+
+
+class ClientLeft:
+    """The client sent Terminate before it was authenticated."""
+
+    __slots__ = ()
+
+
+LoginEvent = Reply | CancelRequested | Identified | Authenticated | Refused | AuthFailed | ClientLeft
+
+_NO_ENCRYPTION: Final = Reply(b"N")  # no client-side TLS/GSS yet: the client continues in plaintext
+
+
+class _Phase(enum.Enum):
+    STARTUP = "startup"  # reading startup packets (SSLRequest, GSSENCRequest, CancelRequest, StartupMessage)
+    IDENTIFIED = "identified"  # waiting for authenticate()
+    AUTH = "auth"  # reading password / SASL messages
+    DONE = "done"  # authenticated, refused, cancelled or left: the caller reads no more through the machine
+
+
+class LoginMachine:
+    """One connection's login, from its first byte to AuthenticationOk (h11's style: the caller does the IO).
+
+    ``feed(data)`` returns the events the bytes complete. After ``Identified`` the caller answers with
+    ``authenticate(method, secret)``, which returns the next events, or refuses the login itself.
+    After ``Authenticated``, ``Refused``, ``AuthFailed``, ``CancelRequested`` or ``ClientLeft`` the
+    machine reads nothing more: the bytes that follow are the session's, or nobody's. ``welcome()``
+    builds what ends a successful login.
+    """
+
+    __slots__ = ("_phase", "_buffer", "_scanner", "_auth", "_refusal", "_ignored", "user")
+
+    def __init__(self, ignored_parameters: Collection[str]) -> None:
+        self._phase = _Phase.STARTUP
+        self._buffer = bytearray()  # startup bytes not parsed yet, then those read before authenticate()
+        self._scanner: FrameScanner | None = None  # made when an exchange begins: a trust login needs none
+        self._auth: ClientAuthenticator | None = None
+        self._refusal: PgError | None = None
+        self._ignored = ignored_parameters  # startup parameters pgmux accepts and drops
+        self.user = ""
+
+    def refuse(self, error: PgError) -> None:
+        """Refuse any login on this connection with ``error``, once its StartupMessage has come.
+
+        Drivers expect their SSLRequest answered first, and a CancelRequest still gets through.
+        """
+        self._refusal = error
+
+    def feed(self, data: bytes) -> list[LoginEvent]:
+        """The events ``data`` completes (none when it completes nothing)."""
+        events: list[LoginEvent] = []
+        self._read(data, events)
+        return events
+
+    def authenticate(self, method: AuthMethod, secret: UserSecret | None) -> list[LoginEvent]:
+        """Run ``method`` against ``secret`` (None: the user is unknown, the exchange runs and fails)."""
+        if self._phase is not _Phase.IDENTIFIED:
+            raise RuntimeError(f"authenticate() called while the login is {self._phase.value}")
+        events: list[LoginEvent] = []
+        auth = client_authenticator(method, self.user, secret)
+        first = auth.start()
+        if first:
+            events.append(Reply(first))
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        if auth.done:
+            self._phase = _Phase.DONE
+            events.append(Authenticated(rest))
+            return events
+        self._phase = _Phase.AUTH
+        self._auth = auth
+        self._scanner = FrameScanner(_CAPTURE_ALL, max_length=_MAX_AUTH_MESSAGE)
+        if rest:
+            self._read(rest, events)
+        return events
+
+    def _read(self, data: bytes, events: list[LoginEvent]) -> None:
+        """Read ``data`` in the current phase; a malformed message ends the login with PostgreSQL's error."""
+        phase = self._phase
+        try:
+            if phase is _Phase.STARTUP:
+                self._buffer += data
+                self._read_startup(events)
+            elif phase is _Phase.AUTH:
+                self._read_auth(data, events)
+            elif phase is _Phase.IDENTIFIED:
+                self._buffer += data  # read once the caller has answered
+        except ProtocolViolation as violation:
+            self._phase = _Phase.DONE
+            events.append(Refused(errors.protocol_violation(str(violation)), "protocol_error"))
+        except PgError as error:
+            self._phase = _Phase.DONE
+            events.append(Refused(error, None))
+
+    def _read_startup(self, events: list[LoginEvent]) -> None:
+        buffer = self._buffer
+        while True:
+            parsed = read_startup_packet(buffer)
+            if parsed is None:
+                return
+            packet, used = parsed
+            del buffer[:used]
+            if isinstance(packet, (SSLRequest, GSSENCRequest)):
+                if buffer:
+                    raise ProtocolViolation("data after SSLRequest/GSSENCRequest before the reply")
+                events.append(_NO_ENCRYPTION)
+            elif isinstance(packet, CancelRequest):
+                self._phase = _Phase.DONE
+                events.append(CancelRequested(packet.process_id, packet.secret_key))
+                return
+            else:
+                self._identify(packet, events)
+                return
+
+    def _identify(self, startup: StartupMessage, events: list[LoginEvent]) -> None:
+        if self._refusal is not None:
+            raise self._refusal
+        user = startup.user
+        if not user:
+            raise errors.protocol_violation("no PostgreSQL user name specified in startup packet")
+        parameters = parse_startup_parameters(startup.parameters, self._ignored)
+        if startup.minor > 0 or parameters.unsupported_options:
+            # Tell newer clients we speak 3.0 and which _pq_ extensions we ignored; they carry on.
+            events.append(Reply(m.negotiate_protocol_version(0, parameters.unsupported_options)))
+        self.user = user
+        self._phase = _Phase.IDENTIFIED
+        events.append(Identified(user, startup.database, startup.minor, parameters))
+
+    def _read_auth(self, data: bytes, events: list[LoginEvent]) -> None:
+        scanner, auth = self._scanner, self._auth
+        assert scanner is not None and auth is not None
+        segments = scanner.feed(data)
+        for index, segment in enumerate(segments):
+            if not isinstance(segment, Frame):
+                continue  # captures everything: only incomplete tails come back raw, and they stay inside
+            if segment.kind == m.TERMINATE:
+                self._phase = _Phase.DONE
+                events.append(ClientLeft())
+                return
+            if segment.kind != m.PASSWORD:
+                raise errors.protocol_violation(f"expected a password message, got {chr(segment.kind)!r}")
+            try:
+                reply = auth.receive(bytes(segment.data[5:]))
+            except AuthenticationFailed as failed:
+                self._phase = _Phase.DONE
+                events.append(AuthFailed(errors.password_authentication_failed(self.user), failed.reason))
+                return
+            if reply:
+                events.append(Reply(reply))
+            if auth.done:
+                self._phase = _Phase.DONE
+                self._auth = None  # its SCRAM state is a kilobyte or two, needed no more
+                # Bytes pipelined behind the last auth message belong to the session.
+                rest = [bytes(s.data) if isinstance(s, Frame) else bytes(s) for s in segments[index + 1:]]
+                events.append(Authenticated(b"".join(rest) + scanner.release_held()))
+                return
+
+
+def welcome(parameters: Mapping[str, str], process_id: int, secret_key: bytes) -> bytes:
+    """What ends a successful login: AuthenticationOk, the parameters, the cancel key, ReadyForQuery.
+
+    The admin console's cancel key is (0, b""): it has no query to cancel.
+    """
+    return (m.authentication_ok() + m.parameter_statuses(parameters)
+            + m.backend_key_data(process_id, int.from_bytes(secret_key, "big", signed=True))
+            + m.ready_for_query())

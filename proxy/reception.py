@@ -1,0 +1,218 @@
+"""Reception: what a login needs from the pooler, driven by the login machine's events for one connection."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import TYPE_CHECKING
+
+from proxy.admin import ADMIN_PARAMETERS, AdminSession
+from proxy.client import ClientConnection, Login
+from proxy.states import ClientState
+from proxy.logs import get_logger
+from proxy.login import (
+    AuthFailed,
+    Authenticated,
+    CancelRequested,
+    ClientLeft,
+    Identified,
+    LoginEvent,
+    LoginMachine,
+    Refused,
+    Reply,
+    welcome,
+)
+from proxy.parameters import SYNCED_PARAMETERS, settings_to_check
+from proxy.protocol import errors
+from proxy.protocol.errors import PgError
+
+if TYPE_CHECKING:
+    from proxy.app import Proxy
+    from proxy.pool import Pool
+
+log = get_logger("client")  # login lines are the client's, as they always were
+
+ADMIN_DATABASES = frozenset({"pgmux", "pgbouncer"})  # the console answers to PgBouncer's name too
+
+
+class Reception(Login):
+    """One connection's login: asks the pooler what the machine's events need, and tells the client.
+
+    Secret lookup, client limits, admission, the pool and its warm-up, the startup-settings check,
+    the cancel key, the admin console hand-off, the counting and logging of refusals, and
+    client_login_timeout (checked by the janitor, so no login pays for a timer).
+    """
+
+    def __init__(self, proxy: Proxy, client: ClientConnection) -> None:
+        self.proxy = proxy  # every question to the pooler goes through here
+        self.client = client
+        self.machine = LoginMachine(proxy.settings.ignore_startup_parameters)
+        self._task: asyncio.Task[None] | None = None  # the welcome, while it waits for the pool's first server
+
+    # ---- Login ------------------------------------------------------------------------------------
+
+    def connection_made(self) -> None:
+        # Decided now, told after the StartupMessage: drivers expect their SSLRequest answered first,
+        # and a CancelRequest must get through even when pgmux is full.
+        refusal = self.proxy.client_limit_error()
+        if refusal is not None:
+            self.machine.refuse(refusal)
+
+    def data_received(self, data: bytes) -> bytes:
+        return self._handle(self.machine.feed(data))
+
+    def check_timeout(self, now: float) -> None:
+        timeout = self.proxy.settings.client_login_timeout
+        if timeout and now - self.client.connected_at > timeout:
+            self.proxy.count_rejection("login_timeout")
+            self.client.fail(PgError(errors.SqlState.PROTOCOL_VIOLATION,
+                                     f"client_login_timeout={timeout:g}s reached before the login finished",
+                                     severity=errors.Severity.FATAL))
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    # ---- the machine's events ---------------------------------------------------------------------
+
+    def _handle(self, events: list[LoginEvent]) -> bytes:
+        """Act on ``events``; return the bytes pipelined behind the login (the session's)."""
+        client = self.client
+        for event in events:
+            if client.state is ClientState.CLOSED:
+                break
+            if isinstance(event, Reply):
+                client.write(event.data)
+            elif isinstance(event, Identified):
+                return self._identified(event)
+            elif isinstance(event, Authenticated):
+                self._authenticated()
+                return event.leftover
+            elif isinstance(event, AuthFailed):
+                self._auth_failed(event)
+            elif isinstance(event, Refused):
+                client.fail(event.error, reason=event.reason)
+            elif isinstance(event, CancelRequested):
+                self.proxy.cancel(event.process_id, event.secret_key)
+                client.close("cancel request handled")
+            elif isinstance(event, ClientLeft):
+                client.close("client left during authentication")
+        return b""
+
+    def _identified(self, event: Identified) -> bytes:
+        client = self.client
+        client.user, client.database = event.user, event.database
+        synced = event.parameters.synced
+        client.params.update(synced)
+        client.startup_params = dict(synced)
+        client.unreported = event.parameters.unreported
+        if event.database in ADMIN_DATABASES:
+            secret = self.proxy.admin_secret(event.user)
+        else:
+            # Nothing is created or counted for the user yet: a name alone must cost no state.
+            secret = self.proxy.login_secret(event.database, event.user)
+            if self._refused(self.proxy.admission.refusal(event.database, event.user)):
+                return b""
+        client.state = ClientState.AUTH
+        return self._handle(self.machine.authenticate(client.listener.auth_type, secret))
+
+    def _auth_failed(self, event: AuthFailed) -> None:
+        client = self.client
+        if self._database_unknown():
+            self.proxy.count_rejection("unknown_database")
+            log.warning("login refused: database %r does not exist in pgmux (the client is told: wrong "
+                        "password)", client.database, extra={"conn": client.id})
+        else:
+            self.proxy.count_rejection("auth_failed")
+            log.warning("authentication failed for user %r: %s", client.user, event.log_reason,
+                        extra={"conn": client.id})
+        client.fail(event.error)
+
+    def _authenticated(self) -> None:
+        client = self.client
+        # Checked again: logins that ran side by side may have filled max_client_conn meanwhile.
+        refusal = self.proxy.client_limit_error()
+        if refusal is not None:
+            client.fail(refusal)
+            return
+        self.proxy.login_finished(client)
+        if client.database in ADMIN_DATABASES:
+            self._open_admin_console()
+            return
+        if self._database_unknown():  # only a trust listener lets such a login this far
+            self.proxy.count_rejection("unknown_database")
+            client.fail(errors.unknown_database(client.database))
+            return
+        if self._refused(self.proxy.admission.admit(client.database, client.user)):
+            return
+        client.admitted = True
+        pool = self.proxy.login_pool(client.database, client.user)
+        client.begin_session(pool)
+        if pool.server_params is not None and not self._unchecked_settings(pool):
+            self._welcome(pool)
+        else:
+            self._task = self.proxy.spawn(self._welcome_after_checks(pool), name=f"welcome {client.id}")
+
+    def _refused(self, refusal: tuple[PgError, str] | None) -> bool:
+        """Tell the client an admission refusal, counted under its reason; True when there was one."""
+        if refusal is None:
+            return False
+        error, reason = refusal
+        self.proxy.count_rejection(reason)
+        self.client.fail(error)
+        return True
+
+    def _database_unknown(self) -> bool:
+        """The login named a database pgmux does not serve."""
+        database = self.client.database
+        return database not in ADMIN_DATABASES and not self.proxy.serves_database(database)
+
+    # ---- the welcome ------------------------------------------------------------------------------
+
+    def _unchecked_settings(self, pool: Pool) -> dict[str, str]:
+        client = self.client
+        return settings_to_check(client.startup_params, client.unreported, pool.server_params or {},
+                                 pool.accepted_settings)
+
+    async def _welcome_after_checks(self, pool: Pool) -> None:
+        """The welcome waits for what it needs a backend for: the server's parameters (the pool's first
+        login reports them) and PostgreSQL's verdict on startup settings this pool has not seen accepted.
+        """
+        try:
+            await pool.warm_up()
+            unchecked = self._unchecked_settings(pool)
+            if unchecked:
+                # As PostgreSQL refuses a login with a setting it rejects: pgmux could never apply it.
+                await pool.check_settings(unchecked)
+        except PgError as exc:
+            # At login there is no session to keep: the same error, as FATAL.
+            self.client.fail(dataclasses.replace(exc, severity=errors.Severity.FATAL), reason=exc.reason)
+            return
+        self._task = None
+        if self.client.state is ClientState.LOGIN:
+            self._welcome(pool)
+
+    def _welcome(self, pool: Pool) -> None:
+        client = self.client
+        params = dict(pool.server_params or {})
+        params.update(client.params)
+        client.params = {k: v for k, v in params.items() if k in SYNCED_PARAMETERS}
+        client.cancel_key = self.proxy.register_cancel_key(client)
+        process_id, secret = client.cancel_key
+        client.write(welcome(params, process_id, secret))
+        log.info("login ok: %s@%s from %s (%s mode)", client.user, client.database, client.peer,
+                 "transaction" if client.transaction_mode else "session", extra={"conn": client.id})
+        pool.stats.client_logins += 1
+        client.logged_in()
+
+    def _open_admin_console(self) -> None:
+        client = self.client
+        role = self.proxy.admin_role(client.user)
+        if role is None:
+            self.proxy.count_rejection("admin_not_allowed")
+            client.fail(errors.admin_not_allowed(client.user))
+            return
+        client.open_console(AdminSession(self.proxy, client, can_modify=role == "admin"))
+        client.write(welcome(ADMIN_PARAMETERS, 0, b""))
+        log.info("admin console login: %s (%s)", client.user, role, extra={"conn": client.id})
