@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING, Final, cast
 
 from proxy.auth.client_auth import AuthenticationFailed, ClientAuthenticator, client_authenticator
+from proxy.cancel import CancelKeys, Cancellable
 from proxy.logs import get_logger
 from proxy.parameters import SYNCED_PARAMETERS, parameter_sync, parse_startup_parameters, settings_to_check
 from proxy.prepared import ClientStatements, deallocate_sql, needs_whole, resets_all_statements
@@ -33,12 +34,12 @@ from proxy.protocol.startup import (
     StartupMessage,
     read_startup_packet,
 )
-from proxy.server import ServerConnection, ServerState
+from proxy.registry import Console, Registry
+from proxy.routing import Router
+from proxy.server import ClientPeer, ServerConnection, ServerState
 from proxy.settings import ListenerSettings, PoolMode
 
 if TYPE_CHECKING:
-    from proxy.admin import AdminSession
-    from proxy.app import Proxy
     from proxy.pool import Pool, Waiter
 
 log = get_logger("client")
@@ -80,7 +81,7 @@ class ClientState(enum.Enum):
 _LOGGING_IN = frozenset({ClientState.STARTUP, ClientState.AUTH, ClientState.LOGIN})
 
 
-class ClientConnection:
+class ClientConnection(ClientPeer, Cancellable):
     """An application connection, relayed to a pooled server one transaction (or session) at a time.
 
     An asyncio protocol by its methods, not by inheriting asyncio.Protocol: a class with a Python
@@ -93,15 +94,18 @@ class ClientConnection:
         "_copy_done_early", "_copy_ignored", "_copy_in", "_query_mark", "_held_for_sync",
         "_queued_bytes", "_refusal", "_reset_seen", "_resync", "_scanner", "_skipper",
         "_startup_buffer", "_startup_params", "_task", "_unsupported_options", "_waiter", "cancel_key",
-        "connected_at", "database", "id", "last_active", "listener", "params", "peer", "pending", "pool", "proxy",
-        "query_started", "server", "state", "statements", "transaction_mode", "transport", "unreported",
+        "cancel_keys", "connected_at", "database", "id", "last_active", "listener", "params", "peer", "pending", "pool",
+        "query_started", "registry", "router", "server", "state", "statements", "transaction_mode", "transport", "unreported",
         "user", "wait_started",
         "_stall_mark", "_stalled_since",
     )
 
-    def __init__(self, proxy: Proxy, listener: ListenerSettings) -> None:
+    def __init__(self, router: Router, registry: Registry[ClientConnection], cancel_keys: CancelKeys,
+                 listener: ListenerSettings) -> None:
         self.id = f"c{next(_ids)}"
-        self.proxy = proxy
+        self.router = router
+        self.registry = registry
+        self.cancel_keys = cancel_keys
         self.listener = listener
         self.transaction_mode = listener.pool_mode is PoolMode.TRANSACTION
         self.state = ClientState.STARTUP
@@ -128,7 +132,7 @@ class ClientConnection:
         self._queued_bytes = 0
         self._skipper: BatchSkipper | None = None  # answering a refused request: skipping to its batch end
         self._admitted = False  # counted by Admission until the connection ends
-        self._admin: AdminSession | None = None
+        self._admin: Console | None = None
         self.statements: ClientStatements | None = None  # named statements, when pgmux rewrites them
         self._startup_params: dict[str, str] = {}  # synced parameters the client set at startup
         self._unsupported_options: list[str] = []
@@ -159,7 +163,7 @@ class ClientConnection:
         self.transport.set_write_buffer_limits(high=256 * 1024)
         # Decided now, told after the StartupMessage: drivers expect their SSLRequest answered first,
         # and a CancelRequest must get through even when pgmux is full.
-        self._refusal = self.proxy.client_limit_error()
+        self._refusal = self.registry.client_limit_error()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -305,13 +309,24 @@ class ClientConnection:
             pool.accepted_settings.clear()
         self.fail(errors.parameter_refused_by_server(error, "parameter_sync_failed"), reason="parameter_sync_failed")
 
+    def cancel_query(self) -> None:
+        """A CancelRequest with this client's key: forward it to the server running its query, if any."""
+        server = self.server
+        if server is None or not self.pending:
+            log.info("cancel request ignored: no query running", extra={"conn": self.id})
+            return
+        log.info("forwarding cancel request to %s", server.id, extra={"conn": self.id})
+        if self.pool is not None:
+            self.pool.stats.cancels_forwarded += 1
+            self.pool.cancel(server)
+
     def on_server_lost(self, server: ServerConnection) -> None:
         self.server = None
         log.warning("server %s at %s lost while it served this client: %s", server.id, server.upstream.redacted(),
                     server.close_reason, extra={"conn": self.id})
         if server.fatal_relayed:
             # The client has the backend's own FATAL already: one error per failure, then the close.
-            self.proxy.count_rejection("server_lost")
+            self.registry.count_rejection("server_lost")
             self._close_quietly("the server ended the session with a FATAL")
         else:
             self.fail(errors.server_connection_lost(), reason="server_lost")
@@ -331,7 +346,7 @@ class ClientConnection:
                     raise ProtocolViolation("data after SSLRequest/GSSENCRequest before the reply")
                 self.write(b"N")  # no client-side TLS/GSS yet: the client continues in plaintext
             elif isinstance(packet, CancelRequest):
-                self.proxy.cancel(packet.process_id, packet.secret_key)
+                self.cancel_keys.cancel(packet.process_id, packet.secret_key)
                 self._close_quietly("cancel request handled")
                 return
             else:
@@ -353,11 +368,11 @@ class ClientConnection:
             # Tell newer clients we speak 3.0 and which _pq_ extensions we ignored; they carry on.
             self.write(m.negotiate_protocol_version(0, self._unsupported_options))
         if self.database in ADMIN_DATABASES:
-            secret = self.proxy.admin_secret(self.user)
+            secret = self.router.admin_secret(self.user)
         else:
             # Nothing is created or counted for the user yet: a name alone must cost no state.
-            secret = self.proxy.login_secret(self.database, self.user)
-            self._refuse(self.proxy.admission.refusal(self.database, self.user))
+            secret = self.router.login_secret(self.database, self.user)
+            self._refuse(self.router.admission.refusal(self.database, self.user))
         self.state = ClientState.AUTH
         self._auth = client_authenticator(self.listener.auth_type, self.user, secret)
         first = self._auth.start()
@@ -369,11 +384,11 @@ class ClientConnection:
     def _refuse(self, refusal: tuple[PgError, str] | None) -> None:
         if refusal is not None:
             error, reason = refusal
-            self.proxy.count_rejection(reason)
+            self.registry.count_rejection(reason)
             raise error
 
     def _take_parameters(self, startup: StartupMessage) -> None:
-        parsed = parse_startup_parameters(startup.parameters, self.proxy.settings.ignore_startup_parameters)
+        parsed = parse_startup_parameters(startup.parameters, self.router.settings.ignore_startup_parameters)
         self.params.update(parsed.synced)
         self._startup_params = dict(parsed.synced)
         self.unreported = parsed.unreported
@@ -401,11 +416,11 @@ class ClientConnection:
                 reply = self._auth.receive(bytes(segment.data[5:]))
             except AuthenticationFailed as exc:
                 if self._database_unknown():
-                    self.proxy.count_rejection("unknown_database")
+                    self.registry.count_rejection("unknown_database")
                     log.warning("login refused: database %r does not exist in pgmux (the client is told: wrong "
                                 "password)", self.database, extra={"conn": self.id})
                 else:
-                    self.proxy.count_rejection("auth_failed")
+                    self.registry.count_rejection("auth_failed")
                     log.warning("authentication failed for user %r: %s", self.user, exc.reason,
                                 extra={"conn": self.id})
                 self.fail(errors.password_authentication_failed(self.user))
@@ -420,34 +435,34 @@ class ClientConnection:
     def _authenticated(self) -> None:
         self._auth = None  # its SCRAM state is a kilobyte or two per idle client, needed no more
         # Checked again: logins that ran side by side may have filled max_client_conn meanwhile.
-        refusal = self.proxy.client_limit_error()
+        refusal = self.registry.client_limit_error()
         if refusal is not None:
             raise refusal
-        self.proxy.login_finished(self)
+        self.registry.login_finished(self)
         if self.database in ADMIN_DATABASES:
             self._open_admin_console()
             return
         if self._database_unknown():  # only a trust listener lets such a login this far
-            self.proxy.count_rejection("unknown_database")
+            self.registry.count_rejection("unknown_database")
             self.fail(errors.unknown_database(self.database))
             return
-        self._refuse(self.proxy.admission.admit(self.database, self.user))
+        self._refuse(self.router.admission.admit(self.database, self.user))
         self._admitted = True
-        self.pool = self.proxy.login_pool(self.database, self.user)
+        self.pool = self.router.login_pool(self.database, self.user)
         self.state = ClientState.LOGIN
         capture = _RELAY_CAPTURE
         keep_whole = None  # a simple Query's head is enough: a huge one counts as mentioning RESET
-        if self.transaction_mode and self.proxy.settings.max_prepared_statements and self.pool is not None:
-            self.statements = ClientStatements(self.proxy.statement_names, self.pool.stats.prepared)
+        if self.transaction_mode and self.router.settings.max_prepared_statements and self.pool is not None:
+            self.statements = ClientStatements(self.router.statement_names, self.pool.stats.prepared)
             capture = _PREPARED_CAPTURE
             keep_whole = needs_whole
         self._scanner = FrameScanner(capture, counted=_RELAY_COUNTED, neutral=_RELAY_NEUTRAL,
                                      head_limit=_CAPTURE_HEAD, keep_whole=keep_whole,
-                                     max_whole=self.proxy.settings.max_client_buffer)
+                                     max_whole=self.router.settings.max_client_buffer)
         if self.pool is not None and self.pool.server_params is not None and not self._unchecked_settings():
             self._welcome()
         else:
-            self._task = self.proxy.spawn(self._welcome_after_checks(), name=f"welcome {self.id}")
+            self._task = self.registry.spawn(self._welcome_after_checks(), name=f"welcome {self.id}")
 
     def _unchecked_settings(self) -> dict[str, str]:
         assert self.pool is not None
@@ -478,7 +493,7 @@ class ClientConnection:
         params = dict(self.pool.server_params or {})
         params.update(self.params)
         self.params = {k: v for k, v in params.items() if k in SYNCED_PARAMETERS}
-        self.cancel_key = self.proxy.register_cancel_key(self)
+        self.cancel_key = self.cancel_keys.register(self)
         process_id, secret = self.cancel_key
         self.write(m.authentication_ok() + m.parameter_statuses(params)
                    + m.backend_key_data(process_id, int.from_bytes(secret, "big", signed=True))
@@ -492,20 +507,17 @@ class ClientConnection:
 
     def _database_unknown(self) -> bool:
         """The login named a database pgmux does not serve."""
-        return self.database not in ADMIN_DATABASES and not self.proxy.serves_database(self.database)
+        return self.database not in ADMIN_DATABASES and not self.router.serves_database(self.database)
 
     def _open_admin_console(self) -> None:
-        from proxy.admin import ADMIN_PARAMETERS, AdminSession
-
-        role = self.proxy.admin_role(self.user)
+        role = self.router.admin_role(self.user)
         if role is None:
-            self.proxy.count_rejection("admin_not_allowed")
+            self.registry.count_rejection("admin_not_allowed")
             self.fail(errors.admin_not_allowed(self.user))
             return
         self.state = ClientState.ADMIN
-        self._admin = AdminSession(self.proxy, self, can_modify=role == "admin")
-        self.write(m.authentication_ok() + m.parameter_statuses(ADMIN_PARAMETERS) + m.backend_key_data(0, 0)
-                   + m.ready_for_query())
+        self._admin = console = self.registry.open_console(self, role == "admin")
+        self.write(console.welcome())
         log.info("admin console login: %s (%s)", self.user, role, extra={"conn": self.id})
 
     # ---- relay ------------------------------------------------------------------------------------
@@ -622,7 +634,7 @@ class ClientConnection:
     def _queue(self, data: bytes) -> None:
         self._queued.append(data)
         self._queued_bytes += len(data)
-        if self._queued_bytes > min(_QUEUE_HIGH_WATER, self.proxy.settings.max_client_buffer):
+        if self._queued_bytes > min(_QUEUE_HIGH_WATER, self.router.settings.max_client_buffer):
             self.pause_reading()
 
     def _take_queued(self) -> list[bytes]:
@@ -674,7 +686,7 @@ class ClientConnection:
         The client gets the ErrorResponse now; everything up to its next Sync (or the Query itself)
         is discarded and answered with one ReadyForQuery, and what it pipelined after that is served.
         """
-        self.proxy.count_rejection(error.reason or "upstream_unavailable")
+        self.registry.count_rejection(error.reason or "upstream_unavailable")
         log.warning("request refused: %s", error, extra={"conn": self.id})
         self.write(error.to_bytes())
         self._skipper = BatchSkipper(_BATCH_ENDS_AND_TERMINATE)
@@ -747,7 +759,7 @@ class ClientConnection:
         """Between transactions: keep the server within max_prepared_statements, or drop every statement
         when pgmux's record of them may be wrong (a stale plan, a statement drop)."""
         held = server.prepared.statements
-        limit = self.proxy.settings.max_prepared_statements
+        limit = self.router.settings.max_prepared_statements
         if not server.prepared.discard_all and len(held) <= limit:
             return  # the common case: nothing to drop
         if server.prepared.discard_all:
@@ -765,7 +777,7 @@ class ClientConnection:
         server.send_internal("DEALLOCATE ALL")
 
     def on_stale_plan(self) -> None:
-        self.proxy.statement_names.invalidate_all()
+        self.router.statement_names.invalidate_all()
 
     def at_transaction_boundary(self) -> bool:
         """True when closing now loses nothing: no request in flight and no transaction open."""
@@ -778,10 +790,10 @@ class ClientConnection:
     # ---- timeouts (checked by the janitor) --------------------------------------------------------
 
     def check_timeouts(self, now: float) -> None:
-        settings = self.proxy.settings
+        settings = self.router.settings
         server = self.server
         if server is not None and settings.client_request_timeout and self._request_stalled(now):
-            self.proxy.count_rejection("client_request_timeout")
+            self.registry.count_rejection("client_request_timeout")
             self.fail(errors.client_request_timeout(settings.client_request_timeout))
             return
         if self.pending:
@@ -801,10 +813,10 @@ class ClientConnection:
         idle_for = now - self.last_active
         in_transaction = server is not None and server.tx_status is not m.TransactionStatus.IDLE
         if in_transaction and settings.idle_transaction_timeout and idle_for > settings.idle_transaction_timeout:
-            self.proxy.count_rejection("idle_transaction_timeout")
+            self.registry.count_rejection("idle_transaction_timeout")
             self.fail(errors.idle_transaction_timeout(settings.idle_transaction_timeout))
         elif not in_transaction and settings.client_idle_timeout and idle_for > settings.client_idle_timeout:
-            self.proxy.count_rejection("client_idle_timeout")
+            self.registry.count_rejection("client_idle_timeout")
             self.fail(errors.client_idle_timeout(settings.client_idle_timeout))
 
     def _request_stalled(self, now: float) -> bool:
@@ -823,20 +835,20 @@ class ClientConnection:
         if not self._stalled_since or progress != self._stall_mark:
             self._stall_mark, self._stalled_since = progress, now
             return False
-        return now - self._stalled_since > self.proxy.settings.client_request_timeout
+        return now - self._stalled_since > self.router.settings.client_request_timeout
 
     # ---- ending -----------------------------------------------------------------------------------
 
     def _login_timed_out(self) -> None:
-        self.proxy.count_rejection("login_timeout")
+        self.registry.count_rejection("login_timeout")
         self.fail(PgError(errors.SqlState.PROTOCOL_VIOLATION,
-                          f"client_login_timeout={self.proxy.settings.client_login_timeout:g}s reached "
+                          f"client_login_timeout={self.router.settings.client_login_timeout:g}s reached "
                           "before the login finished", severity=errors.Severity.FATAL))
 
     def fail(self, error: PgError, reason: str | None = None) -> None:
         """Send the error; a FATAL one also ends the connection."""
         if reason:
-            self.proxy.count_rejection(reason)
+            self.registry.count_rejection(reason)
         if self.state is ClientState.CLOSED:
             return
         self.write(error.to_bytes())
@@ -867,10 +879,13 @@ class ClientConnection:
         if self._waiter is not None:
             self.pool.cancel_wait(self._waiter)  # type: ignore[union-attr]
             self._waiter = None
-        self.proxy.forget_client(self)
+        self.registry.forget_client(self)
+        self.cancel_keys.forget(self)
+        if self.pool is not None:
+            self.pool.clients -= 1  # counted in by Router.login_pool
         if self._admitted:
             self._admitted = False
-            self.proxy.admission.leave(self.database, self.user)
+            self.router.admission.leave(self.database, self.user)
         server, self.server = self.server, None
         if server is not None and self.pool is not None:
             self._return_server(server, self.pool)

@@ -1,4 +1,4 @@
-"""Metrics: the Prometheus exposition written from live state at scrape time, PgBouncer-style totals and averages, and /metrics, /healthz, /readyz."""
+"""Metrics: the Prometheus exposition written from live state at scrape time, and /metrics, /healthz, /readyz."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import collections
 import functools
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -22,8 +22,10 @@ from proxy.server import ServerState
 from proxy.settings import split_address
 
 if TYPE_CHECKING:
-    from proxy.app import Proxy
+    from proxy.client import ClientConnection
     from proxy.pool import Pool, PoolConfig
+    from proxy.registry import Registry
+    from proxy.routing import Router
     from proxy.settings import Upstream
 
 log = get_logger("metrics")
@@ -127,104 +129,6 @@ def exposition_names(name: str) -> tuple[str, ...]:
     return (name,)
 
 
-# ---- PgBouncer-style totals and per-period averages (SHOW STATS, the "stats:" log line) ----------
-
-@dataclass(slots=True)
-class Totals:
-    """Running totals of one database (or all), in PgBouncer's units: counts, bytes, microseconds."""
-
-    server_assignment_count: int = 0
-    xact_count: int = 0
-    query_count: int = 0
-    received: int = 0
-    sent: int = 0
-    xact_time: int = 0
-    query_time: int = 0
-    wait_time: int = 0
-    client_parse_count: int = 0
-    server_parse_count: int = 0
-    bind_count: int = 0
-    client_login_count: int = 0
-
-    @classmethod
-    def of_pools(cls, pools: Iterable[Pool]) -> Totals:
-        totals = cls()
-        for pool in pools:
-            s = pool.stats
-            totals.server_assignment_count += s.server_assignments
-            totals.xact_count += s.xacts
-            totals.query_count += s.queries
-            totals.received += s.bytes_received
-            totals.sent += s.bytes_sent
-            totals.xact_time += int(s.xact_time * 1e6)
-            totals.query_time += int(s.query_time * 1e6)
-            totals.wait_time += int(s.wait_time * 1e6)
-            totals.client_parse_count += s.prepared.client_parses
-            totals.server_parse_count += s.prepared.server_parses
-            totals.bind_count += s.prepared.binds
-            totals.client_login_count += s.client_logins
-        return totals
-
-    def values(self) -> list[int]:
-        return [getattr(self, f.name) for f in fields(self)]
-
-    def averages_since(self, older: Totals, seconds: float) -> Totals:
-        """PgBouncer's averages: counts and bytes per second; times per transaction, query or assignment."""
-        avg = Totals()
-        if seconds <= 0:
-            return avg
-        for name in ("server_assignment_count", "xact_count", "query_count", "received", "sent",
-                     "client_parse_count", "server_parse_count", "bind_count", "client_login_count"):
-            setattr(avg, name, int((getattr(self, name) - getattr(older, name)) / seconds))
-        xacts = self.xact_count - older.xact_count
-        queries = self.query_count - older.query_count
-        assignments = self.server_assignment_count - older.server_assignment_count
-        avg.xact_time = (self.xact_time - older.xact_time) // xacts if xacts > 0 else 0
-        avg.query_time = (self.query_time - older.query_time) // queries if queries > 0 else 0
-        avg.wait_time = (self.wait_time - older.wait_time) // assignments if assignments > 0 else 0
-        return avg
-
-
-class StatsWindow:
-    """The totals at the last two stats_period ticks; the averages are taken between them."""
-
-    def __init__(self) -> None:
-        self._older: dict[str, Totals] = {}
-        self._newer: dict[str, Totals] = {}
-        self._older_at = self._newer_at = time.monotonic()
-
-    def tick(self, current: dict[str, Totals], now: float) -> Totals:
-        """Record the totals now; returns the averages over all databases for the period just ended."""
-        self._older, self._older_at = self._newer, self._newer_at
-        self._newer, self._newer_at = current, now
-        return self.averages(None)
-
-    def averages(self, database: str | None) -> Totals:
-        """Averages of one database (None: all) over the last complete period."""
-        if database is None:
-            newer = sum_totals(self._newer.values())
-            older = sum_totals(self._older.values())
-        else:
-            newer = self._newer.get(database, Totals())
-            older = self._older.get(database, Totals())
-        return newer.averages_since(older, self._newer_at - self._older_at)
-
-
-def sum_totals(items: Iterable[Totals]) -> Totals:
-    total = Totals()
-    for item in items:
-        for f in fields(Totals):
-            setattr(total, f.name, getattr(total, f.name) + getattr(item, f.name))
-    return total
-
-
-def stats_log_line(avg: Totals) -> str:
-    """PgBouncer's periodic line, with pgmux's numbers."""
-    return (f"stats: {avg.xact_count} xacts/s, {avg.query_count} queries/s, {avg.client_login_count} client logins/s, "
-            f"in {avg.received} B/s, out {avg.sent} B/s, xact {avg.xact_time} us, query {avg.query_time} us, "
-            f"wait {avg.wait_time} us")
-
-
 # ---- the Prometheus exposition of pgmux_* ------------------------------------------------------
 
 # Pools (and, for the client tally, clients/32) formatted between two returns to the event loop:
@@ -266,38 +170,40 @@ class _PoolRow:
 
 
 class PgmuxExposition:
-    """Writes every pgmux_* metric in the Prometheus text format from the proxy's objects at scrape time.
+    """Writes every pgmux_* metric in the Prometheus text format from the registry's and the router's objects at scrape time.
 
     Values are read from the live pools and connections; nothing is kept between scrapes. The text
     comes in parts, per-pool families a slice of pools at a time, so that the caller can let the
     event loop run between parts: one scrape of many pools never holds the relay for long.
     """
 
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
+    def __init__(self, registry: Registry[ClientConnection], router: Router, readiness: Readiness) -> None:
+        self.registry = registry
+        self.router = router
+        self.readiness = readiness
 
     def parts(self) -> Iterator[str]:
-        proxy = self.proxy
+        router = self.router
         now = time.monotonic()
         yield self._process_wide()
-        pools = list(proxy.pools.values())  # in creation order: sorting thousands would be one long step
+        pools = list(router.pools.values())  # in creation order: sorting thousands would be one long step
         rows: list[_PoolRow] = []
         server_counts: collections.Counter[str] = collections.Counter()
         for start in range(0, len(pools), _SLICE):
             for pool in pools[start:start + _SLICE]:
                 rows.append(_PoolRow(pool, _labels(database=pool.key.database, user=pool.key.user),
-                                     proxy.configured_pool(pool)))
+                                     router.configured_pool(pool)))
                 server_counts[pool.key.database] += pool.total
             yield ""
         clients: collections.Counter[tuple[Pool, str, str]] = collections.Counter()
-        everyone = list(proxy.clients)
+        everyone = list(self.registry.clients)
         for start in range(0, len(everyone), _SLICE * 32):
             for client in everyone[start:start + _SLICE * 32]:
                 client_state = _CLIENT_STATE_NAMES.get(client.state)
                 if client_state is not None and client.pool is not None:
                     clients[(client.pool, client.listener.pool_mode.value, client_state)] += 1
             yield ""
-        modes = sorted({listener.pool_mode.value for listener in proxy.settings.all_listeners()})
+        modes = sorted({listener.pool_mode.value for listener in router.settings.all_listeners()})
 
         def client_lines(row: _PoolRow) -> str:
             return "".join(_sample("pgmux_clients", f'{row.labels},pool_mode="{mode}",state="{state}"',
@@ -338,19 +244,20 @@ class PgmuxExposition:
             yield "".join(lines(row) for row in rows[start:start + _SLICE])
 
     def _process_wide(self) -> str:
-        proxy = self.proxy
+        registry = self.registry
         rejections = collections.Counter({reason: 0 for reason in REJECTION_REASONS})
-        rejections.update(proxy.rejections)
+        rejections.update(registry.rejections)
         build = _labels(version=__version__, python_version=platform.python_version(),
                         hot_path="compiled" if BUILD.compiled else "python")
         out = [
             _header("pgmux_build_info"), _sample("pgmux_build_info", build, 1),
-            _header("pgmux_ready"), _sample("pgmux_ready", "", 1 if proxy.readiness.ready()[0] else 0),
-            _header("pgmux_draining"), _sample("pgmux_draining", "", 1 if proxy.draining else 0),
-            _header("pgmux_client_connections"), _sample("pgmux_client_connections", "", len(proxy.clients)),
-            _header("pgmux_max_client_conn"), _sample("pgmux_max_client_conn", "", proxy.settings.max_client_conn),
+            _header("pgmux_ready"), _sample("pgmux_ready", "", 1 if self.readiness.ready()[0] else 0),
+            _header("pgmux_draining"), _sample("pgmux_draining", "", 1 if registry.draining else 0),
+            _header("pgmux_client_connections"), _sample("pgmux_client_connections", "", len(registry.clients)),
+            _header("pgmux_max_client_conn"),
+            _sample("pgmux_max_client_conn", "", self.router.settings.max_client_conn),
             _header("pgmux_client_connections_accepted_total"),
-            _sample("pgmux_client_connections_accepted_total", "", proxy.accepted),
+            _sample("pgmux_client_connections_accepted_total", "", registry.accepted),
             _header("pgmux_client_rejections_total"),
         ]
         out.extend(_sample("pgmux_client_rejections_total", _labels(reason=reason), count)
@@ -358,11 +265,11 @@ class PgmuxExposition:
         return "".join(out)
 
     def _per_database(self, server_counts: collections.Counter[str]) -> str:
-        proxy = self.proxy
-        names = proxy.database_names()
+        router = self.router
+        names = router.database_names()
         out = []
-        for name, value_of in (("pgmux_database_paused", lambda db: 1 if proxy.is_paused(db) else 0),
-                               ("pgmux_database_max_connections", proxy.database_max_connections),
+        for name, value_of in (("pgmux_database_paused", lambda db: 1 if router.is_paused(db) else 0),
+                               ("pgmux_database_max_connections", router.database_max_connections),
                                ("pgmux_database_server_connections", lambda db: server_counts[db])):
             out.append(_header(name))
             out.extend(_sample(name, _labels(database=database), value_of(database)) for database in names)
@@ -422,8 +329,10 @@ class Readiness:
     login, no query, nothing in PostgreSQL's log. It runs only while the metrics port is served.
     """
 
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
+    def __init__(self, registry: Registry[ClientConnection], router: Router, addresses: list[tuple[str, int]]) -> None:
+        self.registry = registry
+        self.router = router
+        self.addresses = addresses  # where the listeners are bound: the composition root fills it in at start
         self.checks: dict[str, _Check] = {}
 
     async def run(self) -> None:
@@ -432,7 +341,7 @@ class Readiness:
             await asyncio.sleep(READINESS_PERIOD)
 
     async def check_once(self) -> None:
-        upstreams = self.proxy.upstreams()
+        upstreams = self.router.upstreams()
         results = await asyncio.gather(*(self._probe(upstream) for upstream in upstreams.values()))
         now = time.monotonic()
         self.checks = {name: _Check(ok, detail, now) for name, (ok, detail) in zip(upstreams, results)}
@@ -454,15 +363,14 @@ class Readiness:
 
     def ready(self) -> tuple[bool, list[str]]:
         """(ready, reasons): the reasons say what is wrong, or what was checked when all is well."""
-        proxy = self.proxy
         problems: list[str] = []
-        if not proxy.addresses:
+        if not self.addresses:
             problems.append("not listening yet")
-        if proxy.draining:
+        if self.registry.draining:
             problems.append("draining: shutting down")
         now = time.monotonic()
         notes = []
-        for name in proxy.upstreams():
+        for name in self.router.upstreams():
             check = self.checks.get(name)
             if check is None:
                 problems.append(f"database {name}: upstream not checked yet")
@@ -480,9 +388,11 @@ class Readiness:
 class MetricsServer:
     """/metrics, /healthz and /readyz on metrics_listen, served from pgmux's own event loop (no threads)."""
 
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
-        self.registry = process_registry()
+    def __init__(self, registry: Registry[ClientConnection], router: Router, readiness: Readiness) -> None:
+        self.registry = registry
+        self.router = router
+        self.readiness = readiness
+        self.process_metrics = process_registry()
         self.address: tuple[str, int] | None = None
         self._server: asyncio.Server | None = None
 
@@ -507,7 +417,7 @@ class MetricsServer:
         if path == "/healthz":
             return 200, "text/plain; charset=utf-8", [b"ok\n"]
         if path == "/readyz":
-            ready, reasons = self.proxy.readiness.ready()
+            ready, reasons = self.readiness.ready()
             body = ("ready\n" if ready else "not ready\n") + "".join(f"{reason}\n" for reason in reasons)
             return (200 if ready else 503), "text/plain; charset=utf-8", [body.encode()]
         if path == "/":
@@ -517,10 +427,10 @@ class MetricsServer:
     async def scrape(self) -> list[bytes]:
         """The /metrics text in parts, never joined: the event loop runs between them (about a millisecond each)."""
         parts = []
-        for part in PgmuxExposition(self.proxy).parts():
+        for part in PgmuxExposition(self.registry, self.router, self.readiness).parts():
             parts.append(part.encode())  # part by part: encoding megabytes at the end would be one long step
             await asyncio.sleep(0)
-        parts.append(generate_latest(self.registry))
+        parts.append(generate_latest(self.process_metrics))
         return parts
 
 
@@ -558,7 +468,7 @@ class _HttpConnection(asyncio.Protocol):
             return
         method, target = parts[0], parts[1]
         self.answering = True
-        self.server.proxy.spawn(self._answer(method, target.split("?", 1)[0]), name="metrics request")
+        self.server.registry.spawn(self._answer(method, target.split("?", 1)[0]), name="metrics request")
 
     async def _answer(self, method: str, path: str) -> None:
         status, content_type, body = await self.server.respond(method, path)

@@ -171,7 +171,7 @@ def test_stats_users_may_only_show_and_others_get_42501(pgmux) -> None:
                                   database="pgmux")
 
     asyncio.run(with_asyncpg())
-    assert proxy.call(lambda p: p.rejections["admin_not_allowed"]) == 2
+    assert proxy.call(lambda p: p.registry.rejections["admin_not_allowed"]) == 2
 
 
 def test_unknown_commands_get_a_clear_error_and_the_console_stays_usable(pgmux) -> None:
@@ -199,7 +199,7 @@ def test_asyncpg_runs_commands_as_simple_queries(pgmux) -> None:
         console = await asyncpg.connect(host=proxy.host, port=proxy.port(), user=APP.name, password=APP.password,
                                         database="pgbouncer")
         assert await console.execute("PAUSE app") == "PAUSE"
-        assert proxy.call(lambda p: p.is_paused("app"))
+        assert proxy.call(lambda p: p.router.is_paused("app"))
         assert await console.execute("RESUME app") == "RESUME"
         assert await console.execute("SHOW POOLS") == "SHOW"
         with pytest.raises(asyncpg.FeatureNotSupportedError, match="extended query protocol"):
@@ -208,7 +208,7 @@ def test_asyncpg_runs_commands_as_simple_queries(pgmux) -> None:
         await console.close()
 
     asyncio.run(scenario())
-    assert not proxy.call(lambda p: p.is_paused("app"))
+    assert not proxy.call(lambda p: p.router.is_paused("app"))
 
 
 def test_pause_waits_for_transactions_then_holds_clients_until_resume(pgmux) -> None:
@@ -224,7 +224,7 @@ def test_pause_waits_for_transactions_then_holds_clients_until_resume(pgmux) -> 
         busy.execute("COMMIT")
         assert pause.result(10).statusmessage == "PAUSE"
         # Paused: every server is gone, and a new request waits instead of failing.
-        assert proxy.call(lambda p: next(iter(p.pools.values())).total) == 0
+        assert proxy.call(lambda p: next(iter(p.router.pools.values())).total) == 0
         query = pool.submit(lambda: later.execute("SELECT 42").fetchone())
         deadline = time.monotonic() + 5
         while pool_row(observer)["cl_waiting"] != 1 and time.monotonic() < deadline:
@@ -307,7 +307,7 @@ def test_kill_drops_the_databases_clients_and_new_ones_wait_for_resume(pgmux) ->
         assert console.execute("KILL app").statusmessage == "KILL"
         with pytest.raises(psycopg.OperationalError):
             victim.execute("SELECT 1")
-        assert proxy.call(lambda p: next(iter(p.pools.values())).total) == 0
+        assert proxy.call(lambda p: next(iter(p.router.pools.values())).total) == 0
         assert rows(console, "SHOW DATABASES")[0]["paused"] == 1
         with app(proxy) as newcomer:
             query = pool.submit(lambda: newcomer.execute("SELECT 5").fetchone())
