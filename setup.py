@@ -35,6 +35,9 @@ HOT_MODULES = [
     "proxy/protocol/startup.py",
     "proxy/app.py",
     "proxy/admission.py",
+    "proxy/registry.py",
+    "proxy/cancel.py",
+    "proxy/routing.py",
     "proxy/auth/client_auth.py",
 ]
 SCANNER_SOURCE = "proxy/protocol/_scanner.c"

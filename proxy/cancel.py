@@ -19,6 +19,8 @@ CANCEL_LOG_INTERVAL: Final = 10.0  # CancelRequests with unknown keys: one log l
 class Cancellable:
     """A connection a CancelRequest can reach: the client edge implements it."""
 
+    __slots__ = ()  # interpreted, a base without slots would give every client a __dict__
+
     cancel_key: tuple[int, bytes]  # (process id, secret) given to the client; (0, b"") before its welcome
 
     def cancel_query(self) -> None:

@@ -51,6 +51,8 @@ class ClientPeer:
     A mypyc trait, not a typing.Protocol: compiled, each call stays a native vtable call.
     """
 
+    __slots__ = ()  # interpreted, a base without slots would give every client a __dict__
+
     id: str
     statements: ClientStatements | None  # the client's named statements, when pgmux rewrites them
 
