@@ -1,4 +1,4 @@
-"""Proxy, the composition root: builds the registry, cancel keys, router and observers; owns the listeners, the janitor and the process lifecycle."""
+"""Proxy, the composition root: builds the registry, cancel keys, router and observers; runs the process."""
 
 from __future__ import annotations
 

@@ -95,8 +95,8 @@ class ClientConnection(ClientPeer, Cancellable):
         "_queued_bytes", "_refusal", "_reset_seen", "_resync", "_scanner", "_skipper",
         "_startup_buffer", "_startup_params", "_task", "_unsupported_options", "_waiter", "cancel_key",
         "cancel_keys", "connected_at", "database", "id", "last_active", "listener", "params", "peer", "pending", "pool",
-        "query_started", "registry", "router", "server", "state", "statements", "transaction_mode", "transport", "unreported",
-        "user", "wait_started",
+        "query_started", "registry", "router", "server", "state", "statements", "transaction_mode", "transport",
+        "unreported", "user", "wait_started",
         "_stall_mark", "_stalled_since",
     )
 

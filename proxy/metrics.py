@@ -170,7 +170,7 @@ class _PoolRow:
 
 
 class PgmuxExposition:
-    """Writes every pgmux_* metric in the Prometheus text format from the registry's and the router's objects at scrape time.
+    """Writes every pgmux_* metric in the Prometheus text format from the registry and the router at scrape time.
 
     Values are read from the live pools and connections; nothing is kept between scrapes. The text
     comes in parts, per-pool families a slice of pools at a time, so that the caller can let the

@@ -1,4 +1,4 @@
-"""Plain counters and fixed-bucket histograms that the hot path bumps, and the totals and averages /metrics and SHOW STATS read."""
+"""Plain counters and histograms the hot path bumps; the totals and averages SHOW STATS and the stats line read."""
 
 from __future__ import annotations
 
