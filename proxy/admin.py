@@ -11,18 +11,20 @@ from typing import TYPE_CHECKING, Any
 
 from proxy import __version__
 from proxy.logs import get_logger
+from proxy.login import welcome
 from proxy.protocol import errors
 from proxy.protocol import messages as m
 from proxy.protocol.errors import PgError
 from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation
 from proxy.settings import Settings, parse_upstream_url
 from proxy.states import CLIENT_NAMES, LOGGING_IN, SERVER_NAMES, ClientState
-from proxy.stats import sum_totals
+from proxy.stats import StatsWindow, sum_totals
 
 if TYPE_CHECKING:
-    from proxy.app import Proxy
     from proxy.client import ClientConnection
     from proxy.pool import Pool
+    from proxy.registry import Registry
+    from proxy.routing import Router
     from proxy.server import ServerConnection
 
 log = get_logger("admin")
@@ -151,6 +153,16 @@ def _tls(transport: Any) -> str:
 Reply = bytes | Coroutine[Any, Any, bytes]
 
 
+class Lifecycle:
+    """What SHUTDOWN, RELOAD and KILL do to the whole pooler: supplied by the composition root (app.Proxy)."""
+
+    def __init__(self, shutdown: Callable[[bool], None], reload: Callable[[], str | None],
+                 kill: Callable[[str | None], None]) -> None:
+        self.shutdown = shutdown  # start stopping (graceful or not); returns at once
+        self.reload = reload  # reload from the configuration source: why not, or None when done
+        self.kill = kill  # drop a database's (None: every database's) clients and servers
+
+
 class AdminSession:
     """One admin console connection: simple-query commands in, result sets out.
 
@@ -158,14 +170,21 @@ class AdminSession:
     meanwhile are answered in order after them.
     """
 
-    def __init__(self, proxy: Proxy, client: ClientConnection, can_modify: bool) -> None:
-        self.proxy = proxy
+    def __init__(self, registry: Registry[ClientConnection], router: Router, stats_window: StatsWindow,
+                 lifecycle: Lifecycle, client: ClientConnection, can_modify: bool) -> None:
+        self.registry = registry
+        self.router = router
+        self.stats_window = stats_window
+        self.lifecycle = lifecycle
         self.client = client
         self.can_modify = can_modify
         self._scanner = FrameScanner(frozenset(range(256)), max_length=1 << 20)
         self._queue: collections.deque[tuple[int, str]] = collections.deque()  # (message type, query text)
         self._skipping = False  # an extended-protocol message was refused: ignore the rest up to Sync
         self._waiting: asyncio.Task[None] | None = None
+
+    def welcome(self) -> bytes:
+        return welcome(ADMIN_PARAMETERS, 0, b"")
 
     def feed(self, data: bytes) -> None:
         try:
@@ -206,7 +225,7 @@ class AdminSession:
             if isinstance(reply, bytes):
                 self.client.write(reply)
             else:
-                self._waiting = self.proxy.spawn(self._answer_later(reply), name=f"admin {self.client.id}")
+                self._waiting = self.registry.spawn(self._answer_later(reply), name=f"admin {self.client.id}")
         if not self._queue:
             self.client.flow.resume_for_queue()
 
@@ -268,7 +287,7 @@ class AdminSession:
         return result([("version", "s")], [[f"pgmux {__version__}"]])
 
     def show_state(self) -> bytes:
-        paused = self.proxy.paused_all
+        paused = self.router.paused_all
         return result([("key", "s"), ("value", "s")],
                       [["active", "no" if paused else "yes"], ["paused", "yes" if paused else "no"],
                        ["suspended", "no"]])
@@ -276,14 +295,14 @@ class AdminSession:
     def _client_counts(self) -> collections.Counter[tuple[Pool, str]]:
         """Clients per (pool, SHOW POOLS column)."""
         counts: collections.Counter[tuple[Pool, str]] = collections.Counter()
-        for client in self.proxy.clients:
+        for client in self.registry.clients:
             column = CLIENT_NAMES[client.state].column
             if client.pool is not None and column is not None:
                 counts[(client.pool, column)] += 1
         return counts
 
     def _pools(self) -> list[Pool]:
-        return sorted(self.proxy.pools.values(), key=lambda p: (p.key.database, p.key.user))
+        return sorted(self.router.pools.values(), key=lambda p: (p.key.database, p.key.user))
 
     def show_pools(self) -> bytes:
         counts = self._client_counts()
@@ -303,21 +322,21 @@ class AdminSession:
         return result(columns, rows)
 
     def _default_mode(self) -> str:
-        modes = {listener.pool_mode.value for listener in self.proxy.settings.all_listeners()}
+        modes = {listener.pool_mode.value for listener in self.router.settings.all_listeners()}
         return modes.pop() if len(modes) == 1 else "mixed"
 
     def _pool_modes(self) -> dict[Pool, str]:
         """The pool mode of each pool's clients; "mixed" when clients of both listeners share it."""
         seen: dict[Pool, set[str]] = collections.defaultdict(set)
-        for client in self.proxy.clients:
+        for client in self.registry.clients:
             if client.pool is not None:
                 seen[client.pool].add(client.listener.pool_mode.value)
         return {pool: modes.pop() if len(modes) == 1 else "mixed" for pool, modes in seen.items()}
 
     def show_stats(self) -> bytes:
-        window = self.proxy.stats_window
+        window = self.stats_window
         rows = []
-        for database, totals in self.proxy.totals_by_database().items():
+        for database, totals in self.router.totals_by_database().items():
             values = totals.values()
             averages = window.averages(database).values()
             # total_requests: PgBouncer 1.7's name for total_query_count, still read by the Debian
@@ -327,26 +346,26 @@ class AdminSession:
         return result(columns, rows)
 
     def show_stats_totals(self) -> bytes:
-        rows = [[database, *totals.values()] for database, totals in self.proxy.totals_by_database().items()]
+        rows = [[database, *totals.values()] for database, totals in self.router.totals_by_database().items()]
         return result([("database", "s")] + [(name, "N") for name in _TOTALS_NAMES], rows)
 
     def show_stats_averages(self) -> bytes:
-        window = self.proxy.stats_window
-        rows = [[database, *window.averages(database).values()] for database in self.proxy.totals_by_database()]
+        window = self.stats_window
+        rows = [[database, *window.averages(database).values()] for database in self.router.totals_by_database()]
         return result([("database", "s")] + [(name, "N") for name in _AVERAGES_NAMES], rows)
 
     def show_totals(self) -> bytes:
-        totals = sum_totals(self.proxy.totals_by_database().values()).values()
-        averages = self.proxy.stats_window.averages(None).values()
+        totals = sum_totals(self.router.totals_by_database().values()).values()
+        averages = self.stats_window.averages(None).values()
         rows = [[f"total_{name}", value] for name, value in zip(_TOTALS_ROW_NAMES, totals)]
         rows += [[f"avg_{name}", value] for name, value in zip(_TOTALS_ROW_NAMES, averages)]
         return result([("name", "s"), ("value", "N")], rows)
 
     def show_databases(self) -> bytes:
-        proxy = self.proxy
-        settings = proxy.settings
+        router = self.router
+        settings = router.settings
         server_counts: collections.Counter[str] = collections.Counter()
-        for pool in proxy.pools.values():
+        for pool in router.pools.values():
             server_counts[pool.key.database] += pool.total
         rows = []
         for name, db in sorted(settings.all_databases().items()):
@@ -358,9 +377,9 @@ class AdminSession:
                 db.pool_size if db.pool_size is not None else settings.default_pool_size,
                 db.min_pool_size if db.min_pool_size is not None else settings.min_pool_size,
                 db.reserve_pool_size if db.reserve_pool_size is not None else settings.reserve_pool_size,
-                int(settings.server_lifetime), None, None, proxy.database_max_connections(name),
-                server_counts[name], max_clients, proxy.admission.per_database.get(name, 0),
-                1 if proxy.is_paused(name) else 0, 0,
+                int(settings.server_lifetime), None, None, router.database_max_connections(name),
+                server_counts[name], max_clients, router.admission.per_database.get(name, 0),
+                1 if router.is_paused(name) else 0, 0,
             ])
         columns: Columns = [("name", "s"), ("host", "s"), ("port", "i"), ("database", "s"), ("force_user", "s"),
                             # reserve_pool: PgBouncer's name before 1.24 (reserve_pool_size after). The
@@ -374,19 +393,19 @@ class AdminSession:
         return result(columns, rows)
 
     def _users(self) -> list[str]:
-        settings = self.proxy.settings
+        settings = self.router.settings
         names = set(settings.users)
         names.update(parse_upstream_url(db.url.get_secret_value()).user for db in settings.all_databases().values())
-        names.update(pool.key.user for pool in self.proxy.pools.values())
+        names.update(pool.key.user for pool in self.router.pools.values())
         return sorted(names)
 
     def show_users(self) -> bytes:
-        proxy = self.proxy
+        router = self.router
         server_counts: collections.Counter[str] = collections.Counter()
-        for pool in proxy.pools.values():
+        for pool in router.pools.values():
             server_counts[pool.key.user] += pool.total
-        rows = [[user, None, None, None, proxy.settings.max_user_connections, server_counts[user],
-                 proxy.settings.max_user_client_connections, proxy.admission.per_user.get(user, 0)]
+        rows = [[user, None, None, None, router.settings.max_user_connections, server_counts[user],
+                 router.settings.max_user_client_connections, router.admission.per_user.get(user, 0)]
                 for user in self._users()]
         columns: Columns = [("name", "s"), ("pool_size", "s"), ("reserve_pool_size", "s"), ("pool_mode", "s"),
                             ("max_user_connections", "i"), ("current_connections", "i"),
@@ -394,17 +413,17 @@ class AdminSession:
         return result(columns, rows)
 
     def show_lists(self) -> bytes:
-        proxy = self.proxy
-        logging_in = sum(1 for client in proxy.clients if client.state in LOGGING_IN)
-        items = [("databases", len(proxy.settings.all_databases())), ("users", len(self._users())), ("peers", 0),
-                 ("pools", len(proxy.pools)), ("peer_pools", 0), ("free_clients", 0),
-                 ("used_clients", len(proxy.clients)), ("login_clients", logging_in), ("free_servers", 0),
-                 ("used_servers", sum(pool.total for pool in proxy.pools.values())), ("dns_names", 0),
+        router, clients = self.router, self.registry.clients
+        logging_in = sum(1 for client in clients if client.state in LOGGING_IN)
+        items = [("databases", len(router.settings.all_databases())), ("users", len(self._users())), ("peers", 0),
+                 ("pools", len(router.pools)), ("peer_pools", 0), ("free_clients", 0),
+                 ("used_clients", len(clients)), ("login_clients", logging_in), ("free_servers", 0),
+                 ("used_servers", sum(pool.total for pool in router.pools.values())), ("dns_names", 0),
                  ("dns_zones", 0), ("dns_queries", 0), ("dns_pending", 0)]
         return result([("list", "s"), ("items", "i")], [list(item) for item in items])
 
     def show_config(self) -> bytes:
-        settings = self.proxy.settings
+        settings = self.router.settings
         shown = settings.redacted()
         rows = []
         for name, field in Settings.model_fields.items():
@@ -418,7 +437,7 @@ class AdminSession:
 
     def show_clients(self) -> bytes:
         rows = []
-        for client in sorted(self.proxy.clients, key=lambda c: _number(c.id)):
+        for client in sorted(self.registry.clients, key=lambda c: _number(c.id)):
             row = self._client_row(client)
             if row is not None:
                 rows.append(row)
@@ -454,7 +473,7 @@ class AdminSession:
         backend_pid = server.backend_key[0] if server.backend_key else 0
         return ["S", pool.key.user, pool.key.database, "none", state, addr, port, local_addr, local_port,
                 _wall(server.created_at), _wall(server.idle_since), 0, 0,
-                1 if self.proxy.close_needed(pool, server) else 0, server.id,
+                1 if self.router.close_needed(pool, server) else 0, server.id,
                 client.id if client is not None else "", backend_pid, _tls(server.transport),
                 server.params.get("application_name", ""), 0, _number(server.id)]
 
@@ -463,48 +482,48 @@ class AdminSession:
     def _database(self, name: str) -> str:
         if name in ("pgmux", "pgbouncer"):
             raise errors.admin_wrong_state(f"cannot do that to the admin console database: {name}")
-        if name not in self.proxy.database_names():
+        if name not in self.router.database_names():
             raise errors.admin_no_such_database(name)
         return name
 
     def cmd_pause(self, argument: str) -> Reply:
-        proxy = self.proxy
-        if proxy.paused_all:
+        router = self.router
+        if router.paused_all:
             raise errors.admin_wrong_state("already suspended/paused")
         database = self._database(argument) if argument else None
-        if database is not None and proxy.is_paused(database):
+        if database is not None and router.is_paused(database):
             raise errors.admin_wrong_state(f"database {database} is already paused")
-        proxy.pause(database)
-        return self._when(lambda: proxy.servers_in_use(database) == 0, "PAUSE")
+        router.pause(database)
+        return self._when(lambda: router.servers_in_use(database) == 0, "PAUSE")
 
     def cmd_resume(self, argument: str) -> Reply:
-        proxy = self.proxy
-        if proxy.draining:
+        router = self.router
+        if self.registry.draining:
             raise errors.admin_wrong_state("pooler is shutting down")
         if argument:
             database = self._database(argument)
-            if database not in proxy.paused:
+            if database not in router.paused:
                 raise errors.admin_wrong_state(f"database {database} is not paused")
-            proxy.resume(database)
+            router.resume(database)
         else:
-            if not proxy.paused_all and not proxy.paused:
+            if not router.paused_all and not router.paused:
                 raise errors.admin_wrong_state("pooler is not paused/suspended")
-            proxy.resume(None)
+            router.resume(None)
         return done("RESUME")
 
     def cmd_reconnect(self, argument: str) -> Reply:
-        self.proxy.reconnect(self._database(argument) if argument else None)
+        self.router.reconnect(self._database(argument) if argument else None)
         return done("RECONNECT")
 
     def cmd_kill(self, argument: str) -> Reply:
-        if self.proxy.paused_all:
+        if self.router.paused_all:
             raise errors.admin_wrong_state("already suspended/paused")
-        self.proxy.kill(self._database(argument) if argument else None)
+        self.lifecycle.kill(self._database(argument) if argument else None)
         return done("KILL")
 
     def cmd_kill_client(self, argument: str) -> Reply:
         wanted = argument if argument.startswith("c") else f"c{argument}"
-        for client in list(self.proxy.clients):
+        for client in list(self.registry.clients):
             if client.id == wanted and client is not self.client:
                 client.fail(PgError(errors.SqlState.ADMIN_SHUTDOWN,
                                     "terminating connection due to administrator command (KILL_CLIENT)",
@@ -514,13 +533,13 @@ class AdminSession:
 
     def cmd_wait_close(self, argument: str) -> Reply:
         database = self._database(argument) if argument else None
-        proxy = self.proxy
-        return self._when(lambda: proxy.servers_to_close(database) == 0, "WAIT_CLOSE")
+        router = self.router
+        return self._when(lambda: router.servers_to_close(database) == 0, "WAIT_CLOSE")
 
     def cmd_reload(self, argument: str) -> Reply:
         if argument:
             return failure(errors.admin_unknown_command(f"RELOAD {argument}"))
-        problem = self.proxy.reload_from_source()
+        problem = self.lifecycle.reload()
         if problem is not None:
             raise errors.admin_reload_failed(problem)
         return done("RELOAD")
@@ -531,7 +550,7 @@ class AdminSession:
             return failure(errors.admin_unknown_command(f"SHUTDOWN {argument}"))
         graceful = bool(mode)
         log.info("SHUTDOWN%s requested on the admin console", f" {mode.upper()}" if mode else "")
-        self.proxy.spawn(self.proxy.stop(graceful=graceful), name="shutdown")
+        self.lifecycle.shutdown(graceful)
         # An immediate SHUTDOWN is answered by the connection closing (PgBouncer does the same).
         return done("SHUTDOWN") if graceful else b""
 

@@ -57,9 +57,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"pgmux {__version__}, {BUILD.describe()}")
         return
     if args.command == "demo":
-        from proxy.demo import run_demo
+        from proxy.demo import embedded_demo
 
-        run_demo(setting_flags)
+        with embedded_demo() as demo:
+            settings = load_or_exit(None, setting_flags, upstream_url=demo.upstream_url)
+            setup_logging(settings.log_format, settings.log_level)
+            serve(settings, on_ready=demo.announce)
         return
     settings = load_or_exit(args.config, setting_flags)
     if args.command == "check-config":
@@ -69,10 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     serve(settings, lambda: load_settings(args.config, setting_flags))
 
 
-def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = None) -> None:
+def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = None,
+          on_ready: Callable[[Any], None] | None = None) -> None:
     from proxy.app import run
 
-    run_until_stopped(run(settings, reload_settings=reload_settings))
+    run_until_stopped(run(settings, on_ready=on_ready, reload_settings=reload_settings))
 
 
 def run_until_stopped(main: Coroutine[Any, Any, None]) -> None:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Final, cast
 
 from mypy_extensions import trait
 
+from proxy.cancel import CancelKeys, Cancellable
 from proxy.flow import FlowControl
 from proxy.logs import get_logger
 from proxy.parameters import SYNCED_PARAMETERS, parameter_sync
@@ -26,13 +27,13 @@ from proxy.protocol.framing import (
     is_whole,
 )
 from proxy.protocol.sql_words import mentions_reset
-from proxy.server import ServerConnection
+from proxy.registry import Console, Registry
+from proxy.routing import Router
+from proxy.server import ClientPeer, ServerConnection
 from proxy.settings import ListenerSettings, PoolMode
 from proxy.states import ClientState, ServerState
 
 if TYPE_CHECKING:
-    from proxy.admin import AdminSession
-    from proxy.app import Proxy
     from proxy.pool import Pool, Waiter
 
 log = get_logger("client")
@@ -86,7 +87,7 @@ class Login:
         raise NotImplementedError
 
 
-class ClientConnection:
+class ClientConnection(ClientPeer, Cancellable):
     """An application connection, relayed to a pooled server one transaction (or session) at a time.
 
     An asyncio protocol by its methods, not by inheriting asyncio.Protocol: a class with a Python
@@ -97,18 +98,21 @@ class ClientConnection:
     __slots__ = (
         "_admin", "admitted", "_cancel_sent", "_linked_at", "_queued",
         "_copy_done_early", "_copy_ignored", "_copy_in", "_query_mark", "_held_for_sync",
-        "_queued_bytes", "_reset_seen", "_resync", "_scanner", "_skipper",
+        "_queued_bytes", "_reset_seen", "_resync", "_scanner", "_skipper", "cancel_keys", "registry", "router",
         "startup_params", "_waiter", "cancel_key",
         "connected_at", "database", "flow", "id", "last_active", "listener", "login", "params", "peer", "pending",
-        "pool", "proxy", "query_started", "replay", "server", "state", "statements", "transaction_mode", "transport",
+        "pool", "query_started", "replay", "server", "state", "statements", "transaction_mode", "transport",
         "unreported",
         "user", "wait_started",
         "_stall_mark", "_stalled_since",
     )
 
-    def __init__(self, proxy: Proxy, listener: ListenerSettings) -> None:
+    def __init__(self, router: Router, registry: Registry[ClientConnection], cancel_keys: CancelKeys,
+                 listener: ListenerSettings) -> None:
         self.id = f"c{next(_ids)}"
-        self.proxy = proxy
+        self.router = router
+        self.registry = registry
+        self.cancel_keys = cancel_keys
         self.listener = listener
         self.transaction_mode = listener.pool_mode is PoolMode.TRANSACTION
         self.state = ClientState.STARTUP
@@ -135,7 +139,7 @@ class ClientConnection:
         self._queued_bytes = 0
         self._skipper: BatchSkipper | None = None  # answering a refused request: skipping to its batch end
         self.admitted = False  # counted by Admission until the connection ends
-        self._admin: AdminSession | None = None
+        self._admin: Console | None = None
         self.statements: ClientStatements | None = None  # named statements, when pgmux rewrites them
         # The batch in flight, kept while its answer may yet show that the server lost pgmux's statements:
         # then nothing of it has run, and it is sent again (resend_batch). Only a batch that relied on
@@ -315,13 +319,24 @@ class ClientConnection:
             pool.accepted_settings.clear()
         self.fail(errors.parameter_refused_by_server(error, "parameter_sync_failed"), reason="parameter_sync_failed")
 
+    def cancel_query(self) -> None:
+        """A CancelRequest with this client's key: forward it to the server running its query, if any."""
+        server = self.server
+        if server is None or not self.pending:
+            log.info("cancel request ignored: no query running", extra={"conn": self.id})
+            return
+        log.info("forwarding cancel request to %s", server.id, extra={"conn": self.id})
+        if self.pool is not None:
+            self.pool.stats.cancels_forwarded += 1
+            self.pool.cancel(server)
+
     def on_server_lost(self, server: ServerConnection) -> None:
         self.server = None
         log.warning("server %s at %s lost while it served this client: %s", server.id, server.upstream.redacted(),
                     server.close_reason, extra={"conn": self.id})
         if server.fatal_relayed:
             # The client has the backend's own FATAL already: one error per failure, then the close.
-            self.proxy.count_rejection("server_lost")
+            self.registry.count_rejection("server_lost")
             self._close_quietly("the server ended the session with a FATAL")
         else:
             self.fail(errors.server_connection_lost(), reason="server_lost")
@@ -334,13 +349,13 @@ class ClientConnection:
         self.state = ClientState.LOGIN
         capture = _RELAY_CAPTURE
         keep_whole = None  # a simple Query's head is enough: a huge one counts as mentioning RESET
-        if self.transaction_mode and self.proxy.settings.max_prepared_statements:
-            self.statements = ClientStatements(self.proxy.statement_names, pool.stats.prepared)
+        if self.transaction_mode and self.router.settings.max_prepared_statements:
+            self.statements = ClientStatements(self.router.statement_names, pool.stats.prepared)
             capture = _PREPARED_CAPTURE
             keep_whole = needs_whole
         self._scanner = FrameScanner(capture, counted=_RELAY_COUNTED, neutral=_RELAY_NEUTRAL,
                                      head_limit=_CAPTURE_HEAD, keep_whole=keep_whole,
-                                     max_whole=self.proxy.settings.max_client_buffer)
+                                     max_whole=self.router.settings.max_client_buffer)
 
     def logged_in(self) -> None:
         """The welcome is sent: requests go to the pool from now on, those that came meanwhile first."""
@@ -349,7 +364,7 @@ class ClientConnection:
         if self._queued:
             self._relay(b"".join(self._take_queued()))
 
-    def open_console(self, console: AdminSession) -> None:
+    def open_console(self, console: Console) -> None:
         """From now on this connection talks to the admin console."""
         self.state = ClientState.ADMIN
         self.login = None
@@ -474,6 +489,9 @@ class ClientConnection:
             size += len(data)
         return size <= _REPLAY_LIMIT
 
+    def forget_replay(self) -> None:
+        self.replay = None
+
     def resend_batch(self) -> None:
         """The linked server had lost pgmux's statements, and the kept batch failed for it before anything
         of it ran or reached the client: send it again, the statements prepared afresh.
@@ -518,7 +536,7 @@ class ClientConnection:
     def _queue(self, data: bytes) -> None:
         self._queued.append(data)
         self._queued_bytes += len(data)
-        if self._queued_bytes > min(_QUEUE_HIGH_WATER, self.proxy.settings.max_client_buffer):
+        if self._queued_bytes > min(_QUEUE_HIGH_WATER, self.router.settings.max_client_buffer):
             self.flow.pause_for_queue()
 
     def _take_queued(self) -> list[bytes]:
@@ -570,7 +588,7 @@ class ClientConnection:
         The client gets the ErrorResponse now; everything up to its next Sync (or the Query itself)
         is discarded and answered with one ReadyForQuery, and what it pipelined after that is served.
         """
-        self.proxy.count_rejection(error.reason or "upstream_unavailable")
+        self.registry.count_rejection(error.reason or "upstream_unavailable")
         log.warning("request refused: %s", error, extra={"conn": self.id})
         self.write(error.to_bytes())
         self._skipper = BatchSkipper(_BATCH_ENDS_AND_TERMINATE)
@@ -645,7 +663,7 @@ class ClientConnection:
         """Between transactions: keep the server within max_prepared_statements, or drop every statement
         when pgmux's record of them may be wrong (a stale plan, a statement drop)."""
         held = server.prepared.statements
-        limit = self.proxy.settings.max_prepared_statements
+        limit = self.router.settings.max_prepared_statements
         if not server.prepared.discard_all and len(held) <= limit:
             return  # the common case: nothing to drop
         if server.prepared.discard_all:
@@ -663,7 +681,7 @@ class ClientConnection:
         server.send_internal("DEALLOCATE ALL")
 
     def on_stale_plan(self) -> None:
-        self.proxy.statement_names.invalidate_all()
+        self.router.statement_names.invalidate_all()
 
     def at_transaction_boundary(self) -> bool:
         """True when closing now loses nothing: no request in flight and no transaction open."""
@@ -676,10 +694,10 @@ class ClientConnection:
     # ---- timeouts (checked by the janitor) --------------------------------------------------------
 
     def check_timeouts(self, now: float) -> None:
-        settings = self.proxy.settings
+        settings = self.router.settings
         server = self.server
         if server is not None and settings.client_request_timeout and self._request_stalled(now):
-            self.proxy.count_rejection("client_request_timeout")
+            self.registry.count_rejection("client_request_timeout")
             self.fail(errors.client_request_timeout(settings.client_request_timeout))
             return
         if self.pending:
@@ -698,10 +716,10 @@ class ClientConnection:
         idle_for = now - self.last_active
         in_transaction = server is not None and server.tx_status is not m.TransactionStatus.IDLE
         if in_transaction and settings.idle_transaction_timeout and idle_for > settings.idle_transaction_timeout:
-            self.proxy.count_rejection("idle_transaction_timeout")
+            self.registry.count_rejection("idle_transaction_timeout")
             self.fail(errors.idle_transaction_timeout(settings.idle_transaction_timeout))
         elif not in_transaction and settings.client_idle_timeout and idle_for > settings.client_idle_timeout:
-            self.proxy.count_rejection("client_idle_timeout")
+            self.registry.count_rejection("client_idle_timeout")
             self.fail(errors.client_idle_timeout(settings.client_idle_timeout))
 
     def _request_stalled(self, now: float) -> bool:
@@ -720,14 +738,14 @@ class ClientConnection:
         if not self._stalled_since or progress != self._stall_mark:
             self._stall_mark, self._stalled_since = progress, now
             return False
-        return now - self._stalled_since > self.proxy.settings.client_request_timeout
+        return now - self._stalled_since > self.router.settings.client_request_timeout
 
     # ---- ending -----------------------------------------------------------------------------------
 
     def fail(self, error: PgError, reason: str | None = None) -> None:
         """Send the error; a FATAL one also ends the connection."""
         if reason:
-            self.proxy.count_rejection(reason)
+            self.registry.count_rejection(reason)
         if self.state is ClientState.CLOSED:
             return
         self.write(error.to_bytes())
@@ -758,10 +776,13 @@ class ClientConnection:
         if self._waiter is not None:
             self.pool.cancel_wait(self._waiter)  # type: ignore[union-attr]
             self._waiter = None
-        self.proxy.forget_client(self)
+        self.registry.forget_client(self)
+        self.cancel_keys.forget(self)
+        if self.pool is not None:
+            self.pool.clients -= 1  # counted in by Router.login_pool
         if self.admitted:
             self.admitted = False
-            self.proxy.admission.leave(self.database, self.user)
+            self.router.admission.leave(self.database, self.user)
         server, self.server = self.server, None
         if server is not None and self.pool is not None:
             self._return_server(server, self.pool)

@@ -21,8 +21,10 @@ from proxy.settings import split_address
 from proxy.states import CLIENT_LABELS, CLIENT_NAMES, LOGGING_IN, SERVER_LABELS, SERVER_NAMES
 
 if TYPE_CHECKING:
-    from proxy.app import Proxy
+    from proxy.client import ClientConnection
     from proxy.pool import Pool, PoolConfig
+    from proxy.registry import Registry
+    from proxy.routing import Router
     from proxy.settings import Upstream
 
 log = get_logger("metrics")
@@ -161,31 +163,33 @@ class _PoolRow:
 
 
 class PgmuxExposition:
-    """Writes every pgmux_* metric in the Prometheus text format from the proxy's objects at scrape time.
+    """Writes every pgmux_* metric in the Prometheus text format from the registry and the router at scrape time.
 
     Values are read from the live pools and connections; nothing is kept between scrapes. The text
     comes in parts, per-pool families a slice of pools at a time, so that the caller can let the
     event loop run between parts: one scrape of many pools never holds the relay for long.
     """
 
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
+    def __init__(self, registry: Registry[ClientConnection], router: Router, readiness: Readiness) -> None:
+        self.registry = registry
+        self.router = router
+        self.readiness = readiness
 
     def parts(self) -> Iterator[str]:
-        proxy = self.proxy
+        router = self.router
         now = time.monotonic()
         yield self._process_wide()
-        pools = list(proxy.pools.values())  # in creation order: sorting thousands would be one long step
+        pools = list(router.pools.values())  # in creation order: sorting thousands would be one long step
         rows: list[_PoolRow] = []
         server_counts: collections.Counter[str] = collections.Counter()
         for start in range(0, len(pools), _SLICE):
             for pool in pools[start:start + _SLICE]:
                 rows.append(_PoolRow(pool, _labels(database=pool.key.database, user=pool.key.user),
-                                     proxy.configured_pool(pool)))
+                                     router.configured_pool(pool)))
                 server_counts[pool.key.database] += pool.total
             yield ""
         clients: collections.Counter[tuple[Pool, str, str]] = collections.Counter()
-        everyone = list(proxy.clients)
+        everyone = list(self.registry.clients)
         logging_in = 0
         for start in range(0, len(everyone), _SLICE * 32):
             for client in everyone[start:start + _SLICE * 32]:
@@ -196,7 +200,7 @@ class PgmuxExposition:
                     clients[(client.pool, client.listener.pool_mode.value, label)] += 1
             yield ""
         yield _header("pgmux_login_clients") + _sample("pgmux_login_clients", "", logging_in)
-        modes = sorted({listener.pool_mode.value for listener in proxy.settings.all_listeners()})
+        modes = sorted({listener.pool_mode.value for listener in router.settings.all_listeners()})
 
         def client_lines(row: _PoolRow) -> str:
             return "".join(_sample("pgmux_clients", f'{row.labels},pool_mode="{mode}",state="{state}"',
@@ -237,19 +241,20 @@ class PgmuxExposition:
             yield "".join(lines(row) for row in rows[start:start + _SLICE])
 
     def _process_wide(self) -> str:
-        proxy = self.proxy
+        registry = self.registry
         rejections = collections.Counter({reason: 0 for reason in REJECTION_REASONS})
-        rejections.update(proxy.rejections)
+        rejections.update(registry.rejections)
         build = _labels(version=__version__, python_version=platform.python_version(),
                         hot_path="compiled" if BUILD.compiled else "python")
         out = [
             _header("pgmux_build_info"), _sample("pgmux_build_info", build, 1),
-            _header("pgmux_ready"), _sample("pgmux_ready", "", 1 if proxy.readiness.ready()[0] else 0),
-            _header("pgmux_draining"), _sample("pgmux_draining", "", 1 if proxy.draining else 0),
-            _header("pgmux_client_connections"), _sample("pgmux_client_connections", "", len(proxy.clients)),
-            _header("pgmux_max_client_conn"), _sample("pgmux_max_client_conn", "", proxy.settings.max_client_conn),
+            _header("pgmux_ready"), _sample("pgmux_ready", "", 1 if self.readiness.ready()[0] else 0),
+            _header("pgmux_draining"), _sample("pgmux_draining", "", 1 if registry.draining else 0),
+            _header("pgmux_client_connections"), _sample("pgmux_client_connections", "", len(registry.clients)),
+            _header("pgmux_max_client_conn"),
+            _sample("pgmux_max_client_conn", "", self.router.settings.max_client_conn),
             _header("pgmux_client_connections_accepted_total"),
-            _sample("pgmux_client_connections_accepted_total", "", proxy.accepted),
+            _sample("pgmux_client_connections_accepted_total", "", registry.accepted),
             _header("pgmux_client_rejections_total"),
         ]
         out.extend(_sample("pgmux_client_rejections_total", _labels(reason=reason), count)
@@ -257,11 +262,11 @@ class PgmuxExposition:
         return "".join(out)
 
     def _per_database(self, server_counts: collections.Counter[str]) -> str:
-        proxy = self.proxy
-        names = proxy.database_names()
+        router = self.router
+        names = router.database_names()
         out = []
-        for name, value_of in (("pgmux_database_paused", lambda db: 1 if proxy.is_paused(db) else 0),
-                               ("pgmux_database_max_connections", proxy.database_max_connections),
+        for name, value_of in (("pgmux_database_paused", lambda db: 1 if router.is_paused(db) else 0),
+                               ("pgmux_database_max_connections", router.database_max_connections),
                                ("pgmux_database_server_connections", lambda db: server_counts[db])):
             out.append(_header(name))
             out.extend(_sample(name, _labels(database=database), value_of(database)) for database in names)
@@ -316,8 +321,10 @@ class Readiness:
     login, no query, nothing in PostgreSQL's log. It runs only while the metrics port is served.
     """
 
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
+    def __init__(self, registry: Registry[ClientConnection], router: Router, addresses: list[tuple[str, int]]) -> None:
+        self.registry = registry
+        self.router = router
+        self.addresses = addresses  # where the listeners are bound: the composition root fills it in at start
         self.checks: dict[str, _Check] = {}
 
     async def run(self) -> None:
@@ -326,7 +333,7 @@ class Readiness:
             await asyncio.sleep(READINESS_PERIOD)
 
     async def check_once(self) -> None:
-        upstreams = self.proxy.upstreams()
+        upstreams = self.router.upstreams()
         results = await asyncio.gather(*(self._probe(upstream) for upstream in upstreams.values()))
         now = time.monotonic()
         self.checks = {name: _Check(ok, detail, now) for name, (ok, detail) in zip(upstreams, results)}
@@ -348,15 +355,14 @@ class Readiness:
 
     def ready(self) -> tuple[bool, list[str]]:
         """(ready, reasons): the reasons say what is wrong, or what was checked when all is well."""
-        proxy = self.proxy
         problems: list[str] = []
-        if not proxy.addresses:
+        if not self.addresses:
             problems.append("not listening yet")
-        if proxy.draining:
+        if self.registry.draining:
             problems.append("draining: shutting down")
         now = time.monotonic()
         notes = []
-        for name in proxy.upstreams():
+        for name in self.router.upstreams():
             check = self.checks.get(name)
             if check is None:
                 problems.append(f"database {name}: upstream not checked yet")
@@ -374,9 +380,11 @@ class Readiness:
 class MetricsServer:
     """/metrics, /healthz and /readyz on metrics_listen, served from pgmux's own event loop (no threads)."""
 
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
-        self.registry = process_registry()
+    def __init__(self, registry: Registry[ClientConnection], router: Router, readiness: Readiness) -> None:
+        self.registry = registry
+        self.router = router
+        self.readiness = readiness
+        self.process_metrics = process_registry()
         self.address: tuple[str, int] | None = None
         self._server: asyncio.Server | None = None
 
@@ -401,7 +409,7 @@ class MetricsServer:
         if path == "/healthz":
             return 200, "text/plain; charset=utf-8", [b"ok\n"]
         if path == "/readyz":
-            ready, reasons = self.proxy.readiness.ready()
+            ready, reasons = self.readiness.ready()
             body = ("ready\n" if ready else "not ready\n") + "".join(f"{reason}\n" for reason in reasons)
             return (200 if ready else 503), "text/plain; charset=utf-8", [body.encode()]
         if path == "/":
@@ -411,10 +419,10 @@ class MetricsServer:
     async def scrape(self) -> list[bytes]:
         """The /metrics text in parts, never joined: the event loop runs between them (about a millisecond each)."""
         parts = []
-        for part in PgmuxExposition(self.proxy).parts():
+        for part in PgmuxExposition(self.registry, self.router, self.readiness).parts():
             parts.append(part.encode())  # part by part: encoding megabytes at the end would be one long step
             await asyncio.sleep(0)
-        parts.append(generate_latest(self.registry))
+        parts.append(generate_latest(self.process_metrics))
         return parts
 
 
@@ -452,7 +460,7 @@ class _HttpConnection(asyncio.Protocol):
             return
         method, target = parts[0], parts[1]
         self.answering = True
-        self.server.proxy.spawn(self._answer(method, target.split("?", 1)[0]), name="metrics request")
+        self.server.registry.spawn(self._answer(method, target.split("?", 1)[0]), name="metrics request")
 
     async def _answer(self, method: str, path: str) -> None:
         status, content_type, body = await self.server.respond(method, path)

@@ -478,7 +478,7 @@ class Pool:
         return self._permanent_failure or self.server_params is None or outage >= self.config.server_login_retry
 
     def _start_connect(self) -> None:
-        server = ServerConnection(self.config.upstream, self.server_lost)
+        server = ServerConnection(self.config.upstream, self.server_lost, self.stats)
         self._move(server, ServerState.LOGIN)
         for budget in self._budgets:
             budget.used += 1

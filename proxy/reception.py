@@ -6,9 +6,8 @@ import asyncio
 import dataclasses
 from typing import TYPE_CHECKING
 
-from proxy.admin import ADMIN_PARAMETERS, AdminSession
+from proxy.cancel import CancelKeys
 from proxy.client import ClientConnection, Login
-from proxy.states import ClientState
 from proxy.logs import get_logger
 from proxy.login import (
     AuthFailed,
@@ -25,9 +24,11 @@ from proxy.login import (
 from proxy.parameters import SYNCED_PARAMETERS, settings_to_check
 from proxy.protocol import errors
 from proxy.protocol.errors import PgError
+from proxy.registry import Registry
+from proxy.routing import Router
+from proxy.states import ClientState
 
 if TYPE_CHECKING:
-    from proxy.app import Proxy
     from proxy.pool import Pool
 
 log = get_logger("client")  # login lines are the client's, as they always were
@@ -43,10 +44,13 @@ class Reception(Login):
     client_login_timeout (checked by the janitor, so no login pays for a timer).
     """
 
-    def __init__(self, proxy: Proxy, client: ClientConnection) -> None:
-        self.proxy = proxy  # every question to the pooler goes through here
+    def __init__(self, router: Router, registry: Registry[ClientConnection], cancel_keys: CancelKeys,
+                 client: ClientConnection) -> None:
+        self.router = router
+        self.registry = registry
+        self.cancel_keys = cancel_keys
         self.client = client
-        self.machine = LoginMachine(proxy.settings.ignore_startup_parameters)
+        self.machine = LoginMachine(router.settings.ignore_startup_parameters)
         self._task: asyncio.Task[None] | None = None  # the welcome, while it waits for the pool's first server
 
     # ---- Login ------------------------------------------------------------------------------------
@@ -54,7 +58,7 @@ class Reception(Login):
     def connection_made(self) -> None:
         # Decided now, told after the StartupMessage: drivers expect their SSLRequest answered first,
         # and a CancelRequest must get through even when pgmux is full.
-        refusal = self.proxy.client_limit_error()
+        refusal = self.registry.client_limit_error()
         if refusal is not None:
             self.machine.refuse(refusal)
 
@@ -62,9 +66,9 @@ class Reception(Login):
         return self._handle(self.machine.feed(data))
 
     def check_timeout(self, now: float) -> None:
-        timeout = self.proxy.settings.client_login_timeout
+        timeout = self.router.settings.client_login_timeout
         if timeout and now - self.client.connected_at > timeout:
-            self.proxy.count_rejection("login_timeout")
+            self.registry.count_rejection("login_timeout")
             self.client.fail(PgError(errors.SqlState.PROTOCOL_VIOLATION,
                                      f"client_login_timeout={timeout:g}s reached before the login finished",
                                      severity=errors.Severity.FATAL))
@@ -94,7 +98,7 @@ class Reception(Login):
             elif isinstance(event, Refused):
                 client.fail(event.error, reason=event.reason)
             elif isinstance(event, CancelRequested):
-                self.proxy.cancel(event.process_id, event.secret_key)
+                self.cancel_keys.cancel(event.process_id, event.secret_key)
                 client.close("cancel request handled")
             elif isinstance(event, ClientLeft):
                 client.close("client left during authentication")
@@ -108,11 +112,11 @@ class Reception(Login):
         client.startup_params = dict(synced)
         client.unreported = event.parameters.unreported
         if event.database in ADMIN_DATABASES:
-            secret = self.proxy.admin_secret(event.user)
+            secret = self.router.admin_secret(event.user)
         else:
             # Nothing is created or counted for the user yet: a name alone must cost no state.
-            secret = self.proxy.login_secret(event.database, event.user)
-            if self._refused(self.proxy.admission.refusal(event.database, event.user)):
+            secret = self.router.login_secret(event.database, event.user)
+            if self._refused(self.router.admission.refusal(event.database, event.user)):
                 return b""
         client.state = ClientState.AUTH
         return self._handle(self.machine.authenticate(client.listener.auth_type, secret))
@@ -120,11 +124,11 @@ class Reception(Login):
     def _auth_failed(self, event: AuthFailed) -> None:
         client = self.client
         if self._database_unknown():
-            self.proxy.count_rejection("unknown_database")
+            self.registry.count_rejection("unknown_database")
             log.warning("login refused: database %r does not exist in pgmux (the client is told: wrong "
                         "password)", client.database, extra={"conn": client.id})
         else:
-            self.proxy.count_rejection("auth_failed")
+            self.registry.count_rejection("auth_failed")
             log.warning("authentication failed for user %r: %s", client.user, event.log_reason,
                         extra={"conn": client.id})
         client.fail(event.error)
@@ -132,41 +136,41 @@ class Reception(Login):
     def _authenticated(self) -> None:
         client = self.client
         # Checked again: logins that ran side by side may have filled max_client_conn meanwhile.
-        refusal = self.proxy.client_limit_error()
+        refusal = self.registry.client_limit_error()
         if refusal is not None:
             client.fail(refusal)
             return
-        self.proxy.login_finished(client)
+        self.registry.login_finished(client)
         if client.database in ADMIN_DATABASES:
             self._open_admin_console()
             return
         if self._database_unknown():  # only a trust listener lets such a login this far
-            self.proxy.count_rejection("unknown_database")
+            self.registry.count_rejection("unknown_database")
             client.fail(errors.unknown_database(client.database))
             return
-        if self._refused(self.proxy.admission.admit(client.database, client.user)):
+        if self._refused(self.router.admission.admit(client.database, client.user)):
             return
         client.admitted = True
-        pool = self.proxy.login_pool(client.database, client.user)
+        pool = self.router.login_pool(client.database, client.user)
         client.begin_session(pool)
         if pool.server_params is not None and not self._unchecked_settings(pool):
             self._welcome(pool)
         else:
-            self._task = self.proxy.spawn(self._welcome_after_checks(pool), name=f"welcome {client.id}")
+            self._task = self.registry.spawn(self._welcome_after_checks(pool), name=f"welcome {client.id}")
 
     def _refused(self, refusal: tuple[PgError, str] | None) -> bool:
         """Tell the client an admission refusal, counted under its reason; True when there was one."""
         if refusal is None:
             return False
         error, reason = refusal
-        self.proxy.count_rejection(reason)
+        self.registry.count_rejection(reason)
         self.client.fail(error)
         return True
 
     def _database_unknown(self) -> bool:
         """The login named a database pgmux does not serve."""
         database = self.client.database
-        return database not in ADMIN_DATABASES and not self.proxy.serves_database(database)
+        return database not in ADMIN_DATABASES and not self.router.serves_database(database)
 
     # ---- the welcome ------------------------------------------------------------------------------
 
@@ -198,7 +202,7 @@ class Reception(Login):
         params = dict(pool.server_params or {})
         params.update(client.params)
         client.params = {k: v for k, v in params.items() if k in SYNCED_PARAMETERS}
-        client.cancel_key = self.proxy.register_cancel_key(client)
+        client.cancel_key = self.cancel_keys.register(client)
         process_id, secret = client.cancel_key
         client.write(welcome(params, process_id, secret))
         log.info("login ok: %s@%s from %s (%s mode)", client.user, client.database, client.peer,
@@ -208,11 +212,12 @@ class Reception(Login):
 
     def _open_admin_console(self) -> None:
         client = self.client
-        role = self.proxy.admin_role(client.user)
+        role = self.router.admin_role(client.user)
         if role is None:
-            self.proxy.count_rejection("admin_not_allowed")
+            self.registry.count_rejection("admin_not_allowed")
             client.fail(errors.admin_not_allowed(client.user))
             return
-        client.open_console(AdminSession(self.proxy, client, can_modify=role == "admin"))
-        client.write(welcome(ADMIN_PARAMETERS, 0, b""))
+        console = self.registry.open_console(client, role == "admin")
+        client.open_console(console)
+        client.write(console.welcome())
         log.info("admin console login: %s (%s)", client.user, role, extra={"conn": client.id})

@@ -9,7 +9,9 @@ import os
 import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, cast
+from typing import Final, cast
+
+from mypy_extensions import trait
 
 from proxy.auth.server_auth import ServerAuthenticator, ServerAuthError
 from proxy.flow import FlowControl
@@ -17,14 +19,12 @@ from proxy.logs import get_logger
 from proxy.parameters import UNKNOWN_VALUE, ParameterSync
 from proxy.protocol import messages as m
 from proxy.protocol.errors import parse_error_fields
-from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation
-from proxy.prepared import ServerPrepared
+from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation, Segment
+from proxy.prepared import ClientStatements, ServerPrepared
 from proxy.protocol.startup import build_cancel_request, build_ssl_request, build_startup_message
 from proxy.settings import SslMode, Upstream
 from proxy.states import ServerState
-
-if TYPE_CHECKING:
-    from proxy.client import ClientConnection
+from proxy.stats import PoolStats
 
 log = get_logger("server")
 _ids = itertools.count(1)
@@ -44,6 +44,60 @@ def _ends_at_last_ready(segments: list) -> bool:
         if isinstance(segment, Frame) and segment.kind == m.READY_FOR_QUERY:
             return False
     return True
+
+
+@trait
+class ClientPeer:
+    """What a server calls on the client it is linked to (client.ClientConnection implements it).
+
+    A mypyc trait, not a typing.Protocol: compiled, each call stays a native vtable call.
+    """
+
+    __slots__ = ()  # interpreted, a base without slots would give every client a __dict__
+
+    id: str
+    statements: ClientStatements | None  # the client's named statements, when pgmux rewrites them
+    replay: list[Segment] | None  # the batch in flight, while it may be re-sent (see _hold_for_replay)
+
+    def write(self, data: bytes | memoryview) -> None:
+        raise NotImplementedError
+
+    def pause_reading(self) -> None:
+        """The server's write buffer is full: stop reading the client until it drains."""
+        raise NotImplementedError
+
+    def resume_reading(self) -> None:
+        raise NotImplementedError
+
+    def on_ready_for_query(self, status: m.TransactionStatus) -> None:
+        raise NotImplementedError
+
+    def on_parameter_status(self, name: str, value: str) -> None:
+        raise NotImplementedError
+
+    def on_parameter_sync_done(self) -> None:
+        raise NotImplementedError
+
+    def on_parameter_sync_failed(self, error: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    def on_copy_in(self) -> None:
+        raise NotImplementedError
+
+    def on_stale_plan(self) -> None:
+        raise NotImplementedError
+
+    def resend_batch(self) -> None:
+        """The kept batch failed because the server lost pgmux's statements: send it again."""
+        raise NotImplementedError
+
+    def forget_replay(self) -> None:
+        """The answer to the kept batch has begun: it will not be sent again."""
+        raise NotImplementedError
+
+    def on_server_lost(self, server: ServerConnection) -> None:
+        """The server died while linked to this client (called by its pool)."""
+        raise NotImplementedError
 
 
 class ServerLoginError(Exception):
@@ -93,13 +147,14 @@ class ServerConnection:
     sync, reset, rollback): those replies are consumed here, up to that many ReadyForQuery.
     """
 
-    def __init__(self, upstream: Upstream, on_lost: Callable[["ServerConnection"], None]) -> None:
+    def __init__(self, upstream: Upstream, on_lost: Callable[["ServerConnection"], None], stats: PoolStats) -> None:
         self.id = f"s{next(_ids)}"
         self.upstream = upstream
+        self.stats = stats  # its pool's: what it sends to clients is counted there
         self.state = ServerState.LOGIN
         self.transport: asyncio.Transport | None = None
         self.flow = FlowControl()
-        self.client: ClientConnection | None = None
+        self.client: ClientPeer | None = None
         self.params: dict[str, str] = {}  # what the server reported with ParameterStatus
         self.unreported: dict[str, str] = {}  # parameters pgmux SET that the server does not report
         self.backend_key: tuple[int, int] | None = None
@@ -150,14 +205,12 @@ class ServerConnection:
         client = self.client
         if (client is not None and client.replay is not None and segments and not isinstance(segments[0], Frame)
                 and not self.swallow):
-            client.replay = None  # the answer begins with a reply to it: the statements were there
+            client.forget_replay()  # the answer begins with a reply to it: the statements were there
         if (client is not None and not self.swallow and not self.prepared.injected and client.replay is None
                 and self._scanner.verbatim and (len(segments) == 1 or _ends_at_last_ready(segments))):
             # The common case: every byte goes to the client as it is; only a few frames are looked at.
             client.write(data)
-            pool = client.pool
-            assert pool is not None  # narrowed, not ignored: compiled code then reads its stats natively
-            pool.stats.bytes_sent += len(data)
+            self.stats.bytes_sent += len(data)
             for segment in segments:
                 if isinstance(segment, Frame):
                     self._relay_frame(segment, client)
@@ -190,7 +243,7 @@ class ServerConnection:
         if self.client is not None:
             self._flush(out, self.client)
 
-    def _hold_for_replay(self, frame: Frame, client: ClientConnection, out: list[bytes | memoryview]) -> bool:
+    def _hold_for_replay(self, frame: Frame, client: ClientPeer, out: list[bytes | memoryview]) -> bool:
         """Look at a frame of the answer to a batch the client may re-send; True when it is consumed here.
 
         ParseCompletes are held (a Parse runs nothing). A 26000 naming one of pgmux's statements means the
@@ -220,22 +273,20 @@ class ServerConnection:
             self.write(_SYNC)
         self.swallow += 1
 
-    def _release_held(self, out: list[bytes | memoryview], client: ClientConnection) -> None:
+    def _release_held(self, out: list[bytes | memoryview], client: ClientPeer) -> None:
         """The answer to the kept batch is the client's after all: nothing will be re-sent."""
-        client.replay = None
+        client.forget_replay()
         out.extend(self._held_answer)
         self._held_answer.clear()
 
-    @staticmethod
-    def _flush(out: list[bytes | memoryview], client: ClientConnection) -> None:
+    def _flush(self, out: list[bytes | memoryview], client: ClientPeer) -> None:
         if out:
             joined = b"".join(out)
             out.clear()
             client.write(joined)
-            if client.pool is not None:
-                client.pool.stats.bytes_sent += len(joined)
+            self.stats.bytes_sent += len(joined)
 
-    def _relay_frame(self, frame: Frame, client: ClientConnection) -> None:
+    def _relay_frame(self, frame: Frame, client: ClientPeer) -> None:
         kind = frame.kind
         if kind == m.READY_FOR_QUERY:
             self.tx_status = status = _TX_STATUS[frame.data[5]]

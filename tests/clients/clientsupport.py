@@ -97,7 +97,7 @@ class BackendSampler:
             try:
                 self.postgres_counts.append(conn.execute(query, (self.database,)).fetchone()[0])
                 if self.proxy is not None:
-                    self.pool_totals.append(self.proxy.call(lambda p: sum(pool.total for pool in p.pools.values())))
+                    self.pool_totals.append(self.proxy.call(lambda p: sum(pool.total for pool in p.router.pools.values())))
             except BaseException as exc:  # reported by peak(); the sampler must not die silently
                 self.errors.append(exc)
                 return

@@ -39,9 +39,9 @@ def _run_scenario(modules: Path, proxy, script: str, timeout: float, **env: str)
 
 def _prepared_counters(proxy) -> dict[str, int]:
     return proxy.call(lambda p: {
-        "hits": sum(pool.stats.prepared.hits for pool in p.pools.values()),
-        "misses": sum(pool.stats.prepared.misses for pool in p.pools.values()),
-        "evictions": sum(pool.stats.prepared.evictions for pool in p.pools.values()),
+        "hits": sum(pool.stats.prepared.hits for pool in p.router.pools.values()),
+        "misses": sum(pool.stats.prepared.misses for pool in p.router.pools.values()),
+        "evictions": sum(pool.stats.prepared.evictions for pool in p.router.pools.values()),
     })
 
 

@@ -97,9 +97,9 @@ def prisma_database(postgres) -> str:
 
 def _prepared_counters(proxy) -> dict[str, int]:
     return proxy.call(lambda p: {
-        "hits": sum(pool.stats.prepared.hits for pool in p.pools.values()),
-        "misses": sum(pool.stats.prepared.misses for pool in p.pools.values()),
-        "evictions": sum(pool.stats.prepared.evictions for pool in p.pools.values()),
+        "hits": sum(pool.stats.prepared.hits for pool in p.router.pools.values()),
+        "misses": sum(pool.stats.prepared.misses for pool in p.router.pools.values()),
+        "evictions": sum(pool.stats.prepared.evictions for pool in p.router.pools.values()),
     })
 
 

@@ -71,7 +71,7 @@ def test_psycopg_pipeline_ending_in_flush_frees_the_backend_at_its_last_ready_fo
         assert first.execute("SELECT pg_backend_pid()").fetchone() == (pid,)
     with _connect(proxy) as third:
         assert third.execute("SELECT pg_backend_pid()").fetchone() == (pid,)  # never closed at disconnect
-    assert proxy.call(lambda p: sum(pool.stats.server_connects for pool in p.pools.values())) == 1
+    assert proxy.call(lambda p: sum(pool.stats.server_connects for pool in p.router.pools.values())) == 1
 
 
 def test_psycopg_named_cursor_streams_inside_a_transaction(pgmux) -> None:

@@ -138,7 +138,7 @@ def test_clients_still_logging_in_are_login_clients_in_show_lists_and_metrics_an
             halfway.sendall(build_startup_message({"user": APP.name, "database": APP_DATABASE}))
             assert halfway.recv(1)[0] == m.AUTHENTICATION
             deadline = time.monotonic() + 10
-            while proxy.call(lambda p: len(p.clients)) < 4:  # the silent socket is accepted on the loop's next turn
+            while proxy.call(lambda p: len(p.registry.clients)) < 4:  # the silent socket is accepted on the loop's next turn
                 assert time.monotonic() < deadline, "pgmux did not accept the silent socket"
                 time.sleep(0.02)
 
@@ -159,7 +159,7 @@ def test_clients_still_logging_in_are_login_clients_in_show_lists_and_metrics_an
             silent.close()
             halfway.close()
         deadline = time.monotonic() + 10
-        while proxy.call(lambda p: len(p.clients)) > 2:
+        while proxy.call(lambda p: len(p.registry.clients)) > 2:
             assert time.monotonic() < deadline, "pgmux did not notice the logins leave"
             time.sleep(0.02)
         assert {r["list"]: r["items"] for r in rows(console, "SHOW LISTS")}["login_clients"] == 0
@@ -214,7 +214,7 @@ def test_stats_users_may_only_show_and_others_get_42501(pgmux) -> None:
                                   database="pgmux")
 
     asyncio.run(with_asyncpg())
-    assert proxy.call(lambda p: p.rejections["admin_not_allowed"]) == 2
+    assert proxy.call(lambda p: p.registry.rejections["admin_not_allowed"]) == 2
 
 
 def test_unknown_commands_get_a_clear_error_and_the_console_stays_usable(pgmux) -> None:
@@ -242,7 +242,7 @@ def test_asyncpg_runs_commands_as_simple_queries(pgmux) -> None:
         console = await asyncpg.connect(host=proxy.host, port=proxy.port(), user=APP.name, password=APP.password,
                                         database="pgbouncer")
         assert await console.execute("PAUSE app") == "PAUSE"
-        assert proxy.call(lambda p: p.is_paused("app"))
+        assert proxy.call(lambda p: p.router.is_paused("app"))
         assert await console.execute("RESUME app") == "RESUME"
         assert await console.execute("SHOW POOLS") == "SHOW"
         with pytest.raises(asyncpg.FeatureNotSupportedError, match="extended query protocol"):
@@ -251,7 +251,7 @@ def test_asyncpg_runs_commands_as_simple_queries(pgmux) -> None:
         await console.close()
 
     asyncio.run(scenario())
-    assert not proxy.call(lambda p: p.is_paused("app"))
+    assert not proxy.call(lambda p: p.router.is_paused("app"))
 
 
 def test_pause_waits_for_transactions_then_holds_clients_until_resume(pgmux) -> None:
@@ -267,7 +267,7 @@ def test_pause_waits_for_transactions_then_holds_clients_until_resume(pgmux) -> 
         busy.execute("COMMIT")
         assert pause.result(10).statusmessage == "PAUSE"
         # Paused: every server is gone, and a new request waits instead of failing.
-        assert proxy.call(lambda p: next(iter(p.pools.values())).total) == 0
+        assert proxy.call(lambda p: next(iter(p.router.pools.values())).total) == 0
         query = pool.submit(lambda: later.execute("SELECT 42").fetchone())
         deadline = time.monotonic() + 5
         while pool_row(observer)["cl_waiting"] != 1 and time.monotonic() < deadline:
@@ -350,7 +350,7 @@ def test_kill_drops_the_databases_clients_and_new_ones_wait_for_resume(pgmux) ->
         assert console.execute("KILL app").statusmessage == "KILL"
         with pytest.raises(psycopg.OperationalError):
             victim.execute("SELECT 1")
-        assert proxy.call(lambda p: next(iter(p.pools.values())).total) == 0
+        assert proxy.call(lambda p: next(iter(p.router.pools.values())).total) == 0
         assert rows(console, "SHOW DATABASES")[0]["paused"] == 1
         with app(proxy) as newcomer:
             query = pool.submit(lambda: newcomer.execute("SELECT 5").fetchone())

@@ -25,7 +25,7 @@ async def _connect(proxy, **kwargs) -> asyncpg.Connection:
 
 
 def _rejections(proxy) -> dict[str, int]:
-    return proxy.call(lambda p: dict(p.rejections))
+    return proxy.call(lambda p: dict(p.registry.rejections))
 
 
 def test_client_over_max_client_conn_gets_fatal_53300_naming_the_limit(pgmux) -> None:
@@ -234,7 +234,7 @@ def test_reserve_pool_opens_after_reserve_pool_timeout_and_no_further(pgmux, pos
         third = await _connect(proxy)
         with pytest.raises(asyncpg.TooManyConnectionsError):
             await third.fetchval("SELECT 1")  # pool (1) + reserve (1) are both busy
-        assert proxy.call(lambda p: max(pool.total for pool in p.pools.values())) == 2
+        assert proxy.call(lambda p: max(pool.total for pool in p.router.pools.values())) == 2
         for conn in (holder, second):
             await conn.execute("COMMIT")
             await conn.close()
@@ -472,4 +472,4 @@ def test_backends_stay_bounded_while_a_reload_shrinks_the_pool_under_load(pgmux,
         sampler.join()
     assert results == [40] * 30  # every transaction served across the reload
     assert max(observed) <= 6
-    assert proxy.call(lambda p: max(pool.total for pool in p.pools.values())) <= 2
+    assert proxy.call(lambda p: max(pool.total for pool in p.router.pools.values())) <= 2

@@ -28,7 +28,7 @@ def _linked_pair_state(proxy) -> dict[str, object]:
     """Flow-control state of the one client linked to a server, read on pgmux's loop."""
 
     def read(p) -> dict[str, object]:
-        linked = [c for c in p.clients if c.server is not None]
+        linked = [c for c in p.registry.clients if c.server is not None]
         assert len(linked) == 1, f"expected one client linked to a server mid-result, got {linked}"
         client = linked[0]
         server = client.server
@@ -112,7 +112,7 @@ def test_slow_reader_of_a_huge_result_pauses_the_server_instead_of_buffering_it(
     assert others == [m.ROW_DESCRIPTION, m.COMMAND_COMPLETE, m.READY_FOR_QUERY]
 
     def idle_server_reading(p) -> bool:
-        (pool,) = p.pools.values()
+        (pool,) = p.router.pools.values()
         return len(pool.idle) == 1 and pool.idle[0].transport.is_reading()
 
     # Back in the pool the server is read again: a paused idle server would never notice its own death.

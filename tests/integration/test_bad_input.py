@@ -353,7 +353,7 @@ def test_truncated_messages_then_a_close_leave_no_busy_or_dirty_server(pgmux, po
             client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.close()
         deadline = time.monotonic() + 3
-        while (left := leftovers()) or proxy.call(lambda p: sum(len(pool.active) for pool in p.pools.values())):
+        while (left := leftovers()) or proxy.call(lambda p: sum(len(pool.active) for pool in p.router.pools.values())):
             assert time.monotonic() < deadline, f"cut at {cut}: still busy or in a transaction: {left}"
             time.sleep(0.02)
         watch.case_done()

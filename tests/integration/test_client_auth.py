@@ -76,7 +76,7 @@ def test_scram_login_works_for_asyncpg_and_psycopg(pgmux) -> None:
     proxy = pgmux()
     assert _asyncpg_query(proxy, APP.name, APP.password, "SELECT current_user") == APP.name
     assert _psycopg_query(proxy, APP.name, APP.password, "SELECT current_user") == APP.name
-    assert proxy.call(lambda p: p.rejections["auth_failed"]) == 0
+    assert proxy.call(lambda p: p.registry.rejections["auth_failed"]) == 0
 
 
 def test_wrong_password_gets_28p01_is_counted_and_others_are_still_served(pgmux) -> None:
@@ -90,7 +90,7 @@ def test_wrong_password_gets_28p01_is_counted_and_others_are_still_served(pgmux)
     with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
         _psycopg_query(proxy, APP.name, WRONG_PASSWORD, "SELECT 1")
 
-    assert proxy.call(lambda p: p.rejections["auth_failed"]) == 2
+    assert proxy.call(lambda p: p.registry.rejections["auth_failed"]) == 2
     # The failed logins left nothing behind: the right password still gets in, through both drivers.
     assert _asyncpg_query(proxy, APP.name, APP.password, "SELECT 41 + 1") == 42
     assert _psycopg_query(proxy, APP.name, APP.password, "SELECT 41 + 1") == 42
@@ -105,7 +105,7 @@ def test_unknown_user_gets_the_same_28p01_text_as_a_wrong_password(pgmux, auth_t
     assert unknown.sqlstate == wrong.sqlstate == "28P01"
     assert str(unknown) == str(wrong).replace(f'"{APP.name}"', '"ghost"')
     assert str(unknown) == 'password authentication failed for user "ghost"'
-    assert proxy.call(lambda p: p.rejections["auth_failed"]) == 2
+    assert proxy.call(lambda p: p.registry.rejections["auth_failed"]) == 2
 
 
 def _first_authentication_request(proxy, database: str) -> bytes:
@@ -135,7 +135,7 @@ def test_unknown_database_is_refused_like_a_wrong_password_so_names_cannot_be_pr
             _psycopg_query(proxy, APP.name, password, "SELECT 1", database="nosuchdb")
         assert 'password authentication failed for user "app"' in str(caught.value)
         assert "nosuchdb" not in str(caught.value)
-    rejections = proxy.call(lambda p: dict(p.rejections))
+    rejections = proxy.call(lambda p: dict(p.registry.rejections))
     assert rejections.get("unknown_database") == 4 and rejections.get("auth_failed") == 1, rejections
     assert _asyncpg_query(proxy, APP.name, APP.password, "SELECT 1") == 1
 
@@ -145,7 +145,7 @@ def test_unknown_database_on_a_trust_listener_gets_3d000_after_authentication(pg
     error = _asyncpg_error(proxy, APP.name, None, database="nosuchdb")
     assert isinstance(error, asyncpg.InvalidCatalogNameError)
     assert error.sqlstate == "3D000" and "nosuchdb" in str(error)
-    assert proxy.call(lambda p: p.rejections["unknown_database"]) == 1
+    assert proxy.call(lambda p: p.registry.rejections["unknown_database"]) == 1
 
 
 # ---- md5 and trust listeners --------------------------------------------------------------------
@@ -156,7 +156,7 @@ def test_md5_listener_accepts_a_user_known_by_plaintext_password(pgmux) -> None:
     assert _psycopg_query(proxy, APP.name, APP.password, "SELECT current_user") == APP.name
     error = _asyncpg_error(proxy, APP.name, WRONG_PASSWORD)
     assert error.sqlstate == "28P01"
-    assert proxy.call(lambda p: p.rejections["auth_failed"]) == 1
+    assert proxy.call(lambda p: p.registry.rejections["auth_failed"]) == 1
 
 
 def test_md5_listener_accepts_a_users_entry_given_as_md5_hash(pgmux) -> None:
@@ -217,7 +217,7 @@ def test_scram_verifier_entry_authenticates_and_logs_in_upstream_as_the_url_user
     error = _asyncpg_error(proxy, "dave", WRONG_PASSWORD)
     assert isinstance(error, asyncpg.InvalidPasswordError)
     # Both logins share the pool of the upstream user: one pool, keyed by the URL's user.
-    pools = proxy.call(lambda p: sorted(str(key) for key in p.pools))
+    pools = proxy.call(lambda p: sorted(str(key) for key in p.router.pools))
     assert pools == [f"{APP_DATABASE}/{APP.name}"]
 
 
@@ -288,7 +288,7 @@ def test_upstream_login_with_server_side_md5_and_cleartext_auth(pgmux, postgres,
     assert _psycopg_query(proxy, role.name, role.password, "SELECT 6 * 7") == 42
     # A second client reuses the same backend, logged in once.
     assert _asyncpg_query(proxy, role.name, role.password, "SELECT count(*) FROM generate_series(1, 5)") == 5
-    assert proxy.call(lambda p: sum(pool.stats.server_connects for pool in p.pools.values())) == 1
+    assert proxy.call(lambda p: sum(pool.stats.server_connects for pool in p.router.pools.values())) == 1
 
 
 def test_upstream_login_failure_reaches_the_client_as_08006_and_is_counted(pgmux, postgres) -> None:
@@ -302,7 +302,7 @@ def test_upstream_login_failure_reaches_the_client_as_08006_and_is_counted(pgmux
     assert error.message == "pgmux could not connect to the upstream server: the server refused the login (SQLSTATE 28P01)"
     assert error.hint
     # A refusal like any other: counted (design §5), and not as an authentication failure of the client.
-    rejections = proxy.call(lambda p: dict(p.rejections))
+    rejections = proxy.call(lambda p: dict(p.registry.rejections))
     assert rejections.get("auth_failed", 0) == 0
     assert rejections.get("upstream_unavailable") == 1, rejections
 

@@ -124,7 +124,7 @@ def test_server_killed_mid_query_fails_only_its_client_while_clients_on_other_ba
         await fresh.close()
 
     asyncio.run(scenario())
-    assert proxy.call(lambda p: max(pool.total for pool in p.pools.values())) <= 6
+    assert proxy.call(lambda p: max(pool.total for pool in p.router.pools.values())) <= 6
 
 
 def _messages_until_ready(client: RawClient) -> list[str]:
@@ -267,7 +267,7 @@ def test_postgres_restart_under_load_serves_waiting_clients_once_it_is_back(pgmu
                 assert during <= BACKEND_DIED | {FATAL_BETWEEN_ROUND_TRIPS}, during
 
         asyncio.run(scenario())
-        assert proxy.call(lambda p: max(pool.total for pool in p.pools.values())) <= 4
+        assert proxy.call(lambda p: max(pool.total for pool in p.router.pools.values())) <= 4
 
 
 def test_a_login_retry_timer_that_fires_early_still_ends_the_backoff(pgmux) -> None:
@@ -280,7 +280,7 @@ def test_a_login_retry_timer_that_fires_early_still_ends_the_backoff(pgmux) -> N
     proxy = pgmux(default_pool_size=2, query_wait_timeout=20)
 
     def the_pool(p):
-        return next(iter(p.pools.values()))
+        return next(iter(p.router.pools.values()))
 
     def as_if_a_login_had_just_failed(p) -> float:
         pool = the_pool(p)
@@ -491,7 +491,7 @@ def test_client_vanishing_leaves_no_lock_no_open_transaction_and_no_dirty_server
     asyncio.run(next_client())
     if moment not in ("mid-transaction", "mid-extended-batch"):
         assert postgres.psql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {victim_pid}").strip() == "0"
-    assert proxy.call(lambda p: max(pool.total for pool in p.pools.values())) <= 1
+    assert proxy.call(lambda p: max(pool.total for pool in p.router.pools.values())) <= 1
 
 
 # ---- a client that stops reading a large result and leaves: its backend must not stay `closing` ---------
@@ -533,7 +533,7 @@ def _stuck_behind_unread_results(proxy, postgres, expected_writers: int) -> RawC
 
 
 def _servers(proxy, state: str) -> int:
-    return proxy.call(lambda p: sum(len(getattr(pool, state)) for pool in p.pools.values()))
+    return proxy.call(lambda p: sum(len(getattr(pool, state)) for pool in p.router.pools.values()))
 
 
 def test_clients_that_leave_unread_large_results_do_not_take_the_pool_for_good(pgmux, postgres) -> None:
@@ -560,13 +560,13 @@ def test_clients_that_leave_unread_large_results_do_not_take_the_pool_for_good(p
     assert time.monotonic() - started < 4
     _wait_until(lambda: _servers(proxy, "closing") == 0, 5, "no server left closing")
     _wait_until(lambda: _backends_writing_to_pgmux(postgres) == 0, 5, "the abandoned backends are gone")
-    assert proxy.call(lambda p: max(pool.total for pool in p.pools.values())) <= 2
+    assert proxy.call(lambda p: max(pool.total for pool in p.router.pools.values())) <= 2
 
 
 def _close_gracefully_while_stuck(proxy) -> None:
     """Have the pool retire the stuck client's server the graceful way, as it retires a healthy idle one."""
     def close(p) -> None:
-        pool = next(iter(p.pools.values()))
+        pool = next(iter(p.router.pools.values()))
         pool.close_server(next(iter(pool.active)), "test: a graceful close that cannot complete")
     proxy.call(close)
 

@@ -24,8 +24,8 @@ async def _connect(proxy, **kwargs) -> asyncpg.Connection:
 
 
 def _pool_totals(proxy) -> tuple[int, int]:
-    return proxy.call(lambda p: (sum(pool.total for pool in p.pools.values()),
-                                 sum(len(pool.idle) for pool in p.pools.values())))
+    return proxy.call(lambda p: (sum(pool.total for pool in p.router.pools.values()),
+                                 sum(len(pool.idle) for pool in p.router.pools.values())))
 
 
 def _eventually(check, timeout: float = 5.0) -> None:

@@ -90,8 +90,8 @@ def test_seven_waiting_clients_show_as_seven_waiting_and_maxwait_grows(pgmux) ->
         text = await asyncio.to_thread(scrape, proxy)
         assert value(text, "pgmux_pool_maxwait_seconds", **pool) >= 0.3
         # The numbers are the same objects the admin console and the pool read.
-        state = proxy.call(lambda p: (sum(1 for c in p.clients if c.state.value == "waiting"),
-                                      len(next(iter(p.pools.values())).waiters)))
+        state = proxy.call(lambda p: (sum(1 for c in p.registry.clients if c.state.value == "waiting"),
+                                      len(next(iter(p.router.pools.values())).waiters)))
         assert state == (7, 7)
         await holder.execute("COMMIT")
         assert await asyncio.gather(*queries) == [1] * 7
@@ -118,10 +118,10 @@ def test_counters_and_histograms_match_the_traffic(pgmux) -> None:
             await conn.execute("SELECT 2")
         await conn.close()
 
-    accepted_before = proxy.call(lambda p: p.accepted)
+    accepted_before = proxy.call(lambda p: p.registry.accepted)
     asyncio.run(scenario())
     text = scrape(proxy)
-    stats = proxy.call(lambda p: next(iter(p.pools.values())).stats)
+    stats = proxy.call(lambda p: next(iter(p.router.pools.values())).stats)
     assert value(text, "pgmux_transactions_total", **pool) == stats.xacts >= 11
     assert value(text, "pgmux_queries_total", **pool) == stats.queries >= 14
     assert value(text, "pgmux_received_bytes_total", **pool) == stats.bytes_received > 0
@@ -265,9 +265,9 @@ def test_healthz_and_readyz(pgmux, postgres) -> None:
     async def draining() -> None:
         holder = await _connect(proxy)
         await holder.execute("BEGIN")
-        proxy.call(lambda p: p.spawn(p.stop(graceful=True), name="shutdown"))
+        proxy.call(lambda p: p.registry.spawn(p.stop(graceful=True), name="shutdown"))
         deadline = time.monotonic() + 5
-        while proxy.call(lambda p: not p.draining) and time.monotonic() < deadline:
+        while proxy.call(lambda p: not p.registry.draining) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         status, body = await asyncio.to_thread(_get, proxy, "/readyz")
         assert status == 503 and "draining" in body

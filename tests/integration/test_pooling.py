@@ -78,7 +78,7 @@ def test_200_clients_share_5_backends_and_postgres_never_sees_more(pgmux, postgr
         sampler.join()
     assert sorted(results) == list(range(200))
     assert observed and max(observed) <= 5
-    pool_total = proxy.call(lambda p: max(pool.total for pool in p.pools.values()))
+    pool_total = proxy.call(lambda p: max(pool.total for pool in p.router.pools.values()))
     assert pool_total <= 5
 
 

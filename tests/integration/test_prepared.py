@@ -24,7 +24,7 @@ async def _connect(proxy, **kwargs) -> asyncpg.Connection:
 def _prepared_counters(proxy) -> tuple[int, int, int]:
     def read(p):
         hits = misses = evictions = 0
-        for pool in p.pools.values():
+        for pool in p.router.pools.values():
             counters = pool.stats.prepared
             hits, misses, evictions = hits + counters.hits, misses + counters.misses, evictions + counters.evictions
         return hits, misses, evictions
@@ -188,7 +188,7 @@ def test_named_parse_over_max_client_buffer_is_refused_with_54000_and_unnamed_on
             conn.execute(text, prepare=True)
         assert refused.value.sqlstate == "54000"
         assert conn.closed or conn.broken
-    assert proxy.call(lambda p: dict(p.rejections)).get("max_client_buffer") == 1
+    assert proxy.call(lambda p: dict(p.registry.rejections)).get("max_client_buffer") == 1
 
 
 def test_many_distinct_statements_never_exceed_max_prepared_statements_per_server(pgmux, postgres) -> None:

@@ -112,7 +112,7 @@ def test_notices_and_notifications_reach_the_client(pgmux) -> None:
 
 
 def _server_connects(proxy) -> int:
-    return proxy.call(lambda p: sum(pool.stats.server_connects for pool in p.pools.values()))
+    return proxy.call(lambda p: sum(pool.stats.server_connects for pool in p.router.pools.values()))
 
 
 def _read_until(client: RawClient, kind: int) -> list[int]:

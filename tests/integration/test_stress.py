@@ -179,7 +179,7 @@ def test_server_handed_over_as_the_wait_timeout_strikes_is_not_lost(pgmux) -> No
     proxy.call(lambda p: time.sleep(0.6))  # pgmux busy meanwhile: the release and the deadline fall due together
     assert waiter.read_until_ready()[-1] == m.READY_FOR_QUERY  # served or refused: either is fair
     holder.read_until_ready()
-    state = proxy.call(lambda p: [(len(pool.idle), len(pool.active)) for pool in p.pools.values()])
+    state = proxy.call(lambda p: [(len(pool.idle), len(pool.active)) for pool in p.router.pools.values()])
     assert state == [(1, 0)], f"(idle, active) = {state}: the server was handed to a waiter that had given up"
     holder.send(m.query("SELECT 2"))
     assert m.DATA_ROW in holder.read_until_ready()

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from pgusers import APP, APP_DATABASE
-from proxy.app import EMPTY_POOL_TTL
+from proxy.routing import EMPTY_POOL_TTL
 from proxy.protocol import messages as m
 from proxy.protocol.errors import parse_error_fields
 from proxy.protocol.startup import build_startup_message
@@ -57,10 +57,10 @@ async def _log_in_as_app(proxy) -> None:
 def _per_user_state(proxy) -> dict[str, object]:
     """Everything pgmux keeps per user name, as sets of names (or pool keys)."""
     return proxy.call(lambda p: {
-        "pools": sorted(str(key) for key in p.pools),
-        "user budgets": sorted(p._user_budgets),
-        "secrets": sorted(user for _, user in p._secrets),
-        "admission": sorted(p.admission.per_user),
+        "pools": sorted(str(key) for key in p.router.pools),
+        "user budgets": sorted(p.router._user_budgets),
+        "secrets": sorted(user for _, user in p.router._secrets),
+        "admission": sorted(p.router.admission.per_user),
     })
 
 
@@ -107,7 +107,7 @@ def test_a_scrape_after_20000_unknown_user_names_is_as_small_and_fast_as_before_
     text = scrape(proxy)
     took = time.perf_counter() - started
     print(f"one scrape after 20,000 unknown user names: {took * 1000:.1f} ms, {len(text)} bytes")
-    assert proxy.call(lambda p: len(p.pools)) == 1
+    assert proxy.call(lambda p: len(p.router.pools)) == 1
     assert len(text) < size_before + 200
     assert {labels["user"] for _, labels, _ in samples(text) if "user" in labels} == {APP.name}
 
@@ -116,19 +116,19 @@ def test_a_pool_left_empty_is_dropped_by_the_janitor_and_its_totals_are_kept(pgm
     proxy = pgmux(server_idle_timeout=0.2)
     asyncio.run(_log_in_as_app(proxy))
     deadline = time.monotonic() + 10
-    while proxy.call(lambda p: sum(pool.total for pool in p.pools.values())) and time.monotonic() < deadline:
+    while proxy.call(lambda p: sum(pool.total for pool in p.router.pools.values())) and time.monotonic() < deadline:
         time.sleep(0.05)  # the idle server times out
     time.sleep(0.6)  # the janitor notices the pool is unused
     assert len(_per_user_state(proxy)["pools"]) == 1  # kept for EMPTY_POOL_TTL, not dropped at once
-    queries = proxy.call(lambda p: p.totals_by_database()[APP_DATABASE].query_count)
+    queries = proxy.call(lambda p: p.router.totals_by_database()[APP_DATABASE].query_count)
     assert queries >= 1
-    proxy.call(lambda p: p.drop_unused_pools(time.monotonic() + EMPTY_POOL_TTL + 1))
+    proxy.call(lambda p: p.router.drop_unused_pools(time.monotonic() + EMPTY_POOL_TTL + 1))
     state = _per_user_state(proxy)
     assert state["pools"] == [] and state["user budgets"] == []
-    assert proxy.call(lambda p: p.totals_by_database()[APP_DATABASE].query_count) == queries
+    assert proxy.call(lambda p: p.router.totals_by_database()[APP_DATABASE].query_count) == queries
     asyncio.run(_log_in_as_app(proxy))  # a new pool, working as the first one did
     assert _per_user_state(proxy)["pools"] == [f"{APP_DATABASE}/{APP.name}"]
-    assert proxy.call(lambda p: p.totals_by_database()[APP_DATABASE].query_count) > queries
+    assert proxy.call(lambda p: p.router.totals_by_database()[APP_DATABASE].query_count) > queries
 
 
 def test_silent_sockets_over_max_client_conn_do_not_keep_a_healthy_client_from_logging_in(pgmux) -> None:
@@ -182,7 +182,7 @@ def test_a_request_stalled_midway_is_cut_off_and_its_backend_closed_for_the_next
         staller.read_message()
     other.close()
     staller.close()
-    assert proxy.call(lambda p: p.rejections["client_request_timeout"]) == 1
+    assert proxy.call(lambda p: p.registry.rejections["client_request_timeout"]) == 1
 
 
 def test_a_scrape_of_many_pools_lets_the_event_loop_run_between_its_parts(pgmux) -> None:
@@ -192,16 +192,16 @@ def test_a_scrape_of_many_pools_lets_the_event_loop_run_between_its_parts(pgmux)
     ticks: list[float] = []
 
     def fill(p) -> None:
-        db = p._databases[APP_DATABASE]
+        db = p.router._databases[APP_DATABASE]
         for number in range(2000):  # as if 2,000 real users had logged in
-            p._pool(db, dataclasses.replace(db.upstream, user=f"user{number}"))
+            p.router._pool(db, dataclasses.replace(db.upstream, user=f"user{number}"))
 
         async def probe() -> None:
             while True:
                 ticks.append(time.perf_counter())
                 await asyncio.sleep(0)
 
-        p.spawn(probe(), name="loop probe")
+        p.registry.spawn(probe(), name="loop probe")
 
     proxy.call(fill)
     time.sleep(0.05)

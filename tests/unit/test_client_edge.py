@@ -59,7 +59,7 @@ def pgmux() -> Proxy:
                         auth_type="trust", admin_users=["app"])
     proxy = Proxy(settings)
     # As if the pool's first server had reported its parameters: the welcome needs no backend.
-    pool = proxy.login_pool("shop", "app")
+    pool = proxy.router.login_pool("shop", "app")
     pool.clients -= 1
     pool.server_params = dict(SERVER_PARAMETERS)
     return proxy

@@ -9,6 +9,7 @@ from proxy.protocol import messages as m
 from proxy.protocol.errors import PgError, Severity, error_response
 from proxy.protocol.framing import FrameScanner
 from proxy.server import _RELAY_CAPTURE, ServerConnection
+from proxy.stats import PoolStats
 
 
 def test_startup_parameters_are_sorted_into_synced_unreported_and_protocol_options() -> None:
@@ -84,7 +85,7 @@ class _Transport:
 
 def _relaying_server() -> tuple[ServerConnection, _Transport]:
     """A ServerConnection past its login, talking to a fake transport (no sockets, no loop needed)."""
-    server = ServerConnection(upstream=None, on_lost=lambda _server: None)  # type: ignore[arg-type]
+    server = ServerConnection(upstream=None, on_lost=lambda _server: None, stats=PoolStats())  # type: ignore[arg-type]
     transport = _Transport()
     server.transport = transport  # type: ignore[assignment]
     server._login_frames = None

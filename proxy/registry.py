@@ -1,0 +1,105 @@
+"""Registry: the live client connections, the tasks pgmux owns and the refusal counts (uvicorn's ServerState)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, Protocol, TypeVar
+
+from proxy.admission import Admission
+from proxy.logs import get_logger
+from proxy.protocol import errors
+
+log = get_logger("registry")
+
+# The client connection type: generic, so that this module never imports the client edge that uses it.
+ClientT = TypeVar("ClientT")
+
+
+class Console(Protocol):
+    """Where a client's bytes go once it logged in to the admin console (admin.AdminSession).
+
+    A Protocol, not a mypyc trait: its implementation is interpreted code, off the hot path.
+    """
+
+    def welcome(self) -> bytes:
+        """What the client is told once it is on the console: AuthenticationOk up to ReadyForQuery."""
+        ...
+
+    def feed(self, data: bytes) -> None:
+        ...
+
+
+class Registry(Generic[ClientT]):
+    """What every connection shares that is not routing: who is connected, what runs, what was refused.
+
+    The composition root (app.Proxy) builds it; clients, the admin console and /metrics get it instead
+    of the whole Proxy.
+    """
+
+    def __init__(self, admission: Admission, open_console: Callable[[ClientT, bool], Console]) -> None:
+        self.admission = admission
+        # What a console login becomes (client, may modify): the composition root alone sees what it needs.
+        self.open_console = open_console
+        self.clients: set[ClientT] = set()
+        # The clients that have not authenticated yet, oldest first (a dict keeps arrival order).
+        self.logging_in: dict[ClientT, None] = {}
+        self.rejections: collections.Counter[str] = collections.Counter()
+        self.accepted = 0  # client sockets accepted since start
+        self.draining = False  # shutdown has begun: new logins are refused
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    # ---- tasks ------------------------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Start a task that the proxy owns: it is tracked until done, and its failure is logged."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    # ---- clients ----------------------------------------------------------------------------------
+
+    def add(self, client: ClientT) -> None:
+        """A socket was accepted: the client counts as logging in until login_finished."""
+        self.accepted += 1
+        self.clients.add(client)
+        self.logging_in[client] = None
+
+    def oldest_logging_in(self, limit: int) -> ClientT | None:
+        """The client to crowd out when ``limit`` clients are logging in already (None: there is room).
+
+        Refusing the newcomer instead would let sockets that never log in lock everyone out.
+        """
+        return next(iter(self.logging_in)) if len(self.logging_in) >= limit else None
+
+    def client_limit_error(self) -> errors.PgError | None:
+        """The refusal for a client still logging in: at connect (before any authentication work) and again
+        once it has authenticated. max_client_conn counts logged-in clients, this one included."""
+        if self.draining:
+            self.count_rejection("shutdown")
+            return errors.shutting_down()
+        refusal = self.admission.check_connection(len(self.clients) - len(self.logging_in) + 1)
+        if refusal is not None:
+            self.count_rejection("max_client_conn")
+        return refusal
+
+    def login_finished(self, client: ClientT) -> None:
+        """The client has authenticated: it no longer counts against max_login_clients."""
+        self.logging_in.pop(client, None)
+
+    def forget_client(self, client: ClientT) -> None:
+        """The connection ended."""
+        self.clients.discard(client)
+        self.logging_in.pop(client, None)
+
+    # ---- counters -----------------------------------------------------------------------------
+
+    def count_rejection(self, reason: str) -> None:
+        self.rejections[reason] += 1

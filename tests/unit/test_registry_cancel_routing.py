@@ -1,0 +1,178 @@
+"""Registry (live clients, logins, refusals, tasks), CancelKeys and Router, without sockets or a running pgmux."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from proxy.admission import Admission
+from proxy.cancel import CancelKeys, Cancellable
+from proxy.protocol.errors import PgError, SqlState
+from proxy.registry import Console, Registry
+from proxy.routing import Router
+from proxy.settings import load_settings
+
+
+class _Client(Cancellable):
+    __slots__ = ("name", "cancel_key", "cancels")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.cancel_key = (0, b"")
+        self.cancels = 0
+
+    def cancel_query(self) -> None:
+        self.cancels += 1
+
+
+def _no_console(client: _Client, can_modify: bool) -> Console:
+    raise AssertionError("no console in these tests")
+
+
+def _registry(max_client_conn: int = 100) -> Registry[_Client]:
+    return Registry(Admission(max_client_conn, 0, 0), _no_console)
+
+
+def test_the_oldest_login_in_progress_is_crowded_out_at_the_limit() -> None:
+    registry = _registry()
+    first, second = _Client("first"), _Client("second")
+    registry.add(first)
+    registry.add(second)
+    assert registry.accepted == 2
+    assert registry.oldest_logging_in(3) is None
+    assert registry.oldest_logging_in(2) is first
+    registry.login_finished(first)
+    assert registry.oldest_logging_in(1) is second
+    assert registry.clients == {first, second}
+
+
+def test_max_client_conn_counts_logged_in_clients_and_the_newcomer() -> None:
+    registry = _registry(max_client_conn=2)
+    logged_in, newcomer = _Client("in"), _Client("new")
+    for client in (logged_in, newcomer):
+        registry.add(client)
+    registry.login_finished(logged_in)
+    assert registry.client_limit_error() is None  # one logged in, plus the newcomer: 2
+    other = _Client("other")
+    registry.add(other)
+    registry.login_finished(other)
+    refusal = registry.client_limit_error()
+    assert refusal is not None and refusal.sqlstate == SqlState.TOO_MANY_CONNECTIONS
+    assert registry.rejections["max_client_conn"] == 1
+    registry.forget_client(other)
+    assert registry.client_limit_error() is None
+
+
+def test_a_draining_registry_refuses_every_login() -> None:
+    registry = _registry()
+    registry.draining = True
+    refusal = registry.client_limit_error()
+    assert refusal is not None and refusal.sqlstate == SqlState.ADMIN_SHUTDOWN
+    assert registry.rejections["shutdown"] == 1
+
+
+def test_spawned_tasks_are_tracked_until_done() -> None:
+    async def scenario() -> None:
+        registry = _registry()
+        finish = asyncio.Event()
+        task = registry.spawn(finish.wait(), name="waits")
+        assert registry.tasks == {task}
+        finish.set()
+        await task
+        await asyncio.sleep(0)  # done callbacks run on the next pass of the loop
+        assert not registry.tasks
+
+    asyncio.run(scenario())
+
+
+def test_a_cancel_request_reaches_the_client_whose_key_it_carries() -> None:
+    keys = CancelKeys()
+    client, other = _Client("client"), _Client("other")
+    client.cancel_key = keys.register(client)
+    other.cancel_key = keys.register(other)
+    process_id, secret = client.cancel_key
+    assert process_id > 0 and len(secret) == 4 and process_id != other.cancel_key[0]
+    keys.cancel(process_id, secret)
+    assert (client.cancels, other.cancels) == (1, 0)
+
+
+@pytest.mark.parametrize("wrong", ["secret", "process id"])
+def test_a_cancel_request_with_a_wrong_key_reaches_nobody(wrong: str) -> None:
+    async def scenario() -> None:  # an unknown key is logged with a summary timer: it needs a loop
+        keys = CancelKeys()
+        client = _Client("client")
+        client.cancel_key = process_id, secret = keys.register(client)
+        if wrong == "secret":
+            keys.cancel(process_id, bytes(b ^ 0xFF for b in secret))
+        else:
+            keys.cancel(process_id ^ 1, secret)
+        assert client.cancels == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_forgotten_client_is_reached_by_no_cancel_request() -> None:
+    async def scenario() -> None:
+        keys = CancelKeys()
+        client = _Client("client")
+        client.cancel_key = keys.register(client)
+        keys.forget(client)
+        keys.cancel(*client.cancel_key)
+        assert client.cancels == 0
+        keys.forget(_Client("never registered"))  # a client that never logged in has nothing to forget
+
+    asyncio.run(scenario())
+
+
+# ---- Router: where a login goes --------------------------------------------------------------------
+
+@pytest.fixture
+def router(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Router:
+    for name in list(os.environ):
+        if name.startswith("PGMUX_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no pgmux.toml of the caller's
+    settings = load_settings(None, [], upstream_url="postgresql://app:app-secret@db.internal:5432/app",
+                             admin_users=["boss"], stats_users=["watcher"])
+    registry = _registry()
+    return Router(settings, registry.admission, registry.spawn, registry.count_rejection)
+
+
+def test_a_login_to_a_database_pgmux_does_not_serve_has_no_secret_and_no_pool(router: Router) -> None:
+    rejections: list[str] = []
+    router._count_rejection = rejections.append
+    assert router.serves_database("app") and not router.serves_database("elsewhere")
+    assert router.login_secret("elsewhere", "app") is None  # checked against a mock secret: fails as a wrong password
+    with pytest.raises(PgError):
+        router.login_pool("elsewhere", "app")
+    assert rejections == ["unknown_database"] and not router.pools
+
+
+def test_the_database_url_user_logs_in_with_its_password(router: Router) -> None:
+    secret = router.login_secret("app", "app")
+    assert secret is not None and secret.password == "app-secret"
+    assert router.login_secret("app", "stranger") is None
+
+
+def test_admin_roles_come_from_admin_users_and_stats_users(router: Router) -> None:
+    roles = [router.admin_role(user) for user in ("boss", "watcher", "app")]
+    assert roles == ["admin", "stats", None]
+
+
+def test_a_pool_is_made_on_the_first_login_and_shared_by_the_next(router: Router) -> None:
+    async def scenario() -> None:
+        pool = router.login_pool("app", "app")
+        assert router.login_pool("app", "app") is pool
+        assert pool.clients == 2 and list(router.pools) == [pool.key]
+
+    asyncio.run(scenario())
+
+
+def test_pause_and_resume_of_one_database(router: Router) -> None:
+    router.pause("app")
+    assert router.is_paused("app") and not router.paused_all
+    router.resume("app")
+    assert not router.is_paused("app")
