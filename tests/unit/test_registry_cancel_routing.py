@@ -9,36 +9,42 @@ from pathlib import Path
 import pytest
 
 from proxy.admission import Admission
-from proxy.cancel import CancelKeys, Cancellable
+from proxy.cancel import CancelKeys
+from proxy.client import ClientConnection
 from proxy.protocol.errors import PgError, SqlState
 from proxy.registry import Console, Registry
 from proxy.routing import Router
-from proxy.settings import load_settings
+from proxy.settings import Settings, load_settings
 
 
-class _Client(Cancellable):
-    __slots__ = ("name", "cancel_key", "cancels")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.cancel_key = (0, b"")
-        self.cancels = 0
-
-    def cancel_query(self) -> None:
-        self.cancels += 1
+# Real clients (compiled, an interpreted stand-in could not implement the Cancellable trait); the
+# router and settings they carry are never used here.
+_SETTINGS = Settings(upstream_url="postgresql://app:secret@127.0.0.1:1/app", listen="127.0.0.1:0")
 
 
-def _no_console(client: _Client, can_modify: bool) -> Console:
+def _no_console(client: ClientConnection, can_modify: bool) -> Console:
     raise AssertionError("no console in these tests")
 
 
-def _registry(max_client_conn: int = 100) -> Registry[_Client]:
+def _registry(max_client_conn: int = 100) -> Registry[ClientConnection]:
     return Registry(Admission(max_client_conn, 0, 0), _no_console)
+
+
+def _client(keys: CancelKeys | None = None) -> ClientConnection:
+    registry = _registry()
+    router = Router(_SETTINGS, registry.admission, registry.spawn, registry.count_rejection)
+    return ClientConnection(router, registry, keys or CancelKeys(), _SETTINGS.all_listeners()[0])
+
+
+def _cancels_reaching(caplog: pytest.LogCaptureFixture, client: ClientConnection) -> int:
+    """CancelRequests that reached ``client`` (with no query running, each is logged as ignored)."""
+    return sum(1 for record in caplog.records
+               if getattr(record, "conn", None) == client.id and record.getMessage().startswith("cancel request"))
 
 
 def test_the_oldest_login_in_progress_is_crowded_out_at_the_limit() -> None:
     registry = _registry()
-    first, second = _Client("first"), _Client("second")
+    first, second = _client(), _client()
     registry.add(first)
     registry.add(second)
     assert registry.accepted == 2
@@ -51,12 +57,12 @@ def test_the_oldest_login_in_progress_is_crowded_out_at_the_limit() -> None:
 
 def test_max_client_conn_counts_logged_in_clients_and_the_newcomer() -> None:
     registry = _registry(max_client_conn=2)
-    logged_in, newcomer = _Client("in"), _Client("new")
+    logged_in, newcomer = _client(), _client()
     for client in (logged_in, newcomer):
         registry.add(client)
     registry.login_finished(logged_in)
     assert registry.client_limit_error() is None  # one logged in, plus the newcomer: 2
-    other = _Client("other")
+    other = _client()
     registry.add(other)
     registry.login_finished(other)
     refusal = registry.client_limit_error()
@@ -88,41 +94,44 @@ def test_spawned_tasks_are_tracked_until_done() -> None:
     asyncio.run(scenario())
 
 
-def test_a_cancel_request_reaches_the_client_whose_key_it_carries() -> None:
+def test_a_cancel_request_reaches_the_client_whose_key_it_carries(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
     keys = CancelKeys()
-    client, other = _Client("client"), _Client("other")
+    client, other = _client(), _client()
     client.cancel_key = keys.register(client)
     other.cancel_key = keys.register(other)
     process_id, secret = client.cancel_key
     assert process_id > 0 and len(secret) == 4 and process_id != other.cancel_key[0]
     keys.cancel(process_id, secret)
-    assert (client.cancels, other.cancels) == (1, 0)
+    assert (_cancels_reaching(caplog, client), _cancels_reaching(caplog, other)) == (1, 0)
 
 
 @pytest.mark.parametrize("wrong", ["secret", "process id"])
-def test_a_cancel_request_with_a_wrong_key_reaches_nobody(wrong: str) -> None:
+def test_a_cancel_request_with_a_wrong_key_reaches_nobody(wrong: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
     async def scenario() -> None:  # an unknown key is logged with a summary timer: it needs a loop
         keys = CancelKeys()
-        client = _Client("client")
+        client = _client()
         client.cancel_key = process_id, secret = keys.register(client)
         if wrong == "secret":
             keys.cancel(process_id, bytes(b ^ 0xFF for b in secret))
         else:
             keys.cancel(process_id ^ 1, secret)
-        assert client.cancels == 0
+        assert _cancels_reaching(caplog, client) == 0
 
     asyncio.run(scenario())
 
 
-def test_a_forgotten_client_is_reached_by_no_cancel_request() -> None:
+def test_a_forgotten_client_is_reached_by_no_cancel_request(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
     async def scenario() -> None:
         keys = CancelKeys()
-        client = _Client("client")
+        client = _client()
         client.cancel_key = keys.register(client)
         keys.forget(client)
         keys.cancel(*client.cancel_key)
-        assert client.cancels == 0
-        keys.forget(_Client("never registered"))  # a client that never logged in has nothing to forget
+        assert _cancels_reaching(caplog, client) == 0
+        keys.forget(_client())  # a client that never logged in has nothing to forget
 
     asyncio.run(scenario())
 
