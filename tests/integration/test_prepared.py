@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import subprocess
 import time
+from collections.abc import AsyncIterator
 
 import asyncpg
 import psycopg
@@ -358,8 +360,19 @@ def test_a_false_alarm_inside_a_transaction_leaves_its_prepared_statements_worki
     asyncio.run(scenario())
 
 
-_FORGET_FUNCTION = ("CREATE OR REPLACE FUNCTION pgmux_test_forget() RETURNS void LANGUAGE plpgsql "
-                    "AS $$ BEGIN EXECUTE 'DEAL' || 'LOCATE ALL'; END $$")
+@contextlib.asynccontextmanager
+async def _user_and_forgetter(proxy) -> AsyncIterator[tuple[asyncpg.Connection, asyncpg.Connection]]:
+    """Two clients; the second can run pgmux_test_forget(), which deallocates everything unseen by pgmux."""
+    a = await _connect(proxy)
+    b = await _connect(proxy)
+    try:
+        await b.execute("CREATE OR REPLACE FUNCTION pgmux_test_forget() RETURNS void LANGUAGE plpgsql "
+                        "AS $$ BEGIN EXECUTE 'DEAL' || 'LOCATE ALL'; END $$")
+        yield a, b
+        await b.execute("DROP FUNCTION pgmux_test_forget()")
+    finally:
+        await a.close()
+        await b.close()
 
 
 def test_statements_lost_where_pgmux_cannot_see_it_are_prepared_again_without_an_error(pgmux) -> None:
@@ -369,10 +382,7 @@ def test_statements_lost_where_pgmux_cannot_see_it_are_prepared_again_without_an
     proxy = pgmux(default_pool_size=1)
 
     async def scenario() -> None:
-        a = await _connect(proxy)
-        b = await _connect(proxy)
-        try:
-            await b.execute(_FORGET_FUNCTION)
+        async with _user_and_forgetter(proxy) as (a, b):
             assert await a.fetchval("SELECT $1::int * 5", 2) == 10
             assert await a.fetchval("SELECT $1::int * 7", 2) == 14
             for attempt in range(3):
@@ -389,10 +399,6 @@ def test_statements_lost_where_pgmux_cannot_see_it_are_prepared_again_without_an
                     assert await c.fetch("SELECT $1::int * 7 AS n", 3) == [(21,)]
                 finally:
                     await c.close()
-            await b.execute("DROP FUNCTION pgmux_test_forget()")
-        finally:
-            await a.close()
-            await b.close()
 
     asyncio.run(scenario())
 
@@ -407,10 +413,7 @@ def test_statements_lost_inside_a_transaction_fail_that_transaction_once_then_wo
             assert await conn.fetchval("SELECT $1::int * 5", n) == 5 * n
 
     async def scenario() -> None:
-        a = await _connect(proxy)
-        b = await _connect(proxy)
-        try:
-            await b.execute(_FORGET_FUNCTION)
+        async with _user_and_forgetter(proxy) as (a, b):
             assert await a.fetchval("SELECT $1::int * 5", 2) == 10
             await b.execute("SELECT pgmux_test_forget()")
             failures = 0
@@ -425,10 +428,6 @@ def test_statements_lost_inside_a_transaction_fail_that_transaction_once_then_wo
                 assert await c.fetchval("SELECT $1::int * 5", 3) == 15
             finally:
                 await c.close()
-            await b.execute("DROP FUNCTION pgmux_test_forget()")
-        finally:
-            await a.close()
-            await b.close()
 
     asyncio.run(scenario())
 
