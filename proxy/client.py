@@ -1,4 +1,4 @@
-"""ClientConnection: one application connection's edge — its login handed to a Login, then the relay to a linked server."""
+"""ClientConnection: one application connection's edge: its login handed to a Login, then the relay to a server."""
 
 from __future__ import annotations
 
@@ -56,9 +56,10 @@ _QUEUE_HIGH_WATER = 1 << 20  # bytes queued while waiting for a server before we
 # A captured message larger than this is not held: its head (enough for every decision pgmux makes
 # about it) comes back from the scanner, and its rest streams on to the server as it arrives.
 _CAPTURE_HEAD: Final = 1 << 16
-# A batch is kept to be sent again (see ClientConnection.replay) only up to this size: larger ones are
-# rare enough to answer with the server's 26000.
-_REPLAY_LIMIT: Final = 1 << 16
+# A batch is kept to be sent again (see ClientConnection.replay) only when it arrived in one read smaller
+# than this: larger ones are rare enough to answer with the server's 26000. Smaller than _CAPTURE_HEAD,
+# so every captured message of it is whole.
+_REPLAY_LIMIT: Final = _CAPTURE_HEAD
 
 # The relay's scanner is made once the login has a pool; until then this one stands in, and is never fed.
 _BEFORE_SESSION: Final = FrameScanner(frozenset())
@@ -410,7 +411,8 @@ class ClientConnection(ClientPeer, Cancellable):
         """Client bytes to the linked server: counted, looked at where needed, rewritten where needed."""
         scanner = self._scanner
         before = scanner.count
-        fresh = not self.pending and scanner.at_rest  # these bytes begin a batch, with nothing in flight
+        # These bytes begin a batch, with nothing in flight: kept to re-send if small (see _replayable).
+        fresh = not self.pending and scanner.at_rest and len(data) < _REPLAY_LIMIT
         self.replay = None  # a kept batch is not sent again once anything follows it
         try:
             segments = scanner.feed(data)
@@ -467,27 +469,21 @@ class ClientConnection(ClientPeer, Cancellable):
                 out.append(statements.rewrite(kind, segment.data, server.prepared) if statements else segment.data)
         server.write(out[0] if len(out) == 1 else b"".join(out))
         if statements is not None:
-            self.replay = segments if fresh and server.prepared.trusted != trusted and self._replayable(segments, server) else None
+            relied = server.prepared.trusted != trusted
+            self.replay = segments if fresh and relied and self._replayable(server) else None
 
-    def _replayable(self, segments: list[Segment], server: ServerConnection) -> bool:
-        """Whether a batch just sent, which relied on the server's statements, can be sent again unseen.
+    def _replayable(self, server: ServerConnection) -> bool:
+        """Whether a batch just sent, small and in one read, which relied on the server's statements, can be
+        sent again unseen.
 
         It must be one batch, ended (its Sync sent) or not yet ended (asyncpg prepares with Parse, Describe
         and Flush), with nothing pipelined behind it (the answers would no longer be told apart); sent
-        outside a transaction (where a 26000 leaves nothing run) and behind none of pgmux's own queries;
-        every message of it whole and the lot small.
+        outside a transaction (where a 26000 leaves nothing run) and behind none of pgmux's own queries.
         """
         scanner = self._scanner
         ended = self.pending == 1 and scanner.at_rest
-        if not (ended or (not self.pending and scanner.at_boundary)) or server.swallow or server.tx_status is not _IDLE:
-            return False
-        size = 0
-        for segment in segments:
-            data = segment.data if isinstance(segment, Frame) else segment
-            if isinstance(segment, Frame) and not is_whole(data):
-                return False
-            size += len(data)
-        return size <= _REPLAY_LIMIT
+        return ((ended or (not self.pending and scanner.at_boundary)) and not server.swallow
+                and server.tx_status is _IDLE)
 
     def forget_replay(self) -> None:
         self.replay = None
