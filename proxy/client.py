@@ -504,13 +504,7 @@ class ClientConnection(ClientPeer, Cancellable):
         server.prepared.start_link()  # the failed batch's answer is over: nothing is in flight
         statements.forget_parsed_names([segment for segment in batch if isinstance(segment, Frame)])
         self._discard_statements(server)
-        out: list[bytes | memoryview] = []
-        for segment in batch:
-            if isinstance(segment, Frame):
-                out.append(statements.rewrite(segment.kind, segment.data, server.prepared))
-            else:
-                out.append(segment)
-        server.write(b"".join(out))
+        self._forward_segments(batch, server, fresh=False)  # rewritten afresh: each statement Parsed again
 
     def _note_query(self, data: bytes | memoryview, server: ServerConnection) -> None:
         self._query_mark = self._scanner.count  # where a COPY this Query may begin starts ignoring Syncs

@@ -100,6 +100,11 @@ class ClientPeer:
         raise NotImplementedError
 
 
+def _names_a_lost_statement(fields: dict[str, str]) -> bool:
+    """An ErrorResponse saying one of pgmux's own statements does not exist (quotes differ by lc_messages)."""
+    return fields.get("C") == "26000" and "pgmux_" in fields.get("M", "")
+
+
 class ServerLoginError(Exception):
     """The backend could not be reached or refused the login.
 
@@ -257,7 +262,7 @@ class ServerConnection:
             return True
         if kind == m.ERROR_RESPONSE:
             fields = parse_error_fields(frame.data[5:])
-            if fields.get("C") == "26000" and "pgmux_" in fields.get("M", ""):
+            if _names_a_lost_statement(fields):
                 self._held_answer.clear()
                 client.resend_batch()
                 return True
@@ -312,10 +317,11 @@ class ServerConnection:
                 # as PostgreSQL sent it; the statement must be prepared afresh everywhere.
                 client.on_stale_plan()
                 self.prepared.discard_all = True
-            elif code == "26000" and "pgmux_" in fields.get("M", ""):  # quotes differ by lc_messages
+            elif _names_a_lost_statement(fields):
                 # One of pgmux's own statements is gone: something pgmux could not see (a function
-                # running DEALLOCATE ALL, say) emptied this backend. This client gets the error; the
-                # statements are prepared again before their next use, here and for everyone.
+                # running DEALLOCATE ALL, say) emptied this backend, and the request could not be re-sent
+                # (see _hold_for_replay): this client gets the error; the statements are prepared again
+                # before their next use, here and for everyone.
                 self.prepared.forget_all()
         elif kind == m.COPY_IN_RESPONSE:
             client.on_copy_in()
