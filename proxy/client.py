@@ -26,11 +26,12 @@ from proxy.protocol.framing import (
     Segment,
     is_whole,
 )
-from proxy.protocol.sql_words import mentions_reset
+from proxy.protocol.sql_words import custom_setting_names, mentions_reset, mentions_session_state, session_effects
 from proxy.registry import Console, Registry
 from proxy.routing import Router
 from proxy.server import ClientPeer, ServerConnection
-from proxy.settings import ListenerSettings, PoolMode
+from proxy.session_state import SessionReport
+from proxy.settings import ListenerSettings, PoolMode, SessionStatePolicy
 from proxy.states import ClientState, ServerState
 
 if TYPE_CHECKING:
@@ -41,6 +42,8 @@ _ids = itertools.count(1)
 
 # Query: to notice RESET/DISCARD; CopyDone/CopyFail (once per COPY): to tell one sent before the server asked.
 _RELAY_CAPTURE = frozenset({m.TERMINATE, m.QUERY, m.COPY_DONE, m.COPY_FAIL})
+# In transaction mode a Parse's text is looked at too: it may change the session (see _note_session_sql).
+_TRANSACTION_CAPTURE = _RELAY_CAPTURE | {m.PARSE}
 # With named statements rewritten (transaction mode), the statement-naming messages are looked at too.
 _PREPARED_CAPTURE = frozenset({m.TERMINATE, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE, m.SYNC, m.QUERY, m.FUNCTION_CALL,
                                m.COPY_DONE, m.COPY_FAIL})
@@ -103,7 +106,7 @@ class ClientConnection(ClientPeer, Cancellable):
         "startup_params", "_waiter", "cancel_key",
         "connected_at", "database", "flow", "id", "last_active", "listener", "login", "params", "peer", "pending",
         "pool", "query_started", "replay", "server", "state", "statements", "transaction_mode", "transport",
-        "unreported",
+        "unreported", "startup_unreported", "pins", "_session_touched", "_custom_names",
         "user", "wait_started",
         "_stall_mark", "_stalled_since",
     )
@@ -147,6 +150,11 @@ class ClientConnection(ClientPeer, Cancellable):
         # statements the server held, sent with nothing else in flight outside a transaction.
         self.replay: list[Segment] | None = None
         self.startup_params: dict[str, str] = {}  # synced parameters the client set at startup
+        self.startup_unreported: dict[str, str] = {}  # other settings the client set at startup
+        # Transaction mode: the session-only state this client holds on its server (it keeps that server).
+        self.pins: frozenset[str] = frozenset()
+        self._session_touched = False  # the linked server's session may have changed: ask it before release
+        self._custom_names: set[str] = set()  # custom settings the statements since then may have set
         self._reset_seen = False  # the current request batch contains RESET or DISCARD
         self._resync = False  # the linked server must get this client's parameters again
         self.last_active = self.connected_at  # the last time a request or an answer passed
@@ -246,7 +254,10 @@ class ClientConnection(ClientPeer, Cancellable):
         self._reset_seen = False
         # Release only at a true boundary: every request answered and no part of the next one sent.
         if status is _IDLE and self.transaction_mode and self._scanner.at_rest:
-            self._unlink_and_release(now)
+            if self._session_touched:
+                self._inspect_session()
+            elif not self.pins:
+                self._unlink_and_release(now)
         elif self._resync and self.server is not None:
             # RESET put the server back to its own defaults: restore this client's (its startup values).
             self._resync = False
@@ -305,6 +316,43 @@ class ClientConnection(ClientPeer, Cancellable):
             return
         self.params[name] = value
 
+    def _inspect_session(self) -> None:
+        """Ask the linked server what the session holds now: the client keeps it until the answer is in."""
+        server = self.server
+        assert server is not None
+        self._session_touched = False
+        names, self._custom_names = self._custom_names, set()
+        server.inspect_session(names | {name for name in self.unreported if "." in name})
+
+    def on_session_inspected(self, report: SessionReport | None) -> None:
+        """The linked server said what its session holds: settings become this client's, session-only state
+        keeps the server here (session_state = pin), and a server holding nothing of it is released."""
+        server = self.server
+        if server is None:
+            return
+        if report is not None:
+            self.unreported = {**self.startup_unreported, **report.settings}
+            pins = report.pins if self.router.settings.session_state is SessionStatePolicy.PIN else frozenset()
+            if pins != self.pins:
+                if pins:
+                    log.info("client pinned to server %s: it holds %s", server.id, ", ".join(sorted(pins)),
+                             extra={"conn": self.id})
+                else:
+                    log.info("client unpinned from server %s", server.id, extra={"conn": self.id})
+                self.pins = pins
+        if (not self.pins and not self.pending and self._scanner.at_rest and not self._queued
+                and server.tx_status is _IDLE and not self._session_touched):
+            self._unlink_and_release(time.monotonic())
+
+    def _note_session_sql(self, sql: bytes) -> None:
+        """A Query's or Parse's text that mentions session state: what it may change, to ask about later."""
+        kinds = session_effects(sql)
+        if kinds:
+            self._session_touched = True
+            self._custom_names |= custom_setting_names(sql)
+            for kind in kinds:
+                self.registry.count_session_change(kind)
+
     def on_parameter_sync_failed(self, error: dict[str, str]) -> None:
         """PostgreSQL refused this client's parameters on the linked server (``error``: its ErrorResponse fields).
 
@@ -348,7 +396,7 @@ class ClientConnection(ClientPeer, Cancellable):
         """Logged in to ``pool``, about to be welcomed: set up the relay's scanner and statement names."""
         self.pool = pool
         self.state = ClientState.LOGIN
-        capture = _RELAY_CAPTURE
+        capture = _TRANSACTION_CAPTURE if self.transaction_mode else _RELAY_CAPTURE
         keep_whole = None  # a simple Query's head is enough: a huge one counts as mentioning RESET
         if self.transaction_mode and self.router.settings.max_prepared_statements:
             self.statements = ClientStatements(self.router.statement_names, pool.stats.prepared)
@@ -461,12 +509,20 @@ class ClientConnection(ClientPeer, Cancellable):
             if kind == m.QUERY:
                 self._note_query(segment.data, server)
                 out.append(segment.data)
+            elif kind == m.PARSE and statements is None:
+                self._note_parse(segment.data)
+                out.append(segment.data)
             elif kind == m.COPY_DONE or kind == m.COPY_FAIL:
                 if self.pending and not self._copy_in:
                     self._copy_done_early = True  # pipelined behind the COPY, before its CopyInResponse
                 out.append(segment.data)
             else:
+                if kind == m.PARSE:
+                    self._note_parse(segment.data)
                 out.append(statements.rewrite(kind, segment.data, server.prepared) if statements else segment.data)
+                if kind == m.BIND and statements is not None and statements.bound_session_sql is not None:
+                    self._note_session_sql(statements.bound_session_sql)
+                    statements.bound_session_sql = None
         server.write(out[0] if len(out) == 1 else b"".join(out))
         if statements is not None:
             relied = server.prepared.trusted != trusted
@@ -508,12 +564,25 @@ class ClientConnection(ClientPeer, Cancellable):
 
     def _note_query(self, data: bytes | memoryview, server: ServerConnection) -> None:
         self._query_mark = self._scanner.count  # where a COPY this Query may begin starts ignoring Syncs
-        # A Query too large to hold whole is not searched: over-detecting costs only a parameter re-sync.
-        if mentions_reset(data) or not is_whole(data):
-            self._reset_seen = True
-            server.forget_unreported()
+        # The compiled word test first: it runs for every Query. A Query too large to hold whole is not
+        # searched: it counts as changing the session (over-detecting costs a look at the session).
+        whole = is_whole(data)
+        if not whole or mentions_session_state(data):
+            if not whole or mentions_reset(data):
+                self._reset_seen = True
+                server.forget_unreported()
+            if self.transaction_mode:
+                if whole:
+                    self._note_session_sql(bytes(data[5:]))
+                else:
+                    self._session_touched = True
         if self.statements is not None:
             self.statements.note_query(data, server.prepared)
+
+    def _note_parse(self, data: bytes | memoryview) -> None:
+        if self.transaction_mode and (not is_whole(data) or mentions_session_state(data)):
+            body = bytes(data[5:])
+            self._note_session_sql(body[body.find(b"\x00") + 1:])
 
     def _forward_queued(self) -> None:
         if self._held_for_sync:
@@ -800,17 +869,27 @@ class ClientConnection(ClientPeer, Cancellable):
         cleanup = []
         if server.tx_status is not m.TransactionStatus.IDLE:
             cleanup.append("ROLLBACK")
-        if self.statements is not None and server.prepared.discard_all:
-            # pgmux's record of the statements there may be wrong, and only now can it be made right.
-            server.prepared.deallocating_all()
-            cleanup.append("DEALLOCATE ALL")
-        if not self.transaction_mode:
+        # In transaction mode too when the session may hold this client's state that pgmux has not read
+        # (or could not): session-only state must not reach the next client.
+        reset = (not self.transaction_mode or bool(self.pins) or self._session_touched or server.inspecting
+                 or server.unclean)
+        if reset:
+            if not resets_all_statements(pool.config.server_reset_query) and self.transaction_mode:
+                pool.close_server(server, f"client {self.id} left session state and server_reset_query "
+                                          "does not discard it")
+                return
             if pool.config.server_reset_query:
                 cleanup.append(pool.config.server_reset_query)
             if not resets_all_statements(pool.config.server_reset_query):
                 # The session may have prepared names that transaction-mode clients would collide with.
                 cleanup.append("DEALLOCATE ALL")
-            server.prepared.statements.clear()
+            server.prepared.deallocating_all()  # the reset drops them all
+            server.forget_unreported()  # the next client's sync sets or resets each of them again
+            server.unclean = False
+        elif self.statements is not None and server.prepared.discard_all:
+            # pgmux's record of the statements there may be wrong, and only now can it be made right.
+            server.prepared.deallocating_all()
+            cleanup.append("DEALLOCATE ALL")
         if cleanup:
             pool.reset_and_release(server, cleanup, f"client {self.id} left")
         else:

@@ -75,6 +75,9 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                           ("database",)),
     "pgmux_client_connections_accepted_total": ("counter", "Client sockets accepted", ()),
     "pgmux_client_rejections_total": ("counter", "Clients refused or cut off by pgmux, by reason", ("reason",)),
+    "pgmux_session_state_changes_total": ("counter", "Statements that may change their session's state (transaction "
+                                          "mode), by kind: setting, role, temp, advisory_lock, listen...", ("kind",)),
+    "pgmux_pinned_clients": ("gauge", "Clients kept on their backend by session-only state, by reason", ("reason",)),
     "pgmux_server_connects_total": ("counter", "Server logins that succeeded", POOL_LABELS),
     "pgmux_server_connect_failures_total": ("counter", "Server connects or logins that failed", POOL_LABELS),
     "pgmux_server_assignments_total": ("counter", "Times a server was linked to a client", POOL_LABELS),
@@ -259,6 +262,13 @@ class PgmuxExposition:
         ]
         out.extend(_sample("pgmux_client_rejections_total", _labels(reason=reason), count)
                    for reason, count in sorted(rejections.items()))
+        out.append(_header("pgmux_session_state_changes_total"))
+        out.extend(_sample("pgmux_session_state_changes_total", _labels(kind=kind), count)
+                   for kind, count in sorted(registry.session_changes.items()))
+        pinned = collections.Counter(reason for client in registry.clients for reason in client.pins)
+        out.append(_header("pgmux_pinned_clients"))
+        out.extend(_sample("pgmux_pinned_clients", _labels(reason=reason), count)
+                   for reason, count in sorted(pinned.items()))
         return "".join(out)
 
     def _per_database(self, server_counts: collections.Counter[str]) -> str:

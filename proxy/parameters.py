@@ -17,6 +17,9 @@ SYNCED_PARAMETERS = frozenset({
 # What pgmux records for a setting it SET on a backend when a RESET/DISCARD may have undone it: no startup
 # value can contain a NUL, so it never matches what a client wants and the next sync sets or resets it.
 UNKNOWN_VALUE: Final = "\x00"
+# Settings re-applied last, in this order: a new session authorization resets the role, and a role may lack
+# the right to change superuser-only settings set before it.
+IDENTITY_SETTINGS: Final = ("session_authorization", "role")
 _PARAMETER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 _OPTION = re.compile(r"(?:-c\s*|--)([A-Za-z_][A-Za-z0-9_.-]*)=((?:\\.|[^\s\\])*)")
 
@@ -90,6 +93,10 @@ class ParameterSync:
         self.unreported = unreported  # the backend's unreported parameters on success; None: unchanged
 
 
+def _identity_last(name: str) -> tuple[int, str]:
+    return (IDENTITY_SETTINGS.index(name) + 1 if name in IDENTITY_SETTINGS else 0, name)
+
+
 def parameter_sync(wanted: dict[str, str], wanted_unreported: dict[str, str],
                    server_params: dict[str, str], server_unreported: dict[str, str],
                    in_transaction: bool) -> ParameterSync | None:
@@ -106,14 +113,23 @@ def parameter_sync(wanted: dict[str, str], wanted_unreported: dict[str, str],
     params = {name: value for name, value in wanted.items() if server_params.get(name) != value}
     changes = list(params.items())
     statements: list[str] = []
-    for name in wanted_unreported.keys() | server_unreported.keys():
+    identity: list[tuple[str, str]] = []
+    for name in sorted(wanted_unreported.keys() | server_unreported.keys(), key=_identity_last):
         wanted_value = wanted_unreported.get(name)
         if server_unreported.get(name) == wanted_value:
             continue
+        if name in IDENTITY_SETTINGS and name in server_unreported:
+            # The backend's role goes first: the settings below are then set as the backend's own user,
+            # and the client's role (or session authorization) last, as the client set them.
+            statements.insert(0, f"RESET {name}")
         if wanted_value is None:
-            statements.append(f"RESET {name}")
+            if name not in IDENTITY_SETTINGS:
+                statements.append(f"RESET {name}")
+        elif name in IDENTITY_SETTINGS:
+            identity.append((name, wanted_value))
         else:
             changes.append((name, wanted_value))
+    changes.extend(identity)
     if changes:
         statements.append(f"SELECT {_set_config_calls(changes, is_local=False)}")
     if not statements:

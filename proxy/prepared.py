@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from proxy.protocol import messages as m
 from proxy.protocol.framing import Frame, ProtocolViolation, is_whole
-from proxy.protocol.sql_words import drops_all_statements, mentions_statement_drop
+from proxy.protocol.sql_words import drops_all_statements, mentions_session_state, mentions_statement_drop, session_effects
 from proxy.stats import PreparedCounters
 
 _ABSENT_STATEMENT = b"pgmux_no_such_statement\x00"  # Close of a missing statement is no error
@@ -34,6 +34,7 @@ class Statement:
     server_name: bytes  # NUL-terminated, as it goes on the wire
     parse: bytes  # the whole Parse message that creates it on a server
     may_drop_statements: bool  # its text mentions DEALLOCATE or DISCARD: running it may empty the server
+    session_sql: bytes | None  # its text, when running it may change the session's state (SET, set_config...)
 
     @property
     def definition(self) -> bytes:
@@ -51,7 +52,10 @@ class StatementNames:
         """``definition`` is a Parse body after the name: query text, NUL, parameter types."""
         digest = hashlib.blake2b(definition, digest_size=10, salt=self.generation.to_bytes(8, "big")).hexdigest()
         name = f"pgmux_{digest}".encode() + b"\x00"
-        return Statement(name, m.message(m.PARSE, name + definition), mentions_statement_drop(definition))
+        parse = m.message(m.PARSE, name + definition)
+        text = definition[:definition.find(b"\x00")]
+        session_sql = text if mentions_session_state(parse) and session_effects(text) else None
+        return Statement(name, parse, mentions_statement_drop(definition), session_sql)
 
     def invalidate_all(self) -> None:
         self.generation += 1
@@ -181,10 +185,12 @@ class ServerPrepared:
 class ClientStatements:
     """One client's named statements and the rewriting of its Parse/Bind/Describe/Close messages."""
 
-    __slots__ = ("names", "_registry", "_counters")
+    __slots__ = ("names", "_registry", "_counters", "bound_session_sql")
 
     def __init__(self, registry: StatementNames, counters: PreparedCounters) -> None:
         self.names: dict[bytes, Statement] = {}  # client name (NUL-terminated) -> server statement
+        # The text of the statement the last Bind ran, when it may change the session (the client reads it).
+        self.bound_session_sql: bytes | None = None
         self._registry = registry
         self._counters = counters
 
@@ -286,6 +292,7 @@ class ClientStatements:
         if statement is None:
             return data  # unnamed, or unknown: the server answers 26000 with the client's own name
         self._counters.binds += 1
+        self.bound_session_sql = statement.session_sql
         out = self._ensure(statement, link)
         # The length from the header, not from the bytes here: ``data`` may be the head of a Bind
         # whose parameters stream on behind it.

@@ -111,6 +111,7 @@ class Reception(Login):
         client.params.update(synced)
         client.startup_params = dict(synced)
         client.unreported = event.parameters.unreported
+        client.startup_unreported = dict(event.parameters.unreported)
         if event.database in ADMIN_DATABASES:
             secret = self.router.admin_secret(event.user)
         else:

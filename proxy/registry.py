@@ -46,6 +46,7 @@ class Registry(Generic[ClientT]):
         # The clients that have not authenticated yet, oldest first (a dict keeps arrival order).
         self.logging_in: dict[ClientT, None] = {}
         self.rejections: collections.Counter[str] = collections.Counter()
+        self.session_changes: collections.Counter[str] = collections.Counter()  # by sql_words kind
         self.accepted = 0  # client sockets accepted since start
         self.draining = False  # shutdown has begun: new logins are refused
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -103,3 +104,7 @@ class Registry(Generic[ClientT]):
 
     def count_rejection(self, reason: str) -> None:
         self.rejections[reason] += 1
+
+    def count_session_change(self, kind: str) -> None:
+        """A client ran a statement that may change its session's state of this kind."""
+        self.session_changes[kind] += 1

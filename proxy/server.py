@@ -16,11 +16,12 @@ from mypy_extensions import trait
 from proxy.auth.server_auth import ServerAuthenticator, ServerAuthError
 from proxy.flow import FlowControl
 from proxy.logs import get_logger
-from proxy.parameters import UNKNOWN_VALUE, ParameterSync
+from proxy.parameters import SYNCED_PARAMETERS, UNKNOWN_VALUE, ParameterSync
 from proxy.protocol import messages as m
 from proxy.protocol.errors import parse_error_fields
-from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation, Segment
+from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation, Segment, kind_flags
 from proxy.prepared import ClientStatements, ServerPrepared
+from proxy.session_state import SessionReport, inspection_sql, parse_data_row, read_report
 from proxy.protocol.startup import build_cancel_request, build_ssl_request, build_startup_message
 from proxy.settings import SslMode, Upstream
 from proxy.states import ServerState
@@ -34,6 +35,9 @@ _ids = itertools.count(1)
 _RELAY_CAPTURE = frozenset({m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE, m.PARSE_COMPLETE,
                             m.COPY_IN_RESPONSE})
 _LOGIN_CAPTURE = frozenset(range(256))
+_RELAY_FLAGS: Final = kind_flags(_RELAY_CAPTURE, frozenset(), frozenset())
+# While pgmux reads what a session holds (inspect_session), the rows of its answer are looked at too.
+_INSPECTING_FLAGS: Final = kind_flags(_RELAY_CAPTURE | {m.DATA_ROW}, frozenset(), frozenset())
 _TX_STATUS: Final = m.TRANSACTION_STATUS_BY_BYTE
 _SYNC: Final = m.message(m.SYNC)
 
@@ -79,6 +83,10 @@ class ClientPeer:
         raise NotImplementedError
 
     def on_parameter_sync_failed(self, error: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    def on_session_inspected(self, report: SessionReport | None) -> None:
+        """What the session holds now (inspect_session), or None when PostgreSQL did not say."""
         raise NotImplementedError
 
     def on_copy_in(self) -> None:
@@ -161,7 +169,8 @@ class ServerConnection:
         self.flow = FlowControl()
         self.client: ClientPeer | None = None
         self.params: dict[str, str] = {}  # what the server reported with ParameterStatus
-        self.unreported: dict[str, str] = {}  # parameters pgmux SET that the server does not report
+        self.unreported: dict[str, str] = {}  # settings of the session beyond those it reports (pgmux's and clients')
+        self.reported: frozenset[str] = frozenset()  # what the backend reported at login: it reports their changes
         self.backend_key: tuple[int, int] | None = None
         self.tx_status = m.TransactionStatus.IDLE
         self.swallow = 0
@@ -185,6 +194,11 @@ class ServerConnection:
         # While the client keeps its batch to re-send (ClientConnection.replay): the answer's first replies,
         # held until they show whether the statements were lost (then they never reach the client).
         self._held_answer: list[bytes | memoryview] = []
+        self._inspection: list[list[str | None]] | None = None  # the rows of a session inspection under way
+        self._inspection_replies_left = 0  # pgmux's own ReadyForQuery still to come, the inspection's the last
+        self._inspection_error: dict[str, str] | None = None
+        # What the session holds is unknown (an inspection failed): reset it before anyone else uses it.
+        self.unclean = False
 
     def __repr__(self) -> str:
         return f"<ServerConnection {self.id} {self.state.value} {self.upstream.redacted()}>"
@@ -335,8 +349,15 @@ class ServerConnection:
                 self._sync_replies_left -= 1
                 if not self._sync_replies_left:
                     self._settle_sync()
+            if self._inspection is not None:
+                self._inspection_replies_left -= 1
+                if not self._inspection_replies_left:
+                    self._settle_inspection()
             if not self.swallow and self._internal_done is not None and not self._internal_done.done():
                 self._internal_done.set_result(None)
+        elif kind == m.DATA_ROW:
+            if self._inspection is not None and self._inspection_replies_left == 1:
+                self._inspection.append(parse_data_row(frame.data[5:]))
         elif kind == m.PARAMETER_STATUS:
             self._take_parameter(frame.data[5:])
         elif kind == m.ERROR_RESPONSE:
@@ -345,6 +366,8 @@ class ServerConnection:
                         extra={"conn": self.id})
             if self._sync is not None and self._sync_replies_left == 1:
                 self._sync_error = fields  # replies come in order: this one answers the sync
+            elif self._inspection is not None and self._inspection_replies_left == 1:
+                self._inspection_error = fields
             else:
                 self._internal_error = fields
 
@@ -367,6 +390,35 @@ class ServerConnection:
         if self.client is not None:
             self.client.on_parameter_sync_failed(error)
         self.close(f"parameter sync failed: {error.get('C', '')} {error.get('M', '')}")
+
+    def inspect_session(self, custom_names: set[str]) -> None:
+        """Ask the backend what its session holds now (see proxy/session_state.py); the answer is consumed
+        here and given to the linked client (on_session_inspected). ``custom_names``: custom settings to read.
+        """
+        assert self._inspection is None
+        self.send_internal(inspection_sql(custom_names | {name for name in self.unreported if "." in name}))
+        self._inspection = []
+        self._inspection_replies_left = self.swallow
+        self._scanner.set_flags(_INSPECTING_FLAGS)
+
+    @property
+    def inspecting(self) -> bool:
+        return self._inspection is not None
+
+    def _settle_inspection(self) -> None:
+        """The inspection's ReadyForQuery came: record what the session holds, and tell the client."""
+        rows, self._inspection = self._inspection, None
+        error, self._inspection_error = self._inspection_error, None
+        self._scanner.set_flags(_RELAY_FLAGS)
+        assert rows is not None
+        report: SessionReport | None = None
+        if error is None:
+            report = read_report(rows, self.upstream.user, self.reported & SYNCED_PARAMETERS)
+            self.unreported = dict(report.settings)
+        else:
+            self.unclean = True
+        if self.client is not None:
+            self.client.on_session_inspected(report)
 
     def _take_parameter(self, body: bytes | memoryview) -> tuple[str, str]:
         """Record a ParameterStatus the backend sent: what it now has, whoever asked for it."""
@@ -467,6 +519,7 @@ class ServerConnection:
             raise ServerLoginError(str(auth_error), shown="authentication with the server failed") from None
         self._login_frames = None
         self._scanner = FrameScanner(_RELAY_CAPTURE)
+        self.reported = frozenset(self.params)
 
     async def _negotiate_tls(self, loop: asyncio.AbstractEventLoop) -> None:
         upstream = self.upstream

@@ -27,6 +27,14 @@ class PoolMode(str, enum.Enum):
     SESSION = "session"
 
 
+class SessionStatePolicy(str, enum.Enum):
+    """What transaction mode does with session-only state (temporary tables, advisory locks, LISTEN...)."""
+
+    PIN = "pin"  # the client keeps its backend until it releases that state or leaves
+    REFUSE = "refuse"  # the statement fails with 0A000; the session stays usable
+    IGNORE = "ignore"  # PgBouncer's behaviour: the state stays on the backend for whoever comes next
+
+
 class SslMode(str, enum.Enum):
     DISABLE = "disable"
     ALLOW = "allow"
@@ -229,6 +237,8 @@ class Settings(BaseSettings):
     shutdown_timeout: Duration = 30.0
 
     server_reset_query: str = "DISCARD ALL"
+    # Transaction mode: what a client's session-only state does (settings always follow their client).
+    session_state: SessionStatePolicy = SessionStatePolicy.PIN
     ignore_startup_parameters: list[str] = []
     max_prepared_statements: Count = 200
     # The largest client message pgmux holds whole to look at (in transaction mode a named prepared

@@ -160,6 +160,10 @@ class FrameScanner:
         self.mid_batch = False
         self.verbatim = True  # the last feed's segments are exactly the bytes it was fed, nothing held
 
+    def set_flags(self, flags: bytes) -> None:
+        """Look at other message types from the next feed on (``flags``: from kind_flags)."""
+        self._flags = flags
+
     @property
     def holding(self) -> bool:
         """True while bytes fed are held back (a split header or captured message): the segments

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Final
 
 _RESET_OR_DISCARD = re.compile(rb"(?i)\b(?:reset|discard)\b")
+# What may change a session's state (see mentions_session_state). SET counts where a statement may begin:
+# after the start, a character that is neither a word's nor an identifier quote, or a line break (a
+# "-- comment" may end there); so "UPDATE t SET" on one line is not flagged.
+_SESSION_STATE_WORDS = re.compile(rb"""(?ix)
+    \b(?:reset|discard|listen|unlisten|prepare|deallocate|load|declare|close|temp|temporary)\b
+  | \b(?:set_config|pg_temp) | advisory
+  | (?:\A|[^\w"\ \t\r\n\f\v]|\n)[\ \t\r\n\f\v]*set\b""")
 _DEALLOCATE_OR_DISCARD = re.compile(rb"(?i)\b(?:deallocate|discard)\b")
 # What drops_all_statements reads: comments, quoted text, statement ends, words, any other character.
 _LEXEMES = re.compile(rb"""
@@ -27,6 +35,18 @@ def mentions_reset_python(sql: bytes | memoryview) -> bool:
     simple Query.
     """
     return _RESET_OR_DISCARD.search(sql) is not None
+
+
+def mentions_session_state_python(message: bytes | memoryview) -> bool:
+    """Whether a Query's or Parse's text (``message``: the whole message, header included) may change the
+    state of the session: a setting, the role, temporary objects, advisory locks, LISTEN, cursors, SQL
+    PREPARE, LOAD.
+
+    The cheap first look, over-eager on purpose (words in literals and comments count, and "UPDATE t\\nSET"
+    does): session_effects looks closer at what it flags. Missing one would let state cross clients. The
+    reference for (and fallback to) the compiled version in ``_scanner.c``, which runs on every simple Query.
+    """
+    return _SESSION_STATE_WORDS.search(bytes(message[5:])) is not None
 
 
 def mentions_statement_drop_python(sql: bytes | memoryview) -> bool:
@@ -61,11 +81,82 @@ def drops_all_statements(sql: bytes) -> bool:
     return tuple(statement) in _DROPPING_EVERY_STATEMENT
 
 
+# Session-state kinds, as session_effects names them (and the metric pgmux_session_state_changes_total).
+SETTING: Final = "setting"
+ROLE: Final = "role"
+DISCARD: Final = "discard"
+TEMP: Final = "temp"
+ADVISORY_LOCK: Final = "advisory_lock"
+LISTEN: Final = "listen"
+CURSOR: Final = "cursor"
+PREPARED_STATEMENT: Final = "prepared_statement"
+LOAD: Final = "load"
+_NOT_SESSION_SETS = frozenset({b"LOCAL", b"TRANSACTION", b"CONSTRAINTS"})
+_FIRST_WORD_KINDS = {b"DISCARD": DISCARD, b"LISTEN": LISTEN, b"UNLISTEN": LISTEN, b"CLOSE": CURSOR,
+                     b"PREPARE": PREPARED_STATEMENT, b"DEALLOCATE": PREPARED_STATEMENT, b"LOAD": LOAD}
+_TEMPORARY = frozenset({b"TEMP", b"TEMPORARY"})
+# Dotted names a statement may set as custom settings (app.tenant_id), quoted (set_config) or not (SET).
+_DOTTED_NAME = re.compile(rb"(?<![\w.$])([A-Za-z_][\w$]*(?:\.[A-Za-z_][\w$]*)+)")
+
+
+def _statement_kinds(words: list[bytes]) -> set[str]:
+    """What one statement (its words upper-cased, quoted text left out) may change in the session."""
+    kinds: set[str] = set()
+    if not words:
+        return kinds
+    first, second = words[0], words[1] if len(words) > 1 else b""
+    if first == b"SET" and second not in _NOT_SESSION_SETS or first == b"RESET":
+        is_role = second == b"ROLE" or second == b"SESSION" and words[2:3] in ([b"AUTHORIZATION"], [b"ROLE"])
+        kinds.add(ROLE if is_role else SETTING)
+    elif first in _FIRST_WORD_KINDS and not (first == b"PREPARE" and second == b"TRANSACTION"):
+        kinds.add(_FIRST_WORD_KINDS[first])
+    elif first == b"DECLARE" and b"HOLD" in words:
+        kinds.add(CURSOR)
+    for index, word in enumerate(words):
+        if word == b"SET_CONFIG":
+            kinds.add(SETTING)
+        elif b"ADVISORY" in word and b"XACT" not in word:
+            kinds.add(ADVISORY_LOCK)
+        elif b"PG_TEMP" in word or word in _TEMPORARY and (first == b"CREATE" and index < 6
+                                                           or words[index - 1] == b"INTO"):
+            kinds.add(TEMP)
+    return kinds
+
+
+def session_effects(sql: bytes) -> set[str]:
+    """The kinds of session state the statements in ``sql`` may change: the close look behind
+    mentions_session_state, for the texts it flags.
+
+    Word-level, not a parser: it says where to look (pgmux then reads the session's real state from the
+    server, see proxy/session_state.py), so it may over-report, and must not miss a statement form.
+    SET LOCAL, SET TRANSACTION and the _xact_ advisory locks end with their transaction: nothing to follow.
+    """
+    kinds: set[str] = set()
+    statement: list[bytes] = []
+    for lexeme in _LEXEMES.finditer(sql):
+        kind = lexeme.lastgroup
+        if kind == "word":
+            statement.append(lexeme.group().upper())
+        elif kind == "end":
+            kinds |= _statement_kinds(statement)
+            statement.clear()
+    return kinds | _statement_kinds(statement)
+
+
+def custom_setting_names(sql: bytes) -> set[str]:
+    """Dotted names in ``sql`` that may be custom settings it changes (PostgreSQL cannot list those)."""
+    return {name.decode("ascii").lower() for name in _DOTTED_NAME.findall(sql)}
+
+
 try:
     from proxy.protocol._scanner import mentions_reset as mentions_reset_compiled  # type: ignore[import-not-found,import-untyped,unused-ignore]
     from proxy.protocol._scanner import mentions_statement_drop as mentions_statement_drop_compiled  # type: ignore[import-not-found,import-untyped,unused-ignore]
 except ImportError:  # not built (no C compiler at install time)
     mentions_reset_compiled = mentions_statement_drop_compiled = None
+try:
+    from proxy.protocol._scanner import mentions_session_state as mentions_session_state_compiled  # type: ignore[import-not-found,import-untyped,unused-ignore]
+except ImportError:  # not built, or built before this function existed
+    mentions_session_state_compiled = None
 
 IMPLEMENTATIONS: dict[str, Callable[[bytes | memoryview], bool]] = {
     "python": mentions_reset_python,
@@ -78,3 +169,9 @@ STATEMENT_DROP_IMPLEMENTATIONS: dict[str, Callable[[bytes | memoryview], bool]] 
 mentions_reset: Callable[[bytes | memoryview], bool] = mentions_reset_compiled or mentions_reset_python
 mentions_statement_drop: Callable[[bytes | memoryview], bool] = (mentions_statement_drop_compiled
                                                                   or mentions_statement_drop_python)
+SESSION_STATE_IMPLEMENTATIONS: dict[str, Callable[[bytes | memoryview], bool]] = {
+    "python": mentions_session_state_python,
+    **({"compiled": mentions_session_state_compiled} if mentions_session_state_compiled is not None else {}),
+}
+mentions_session_state: Callable[[bytes | memoryview], bool] = (mentions_session_state_compiled
+                                                                 or mentions_session_state_python)

@@ -86,3 +86,52 @@ def test_reset_word_test_finds_whole_words_in_any_case(implementation, sql, ment
 ])
 def test_statement_drop_word_test_finds_whole_words_in_any_case(implementation, sql, mentions) -> None:
     assert sql_words.STATEMENT_DROP_IMPLEMENTATIONS[implementation](sql) is mentions
+
+
+_SESSION_PIECES = st.sampled_from([b"set", b"SET", b"sEt", b"set_config", b"SET_CONFIG", b"reset", b"advisory",
+                                   b"pg_advisory_lock", b"listen", b"unlisten", b"temp", b"pg_temp", b"temporary",
+                                   b"prepare", b"load", b"close", b"declare", b"discard", b"deallocate", b"update",
+                                   b"t", b"_", b"x", b"9", b" ", b"\t", b"\n", b"\x0c", b";", b"(", b'"', b"/",
+                                   b"'", b"\xc3\xa9", b"\x00", b"-- c\n"])
+
+
+@FUZZ
+@given(sql=st.one_of(st.binary(max_size=80), st.lists(_SESSION_PIECES, max_size=12).map(b"".join)))
+def test_property_compiled_and_python_session_state_tests_agree(sql) -> None:
+    implementations = sql_words.SESSION_STATE_IMPLEMENTATIONS
+    if len(implementations) < 2:
+        pytest.skip("no compiled scanner on this machine")
+    message = b"Q\x00\x00\x00A" + sql  # a length byte that reads as a word character must not count
+    answers = {name: test(message) for name, test in implementations.items()}
+    assert len(set(answers.values())) == 1, answers
+
+
+@pytest.mark.parametrize("implementation", sorted(sql_words.SESSION_STATE_IMPLEMENTATIONS))
+@pytest.mark.parametrize(("sql", "mentions"), [
+    (b"SET work_mem = '8MB'", True), (b"select 1;set role x", True), (b"/* c */ SET x = 1", True),
+    (b"-- c\nSET x = 1", True), (b"SELECT pg_catalog.set_config('a.b', '1', false)", True),
+    (b"SELECT pg_advisory_lock(1)", True), (b"CREATE TEMP TABLE t ()", True), (b"create table pg_temp.t ()", True),
+    (b"LISTEN c", True), (b"unlisten *", True), (b"DECLARE c CURSOR WITH HOLD FOR SELECT 1", True),
+    (b"PREPARE p AS SELECT 1", True), (b"LOAD 'auto_explain'", True), (b"RESET ALL", True), (b"CLOSE ALL", True),
+    (b"UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 1", False),
+    (b'UPDATE "t" SET x = 1', False), (b"INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET x = 1", False),
+    (b"SELECT abalance FROM pgbench_accounts WHERE aid = 1;", False), (b"SELECT offset, settings FROM t", False),
+    (b"", False),
+])
+def test_session_state_word_test_flags_statements_that_may_change_the_session(implementation, sql, mentions) -> None:
+    assert sql_words.SESSION_STATE_IMPLEMENTATIONS[implementation](b"Q\x00\x00\x00A" + sql) is mentions
+
+
+@pytest.mark.parametrize(("sql", "kinds"), [
+    (b"SET work_mem = 1", {"setting"}), (b"SET SESSION work_mem = 1", {"setting"}), (b"RESET ALL", {"setting"}),
+    (b"SET ROLE r", {"role"}), (b"RESET ROLE", {"role"}), (b"SET SESSION AUTHORIZATION u", {"role"}),
+    (b"SET LOCAL work_mem = 1", set()), (b"SET TRANSACTION READ ONLY", set()), (b"SET CONSTRAINTS ALL DEFERRED", set()),
+    (b"SELECT set_config('app.t', '1', false)", {"setting"}), (b"select 1; set lock_timeout = 1; select 2", {"setting"}),
+    (b"SELECT pg_advisory_lock(1)", {"advisory_lock"}), (b"SELECT pg_advisory_xact_lock(1)", set()),
+    (b"CREATE TEMPORARY TABLE t ()", {"temp"}), (b"SELECT 1 INTO TEMP t", {"temp"}), (b"SELECT temp FROM w", set()),
+    (b"LISTEN c", {"listen"}), (b"DECLARE c CURSOR WITH HOLD FOR SELECT 1", {"cursor"}),
+    (b"DECLARE c CURSOR FOR SELECT 1", set()), (b"PREPARE TRANSACTION 'x'", set()),
+    (b"UPDATE t\nSET x = 1", set()), (b"SELECT 'SET work_mem = 1'", set()), (b"DISCARD ALL", {"discard"}),
+])
+def test_session_effects_names_what_a_statement_may_change(sql, kinds) -> None:
+    assert sql_words.session_effects(sql) == kinds
