@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from typing import TYPE_CHECKING
 
 from proxy.cancel import CancelKeys
@@ -206,8 +207,9 @@ class Reception(Login):
         client.cancel_key = self.cancel_keys.register(client)
         process_id, secret = client.cancel_key
         client.write(welcome(params, process_id, secret))
-        log.info("login ok: %s@%s from %s (%s mode)", client.user, client.database, client.peer,
-                 "transaction" if client.transaction_mode else "session", extra={"conn": client.id})
+        if log.isEnabledFor(logging.INFO):  # asked first, as in ClientConnection._finish
+            log.info("login ok: %s@%s from %s (%s mode)", client.user, client.database, client.peer,
+                     "transaction" if client.transaction_mode else "session", extra={"conn": client.id})
         pool.stats.client_logins += 1
         client.logged_in()
 
