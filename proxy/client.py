@@ -715,6 +715,10 @@ class ClientConnection(ClientPeer, Cancellable):
         elapsed = now - self._linked_at
         stats.xact_time += elapsed
         stats.xact_histogram.observe(elapsed)
+        if server.unclean:
+            # PostgreSQL did not say what the session holds: nobody else may inherit it.
+            self.pool.close_server(server, f"the session state client {self.id} left could not be read")
+            return
         if self.statements is not None:
             self._trim_statements(server)
         self.pool.release(server)
