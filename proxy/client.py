@@ -107,7 +107,7 @@ class ClientConnection(ClientPeer, Cancellable):
         "startup_params", "_waiter", "cancel_key",
         "connected_at", "database", "flow", "id", "last_active", "listener", "login", "params", "peer", "pending",
         "pool", "query_started", "replay", "server", "state", "statements", "transaction_mode", "transport",
-        "unreported", "startup_unreported", "pins", "_session_touched", "_custom_names",
+        "unreported", "startup_unreported", "pins", "_session_touched", "_custom_names", "_inspecting",
         "user", "wait_started",
         "_stall_mark", "_stalled_since",
     )
@@ -156,6 +156,7 @@ class ClientConnection(ClientPeer, Cancellable):
         self.pins: frozenset[str] = frozenset()
         self._session_touched = False  # the linked server's session may have changed: ask it before release
         self._custom_names: set[str] = set()  # custom settings the statements since then may have set
+        self._inspecting = False  # the linked server is being asked what its session holds: requests wait
         self._reset_seen = False  # the current request batch contains RESET or DISCARD
         self._resync = False  # the linked server must get this client's parameters again
         self.last_active = self.connected_at  # the last time a request or an answer passed
@@ -322,12 +323,14 @@ class ClientConnection(ClientPeer, Cancellable):
         server = self.server
         assert server is not None
         self._session_touched = False
+        self._inspecting = True
         names, self._custom_names = self._custom_names, set()
         server.inspect_session(names | {name for name in self.unreported if "." in name})
 
     def on_session_inspected(self, report: SessionReport | None) -> None:
         """The linked server said what its session holds: settings become this client's, session-only state
         keeps the server here (session_state = pin), and a server holding nothing of it is released."""
+        self._inspecting = False
         server = self.server
         if server is None:
             return
@@ -341,9 +344,14 @@ class ClientConnection(ClientPeer, Cancellable):
                 else:
                     log.info("client unpinned from server %s", server.id, extra={"conn": self.id})
                 self.pins = pins
-        if (not self.pins and not self.pending and self._scanner.at_rest and not self._queued
-                and server.tx_status is _IDLE and not self._session_touched):
+        if not self.pins and not self._queued and server.tx_status is _IDLE:
             self._unlink_and_release(time.monotonic())
+            return
+        # Staying (pinned, or requests came meanwhile): this client's values first where the session lost
+        # them (a RESET ALL), then what waited.
+        self._resync = False
+        self._held_for_sync = self._sync_parameters(server, in_transaction=server.tx_status is not _IDLE)
+        self._forward_queued()
 
     def _note_session_sql(self, sql: bytes) -> None:
         """A Query's or Parse's text that mentions session state: what it may change, to ask about later."""
@@ -382,6 +390,16 @@ class ClientConnection(ClientPeer, Cancellable):
 
     def on_server_lost(self, server: ServerConnection) -> None:
         self.server = None
+        if self._inspecting and not self.pending and not self.pins:
+            # Only pgmux's own question was in flight: the client has all its answers and holds nothing
+            # there; its next request gets another server (what this transaction SET is lost with it).
+            self._inspecting = False
+            self.state = ClientState.IDLE
+            log.warning("server %s lost while pgmux read its session state: %s", server.id, server.close_reason,
+                        extra={"conn": self.id})
+            if self._queued:
+                self._wait_for_server()
+            return
         log.warning("server %s at %s lost while it served this client: %s", server.id, server.upstream.redacted(),
                     server.close_reason, extra={"conn": self.id})
         if server.fatal_relayed:
@@ -425,7 +443,7 @@ class ClientConnection(ClientPeer, Cancellable):
     def _relay(self, data: bytes) -> None:
         """Client bytes after login: to the linked server, or queued until the pool lends one."""
         if self.server is not None:
-            if self._held_for_sync:
+            if self._held_for_sync or self._inspecting:
                 self._queue(data)
             else:
                 self._forward(data)
@@ -586,8 +604,8 @@ class ClientConnection(ClientPeer, Cancellable):
             self._note_session_sql(body[body.find(b"\x00") + 1:])
 
     def _forward_queued(self) -> None:
-        if self._held_for_sync:
-            return  # sent once the server has confirmed this client's parameters
+        if self._held_for_sync or self._inspecting:
+            return  # sent once the server has confirmed this client's parameters, or said what it holds
         for chunk in self._take_queued():
             if self.server is None:
                 return

@@ -17,6 +17,7 @@ from prometheus_client.utils import floatToGoString
 
 from proxy import BUILD, __version__
 from proxy.logs import get_logger
+from proxy.protocol.sql_words import PIN_KINDS, SESSION_STATE_KINDS
 from proxy.settings import split_address
 from proxy.states import CLIENT_LABELS, CLIENT_NAMES, LOGGING_IN, SERVER_LABELS, SERVER_NAMES
 
@@ -262,10 +263,13 @@ class PgmuxExposition:
         ]
         out.extend(_sample("pgmux_client_rejections_total", _labels(reason=reason), count)
                    for reason, count in sorted(rejections.items()))
+        changes = collections.Counter(dict.fromkeys(SESSION_STATE_KINDS, 0))
+        changes.update(registry.session_changes)
         out.append(_header("pgmux_session_state_changes_total"))
         out.extend(_sample("pgmux_session_state_changes_total", _labels(kind=kind), count)
-                   for kind, count in sorted(registry.session_changes.items()))
-        pinned = collections.Counter(reason for client in registry.clients for reason in client.pins)
+                   for kind, count in sorted(changes.items()))
+        pinned = collections.Counter(dict.fromkeys(PIN_KINDS, 0))
+        pinned.update(reason for client in registry.clients for reason in client.pins)
         out.append(_header("pgmux_pinned_clients"))
         out.extend(_sample("pgmux_pinned_clients", _labels(reason=reason), count)
                    for reason, count in sorted(pinned.items()))
