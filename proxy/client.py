@@ -563,18 +563,18 @@ class ClientConnection(ClientPeer, Cancellable):
     def forget_replay(self) -> None:
         self.replay = None
 
-    def resend_batch(self) -> None:
-        """The linked server had lost pgmux's statements, and the kept batch failed for it before anything
-        of it ran or reached the client: send it again, the statements prepared afresh.
+    def resend_batch(self, reason: str) -> None:
+        """The linked server had lost pgmux's statements, or held one prepared with a parameter type since
+        dropped, and the kept batch failed for it before anything of it ran or reached the client: send it
+        again, the statements prepared afresh.
 
-        Something pgmux could not see (a function running DEALLOCATE) dropped them; which ones is unknown,
-        so all go (DEALLOCATE ALL first: re-preparing a survivor would fail with 42P05).
+        Which statements are lost or stale is unknown (something pgmux could not see, a function running
+        DEALLOCATE, dropped them), so all go (DEALLOCATE ALL first: re-preparing a survivor would fail with 42P05).
         """
         batch, self.replay = self.replay, None
         server, statements = self.server, self.statements
         assert batch is not None and server is not None and statements is not None
-        log.info("the server had lost pgmux's prepared statements (something it ran deallocated them): "
-                 "preparing them again and re-sending the request", extra={"conn": self.id})
+        log.info("%s: preparing the statements again and re-sending the request", reason, extra={"conn": self.id})
         server.skip_failed_batch(send_sync=not self.pending)
         server.prepared.start_link()  # the failed batch's answer is over: nothing is in flight
         statements.forget_parsed_names([segment for segment in batch if isinstance(segment, Frame)])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Container, Iterable
 from typing import Final
 
 from proxy.protocol import errors
@@ -146,7 +146,7 @@ _ANY_VALUE_ACCEPTED = frozenset({"application_name"})
 
 
 def settings_to_check(startup_synced: dict[str, str], unreported: dict[str, str],
-                      server_defaults: dict[str, str], accepted: set[tuple[str, str]]) -> dict[str, str]:
+                      server_defaults: dict[str, str], accepted: Container[tuple[str, str]]) -> dict[str, str]:
     """The startup settings PostgreSQL has yet to accept for this pool (server defaults need no check)."""
     unchecked = {name: value for name, value in startup_synced.items()
                  if server_defaults.get(name) != value and name not in _ANY_VALUE_ACCEPTED
@@ -155,9 +155,15 @@ def settings_to_check(startup_synced: dict[str, str], unreported: dict[str, str]
     return unchecked
 
 
-def check_sql(settings: dict[str, str]) -> str:
-    """One statement that fails with PostgreSQL's own error for the first setting it refuses, and changes nothing.
+def check_sql(settings: dict[str, str], reported: Collection[str]) -> str:
+    """One statement that fails with PostgreSQL's own error for the first setting it refuses, and changes
+    nothing pgmux does not see.
 
-    set_config(..., true) lasts until the end of the statement's own implicit transaction.
+    set_config(..., true) lasts until the end of the statement's own implicit transaction. Settings the
+    server ``reported`` at login are set for the session instead: PostgreSQL then reports each with
+    ParameterStatus as it spells it (``euc-jp`` becomes ``EUC_JP``), which pgmux records for that backend.
     """
-    return f"SELECT {_set_config_calls(settings.items(), is_local=True)}"
+    local = [(name, value) for name, value in settings.items() if name not in reported]
+    session = [(name, value) for name, value in settings.items() if name in reported]
+    calls = [_set_config_calls(chosen, is_local) for chosen, is_local in ((local, True), (session, False)) if chosen]
+    return f"SELECT {', '.join(calls)}"

@@ -124,9 +124,10 @@ class Pool:
                       ServerState.BEING_CANCELED: self.being_canceled}
         self.waiters: deque[Waiter] = deque()
         self.server_params: dict[str, str] | None = None  # what a fresh server reports; clients start from these
-        # Startup settings PostgreSQL accepted here: a login using only these needs no check. Cleared
-        # whenever a sync fails or the upstream changes, so it is never trusted across a failure.
-        self.accepted_settings: set[tuple[str, str]] = set()
+        # Startup settings PostgreSQL accepted here, each with the value as PostgreSQL reports it: a login
+        # using only these needs no check. Cleared whenever a sync fails or the upstream changes, so it is
+        # never trusted across a failure.
+        self.accepted_settings: dict[tuple[str, str], str] = {}
         self._budgets = budgets
         for budget in budgets:
             budget.pools.append(self)
@@ -537,8 +538,9 @@ class Pool:
     async def check_settings(self, settings: dict[str, str]) -> None:
         """Ask PostgreSQL on one of this pool's backends whether it accepts these settings; raises its refusal."""
         server = await self.acquire()
+        reported = self.server_params or {}
         try:
-            await server.run_internal(check_sql(settings))
+            await server.run_internal(check_sql(settings, reported))
         except InternalQueryFailed as failed:
             if failed.fields is not None and server.tx_status is TransactionStatus.IDLE:
                 self.release(server)  # the refused statement was rolled back: the backend is as it was
@@ -549,10 +551,18 @@ class Pool:
         except BaseException:
             self.abort_server(server, "checking startup parameters was interrupted")
             raise
+        # A reported setting was set for the session: the backend's value is now PostgreSQL's spelling of it
+        # (unreported if it was already that value: the backend's value was then the same already).
+        spelled = {(name, value): server.params.get(name, value) if name in reported else value
+                   for name, value in settings.items()}
         self.release(server)
         if len(self.accepted_settings) + len(settings) > _MAX_ACCEPTED_SETTINGS:
             self.accepted_settings.clear()
-        self.accepted_settings.update(settings.items())
+        self.accepted_settings.update(spelled)
+
+    def spelled(self, name: str, value: str) -> str:
+        """A startup setting's value as PostgreSQL reports it (``utf8``: ``UTF8``), once checked here."""
+        return self.accepted_settings.get((name, value), value)
 
     async def warm_up(self) -> None:
         """Make sure the pool knows the server's parameters (needed for a client's welcome)."""

@@ -43,14 +43,21 @@ class Statement:
 
 
 class StatementNames:
-    """Names server statements by content; a new generation renames them all (after a schema change)."""
+    """Names server statements by content and context; a new generation renames them all (after a schema change)."""
 
     def __init__(self) -> None:
         self.generation = 0
 
-    def statement(self, definition: bytes) -> Statement:
-        """``definition`` is a Parse body after the name: query text, NUL, parameter types."""
-        digest = hashlib.blake2b(definition, digest_size=10, salt=self.generation.to_bytes(8, "big")).hexdigest()
+    def statement(self, definition: bytes, search_path: str) -> Statement:
+        """``definition`` is a Parse body after the name: query text, NUL, parameter types.
+
+        Clients share a statement only under the same search_path: PostgreSQL re-analyses a statement
+        used under another one, and fails it (0A000) if the names now mean tables of another shape, where
+        the client's own Parse would have succeeded.
+        """
+        hashed = hashlib.blake2b(definition, digest_size=10, salt=self.generation.to_bytes(8, "big"))
+        hashed.update(b"\x00" + search_path.encode())
+        digest = hashed.hexdigest()
         name = f"pgmux_{digest}".encode() + b"\x00"
         parse = m.message(m.PARSE, name + definition)
         text = definition[:definition.find(b"\x00")]
@@ -116,9 +123,10 @@ class ServerPrepared:
     """What rewriting needs to know about the server a client is linked to, kept on that server."""
 
     __slots__ = ("statements", "pending", "injected", "batches_sent", "batches_answered", "discard_all",
-                 "unnamed_drop", "trusted")
+                 "unnamed_drop", "trusted", "_server_params")
 
-    def __init__(self) -> None:
+    def __init__(self, server_params: dict[str, str]) -> None:
+        self._server_params = server_params  # the server's parameters as pgmux knows them (kept current there)
         self.statements = ServerStatements()
         self.pending: deque[PendingParse] = deque()
         self.injected = 0  # entries of ``pending`` that are pgmux's own: while any, replies need sorting
@@ -131,6 +139,10 @@ class ServerPrepared:
         # Grows each time rewriting relies on the server holding a statement (sends no Parse for it):
         # a batch that did may fail with 26000 if something pgmux could not see dropped it.
         self.trusted = 0
+
+    def search_path(self) -> str:
+        """The server's search_path, the client's own once linked (its parameters are synced first)."""
+        return self._server_params.get("search_path", "")
 
     def forget_all(self) -> None:
         """Something may have dropped this server's statements: take them all as gone, and make sure they are.
@@ -267,7 +279,7 @@ class ClientStatements:
             link.expect(PendingParse(link.batches_sent + 1, False, None, None))
             self._counters.server_parses += 1
             return out + existing.parse
-        statement = self._registry.statement(body[end:])
+        statement = self._registry.statement(body[end:], link.search_path())
         self.names[name] = statement
         if statement.server_name in link.statements:
             link.statements.touch(statement.server_name)

@@ -201,6 +201,10 @@ class Reception(Login):
 
     def _welcome(self, pool: Pool) -> None:
         client = self.client
+        # The client is told, and its backends given, each startup value as PostgreSQL spells it: the
+        # welcome says what PostgreSQL would, and a backend's report then matches what the client wants.
+        client.startup_params = {name: pool.spelled(name, value) for name, value in client.startup_params.items()}
+        client.params.update(client.startup_params)
         params = dict(pool.server_params or {})
         params.update(client.params)
         client.params = {k: v for k, v in params.items() if k in SYNCED_PARAMETERS}

@@ -32,8 +32,9 @@ _ids = itertools.count(1)
 
 # What the relay must look at in server traffic; everything else streams through undecoded.
 # CopyInResponse (once per COPY FROM STDIN): the Syncs the client sends during it go unanswered.
+# ParameterDescription (once per Describe of a statement): held, like ParseComplete, while a batch may be re-sent.
 _RELAY_CAPTURE = frozenset({m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE, m.PARSE_COMPLETE,
-                            m.COPY_IN_RESPONSE})
+                            m.COPY_IN_RESPONSE, m.PARAMETER_DESCRIPTION})
 _LOGIN_CAPTURE = frozenset(range(256))
 _RELAY_FLAGS: Final = kind_flags(_RELAY_CAPTURE, frozenset(), frozenset())
 # While pgmux reads what a session holds (inspect_session), the rows of its answer are looked at too.
@@ -95,8 +96,9 @@ class ClientPeer:
     def on_stale_plan(self) -> None:
         raise NotImplementedError
 
-    def resend_batch(self) -> None:
-        """The kept batch failed because the server lost pgmux's statements: send it again."""
+    def resend_batch(self, reason: str) -> None:
+        """The kept batch failed because the server lost pgmux's statements (``reason``, for the log), or
+        held a stale one: send it again."""
         raise NotImplementedError
 
     def forget_replay(self) -> None:
@@ -111,6 +113,15 @@ class ClientPeer:
 def _names_a_lost_statement(fields: dict[str, str]) -> bool:
     """An ErrorResponse saying one of pgmux's own statements does not exist (quotes differ by lc_messages)."""
     return fields.get("C") == "26000" and "pgmux_" in fields.get("M", "")
+
+
+def _names_a_vanished_type(fields: dict[str, str]) -> bool:
+    """An ErrorResponse of a statement whose parameter types, fixed when it was prepared, no longer exist.
+
+    PostgreSQL re-analyses a statement after a schema change with the parameter types it was prepared with;
+    after DROP TYPE one of them is gone. A fresh Parse of the same text infers them afresh and succeeds.
+    """
+    return fields.get("C") == "XX000" and "cache lookup failed for type" in fields.get("M", "")
 
 
 class ServerLoginError(Exception):
@@ -187,7 +198,7 @@ class ServerConnection:
         self._sync: ParameterSync | None = None  # a parameter sync sent and not yet answered
         self._sync_replies_left = 0  # pgmux's own ReadyForQuery still to come, the sync's the last of them
         self._sync_error: dict[str, str] | None = None  # the sync's ErrorResponse fields, if it failed
-        self.prepared = ServerPrepared()  # named statements this backend holds (transaction mode)
+        self.prepared = ServerPrepared(self.params)  # named statements this backend holds (transaction mode)
         self.fatal_relayed = False  # the backend sent its client a FATAL: the client needs no other error
         self.being_canceled = 0  # cancels sent to this backend whose connection PostgreSQL has not closed yet
         self.cancel_failed = False  # a cancel was not confirmed: its signal may still come, so never lend it again
@@ -223,7 +234,7 @@ class ServerConnection:
             return
         client = self.client
         if (client is not None and client.replay is not None and segments and not isinstance(segments[0], Frame)
-                and not self.swallow):
+                and not self.swallow and not self._held_answer):
             client.forget_replay()  # the answer begins with a reply to it: the statements were there
         if (client is not None and not self.swallow and not self.prepared.injected and client.replay is None
                 and self._scanner.verbatim and (len(segments) == 1 or _ends_at_last_ready(segments))):
@@ -265,20 +276,31 @@ class ServerConnection:
     def _hold_for_replay(self, frame: Frame, client: ClientPeer, out: list[bytes | memoryview]) -> bool:
         """Look at a frame of the answer to a batch the client may re-send; True when it is consumed here.
 
-        ParseCompletes are held (a Parse runs nothing). A 26000 naming one of pgmux's statements means the
-        batch failed before anything of it ran: what was held is dropped and the client sends the batch
-        again. Any other reply shows the statements were there: what was held goes on to the client.
+        ParseCompletes and ParameterDescriptions are held (a Parse or Describe runs nothing). A 26000 naming
+        one of pgmux's statements, or a parameter type gone since one was prepared, means the batch failed
+        before anything of it ran: what was held is dropped and the client sends the batch again, its
+        statements prepared afresh. Any other reply shows the statements were there and sound: what was
+        held goes on to the client.
         """
         kind = frame.kind
         if kind == m.PARSE_COMPLETE:
             if self.prepared.on_parse_complete():
                 self._held_answer.append(frame.data)
             return True
+        if kind == m.PARAMETER_DESCRIPTION:
+            self._held_answer.append(frame.data)
+            return True
         if kind == m.ERROR_RESPONSE:
             fields = parse_error_fields(frame.data[5:])
             if _names_a_lost_statement(fields):
                 self._held_answer.clear()
-                client.resend_batch()
+                client.resend_batch("the server had lost pgmux's prepared statements (something it ran "
+                                    "deallocated them)")
+                return True
+            if _names_a_vanished_type(fields):
+                self._held_answer.clear()
+                client.on_stale_plan()
+                client.resend_batch("a prepared statement's parameter type was dropped")
                 return True
         self._release_held(out, client)
         return False
@@ -326,9 +348,10 @@ class ServerConnection:
                 # The backend says goodbye to the client itself: when the socket closes, pgmux adds no error.
                 self.fatal_relayed = True
                 self.close_reason = f"server said {fields.get('V', '')} {code or ''} {fields.get('M', '')}"
-            elif code == "0A000" and "cached plan" in fields.get("M", ""):
-                # A schema change made a prepared plan's result type wrong: the client gets the error
-                # as PostgreSQL sent it; the statement must be prepared afresh everywhere.
+            elif (code == "0A000" and "cached plan" in fields.get("M", "")) or _names_a_vanished_type(fields):
+                # A schema change made a prepared plan's result type wrong, or dropped a parameter type
+                # (a batch that could not be re-sent): the client gets the error as PostgreSQL sent it;
+                # the statement must be prepared afresh everywhere.
                 client.on_stale_plan()
                 self.prepared.discard_all = True
             elif _names_a_lost_statement(fields):

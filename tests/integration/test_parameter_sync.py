@@ -204,3 +204,49 @@ def test_a_request_behind_a_failed_sync_never_runs_even_if_it_begins_with_rollba
     ran = postgres.psql("SELECT count(*) FROM encoding_probe WHERE id = 99", database=APP_DATABASE)
     assert ran == "0\n"  # the request never ran: neither on tenant P's search_path nor at all
 
+
+
+# 日本語 written with Unicode escapes: the SQL text itself is then the same in every client encoding.
+NIHONGO = "日本語"
+NIHONGO_ESCAPED = "U&'\\65E5\\672C\\8A9E'"
+# How a client may ask for its encoding: each must end with PostgreSQL's own spelling, reported and used.
+ENCODING_REQUESTS = ["startup_parameter", "PGCLIENTENCODING", "set_client_encoding", "set_names"]
+
+
+def _connect_with_encoding(dsn: str, how: str, monkeypatch: pytest.MonkeyPatch) -> psycopg.Connection:
+    if how == "startup_parameter":
+        return psycopg.connect(dsn, client_encoding="euc-jp", autocommit=True, connect_timeout=10)
+    if how == "PGCLIENTENCODING":
+        with monkeypatch.context() as env:
+            env.setenv("PGCLIENTENCODING", "euc-jp")  # libpq sends it as the client_encoding startup parameter
+            return psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+    conn = psycopg.connect(dsn, client_encoding="utf8", autocommit=True, connect_timeout=10)
+    assert conn.info.parameter_status("client_encoding") == "UTF8"  # `utf8` as PostgreSQL spells it
+    conn.execute("SET client_encoding = 'euc-jp'" if how == "set_client_encoding" else "SET NAMES 'euc-jp'")
+    return conn
+
+
+@pytest.mark.parametrize("how", ENCODING_REQUESTS)
+@pytest.mark.parametrize("pool_mode", ["transaction", "session"])
+def test_a_clients_euc_jp_encoding_is_reported_as_postgres_spells_it_and_used_by_its_backend(
+        pgmux, postgres, tenants, monkeypatch, pool_mode: str, how: str) -> None:
+    # In transaction mode one backend serves both clients in turn, switching encodings between them.
+    proxy = pgmux(default_pool_size=1 if pool_mode == "transaction" else 2,
+                  listeners=[{"address": "127.0.0.1:0", "pool_mode": pool_mode}])
+    dsn = proxy.dsn(APP.name, APP.password, APP_DATABASE, listener=1)
+    with _connect_with_encoding(dsn, how, monkeypatch) as euc_jp, \
+            psycopg.connect(dsn, autocommit=True, connect_timeout=10) as utf8:
+        for round_ in range(3):
+            assert euc_jp.info.parameter_status("client_encoding") == "EUC_JP"
+            assert euc_jp.info.encoding == "euc_jp"
+            assert euc_jp.execute("SHOW client_encoding").fetchone() == ("EUC_JP",)
+            # psycopg sends the parameter in EUC-JP: PostgreSQL must decode it as such to find it equal.
+            assert euc_jp.execute(f"SELECT %s = {NIHONGO_ESCAPED}", [NIHONGO]).fetchone() == (True,)
+            assert euc_jp.execute(f"SELECT {NIHONGO_ESCAPED}").fetchone() == (NIHONGO,)
+            euc_jp.execute("INSERT INTO encoding_probe VALUES (%s, %s)", [round_, NIHONGO])
+            # The other client, in between, on the same backend in transaction mode: UTF8 as it asked.
+            assert utf8.info.parameter_status("client_encoding") == "UTF8"
+            assert utf8.execute("SELECT word FROM encoding_probe WHERE id = %s", [round_]).fetchone() == (NIHONGO,)
+    stored = postgres.psql("SELECT DISTINCT word || '|' || octet_length(word) FROM encoding_probe",
+                           database=APP_DATABASE)
+    assert stored == f"{NIHONGO}|9\n"  # held in the database's UTF8, as PostgreSQL converted it

@@ -522,3 +522,221 @@ def test_deallocating_one_of_pgmuxs_own_statements_by_name_is_noticed(pgmux) -> 
             await b.close()
 
     asyncio.run(scenario())
+
+
+# ---- shared statements behave as each client's own (PostgreSQL directly is the reference) ----------------
+
+_TARGETS = ["postgres", "pgmux"]
+
+
+def _target_address(target: str, pgmux, postgres) -> tuple[str, int]:
+    """Where a scenario connects: PostgreSQL itself, or a pgmux with one backend (so clients share it)."""
+    if target == "postgres":
+        return postgres.host, postgres.port
+    proxy = pgmux(default_pool_size=1)
+    return proxy.host, proxy.port()
+
+
+async def _connect_to(address: tuple[str, int], **kwargs) -> asyncpg.Connection:
+    host, port = address
+    return await asyncpg.connect(host=host, port=port, user=APP.name, password=APP.password,
+                                 database=APP_DATABASE, **kwargs)
+
+
+def _address_dsn(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"postgresql://{APP.name}:{APP.password}@{host}:{port}/{APP_DATABASE}"
+
+
+_RECREATE_MOODS = ("DROP TABLE IF EXISTS moods; DROP TYPE IF EXISTS mood; "
+                   "CREATE TYPE mood AS ENUM ('sad', 'happy'); CREATE TABLE moods (m mood); "
+                   "INSERT INTO moods VALUES ('happy'), ('happy'), ('sad')")
+# $1 is inferred as the enum: its type is fixed when the statement is prepared, and DROP TYPE removes it.
+_COUNT_MOODS = "SELECT count(*) FROM moods WHERE m = $1"
+
+
+@pytest.mark.parametrize("target", _TARGETS)
+def test_a_statement_whose_parameter_type_was_dropped_is_prepared_afresh_for_a_new_client(
+        pgmux, postgres, target) -> None:
+    # Directly, a newcomer's Parse after DROP TYPE/CREATE TYPE infers the new type and succeeds, while
+    # the statement an old session prepared fails with XX000 "cache lookup failed for type" forever.
+    # Through pgmux the newcomer must succeed too (its Parse reused the old session's server statement),
+    # at the first try; and pgmux prepares the old session's statement afresh as well.
+    address = _target_address(target, pgmux, postgres)
+
+    async def scenario() -> None:
+        admin = await _connect_to(address, statement_cache_size=0)
+        old = await _connect_to(address)
+        try:
+            await admin.execute(_RECREATE_MOODS)
+            assert await old.fetchval(_COUNT_MOODS, "happy") == 2
+            await admin.execute(_RECREATE_MOODS)
+            newcomer = await _connect_to(address)
+            try:
+                for _ in range(2):
+                    assert await newcomer.fetchval(_COUNT_MOODS, "happy") == 2
+            finally:
+                await newcomer.close()
+            if target == "postgres":
+                with pytest.raises(asyncpg.InternalServerError, match="cache lookup failed for type"):
+                    await old.fetchval(_COUNT_MOODS, "happy")
+            else:
+                assert await old.fetchval(_COUNT_MOODS, "happy") == 2
+        finally:
+            await old.close()
+            await admin.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("target", _TARGETS)
+def test_a_libpq_statement_whose_parameter_type_was_dropped_is_prepared_afresh_for_a_new_client(
+        pgmux, postgres, target) -> None:
+    # psycopg prepares (Parse, Sync) and then binds (Bind, Describe, Execute, Sync): through pgmux the
+    # Bind is where the stale server statement fails, the first reply of its batch, which pgmux re-sends.
+    address = _target_address(target, pgmux, postgres)
+    sql = "SELECT count(*) FROM moods WHERE m = %s"
+    with psycopg.connect(_address_dsn(address), autocommit=True) as admin, \
+            psycopg.connect(_address_dsn(address), autocommit=True, prepare_threshold=0) as old:
+        admin.execute(_RECREATE_MOODS)
+        assert old.execute(sql, ["happy"]).fetchone() == (2,)
+        admin.execute(_RECREATE_MOODS)
+        with psycopg.connect(_address_dsn(address), autocommit=True, prepare_threshold=0) as newcomer:
+            for _ in range(2):
+                assert newcomer.execute(sql, ["happy"]).fetchone() == (2,)
+        if target == "postgres":
+            with pytest.raises(psycopg.errors.InternalError_, match="cache lookup failed for type"):
+                old.execute(sql, ["happy"])
+        else:
+            assert old.execute(sql, ["happy"]).fetchone() == (2,)
+
+
+def test_a_dropped_parameter_type_inside_a_transaction_fails_that_transaction_once_then_works(pgmux) -> None:
+    # Inside a transaction the failed batch cannot be re-sent (it aborted the transaction): the client
+    # gets PostgreSQL's XX000 once, as with 0A000, and the statement is prepared afresh everywhere.
+    proxy = pgmux(default_pool_size=1)
+
+    async def scenario() -> None:
+        admin = await _connect(proxy, statement_cache_size=0)
+        old = await _connect(proxy)
+        newcomer = await _connect(proxy)
+        try:
+            await admin.execute(_RECREATE_MOODS)
+            assert await old.fetchval(_COUNT_MOODS, "happy") == 2
+            await admin.execute(_RECREATE_MOODS)
+            failures = 0
+            for _ in range(3):
+                try:
+                    async with newcomer.transaction():
+                        assert await newcomer.fetchval(_COUNT_MOODS, "happy") == 2
+                except asyncpg.InternalServerError:
+                    failures += 1
+            assert failures == 1
+            assert await old.fetchval(_COUNT_MOODS, "happy") == 2
+        finally:
+            for conn in (old, newcomer, admin):
+                await conn.close()
+
+    asyncio.run(scenario())
+
+
+_TWO_SCHEMAS = (
+    "DROP SCHEMA IF EXISTS north CASCADE; DROP SCHEMA IF EXISTS south CASCADE;"
+    "CREATE SCHEMA north; CREATE SCHEMA south;"
+    # The same shape in both schemas: only the rows tell them apart.
+    "CREATE TABLE north.items (id int, v text); INSERT INTO north.items VALUES (1, 'north one');"
+    "CREATE TABLE south.items (id int, v text); INSERT INTO south.items VALUES (1, 'south one');"
+    # Another shape: `SELECT *` answers other columns in each schema.
+    "CREATE TABLE north.shapes (id int, v text); INSERT INTO north.shapes VALUES (1, 'n');"
+    "CREATE TABLE south.shapes (id bigint, w int, v text); INSERT INTO south.shapes VALUES (1, 2, 's');")
+_PER_SCHEMA = ["SELECT v FROM items WHERE id = $1", "SELECT * FROM shapes WHERE id = $1"]
+_EXPECTED_IN = {
+    "north": [[{"v": "north one"}], [{"id": 1, "v": "n"}]],
+    "south": [[{"v": "south one"}], [{"id": 1, "w": 2, "v": "s"}]],
+}
+
+
+async def _run_per_schema(conn: asyncpg.Connection) -> list[list[dict]]:
+    return [[dict(row) for row in await conn.fetch(sql, 1)] for sql in _PER_SCHEMA]
+
+
+@pytest.mark.parametrize("target", _TARGETS)
+def test_clients_with_different_search_paths_sharing_statement_texts_each_read_their_own_schema(
+        pgmux, postgres, target) -> None:
+    # Through pgmux with one backend, both clients' statements run on the same backend: PostgreSQL
+    # re-analyses a statement under another search_path, but a table of another shape would fail the
+    # shared statement with 0A000; pgmux shares statements only between clients of one search_path.
+    address = _target_address(target, pgmux, postgres)
+
+    async def scenario() -> None:
+        admin = await _connect_to(address, statement_cache_size=0)
+        await admin.execute(_TWO_SCHEMAS)
+        north = await _connect_to(address, server_settings={"search_path": "north"})
+        south = await _connect_to(address, server_settings={"search_path": "south"})
+        local = await _connect_to(address)  # chooses its schema with SET LOCAL, in each transaction
+        try:
+            for _ in range(3):
+                assert await _run_per_schema(north) == _EXPECTED_IN["north"]
+                assert await _run_per_schema(south) == _EXPECTED_IN["south"]
+                for schema in ("south", "north"):
+                    # Its own statement over tables of another shape would fail with 0A000 directly too.
+                    async with local.transaction():
+                        await local.execute(f"SET LOCAL search_path = {schema}")
+                        rows = await local.fetch(_PER_SCHEMA[0], 1)
+                        assert [[dict(row) for row in rows]] == _EXPECTED_IN[schema][:1]
+        finally:
+            for conn in (north, south, local, admin):
+                await conn.close()
+
+    asyncio.run(scenario())
+
+
+_TENANTS = ("pgmux_tenant_a", "pgmux_tenant_b")
+
+
+@pytest.fixture
+def tenant_roles(postgres):
+    """Two roles that `app` may SET ROLE to; a table whose row-level security shows each its own rows;
+    and a schema per role (same shape) that a "$user" search_path finds."""
+    create = "".join(
+        f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN CREATE ROLE {role}; "
+        f"END IF; END $$; GRANT {role} TO {APP.name};" for role in _TENANTS)
+    postgres.psql(create)
+    setup = ("DROP TABLE IF EXISTS public.docs; CREATE TABLE public.docs (owner name, body text);"
+             "ALTER TABLE public.docs ENABLE ROW LEVEL SECURITY;"
+             "CREATE POLICY own_rows ON public.docs USING (owner = current_user);")
+    for role in _TENANTS:
+        setup += (f"INSERT INTO public.docs VALUES ('{role}', 'doc of {role}');"
+                  f"GRANT SELECT ON public.docs TO {role};"
+                  f"DROP SCHEMA IF EXISTS {role} CASCADE; CREATE SCHEMA {role} AUTHORIZATION {role};"
+                  f"CREATE TABLE {role}.notes (id int, body text); INSERT INTO {role}.notes VALUES (1, 'note of {role}');"
+                  f"ALTER TABLE {role}.notes OWNER TO {role};")
+    postgres.psql(setup, database=APP_DATABASE)
+    yield _TENANTS
+    postgres.psql("DROP TABLE public.docs;" + "".join(f"DROP SCHEMA {role} CASCADE;" for role in _TENANTS),
+                  database=APP_DATABASE)
+
+
+@pytest.mark.parametrize("target", _TARGETS)
+def test_clients_in_different_roles_sharing_statement_texts_each_get_their_roles_rows(
+        pgmux, postgres, tenant_roles, target) -> None:
+    # Row-level security and a "$user" search_path both depend on the role: PostgreSQL plans a statement
+    # again for another role and re-analyses it when "$user" names another schema, so a statement two
+    # clients share gives each its own rows.
+    address = _target_address(target, pgmux, postgres)
+
+    async def scenario() -> None:
+        clients = [await _connect_to(address) for _ in tenant_roles]
+        try:
+            for _ in range(3):
+                for conn, role in zip(clients, tenant_roles):
+                    async with conn.transaction():
+                        await conn.execute(f"SET LOCAL ROLE {role}")
+                        assert await conn.fetch("SELECT body FROM docs WHERE body <> $1", "") == [
+                            (f"doc of {role}",)]
+                        assert await conn.fetchval("SELECT body FROM notes WHERE id = $1", 1) == f"note of {role}"
+        finally:
+            for conn in clients:
+                await conn.close()
+
+    asyncio.run(scenario())

@@ -64,8 +64,14 @@ def test_settings_to_check_skips_server_defaults_accepted_pairs_and_any_value_pa
                                   {("work_mem", "4MB")})
     assert unchecked == {"search_path": "tenant_a", "statment_timeout": "5"}
     # Local to the statement's own transaction: the check leaves the backend as it was.
-    assert check_sql(unchecked) == ("SELECT pg_catalog.set_config('search_path', 'tenant_a', true), "
+    assert check_sql(unchecked, {"TimeZone"}) == ("SELECT pg_catalog.set_config('search_path', 'tenant_a', true), "
                                     "pg_catalog.set_config('statment_timeout', '5', true)")
+
+
+def test_check_sql_sets_reported_settings_for_the_session_so_postgres_reports_their_spelling() -> None:
+    sql = check_sql({"work_mem": "4MB", "client_encoding": "euc-jp"}, {"client_encoding", "TimeZone"})
+    assert sql == ("SELECT pg_catalog.set_config('work_mem', '4MB', true), "
+                   "pg_catalog.set_config('client_encoding', 'euc-jp', false)")
 
 
 class _Transport:
