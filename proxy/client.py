@@ -528,9 +528,6 @@ class ClientConnection(ClientPeer, Cancellable):
             if kind == m.QUERY:
                 self._note_query(segment.data, server)
                 out.append(segment.data)
-            elif kind == m.PARSE and statements is None:
-                self._note_parse(segment.data)
-                out.append(segment.data)
             elif kind == m.COPY_DONE or kind == m.COPY_FAIL:
                 if self.pending and not self._copy_in:
                     self._copy_done_early = True  # pipelined behind the COPY, before its CopyInResponse
@@ -599,6 +596,8 @@ class ClientConnection(ClientPeer, Cancellable):
             self.statements.note_query(data, server.prepared)
 
     def _note_parse(self, data: bytes | memoryview) -> None:
+        if self.statements is not None and data[5] != 0:
+            return  # a named statement pgmux rewrites: each of its Binds counts (Statement.session_sql)
         if self.transaction_mode and (not is_whole(data) or mentions_session_state(data)):
             body = bytes(data[5:])
             self._note_session_sql(body[body.find(b"\x00") + 1:])

@@ -17,7 +17,8 @@ from prometheus_client.utils import floatToGoString
 
 from proxy import BUILD, __version__
 from proxy.logs import get_logger
-from proxy.protocol.sql_words import PIN_KINDS, SESSION_STATE_KINDS
+from proxy.protocol.sql_words import SESSION_STATE_KINDS
+from proxy.session_state import PIN_KINDS
 from proxy.settings import split_address
 from proxy.states import CLIENT_LABELS, CLIENT_NAMES, LOGGING_IN, SERVER_LABELS, SERVER_NAMES
 

@@ -29,6 +29,8 @@ _PIN_CHECKS: Final = (
     (sql_words.CURSOR, "EXISTS (SELECT FROM pg_catalog.pg_cursors WHERE is_holdable)"),
     (sql_words.PREPARED_STATEMENT, "EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE from_sql)"),
 )
+# The kinds that cannot move between backends and so pin a client.
+PIN_KINDS: Final = tuple(kind for kind, _ in _PIN_CHECKS)
 _SETTING: Final = "s"
 _PIN: Final = "p"
 _INT16 = struct.Struct("!h")

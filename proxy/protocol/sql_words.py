@@ -92,8 +92,6 @@ CURSOR: Final = "cursor"
 PREPARED_STATEMENT: Final = "prepared_statement"
 LOAD: Final = "load"
 SESSION_STATE_KINDS: Final = (SETTING, ROLE, DISCARD, TEMP, ADVISORY_LOCK, LISTEN, CURSOR, PREPARED_STATEMENT, LOAD)
-# The kinds that cannot move between backends and so pin a client (what proxy/session_state.py checks).
-PIN_KINDS: Final = (TEMP, ADVISORY_LOCK, LISTEN, CURSOR, PREPARED_STATEMENT)
 _NOT_SESSION_SETS = frozenset({b"LOCAL", b"TRANSACTION", b"CONSTRAINTS"})
 _FIRST_WORD_KINDS = {b"DISCARD": DISCARD, b"LISTEN": LISTEN, b"UNLISTEN": LISTEN, b"CLOSE": CURSOR,
                      b"PREPARE": PREPARED_STATEMENT, b"DEALLOCATE": PREPARED_STATEMENT, b"LOAD": LOAD}
