@@ -596,7 +596,7 @@ class ClientConnection(ClientPeer, Cancellable):
             self.statements.note_query(data, server.prepared)
 
     def _note_parse(self, data: bytes | memoryview) -> None:
-        if self.statements is not None and data[5] != 0:
+        if self.statements is not None and len(data) > 5 and data[5] != 0:
             return  # a named statement pgmux rewrites: each of its Binds counts (Statement.session_sql)
         if self.transaction_mode and (not is_whole(data) or mentions_session_state(data)):
             body = bytes(data[5:])
