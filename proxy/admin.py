@@ -78,6 +78,7 @@ _SOCKET_COLUMNS: Columns = [
     ("port", "i"), ("local_addr", "s"), ("local_port", "i"), ("connect_time", "T"), ("request_time", "T"),
     ("wait", "i"), ("wait_us", "i"), ("close_needed", "i"), ("ptr", "s"), ("link", "s"), ("remote_pid", "i"),
     ("tls", "s"), ("application_name", "s"), ("prepared_statements", "i"), ("id", "i"),
+    ("pinned", "s"),  # pgmux's own: the session-only state that keeps a client on its server (transaction mode)
 ]
 _TOTALS_NAMES = ["server_assignment_count", "xact_count", "query_count", "bytes_received", "bytes_sent",
                  "xact_time", "query_time", "wait_time", "client_parse_count", "server_parse_count", "bind_count",
@@ -126,6 +127,10 @@ def _wall(monotonic: float) -> str:
     if not monotonic:
         return ""
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(time.time() - (time.monotonic() - monotonic)))
+
+
+def _pins(pins: frozenset[str]) -> str:
+    return ",".join(sorted(pins))
 
 
 def _number(connection_id: str) -> int:
@@ -454,7 +459,7 @@ class AdminSession:
         return ["C", client.user, client.database, "none", state, addr, port, local_addr, local_port,
                 _wall(client.connected_at), _wall(client.last_active), int(waited), int(waited * 1e6) % 1_000_000,
                 0, client.id, server.id if server is not None else "", 0, "",
-                client.params.get("application_name", ""), 0, _number(client.id)]
+                client.params.get("application_name", ""), 0, _number(client.id), _pins(client.pins)]
 
     def show_servers(self) -> bytes:
         rows = []
@@ -475,7 +480,8 @@ class AdminSession:
                 _wall(server.created_at), _wall(server.idle_since), 0, 0,
                 1 if self.router.close_needed(pool, server) else 0, server.id,
                 client.id if client is not None else "", backend_pid, _tls(server.transport),
-                server.params.get("application_name", ""), 0, _number(server.id)]
+                server.params.get("application_name", ""), 0, _number(server.id),
+                _pins(client.pins) if client is not None else ""]
 
     # ---- commands (admin_users only) -----------------------------------------------------------------
 

@@ -27,11 +27,11 @@ from proxy.protocol.framing import (
     Segment,
     is_whole,
 )
-from proxy.protocol.sql_words import custom_setting_names, mentions_reset, mentions_session_state, session_effects
+from proxy.protocol.sql_words import LOAD, custom_setting_names, mentions_reset, mentions_session_state, session_effects
 from proxy.registry import Console, Registry
 from proxy.routing import Router
 from proxy.server import ClientPeer, ServerConnection
-from proxy.session_state import SessionReport
+from proxy.session_state import SessionReport, refuse_session_only
 from proxy.settings import ListenerSettings, PoolMode, SessionStatePolicy
 from proxy.states import ClientState, ServerState
 
@@ -41,10 +41,9 @@ if TYPE_CHECKING:
 log = get_logger("client")
 _ids = itertools.count(1)
 
-# Query: to notice RESET/DISCARD; CopyDone/CopyFail (once per COPY): to tell one sent before the server asked.
-_RELAY_CAPTURE = frozenset({m.TERMINATE, m.QUERY, m.COPY_DONE, m.COPY_FAIL})
-# In transaction mode a Parse's text is looked at too: it may change the session (see _note_session_sql).
-_TRANSACTION_CAPTURE = _RELAY_CAPTURE | {m.PARSE}
+# Query and Parse: their text may change the session (see _note_session_sql; in session mode only a LOAD
+# matters, and RESET/DISCARD); CopyDone/CopyFail (once per COPY): to tell one sent before the server asked.
+_RELAY_CAPTURE = frozenset({m.TERMINATE, m.QUERY, m.PARSE, m.COPY_DONE, m.COPY_FAIL})
 # With named statements rewritten (transaction mode), the statement-naming messages are looked at too.
 _PREPARED_CAPTURE = frozenset({m.TERMINATE, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE, m.SYNC, m.QUERY, m.FUNCTION_CALL,
                                m.COPY_DONE, m.COPY_FAIL})
@@ -107,7 +106,7 @@ class ClientConnection(ClientPeer, Cancellable):
         "startup_params", "_waiter", "cancel_key",
         "connected_at", "database", "flow", "id", "last_active", "listener", "login", "params", "peer", "pending",
         "pool", "query_started", "replay", "server", "state", "statements", "transaction_mode", "transport",
-        "unreported", "startup_unreported", "pins", "_session_touched", "_custom_names", "_inspecting",
+        "unreported", "startup_unreported", "pins", "_session_touched", "_custom_names", "_inspecting", "_loaded",
         "user", "wait_started",
         "_stall_mark", "_stalled_since",
     )
@@ -157,6 +156,7 @@ class ClientConnection(ClientPeer, Cancellable):
         self._session_touched = False  # the linked server's session may have changed: ask it before release
         self._custom_names: set[str] = set()  # custom settings the statements since then may have set
         self._inspecting = False  # the linked server is being asked what its session holds: requests wait
+        self._loaded = False  # the client ran LOAD: no reset unloads a library, so its backend is closed after it
         self._reset_seen = False  # the current request batch contains RESET or DISCARD
         self._resync = False  # the linked server must get this client's parameters again
         self.last_active = self.connected_at  # the last time a request or an answer passed
@@ -336,7 +336,9 @@ class ClientConnection(ClientPeer, Cancellable):
             return
         if report is not None:
             self.unreported = {**self.startup_unreported, **report.settings}
-            pins = report.pins if self.router.settings.session_state is SessionStatePolicy.PIN else frozenset()
+            # Under refuse too: state made where pgmux could not see it (inside a function) must not leak.
+            pins = (frozenset() if self.router.settings.session_state is SessionStatePolicy.IGNORE
+                    else report.pins | {LOAD} if self._loaded else report.pins)
             if pins != self.pins:
                 if pins:
                     log.info("client pinned to server %s: it holds %s", server.id, ", ".join(sorted(pins)),
@@ -356,7 +358,9 @@ class ClientConnection(ClientPeer, Cancellable):
     def _note_session_sql(self, sql: bytes) -> None:
         """A Query's or Parse's text that mentions session state: what it may change, to ask about later."""
         kinds = session_effects(sql)
-        if kinds:
+        if LOAD in kinds:
+            self._loaded = True  # in every mode
+        if kinds and self.transaction_mode:
             self._session_touched = True
             self._custom_names |= custom_setting_names(sql)
             for kind in kinds:
@@ -415,7 +419,7 @@ class ClientConnection(ClientPeer, Cancellable):
         """Logged in to ``pool``, about to be welcomed: set up the relay's scanner and statement names."""
         self.pool = pool
         self.state = ClientState.LOGIN
-        capture = _TRANSACTION_CAPTURE if self.transaction_mode else _RELAY_CAPTURE
+        capture = _RELAY_CAPTURE
         keep_whole = None  # a simple Query's head is enough: a huge one counts as mentioning RESET
         if self.transaction_mode and self.router.settings.max_prepared_statements:
             self.statements = ClientStatements(self.router.statement_names, pool.stats.prepared)
@@ -501,8 +505,8 @@ class ClientConnection(ClientPeer, Cancellable):
                     server.write(data)
                     return
                 if segment.kind == m.QUERY:
-                    self._note_query(segment.data, server)
-                    server.write(data)
+                    refused = self._note_query(segment.data, server)
+                    server.write(data if refused is None else refused)
                     return
             self._forward_segments(segments, server, fresh)
         except ProtocolViolation as exc:
@@ -526,16 +530,17 @@ class ClientConnection(ClientPeer, Cancellable):
                 self._close_quietly("client sent Terminate")
                 return
             if kind == m.QUERY:
-                self._note_query(segment.data, server)
-                out.append(segment.data)
+                refused = self._note_query(segment.data, server)
+                out.append(segment.data if refused is None else refused)
             elif kind == m.COPY_DONE or kind == m.COPY_FAIL:
                 if self.pending and not self._copy_in:
                     self._copy_done_early = True  # pipelined behind the COPY, before its CopyInResponse
                 out.append(segment.data)
             else:
+                data = segment.data
                 if kind == m.PARSE:
-                    self._note_parse(segment.data)
-                out.append(statements.rewrite(kind, segment.data, server.prepared) if statements else segment.data)
+                    data = self._note_parse(data)
+                out.append(statements.rewrite(kind, data, server.prepared) if statements else data)
                 if kind == m.BIND and statements is not None and statements.bound_session_sql is not None:
                     self._note_session_sql(statements.bound_session_sql)
                     statements.bound_session_sql = None
@@ -578,29 +583,62 @@ class ClientConnection(ClientPeer, Cancellable):
         self._discard_statements(server)
         self._forward_segments(batch, server, fresh=False)  # rewritten afresh: each statement Parsed again
 
-    def _note_query(self, data: bytes | memoryview, server: ServerConnection) -> None:
+    def _note_query(self, data: bytes | memoryview, server: ServerConnection) -> bytes | None:
+        """Look at a Query on its way: what it may change; the Query to send instead when it is refused."""
         self._query_mark = self._scanner.count  # where a COPY this Query may begin starts ignoring Syncs
+        refused = None
         # The compiled word test first: it runs for every Query. A Query too large to hold whole is not
         # searched: it counts as changing the session (over-detecting costs a look at the session).
         whole = is_whole(data)
         if not whole or mentions_session_state(data):
+            if whole:
+                refused = self._refused(bytes(data[5:-1]))
+                if refused is not None:
+                    data = refused = m.message(m.QUERY, refused + b"\x00")
             if not whole or mentions_reset(data):
                 self._reset_seen = True
                 server.forget_unreported()
-            if self.transaction_mode:
-                if whole:
-                    self._note_session_sql(bytes(data[5:]))
-                else:
-                    self._session_touched = True
+            if whole:
+                self._note_session_sql(bytes(data[5:]))
+            elif self.transaction_mode:
+                self._session_touched = True
         if self.statements is not None:
             self.statements.note_query(data, server.prepared)
+        return refused
 
-    def _note_parse(self, data: bytes | memoryview) -> None:
-        if self.statements is not None and len(data) > 5 and data[5] != 0:
-            return  # a named statement pgmux rewrites: each of its Binds counts (Statement.session_sql)
-        if self.transaction_mode and (not is_whole(data) or mentions_session_state(data)):
-            body = bytes(data[5:])
-            self._note_session_sql(body[body.find(b"\x00") + 1:])
+    def _note_parse(self, data: bytes | memoryview) -> bytes | memoryview:
+        """Look at a Parse on its way: what it may change; the Parse to send (another when it is refused)."""
+        whole = is_whole(data)
+        if whole and not mentions_session_state(data):
+            return data
+        if not whole:
+            if self.transaction_mode:
+                self._session_touched = True  # too large to look at: counts as changing the session
+            return data
+        body = bytes(data[5:])
+        name_end = body.find(b"\x00") + 1
+        text_end = body.find(b"\x00", name_end)
+        refused = self._refused(body[name_end:text_end])
+        if refused is not None:
+            # Its parameter types stay: the client's Bind must still match the statement.
+            return m.message(m.PARSE, body[:name_end] + refused + body[text_end:])
+        if self.statements is not None and name_end > 1:
+            return data  # a named statement pgmux rewrites: each of its Binds counts (Statement.session_sql)
+        self._note_session_sql(body[name_end:])
+        return data
+
+    def _refused(self, sql: bytes) -> bytes | None:
+        """Under session_state = refuse (transaction mode): ``sql`` with the statement that would create
+        session-only state replaced by one that fails with 0A000 (session_state.refusal_sql)."""
+        if not self.transaction_mode or self.router.settings.session_state is not SessionStatePolicy.REFUSE:
+            return None
+        found = refuse_session_only(sql)
+        if found is None:
+            return None
+        refused, kind = found
+        self.registry.count_session_refusal(kind)
+        log.info("statement refused: it would create %s (session_state = refuse)", kind, extra={"conn": self.id})
+        return refused
 
     def _forward_queued(self) -> None:
         if self._held_for_sync or self._inspecting:
@@ -889,6 +927,9 @@ class ClientConnection(ClientPeer, Cancellable):
             # Its parameter sync is still on its way: whether the backend took the values is unknown, and
             # the next client's own sync would overlap it (its replies would settle the wrong one).
             pool.close_server(server, f"client {self.id} left while its parameters were being applied")
+            return
+        if self._loaded:
+            pool.close_server(server, f"client {self.id} ran LOAD: no reset unloads a library")
             return
         cleanup = []
         if server.tx_status is not m.TransactionStatus.IDLE:

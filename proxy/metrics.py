@@ -79,6 +79,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "pgmux_client_rejections_total": ("counter", "Clients refused or cut off by pgmux, by reason", ("reason",)),
     "pgmux_session_state_changes_total": ("counter", "Statements that may change their session's state (transaction "
                                           "mode), by kind: setting, role, temp, advisory_lock, listen...", ("kind",)),
+    "pgmux_session_state_refusals_total": ("counter", "Statements refused because they would create session-only "
+                                           "state (session_state = refuse), by kind", ("kind",)),
     "pgmux_pinned_clients": ("gauge", "Clients kept on their backend by session-only state, by reason", ("reason",)),
     "pgmux_server_connects_total": ("counter", "Server logins that succeeded", POOL_LABELS),
     "pgmux_server_connect_failures_total": ("counter", "Server connects or logins that failed", POOL_LABELS),
@@ -269,6 +271,11 @@ class PgmuxExposition:
         out.append(_header("pgmux_session_state_changes_total"))
         out.extend(_sample("pgmux_session_state_changes_total", _labels(kind=kind), count)
                    for kind, count in sorted(changes.items()))
+        refusals = collections.Counter(dict.fromkeys(PIN_KINDS, 0))
+        refusals.update(registry.session_refusals)
+        out.append(_header("pgmux_session_state_refusals_total"))
+        out.extend(_sample("pgmux_session_state_refusals_total", _labels(kind=kind), count)
+                   for kind, count in sorted(refusals.items()))
         pinned = collections.Counter(dict.fromkeys(PIN_KINDS, 0))
         pinned.update(reason for client in registry.clients for reason in client.pins)
         out.append(_header("pgmux_pinned_clients"))

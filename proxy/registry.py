@@ -47,6 +47,7 @@ class Registry(Generic[ClientT]):
         self.logging_in: dict[ClientT, None] = {}
         self.rejections: collections.Counter[str] = collections.Counter()
         self.session_changes: collections.Counter[str] = collections.Counter()  # by sql_words kind
+        self.session_refusals: collections.Counter[str] = collections.Counter()  # by session_state.PIN_KINDS kind
         self.accepted = 0  # client sockets accepted since start
         self.draining = False  # shutdown has begun: new logins are refused
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -108,3 +109,7 @@ class Registry(Generic[ClientT]):
     def count_session_change(self, kind: str) -> None:
         """A client ran a statement that may change its session's state of this kind."""
         self.session_changes[kind] += 1
+
+    def count_session_refusal(self, kind: str) -> None:
+        """A statement that would have created session-only state of this kind was refused (session_state = refuse)."""
+        self.session_refusals[kind] += 1

@@ -63,6 +63,7 @@ class ClientPeer:
     id: str
     statements: ClientStatements | None  # the client's named statements, when pgmux rewrites them
     replay: list[Segment] | None  # the batch in flight, while it may be re-sent (see _hold_for_replay)
+    pins: frozenset[str]  # the session-only state that keeps the client on this server (transaction mode)
 
     def write(self, data: bytes | memoryview) -> None:
         raise NotImplementedError

@@ -7,7 +7,7 @@ SETs inside functions, transactions rolled back, RESET ALL, a SET of the value a
 
 Settings follow their client to the next backend (parameters.parameter_sync); session-only state (temporary
 tables, advisory locks, LISTEN, WITH HOLD cursors, SQL-level prepared statements, LOAD) cannot move, so it
-keeps the client on its backend (the session_state setting: pin, refuse, ignore).
+keeps the client on its backend, or is refused (the session_state setting: pin, refuse, ignore).
 """
 
 from __future__ import annotations
@@ -29,8 +29,18 @@ _PIN_CHECKS: Final = (
     (sql_words.CURSOR, "EXISTS (SELECT FROM pg_catalog.pg_cursors WHERE is_holdable)"),
     (sql_words.PREPARED_STATEMENT, "EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE from_sql)"),
 )
-# The kinds that cannot move between backends and so pin a client.
-PIN_KINDS: Final = tuple(kind for kind, _ in _PIN_CHECKS)
+# The kinds that cannot move between backends and so pin a client. A LOADed library cannot be asked about:
+# the client that ran LOAD is pinned from then on, and its backend closed when it leaves.
+PIN_KINDS: Final = (*(kind for kind, _ in _PIN_CHECKS), sql_words.LOAD)
+# What a refused statement is called in its error (session_state = refuse).
+_REFUSED_NAMES: Final = {
+    sql_words.TEMP: "temporary objects",
+    sql_words.ADVISORY_LOCK: "session advisory locks (pg_advisory_xact_lock ends with the transaction and is allowed)",
+    sql_words.LISTEN: "LISTEN",
+    sql_words.CURSOR: "WITH HOLD cursors",
+    sql_words.PREPARED_STATEMENT: "SQL-level PREPARE (protocol-level prepared statements are allowed)",
+    sql_words.LOAD: "LOAD",
+}
 _SETTING: Final = "s"
 _PIN: Final = "p"
 _INT16 = struct.Struct("!h")
@@ -56,6 +66,29 @@ def inspection_sql(custom_names: Iterable[str]) -> str:
     parts.extend(f"SELECT '{_SETTING}', '{name}', pg_catalog.current_setting('{name}')" for name in IDENTITY_SETTINGS)
     parts.extend(f"SELECT '{_PIN}', '{kind}', NULL WHERE {check}" for kind, check in _PIN_CHECKS)
     return " UNION ALL ".join(parts)
+
+
+def refusal_sql(kind: str) -> bytes:
+    """A statement that fails as the refused one should, with 0A000 (session_state = refuse).
+
+    Sent in place of the refused statement, so that PostgreSQL itself fails it: an open transaction is
+    aborted, a multi-statement Query's earlier statements run, and the session goes on as after any error.
+    """
+    message = (f"{_REFUSED_NAMES[kind]}: not supported in transaction pooling, where the next transaction "
+               "may run on another backend (pgmux session_state = refuse)")
+    hint = "Use a session-mode listener of pgmux, or connect to the database directly, for session-only state."
+    return (f"DO $pgmux$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = {_literal(message)}, "
+            f"HINT = {_literal(hint)}; END$pgmux$").encode()
+
+
+def refuse_session_only(sql: bytes) -> tuple[bytes, str] | None:
+    """``sql`` with its first statement that creates session-only state replaced by refusal_sql (what would
+    run after it is left out: PostgreSQL would not run it either), and that state's kind; None if none."""
+    found = sql_words.first_session_only_statement(sql)
+    if found is None:
+        return None
+    start, kind = found
+    return sql[:start] + refusal_sql(kind), kind
 
 
 def parse_data_row(body: bytes | memoryview) -> list[str | None]:

@@ -31,6 +31,7 @@ class SessionStatePolicy(str, enum.Enum):
     """What transaction mode does with session-only state (temporary tables, advisory locks, LISTEN...)."""
 
     PIN = "pin"  # the client keeps its backend until it releases that state or leaves
+    REFUSE = "refuse"  # a statement that would create it fails with 0A000; the session stays usable
     IGNORE = "ignore"  # PgBouncer's behaviour: the state stays on the backend for whoever comes next
 
 

@@ -15,10 +15,12 @@ _SESSION_STATE_WORDS = re.compile(rb"""(?ix)
   | \b(?:set_config|pg_temp) | advisory
   | (?:\A|[^\w"\ \t\r\n\f\v]|\n)[\ \t\r\n\f\v]*set\b""")
 _DEALLOCATE_OR_DISCARD = re.compile(rb"(?i)\b(?:deallocate|discard)\b")
-# What drops_all_statements reads: comments, quoted text, statement ends, words, any other character.
+# What drops_all_statements reads: comments, quoted text, dollar-quoted text (a function's or DO block's body,
+# its statements looked into by session_effects), statement ends, words, any other character.
 _LEXEMES = re.compile(rb"""
     (?P<comment>--[^\n]*|/\*.*?\*/)
-  | (?P<quoted>[Ee]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'|"(?:[^"]|"")*"|\$(?P<tag>[A-Za-z_]\w*)?\$.*?\$(?P=tag)\$)
+  | (?P<quoted>[Ee]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'|"(?:[^"]|"")*")
+  | (?P<dollar>\$(?P<tag>(?:[A-Za-z_]\w*)?)\$(?P<body>.*?)\$(?P=tag)\$)
   | (?P<end>;)
   | (?P<word>[A-Za-z_]\w*)
   | \S""", re.DOTALL | re.VERBOSE)
@@ -124,6 +126,59 @@ def _statement_kinds(words: list[bytes]) -> set[str]:
     return kinds
 
 
+_SESSION_ADVISORY_LOCKS = frozenset({b"PG_ADVISORY_LOCK", b"PG_ADVISORY_LOCK_SHARED", b"PG_TRY_ADVISORY_LOCK",
+                                     b"PG_TRY_ADVISORY_LOCK_SHARED"})
+_SESSION_ONLY_FIRST_WORDS = {b"LISTEN": LISTEN, b"PREPARE": PREPARED_STATEMENT, b"LOAD": LOAD}
+
+
+def _session_only_kind(words: list[bytes]) -> str | None:
+    """The session-only state one statement (its words upper-cased, quoted text left out) creates, if any.
+
+    Unlike _statement_kinds, exact enough to refuse a statement for (session_state = refuse): releases
+    (UNLISTEN, DEALLOCATE, CLOSE, unlocks) and the transaction-scoped forms create nothing.
+    """
+    if not words:
+        return None
+    first, second = words[0], words[1] if len(words) > 1 else b""
+    if first in _SESSION_ONLY_FIRST_WORDS and not (first == b"PREPARE" and second == b"TRANSACTION"):
+        return _SESSION_ONLY_FIRST_WORDS[first]
+    if first == b"DECLARE" and any(word == b"HOLD" and words[index - 1] == b"WITH"
+                                   for index, word in enumerate(words)):
+        return CURSOR
+    for index, word in enumerate(words):
+        if word in _SESSION_ADVISORY_LOCKS:
+            return ADVISORY_LOCK
+        # CREATE [OR REPLACE] [GLOBAL|LOCAL] TEMP ..., CREATE TABLE pg_temp.t, SELECT ... INTO TEMP t
+        if (word in _TEMPORARY and (first == b"CREATE" and index < 5 or words[index - 1] == b"INTO")
+                or word == b"PG_TEMP" and first == b"CREATE"):
+            return TEMP
+    return None
+
+
+def first_session_only_statement(sql: bytes) -> tuple[int, str] | None:
+    """Where in ``sql`` the first statement that creates session-only state begins (just after the ``;``
+    ending the one before it), and what it creates."""
+    statement: list[bytes] = []
+    start = 0
+    in_body: str | None = None  # what the body of a DO block creates (a function's body runs only when called)
+    for lexeme in _LEXEMES.finditer(sql):
+        kind = lexeme.lastgroup
+        if kind == "word":
+            statement.append(lexeme.group().upper())
+        elif kind == "dollar" and in_body is None and statement[:1] == [b"DO"]:
+            nested = first_session_only_statement(lexeme.group("body"))
+            in_body = None if nested is None else nested[1]
+        elif kind == "end":
+            created = in_body or _session_only_kind(statement)
+            if created is not None:
+                return start, created
+            statement.clear()
+            in_body = None
+            start = lexeme.end()
+    created = in_body or _session_only_kind(statement)
+    return None if created is None else (start, created)
+
+
 def session_effects(sql: bytes) -> set[str]:
     """The kinds of session state the statements in ``sql`` may change: the close look behind
     mentions_session_state, for the texts it flags.
@@ -138,6 +193,8 @@ def session_effects(sql: bytes) -> set[str]:
         kind = lexeme.lastgroup
         if kind == "word":
             statement.append(lexeme.group().upper())
+        elif kind == "dollar":
+            kinds |= session_effects(lexeme.group("body"))  # a DO block's body runs; a function's may
         elif kind == "end":
             kinds |= _statement_kinds(statement)
             statement.clear()

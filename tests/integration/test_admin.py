@@ -25,12 +25,12 @@ from proxy.protocol.startup import build_startup_message
 from test_metrics import scrape, value
 
 # Column names and types exactly as PgBouncer's src/admin.c and src/stats.c write them
-# (s text, i int4, q int8, N numeric, T timestamp sent as text). pgmux deviates in two places,
-# both for exporters: SHOW STATS has PgBouncer 1.7's total_requests at the end, and SHOW DATABASES
-# keeps the pre-1.24 name reserve_pool.
+# (s text, i int4, q int8, N numeric, T timestamp sent as text). pgmux deviates in two places for
+# exporters: SHOW STATS has PgBouncer 1.7's total_requests at the end, and SHOW DATABASES
+# keeps the pre-1.24 name reserve_pool. SHOW CLIENTS and SERVERS end with one column of pgmux's own, pinned.
 _SOCKETS = ("type user database replication state addr port local_addr local_port connect_time request_time wait "
-            "wait_us close_needed ptr link remote_pid tls application_name prepared_statements id",
-            "ssssssisiTTiiississii")
+            "wait_us close_needed ptr link remote_pid tls application_name prepared_statements id pinned",
+            "ssssssisiTTiiississiis")
 _TOTALS = ("server_assignment_count xact_count query_count bytes_received bytes_sent xact_time query_time "
            "wait_time client_parse_count server_parse_count bind_count client_login_count")
 PGBOUNCER_COLUMNS = {

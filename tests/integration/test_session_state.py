@@ -151,3 +151,136 @@ def test_pool_resets_of_asyncpg_and_psycopg_never_pin(pgmux, postgres, state_rol
         client.execute("SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;")
         client.execute("ROLLBACK")
         assert bystander.execute("SELECT 1").fetchone() == (1,)
+
+
+# What a LOADed library leaves: its settings exist (a fresh backend reads NULL).
+LOADED = "SELECT current_setting('auto_explain.log_min_duration', true)"
+
+
+def _superuser_pgmux(pgmux, postgres, **settings):
+    """A pgmux serving database app as the superuser (LOAD of a library outside $libdir/plugins needs one),
+    and how to connect to it."""
+    superuser = psycopg.conninfo.conninfo_to_dict(postgres.dsn())
+    proxy = pgmux(upstream_url=postgres.dsn(database=APP_DATABASE, sslmode="disable"), **settings)
+
+    def connect() -> psycopg.Connection:
+        return psycopg.connect(host=proxy.host, port=proxy.port(), user=superuser["user"],
+                               password=superuser["password"], dbname=APP_DATABASE, autocommit=True,
+                               connect_timeout=10)
+    return proxy, connect
+
+
+@pytest.mark.parametrize(("statement", "named"), [
+    ("CREATE TEMP TABLE scratch (id int)", "temporary objects"),
+    ("CREATE TABLE pg_temp.scratch (id int)", "temporary objects"),
+    ("SELECT 1 AS one INTO TEMP scratch", "temporary objects"),
+    ("SELECT pg_advisory_lock(4242)", "session advisory locks"),
+    ("SELECT pg_catalog.pg_try_advisory_lock_shared(1, 2)", "session advisory locks"),
+    ("LISTEN pgmux_channel", "LISTEN"),
+    ("DECLARE held CURSOR WITH HOLD FOR SELECT 1", "WITH HOLD cursors"),
+    ("PREPARE sql_level AS SELECT 1", "SQL-level PREPARE"),
+    ("LOAD 'auto_explain'", "LOAD"),
+])
+def test_refuse_answers_session_only_statements_with_0A000_and_the_session_goes_on(
+        pgmux, postgres, state_role, statement, named) -> None:
+    proxy = pgmux(default_pool_size=1, query_wait_timeout=1, session_state="refuse")
+    with _pooled(proxy) as client, _pooled(proxy) as bystander:
+        defaults = _probe(bystander)
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as refused:
+            client.execute(statement)
+        assert refused.value.diag.message_primary.startswith(named)
+        assert "session_state = refuse" in refused.value.diag.message_primary
+        assert "session-mode listener" in (refused.value.diag.message_hint or "")
+        assert _probe(client) == defaults  # nothing of it was made, and the session is usable
+        assert _probe(bystander) == defaults  # and nothing pins: the one backend serves the bystander
+        assert client.execute(LOADED).fetchone() == (None,)
+        assert proxy.call(lambda p: [c.pins for c in p.registry.clients if c.pins]) == []
+        assert proxy.call(lambda p: sum(p.registry.session_refusals.values())) == 1
+
+
+def test_refuse_fails_the_statement_as_postgresql_fails_one(pgmux, postgres, state_role) -> None:
+    proxy = pgmux(default_pool_size=1, session_state="refuse")
+    with _pooled(proxy) as client:
+        # Inside a transaction: the transaction is aborted, as by any error, and ROLLBACK ends it.
+        client.execute("BEGIN")
+        client.execute("SET LOCAL work_mem = '9MB'")
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            client.execute("CREATE TEMP TABLE scratch (id int)")
+        assert client.info.transaction_status is psycopg.pq.TransactionStatus.INERROR
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            client.execute("SELECT 1")
+        client.execute("ROLLBACK")
+        # In a multi-statement Query the statements before the refused one run (BEGIN opens a block that
+        # the error leaves failed), those after it do not.
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            client.execute("BEGIN; SELECT 1; LISTEN pgmux_channel; SELECT 2")
+        assert client.info.transaction_status is psycopg.pq.TransactionStatus.INERROR
+        client.execute("ROLLBACK")
+        # With values bound as parameters, through a named statement psycopg prepares: the same error.
+        for _ in range(2):
+            with pytest.raises(psycopg.errors.FeatureNotSupported):
+                client.execute("SELECT pg_advisory_lock(%s)", (77,), prepare=True)
+        assert client.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone() == (0,)
+        # What creates nothing that outlives its transaction, and every release, is not refused.
+        client.execute("BEGIN")
+        client.execute("SELECT pg_advisory_xact_lock(1)")
+        client.execute("DECLARE plain CURSOR WITHOUT HOLD FOR SELECT 1")
+        client.execute("COMMIT")
+        client.execute("SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL; DEALLOCATE ALL")
+        client.execute("SELECT 'LISTEN x; CREATE TEMP TABLE t' AS text_only /* pg_advisory_lock(1) */")
+
+
+def test_ignore_lets_session_only_state_stay_on_the_backend_as_pgbouncer_does(pgmux, postgres, state_role) -> None:
+    proxy = pgmux(default_pool_size=1, query_wait_timeout=1, session_state="ignore")
+    with _pooled(proxy) as client, _pooled(proxy) as bystander:
+        client.execute("CREATE TEMP TABLE scratch (id int)")
+        client.execute("SET work_mem = '8MB'")
+        # Not pinned: the bystander gets the backend, and with it the temporary table (settings still follow).
+        assert bystander.execute("SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()"
+                                 ).fetchone() == (1,)
+        assert bystander.execute("SHOW work_mem").fetchone() != ("8MB",)
+        assert client.execute("SHOW work_mem").fetchone() == ("8MB",)
+        assert proxy.call(lambda p: [c.pins for c in p.registry.clients if c.pins]) == []
+
+
+def test_a_client_that_ran_load_keeps_its_backend_which_is_closed_after_it(pgmux, postgres, state_role) -> None:
+    proxy, connect = _superuser_pgmux(pgmux, postgres, default_pool_size=1, query_wait_timeout=1)
+    with connect() as bystander:
+        assert bystander.execute(LOADED).fetchone() == (None,)
+        client = connect()
+        client.execute("LOAD 'auto_explain'")
+        loaded_backend = client.execute("SELECT pg_backend_pid()").fetchone()
+        assert client.execute(LOADED).fetchone() == ("-1",)
+        with pytest.raises(psycopg.errors.TooManyConnections):
+            bystander.execute("SELECT 1")  # pinned: no reset could unload the library
+        assert proxy.call(lambda p: [sorted(c.pins) for c in p.registry.clients if c.pins]) == [["load"]]
+        client.close()
+        assert bystander.execute(LOADED).fetchone() == (None,)
+        assert bystander.execute("SELECT pg_backend_pid()").fetchone() != loaded_backend
+
+
+def test_in_session_mode_a_backend_that_loaded_a_library_is_closed_not_reused(pgmux, postgres) -> None:
+    proxy, connect = _superuser_pgmux(pgmux, postgres, default_pool_size=1,
+                                      listeners=[{"address": "127.0.0.1:0", "pool_mode": "session"}])
+    for prepare in (False, True):  # as a simple Query and as a Parse
+        with connect() as client:
+            client.execute("LOAD 'auto_explain'", prepare=prepare)
+            assert client.execute(LOADED).fetchone() == ("-1",)
+        with connect() as next_client:
+            assert next_client.execute(LOADED).fetchone() == (None,)
+
+
+def test_show_clients_and_servers_show_the_pin(pgmux, postgres, state_role) -> None:
+    proxy = pgmux(default_pool_size=1, admin_users=[APP.name])
+    with _pooled(proxy) as client:
+        client.execute("LISTEN pgmux_channel")
+        client.execute("SELECT pg_advisory_lock(5)")
+        with psycopg.connect(host=proxy.host, port=proxy.port(), user=APP.name, password=APP.password,
+                             dbname="pgmux", autocommit=True) as admin:
+            clients = admin.execute("SHOW CLIENTS")
+            names = [column.name for column in clients.description]
+            pinned = [row[names.index("pinned")] for row in clients.fetchall()]
+            servers = admin.execute("SHOW SERVERS")
+            pinned_servers = [row[names.index("pinned")] for row in servers.fetchall()]
+    assert sorted(pinned) == ["", "advisory_lock,listen"]  # the admin connection itself holds nothing
+    assert pinned_servers == ["advisory_lock,listen"]

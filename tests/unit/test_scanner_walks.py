@@ -135,3 +135,29 @@ def test_session_state_word_test_flags_statements_that_may_change_the_session(im
 ])
 def test_session_effects_names_what_a_statement_may_change(sql, kinds) -> None:
     assert sql_words.session_effects(sql) == kinds
+
+
+@pytest.mark.parametrize(("sql", "found"), [
+    (b"CREATE TEMP TABLE t (id int)", (0, "temp")),
+    (b"CREATE OR REPLACE TEMPORARY VIEW v AS SELECT 1", (0, "temp")),
+    (b"CREATE GLOBAL TEMPORARY TABLE t (id int)", (0, "temp")),
+    (b"CREATE TABLE pg_temp.t (id int)", (0, "temp")),
+    (b"SELECT 1 INTO TEMPORARY t", (0, "temp")),
+    (b"SELECT 1; SELECT pg_advisory_lock(1)", (9, "advisory_lock")),
+    (b"select pg_catalog.pg_try_advisory_lock_shared(1, 2)", (0, "advisory_lock")),
+    (b"BEGIN; LISTEN c; COMMIT", (6, "listen")),
+    (b"DECLARE c CURSOR WITH HOLD FOR SELECT 1", (0, "cursor")),
+    (b"PREPARE p AS SELECT 1", (0, "prepared_statement")),
+    (b"/* why */ LOAD 'auto_explain'", (0, "load")),
+    # Creating nothing that outlives the transaction, releasing, or only mentioning: nothing to refuse.
+    (b"SELECT pg_advisory_xact_lock(1)", None), (b"SELECT pg_advisory_unlock_all()", None),
+    (b"UNLISTEN *", None), (b"CLOSE ALL", None), (b"DEALLOCATE ALL", None), (b"DISCARD TEMP", None),
+    (b"DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1", None), (b"PREPARE TRANSACTION 'x'", None),
+    (b"SELECT advisory_notes, temp FROM t", None), (b"SELECT * FROM pg_temp.t", None),
+    (b"SELECT 'LISTEN x' /* LOAD 'y' */", None), (b"SELECT $$LISTEN x$$, $q$PREPARE p$q$", None),
+    # A DO block's body runs: what it creates is refused with the whole DO. A function's body runs only when called.
+    (b"SELECT 1; DO $$BEGIN PERFORM 1; PERFORM pg_advisory_lock(1); END$$; SELECT 2", (9, "advisory_lock")),
+    (b"CREATE FUNCTION f() RETURNS void LANGUAGE sql AS $$LISTEN x$$", None),
+])
+def test_first_session_only_statement_finds_what_refuse_refuses(sql, found) -> None:
+    assert sql_words.first_session_only_statement(sql) == found
