@@ -897,6 +897,8 @@ class ClientConnection(ClientPeer, Cancellable):
             self._waiter = None
         self.registry.forget_client(self)
         self.cancel_keys.forget(self)
+        if self.statements is not None:
+            self.statements.forget_all()  # statements no client holds now stay until evicted (least recently used)
         if self.pool is not None:
             self.pool.clients -= 1  # counted in by Router.login_pool
         if self.admitted:

@@ -47,6 +47,21 @@ class StatementNames:
 
     def __init__(self) -> None:
         self.generation = 0
+        # How many client names, across all clients, stand for each server statement: the last one's Close
+        # really closes it (ClientStatements._close).
+        self.holders: dict[bytes, int] = {}
+
+    def hold(self, server_name: bytes) -> None:
+        self.holders[server_name] = self.holders.get(server_name, 0) + 1
+
+    def let_go(self, server_name: bytes) -> bool:
+        """One client name for ``server_name`` is gone; True when it was the last."""
+        left = self.holders.get(server_name, 1) - 1
+        if left > 0:
+            self.holders[server_name] = left
+            return False
+        self.holders.pop(server_name, None)
+        return True
 
     def statement(self, definition: bytes, search_path: str) -> Statement:
         """``definition`` is a Parse body after the name: query text, NUL, parameter types.
@@ -183,13 +198,13 @@ class ServerPrepared:
             self.injected = 0
         self.batches_sent = self.batches_answered = 0
 
-    def on_ready_for_query(self, client_statements: dict[bytes, Statement]) -> None:
+    def on_ready_for_query(self, client_statements: ClientStatements) -> None:
         """A batch ended: Parses of it still unanswered were skipped after an error; undo them."""
         self.batches_answered += 1
         while self.pending and self.pending[0].batch <= self.batches_answered:
             failed = self._pop()
             if failed.client_name is not None:
-                client_statements.pop(failed.client_name, None)
+                client_statements.forget(failed.client_name)
             if failed.server_name is not None:
                 self.statements.discard(failed.server_name)
 
@@ -222,7 +237,7 @@ class ClientStatements:
             if kind == m.DESCRIBE:
                 return self._describe(data, link)
             if kind == m.CLOSE:
-                return self._close(data)
+                return self._close(data, link)
             return data
         except (ValueError, IndexError):
             raise ProtocolViolation(f"malformed {chr(kind)!r} message") from None
@@ -245,7 +260,19 @@ class ClientStatements:
         """
         link.forget_all()
         if drops_all_statements(bytes(sql).split(b"\x00", 1)[0]):
-            self.names.clear()
+            self.forget_all()
+
+    def forget(self, name: bytes) -> None:
+        """The client name ``name`` (NUL-terminated) no longer exists, if it did."""
+        statement = self.names.pop(name, None)
+        if statement is not None:
+            self._registry.let_go(statement.server_name)
+
+    def forget_all(self) -> None:
+        """The client has no names any more (it dropped them all, or it is gone)."""
+        for statement in self.names.values():
+            self._registry.let_go(statement.server_name)
+        self.names.clear()
 
     def forget_parsed_names(self, frames: list[Frame]) -> None:
         """Undo the client names that the Parses among ``frames`` registered: the batch is sent again.
@@ -257,7 +284,7 @@ class ClientStatements:
             data = frame.data
             if frame.kind == m.PARSE and data[5] != 0:
                 body = bytes(data[5:])
-                self.names.pop(body[:body.index(b"\x00") + 1], None)
+                self.forget(body[:body.index(b"\x00") + 1])
 
     def _parse(self, data: bytes | memoryview, link: ServerPrepared) -> bytes | memoryview:
         if data[5] == 0:
@@ -281,6 +308,7 @@ class ClientStatements:
             return out + existing.parse
         statement = self._registry.statement(body[end:], link.search_path())
         self.names[name] = statement
+        self._registry.hold(statement.server_name)
         if statement.server_name in link.statements:
             link.statements.touch(statement.server_name)
             link.trusted += 1
@@ -322,13 +350,18 @@ class ClientStatements:
             return data
         return self._ensure(statement, link) + m.message(m.DESCRIBE, b"S" + statement.server_name)
 
-    def _close(self, data: bytes | memoryview) -> bytes | memoryview:
+    def _close(self, data: bytes | memoryview, link: ServerPrepared) -> bytes | memoryview:
         if data[5] != ord("S"):
             return data
-        name = bytes(data[6:])
-        if self.names.pop(name, None) is None:
+        statement = self.names.pop(bytes(data[6:]), None)
+        if statement is None:
             return data
-        # The server statement is shared: keep it; a Close of a missing name earns the CloseComplete.
+        server_name = statement.server_name
+        if self._registry.let_go(server_name) and server_name in link.statements:
+            # No client holds it any more: closed on this server (others drop it as the least recently used).
+            link.statements.discard(server_name)
+            return m.message(m.CLOSE, b"S" + server_name)
+        # Shared with other clients (or not here): kept; a Close of a missing name earns the CloseComplete.
         return m.message(m.CLOSE, b"S" + _ABSENT_STATEMENT)
 
     def _ensure(self, statement: Statement, link: ServerPrepared) -> bytes:

@@ -334,7 +334,7 @@ class ServerConnection:
             self.tx_status = status = _TX_STATUS[frame.data[5]]
             statements = client.statements
             if statements is not None:
-                self.prepared.on_ready_for_query(statements.names)
+                self.prepared.on_ready_for_query(statements)
             client.on_ready_for_query(status)
         elif kind == m.PARSE_COMPLETE:
             # Only reached when none of pgmux's own Parses is in flight: every one is the client's.

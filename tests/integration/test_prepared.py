@@ -138,6 +138,28 @@ def test_deallocate_all_clears_the_clients_names(pgmux_process) -> None:
         assert pgconn.exec_prepared(b"s3", []).get_value(0, 0) == b"33"
 
 
+def test_the_last_client_holding_a_statement_closes_it_on_the_backend(pgmux_process) -> None:
+    port = pgmux_process(PGMUX_DEFAULT_POOL_SIZE="1").ports()[0]
+    dsn = f"postgresql://{APP.name}:{APP.password}@127.0.0.1:{port}/{APP_DATABASE}"
+    with psycopg.connect(dsn, autocommit=True) as first, psycopg.connect(dsn, autocommit=True) as second:
+        def held() -> int:  # on the one backend both use
+            return first.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement = 'SELECT 41'"
+                                 ).fetchone()[0]
+        ok = psycopg.pq.ExecStatus.COMMAND_OK
+        assert first.pgconn.prepare(b"mine", b"SELECT 41").status == ok
+        assert second.pgconn.prepare(b"theirs", b"SELECT 41").status == ok
+        assert held() == 1  # one server statement for both
+        assert first.pgconn.close_prepared(b"mine").status == ok
+        assert held() == 1  # the other client still holds it
+        assert second.pgconn.exec_prepared(b"theirs", []).get_value(0, 0) == b"41"
+        assert second.pgconn.close_prepared(b"theirs").status == ok
+        assert held() == 0  # nobody holds it: closed on the backend
+        missing = second.pgconn.exec_prepared(b"theirs", [])
+        assert missing.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"26000"
+        assert second.pgconn.prepare(b"theirs", b"SELECT 41").status == ok  # and it can be made again
+        assert second.pgconn.exec_prepared(b"theirs", []).get_value(0, 0) == b"41"
+
+
 def test_discard_all_padded_past_the_held_head_is_told_from_one_that_fails(pgmux_process) -> None:
     # A simple Query over 64 KiB streams on after its head, unless it could still be DISCARD ALL or
     # DEALLOCATE ALL padded with whitespace: that one is held whole and judged on all of its text.
