@@ -426,8 +426,10 @@ class ClientConnection(ClientPeer, Cancellable):
                                      max_whole=self.router.settings.max_client_buffer)
 
     def logged_in(self) -> None:
-        """The welcome is sent: requests go to the pool from now on, those that came meanwhile first."""
-        self.state = ClientState.IDLE
+        """The welcome is sent: requests go to the pool (session mode: to the server linked at login) from
+        now on, those that came meanwhile first."""
+        if self.server is None:
+            self.state = ClientState.IDLE
         self.login = None
         if self._queued:
             self._relay(b"".join(self._take_queued()))
@@ -464,7 +466,7 @@ class ClientConnection(ClientPeer, Cancellable):
             assert pool is not None
             server = pool.take_idle()
             if server is not None:  # the fast path: a warm server and nobody in line
-                self._link(server)
+                self.link(server)
                 if self._held_for_sync:
                     self._queue(data)
                 else:
@@ -644,7 +646,7 @@ class ClientConnection(ClientPeer, Cancellable):
             self._wait_for_server()
             return
         try:
-            self._link(server)
+            self.link(server)
             self._forward_queued()
         except Exception as exc:
             # Called by the loop, not by the transport: nothing else would end this client, which
@@ -691,7 +693,8 @@ class ClientConnection(ClientPeer, Cancellable):
         if end < len(data):
             self._relay(data[end:])
 
-    def _link(self, server: ServerConnection) -> None:
+    def link(self, server: ServerConnection) -> None:
+        """Make ``server`` this client's: for a transaction, or (session mode, from the login on) for good."""
         self._linked_at = time.monotonic()
         pool = self.pool
         assert pool is not None
@@ -699,6 +702,7 @@ class ClientConnection(ClientPeer, Cancellable):
         server.prepared.start_link()
         self.server = server
         server.client = self
+        server.client_pid = self.cancel_key[0]  # a NOTIFY sent through it is this client's
         self.state = ClientState.ACTIVE
         if self.flow.write_paused:
             server.pause_reading()  # the app has not read the last answer yet: no more until it does
