@@ -770,7 +770,9 @@ class ClientConnection(ClientPeer, Cancellable):
 
     def at_transaction_boundary(self) -> bool:
         """True when closing now loses nothing: no request in flight and no transaction open."""
-        if self.state in (ClientState.STARTUP, ClientState.AUTH, ClientState.IDLE):
+        # A session-mode login in line for its server (its Login still set) has nothing under way either.
+        if (self.state in (ClientState.STARTUP, ClientState.AUTH, ClientState.IDLE)
+                or (self.state is ClientState.WAITING and self.login is not None)):
             return not self._queued and self._skipper is None
         if self.state is ClientState.ACTIVE and self.server is not None:
             return not self.pending and not self._queued and self.server.tx_status is m.TransactionStatus.IDLE

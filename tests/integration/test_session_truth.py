@@ -136,6 +136,29 @@ def test_a_session_client_waiting_for_a_backend_at_login_is_shown_waiting_and_ma
     asyncio.run(scenario())
 
 
+def test_a_graceful_shutdown_ends_a_session_login_in_line_at_once(pgmux) -> None:
+    proxy = pgmux(pool_mode="session", default_pool_size=1, query_wait_timeout=30, shutdown_timeout=30)
+
+    async def scenario() -> None:
+        holder = await _connect(proxy)
+        await holder.execute("BEGIN")  # mid-transaction: the shutdown waits for it
+        waiting = asyncio.ensure_future(_connect(proxy))
+        deadline = time.monotonic() + 10
+        while "waiting" not in proxy.call(lambda p: [c.state.value for c in p.registry.clients]):
+            assert time.monotonic() < deadline, "the second login never joined the line"
+            await asyncio.sleep(0.05)
+        assert proxy.proxy is not None
+        stopping = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(proxy.proxy.stop(graceful=True), proxy.loop))
+        with pytest.raises(asyncpg.AdminShutdownError):
+            await asyncio.wait_for(waiting, 5)  # nothing under way: told at once, not after the holder
+        assert not stopping.done()
+        await holder.execute("COMMIT")
+        await asyncio.wait_for(stopping, 10)
+        await holder.close(timeout=5)
+
+    asyncio.run(scenario())
+
+
 def test_a_session_login_refused_for_want_of_a_backend_is_fatal_53300(pgmux) -> None:
     proxy = pgmux(pool_mode="session", default_pool_size=1, query_wait_timeout=1)
 
