@@ -70,9 +70,9 @@ class Reception(Login):
         return self._handle(self.machine.feed(data))
 
     def check_timeout(self, now: float) -> None:
-        timeout = self.router.settings.client_login_timeout
         if self._waiter is not None:
             return  # authenticated, in line for a server: query_wait_timeout decides, as for any request
+        timeout = self.router.settings.client_login_timeout
         if timeout and now - self.client.connected_at > timeout:
             self.registry.count_rejection("login_timeout")
             self.client.fail(PgError(errors.SqlState.PROTOCOL_VIOLATION,
