@@ -13,6 +13,10 @@ from proxy.logs import LogSummary, get_logger
 log = get_logger("cancel")
 
 CANCEL_LOG_INTERVAL: Final = 10.0  # CancelRequests with unknown keys: one log line (with a count) per this many seconds
+# Process ids pgmux makes up are drawn from [2^22, 2^31): Linux's pid_max is at most 2^22, so a made-up id
+# never equals a real backend's pid, which session-mode clients are given (see CancelKeys.register).
+_FIRST_MADE_UP: Final = 1 << 22
+_MADE_UP_COUNT: Final = (1 << 31) - _FIRST_MADE_UP
 
 
 @trait
@@ -28,6 +32,11 @@ class Cancellable:
         raise NotImplementedError
 
 
+def _made_up(key: bytes) -> int:
+    """A process id from the first four random bytes of ``key``, in the range no real pid reaches."""
+    return _FIRST_MADE_UP + int.from_bytes(key[:4], "big") % _MADE_UP_COUNT
+
+
 class CancelKeys:
     """Issues each logged-in client a key and routes a CancelRequest to the client that holds it."""
 
@@ -35,14 +44,21 @@ class CancelKeys:
         self._clients: dict[int, Cancellable] = {}
         self._unknown = LogSummary(log, "cancel request with an unknown key ignored", CANCEL_LOG_INTERVAL)
 
-    def register(self, client: Cancellable) -> tuple[int, bytes]:
-        """A fresh (process id, secret) for ``client``, unique among the live ones."""
-        while True:
-            # One getrandom() for both halves: this runs on every login.
+    def register(self, client: Cancellable, backend_pid: int = 0) -> tuple[int, bytes]:
+        """A (process id, secret) for ``client``, its process id unique among the live ones; the secret is
+        pgmux's own, so a CancelRequest is checked here before pgmux sends the backend's own key.
+
+        ``backend_pid``: the real pid of the backend serving the client for its whole session, which
+        the client is then told (pg_backend_pid() and pg_terminate_backend() agree with it), unless a
+        live client holds it already (two upstream hosts can both have a backend 1234): then, as for
+        everyone else, a made-up id, from a range no real pid reaches.
+        """
+        # One getrandom() for both halves: this runs on every login.
+        key = os.urandom(8)
+        process_id = backend_pid if backend_pid and backend_pid not in self._clients else _made_up(key)
+        while process_id in self._clients:
             key = os.urandom(8)
-            process_id = int.from_bytes(key[:4], "big") & 0x7FFFFFFF
-            if process_id and process_id not in self._clients:
-                break
+            process_id = _made_up(key)
         self._clients[process_id] = client
         return process_id, key[4:]
 

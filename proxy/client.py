@@ -430,8 +430,10 @@ class ClientConnection(ClientPeer, Cancellable):
                                      max_whole=self.router.settings.max_client_buffer)
 
     def logged_in(self) -> None:
-        """The welcome is sent: requests go to the pool from now on, those that came meanwhile first."""
-        self.state = ClientState.IDLE
+        """The welcome is sent: requests go to the pool (session mode: to the server linked at login) from
+        now on, those that came meanwhile first."""
+        if self.server is None:
+            self.state = ClientState.IDLE
         self.login = None
         if self._queued:
             self._relay(b"".join(self._take_queued()))
@@ -468,7 +470,7 @@ class ClientConnection(ClientPeer, Cancellable):
             assert pool is not None
             server = pool.take_idle()
             if server is not None:  # the fast path: a warm server and nobody in line
-                self._link(server)
+                self.link(server)
                 if self._held_for_sync:
                     self._queue(data)
                 else:
@@ -682,7 +684,7 @@ class ClientConnection(ClientPeer, Cancellable):
             self._wait_for_server()
             return
         try:
-            self._link(server)
+            self.link(server)
             self._forward_queued()
         except Exception as exc:
             # Called by the loop, not by the transport: nothing else would end this client, which
@@ -729,7 +731,8 @@ class ClientConnection(ClientPeer, Cancellable):
         if end < len(data):
             self._relay(data[end:])
 
-    def _link(self, server: ServerConnection) -> None:
+    def link(self, server: ServerConnection) -> None:
+        """Make ``server`` this client's: for a transaction, or (session mode, from the login on) for good."""
         self._linked_at = time.monotonic()
         pool = self.pool
         assert pool is not None
@@ -737,6 +740,7 @@ class ClientConnection(ClientPeer, Cancellable):
         server.prepared.start_link()
         self.server = server
         server.client = self
+        server.client_pid = self.cancel_key[0]  # a NOTIFY sent through it is this client's
         self.state = ClientState.ACTIVE
         if self.flow.write_paused:
             server.pause_reading()  # the app has not read the last answer yet: no more until it does
@@ -804,7 +808,9 @@ class ClientConnection(ClientPeer, Cancellable):
 
     def at_transaction_boundary(self) -> bool:
         """True when closing now loses nothing: no request in flight and no transaction open."""
-        if self.state in (ClientState.STARTUP, ClientState.AUTH, ClientState.IDLE):
+        # A session-mode login in line for its server (its Login still set) has nothing under way either.
+        if (self.state in (ClientState.STARTUP, ClientState.AUTH, ClientState.IDLE)
+                or (self.state is ClientState.WAITING and self.login is not None)):
             return not self._queued and self._skipper is None
         if self.state is ClientState.ACTIVE and self.server is not None:
             return not self.pending and not self._queued and self.server.tx_status is m.TransactionStatus.IDLE

@@ -15,7 +15,7 @@ from proxy.parameters import check_sql
 from proxy.protocol import errors
 from proxy.protocol.errors import PgError
 from proxy.protocol.messages import TransactionStatus
-from proxy.server import InternalQueryFailed, ServerConnection, ServerLoginError
+from proxy.server import Backends, InternalQueryFailed, ServerConnection, ServerLoginError
 from proxy.settings import Upstream
 from proxy.states import ServerState
 from proxy.stats import PoolStats
@@ -110,9 +110,10 @@ class Pool:
     """Lends servers to clients; never holds more than pool_size (+ reserve) backends."""
 
     def __init__(self, key: PoolKey, config: PoolConfig, budgets: tuple[ServerBudget, ...],
-                 spawn: Callable[..., asyncio.Task[None]]) -> None:
+                 spawn: Callable[..., asyncio.Task[None]], backends: Backends) -> None:
         self.key = key
         self.config = config
+        self._backends = backends  # every pool's, by upstream address and pid (NOTIFY senders)
         self.idle: deque[ServerConnection] = deque()
         self.active: set[ServerConnection] = set()
         self.login: set[ServerConnection] = set()
@@ -479,7 +480,7 @@ class Pool:
         return self._permanent_failure or self.server_params is None or outage >= self.config.server_login_retry
 
     def _start_connect(self) -> None:
-        server = ServerConnection(self.config.upstream, self.server_lost, self.stats)
+        server = ServerConnection(self.config.upstream, self.server_lost, self.stats, self._backends)
         self._move(server, ServerState.LOGIN)
         for budget in self._budgets:
             budget.used += 1

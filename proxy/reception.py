@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from proxy.cancel import CancelKeys
@@ -30,7 +31,8 @@ from proxy.routing import Router
 from proxy.states import ClientState
 
 if TYPE_CHECKING:
-    from proxy.pool import Pool
+    from proxy.pool import Pool, Waiter
+    from proxy.server import ServerConnection
 
 log = get_logger("client")  # login lines are the client's, as they always were
 
@@ -53,6 +55,7 @@ class Reception(Login):
         self.client = client
         self.machine = LoginMachine(router.settings.ignore_startup_parameters)
         self._task: asyncio.Task[None] | None = None  # the welcome, while it waits for the pool's first server
+        self._waiter: Waiter | None = None  # session mode: the welcome's place in line for the session's server
 
     # ---- Login ------------------------------------------------------------------------------------
 
@@ -67,6 +70,8 @@ class Reception(Login):
         return self._handle(self.machine.feed(data))
 
     def check_timeout(self, now: float) -> None:
+        if self._waiter is not None:
+            return  # authenticated, in line for a server: query_wait_timeout decides, as for any request
         timeout = self.router.settings.client_login_timeout
         if timeout and now - self.client.connected_at > timeout:
             self.registry.count_rejection("login_timeout")
@@ -78,6 +83,9 @@ class Reception(Login):
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and self.client.pool is not None:
+            self.client.pool.cancel_wait(waiter)
 
     # ---- the machine's events ---------------------------------------------------------------------
 
@@ -192,12 +200,15 @@ class Reception(Login):
                 # As PostgreSQL refuses a login with a setting it rejects: pgmux could never apply it.
                 await pool.check_settings(unchecked)
         except PgError as exc:
-            # At login there is no session to keep: the same error, as FATAL.
-            self.client.fail(dataclasses.replace(exc, severity=errors.Severity.FATAL), reason=exc.reason)
+            self._fail(exc)
             return
         self._task = None
         if self.client.state is ClientState.LOGIN:
             self._welcome(pool)
+
+    def _fail(self, error: PgError) -> None:
+        """At login there is no session to keep: the error that stopped it, as FATAL."""
+        self.client.fail(dataclasses.replace(error, severity=errors.Severity.FATAL), reason=error.reason)
 
     def _welcome(self, pool: Pool) -> None:
         client = self.client
@@ -208,7 +219,63 @@ class Reception(Login):
         params = dict(pool.server_params or {})
         params.update(client.params)
         client.params = {k: v for k, v in params.items() if k in SYNCED_PARAMETERS}
-        client.cancel_key = self.cancel_keys.register(client)
+        if client.transaction_mode:
+            client.cancel_key = self.cancel_keys.register(client)
+            self._greet(pool)
+        else:
+            self._take_session_server(pool)
+
+    # ---- session mode: the session's server first, so that the welcome can name its pid -----------
+
+    def _take_session_server(self, pool: Pool) -> None:
+        """The server this client keeps for its session, now or once the pool lends one (query_wait_timeout)."""
+        server = pool.take_idle()
+        if server is not None:
+            self._greet_linked(pool, server)
+            return
+        client = self.client
+        try:
+            self._waiter = pool.wait(self._session_server_ready, self._session_server_refused)
+        except PgError as exc:  # the line is full, or the upstream is down
+            self._fail(exc)
+            return
+        client.state = ClientState.WAITING  # what it is: in line (SHOW CLIENTS, cl_waiting, pgmux_clients)
+        client.wait_started = time.monotonic()
+
+    def _session_server_ready(self, server: ServerConnection) -> None:
+        self._waiter = None
+        pool = self.client.pool
+        assert pool is not None
+        if self.client.state is not ClientState.WAITING:
+            pool.release(server)  # the client left while the server was on its way: it is untouched
+        elif not server.usable:
+            pool.close_server(server, "died before its next client used it")
+            self._take_session_server(pool)
+        else:
+            self._greet_linked(pool, server)
+
+    def _session_server_refused(self, error: PgError) -> None:
+        self._waiter = None
+        if self.client.state is ClientState.WAITING:
+            self._fail(error)
+
+    def _greet_linked(self, pool: Pool, server: ServerConnection) -> None:
+        """Link the session's server, and welcome the client with that backend's real pid (pgmux's secret:
+        a CancelRequest still comes to pgmux, is checked, and goes on with the backend's own key)."""
+        client = self.client
+        assert server.backend_key is not None  # a logged-in backend has said its key
+        client.cancel_key = self.cancel_keys.register(client, server.backend_key[0])
+        # Its parameters are the client's before any request of the client's runs (link holds them
+        # until PostgreSQL confirms); the sync's own ParameterStatus replies never reach the client,
+        # so the welcome's values are the client's.
+        client.link(server)
+        self._greet(pool)
+
+    def _greet(self, pool: Pool) -> None:
+        """The welcome: the server's parameters with the client's own over them, and its cancel key."""
+        client = self.client
+        params = dict(pool.server_params or {})
+        params.update(client.params)
         process_id, secret = client.cancel_key
         client.write(welcome(params, process_id, secret))
         if log.isEnabledFor(logging.INFO):  # asked first, as in ClientConnection._finish

@@ -14,7 +14,7 @@ from proxy.logs import get_logger
 from proxy.pool import Pool, PoolConfig, PoolKey, ServerBudget
 from proxy.prepared import StatementNames
 from proxy.protocol import errors
-from proxy.server import ServerConnection
+from proxy.server import Backends, ServerConnection
 from proxy.settings import DatabaseSettings, Settings, Upstream, parse_upstream_url
 from proxy.stats import DatabaseTotals, Totals
 
@@ -49,6 +49,7 @@ class Router:
         self.admission = admission
         self.pools: dict[PoolKey, Pool] = {}
         self.statement_names = StatementNames()
+        self.backends = Backends()  # every pool's backends, by upstream address and pid
         self.paused: set[str] = set()  # databases paused by PAUSE db / KILL db
         self.paused_all = False  # PAUSE without a database
         self._spawn = spawn
@@ -147,7 +148,8 @@ class Router:
         key = PoolKey(db.name, upstream.user)
         pool = self.pools.get(key)
         if pool is None:
-            pool = Pool(key, self._pool_config(db, upstream), self._budgets(db, upstream.user), self._spawn)
+            pool = Pool(key, self._pool_config(db, upstream), self._budgets(db, upstream.user), self._spawn,
+                        self.backends)
             self.pools[key] = pool
         return pool
 

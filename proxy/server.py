@@ -33,8 +33,9 @@ _ids = itertools.count(1)
 # What the relay must look at in server traffic; everything else streams through undecoded.
 # CopyInResponse (once per COPY FROM STDIN): the Syncs the client sends during it go unanswered.
 # ParameterDescription (once per Describe of a statement): held, like ParseComplete, while a batch may be re-sent.
+# NotificationResponse (once per NOTIFY heard): its sender pid becomes the one the sender's client was given.
 _RELAY_CAPTURE = frozenset({m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE, m.PARSE_COMPLETE,
-                            m.COPY_IN_RESPONSE, m.PARAMETER_DESCRIPTION})
+                            m.COPY_IN_RESPONSE, m.PARAMETER_DESCRIPTION, m.NOTIFICATION_RESPONSE})
 _LOGIN_CAPTURE = frozenset(range(256))
 _RELAY_FLAGS: Final = kind_flags(_RELAY_CAPTURE, frozenset(), frozenset())
 # While pgmux reads what a session holds (inspect_session), the rows of its answer are looked at too.
@@ -43,12 +44,53 @@ _TX_STATUS: Final = m.TRANSACTION_STATUS_BY_BYTE
 _SYNC: Final = m.message(m.SYNC)
 
 
-def _ends_at_last_ready(segments: list) -> bool:
-    """True unless a ReadyForQuery is followed by more bytes in the same read."""
-    for segment in segments[:-1]:
-        if isinstance(segment, Frame) and segment.kind == m.READY_FOR_QUERY:
-            return False
+def _relayed_as_read(segments: list) -> bool:
+    """True unless a ReadyForQuery is followed by more bytes in the same read (the link may end there), or
+    a NotificationResponse is in it (its sender pid may change): then the read is relayed segment by segment."""
+    last = len(segments) - 1
+    for index in range(last + 1):
+        segment = segments[index]
+        if isinstance(segment, Frame):
+            kind = segment.kind
+            if kind == m.NOTIFICATION_RESPONSE or (kind == m.READY_FOR_QUERY and index != last):
+                return False
     return True
+
+
+class Backends:
+    """pgmux's logged-in backends by upstream address and process id: whose NOTIFY a notification relays.
+
+    Kept as backends log in and go (never per transaction). Shared by all pools: a sender may belong to
+    any pool with the same upstream server.
+    """
+
+    __slots__ = ("_servers",)
+
+    def __init__(self) -> None:
+        self._servers: dict[tuple[str, int, int], ServerConnection] = {}
+
+    def add(self, server: ServerConnection) -> None:
+        if server.backend_key is not None:
+            self._servers[_address(server.upstream, server.backend_key[0])] = server
+
+    def remove(self, server: ServerConnection) -> None:
+        if server.backend_key is not None:
+            key = _address(server.upstream, server.backend_key[0])
+            if self._servers.get(key) is server:
+                del self._servers[key]
+
+    def client_pid(self, upstream: Upstream, backend_pid: int) -> int:
+        """The process id given to the client that backend ``backend_pid`` of ``upstream`` serves or last
+        served; ``backend_pid`` itself when it is not pgmux's or has served nobody yet."""
+        server = self._servers.get(_address(upstream, backend_pid))
+        if server is None or not server.client_pid:
+            return backend_pid
+        return server.client_pid
+
+
+def _address(upstream: Upstream, backend_pid: int) -> tuple[str, int, int]:
+    """One backend of one PostgreSQL server (the pools of two users share the server, and its pids)."""
+    return upstream.host, upstream.port, backend_pid
 
 
 @trait
@@ -172,9 +214,11 @@ class ServerConnection:
     sync, reset, rollback): those replies are consumed here, up to that many ReadyForQuery.
     """
 
-    def __init__(self, upstream: Upstream, on_lost: Callable[["ServerConnection"], None], stats: PoolStats) -> None:
+    def __init__(self, upstream: Upstream, on_lost: Callable[["ServerConnection"], None], stats: PoolStats,
+                 backends: Backends) -> None:
         self.id = f"s{next(_ids)}"
         self.upstream = upstream
+        self.backends = backends
         self.stats = stats  # its pool's: what it sends to clients is counted there
         self.state = ServerState.LOGIN
         self.transport: asyncio.Transport | None = None
@@ -184,6 +228,9 @@ class ServerConnection:
         self.unreported: dict[str, str] = {}  # settings of the session beyond those it reports (pgmux's and clients')
         self.reported: frozenset[str] = frozenset()  # what the backend reported at login: it reports their changes
         self.backend_key: tuple[int, int] | None = None
+        # The process id the client it serves, or last served, was given (0: none yet): a NOTIFY sent
+        # through this backend reaches listeners with it (Backends.client_pid). Set on each link.
+        self.client_pid = 0
         self.tx_status = m.TransactionStatus.IDLE
         self.swallow = 0
         self.created_at = time.monotonic()
@@ -238,7 +285,7 @@ class ServerConnection:
                 and not self.swallow and not self._held_answer):
             client.forget_replay()  # the answer begins with a reply to it: the statements were there
         if (client is not None and not self.swallow and not self.prepared.injected and client.replay is None
-                and self._scanner.verbatim and (len(segments) == 1 or _ends_at_last_ready(segments))):
+                and self._scanner.verbatim and _relayed_as_read(segments)):
             # The common case: every byte goes to the client as it is; only a few frames are looked at.
             client.write(data)
             self.stats.bytes_sent += len(data)
@@ -252,7 +299,11 @@ class ServerConnection:
         for segment in segments:
             client = self.client
             if isinstance(segment, Frame):
-                if self.swallow:
+                if segment.kind == m.NOTIFICATION_RESPONSE:
+                    # The client's even while pgmux's own query runs: it answers no request.
+                    if client is not None:
+                        out.append(self._with_client_pid(segment.data))
+                elif self.swallow:
                     self._swallow_frame(segment)
                 elif client is not None:
                     if client.replay is not None and self._hold_for_replay(segment, client, out):
@@ -320,6 +371,15 @@ class ServerConnection:
         client.forget_replay()
         out.extend(self._held_answer)
         self._held_answer.clear()
+
+    def _with_client_pid(self, notification: bytes | memoryview) -> bytes | memoryview:
+        """A NotificationResponse with the sender's pid as the sender's client was told it, when the
+        sender is one of pgmux's backends (in session mode that is the backend's own pid)."""
+        sender = int.from_bytes(notification[5:9], "big")
+        told = self.backends.client_pid(self.upstream, sender)
+        if told == sender:
+            return notification
+        return b"".join((notification[:5], told.to_bytes(4, "big"), notification[9:]))
 
     def _flush(self, out: list[bytes | memoryview], client: ClientPeer) -> None:
         if out:
@@ -482,6 +542,7 @@ class ServerConnection:
             self.close_reason = f"server closed the connection{f': {exc}' if exc else ''}"
         previous = self.state
         self.state = ServerState.CLOSED
+        self.backends.remove(self)
         if previous is not ServerState.CLOSED:
             self._on_lost(self)
 
@@ -544,6 +605,7 @@ class ServerConnection:
         self._login_frames = None
         self._scanner = FrameScanner(_RELAY_CAPTURE)
         self.reported = frozenset(self.params)
+        self.backends.add(self)
 
     async def _negotiate_tls(self, loop: asyncio.AbstractEventLoop) -> None:
         upstream = self.upstream

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from proxy.protocol import framing
 from proxy.protocol import messages as m
 from proxy.protocol.framing import MAX_MESSAGE_LENGTH, Frame, FrameScanner, ProtocolViolation
+from proxy.server import _RELAY_CAPTURE, _relayed_as_read
 
 FUZZ = settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -408,3 +409,20 @@ def test_batch_skipper_holds_nothing_of_a_huge_message() -> None:
     assert skipper.feed(msg("S") + msg("Q", b"SELECT 1\x00")) == 5 and skipper.kind == m.SYNC
     with pytest.raises(ProtocolViolation, match="invalid length 3"):
         framing.BatchSkipper(_ENDS).feed(b"S\x00\x00\x00\x03")
+
+
+def test_capturing_notifications_leaves_ordinary_server_answers_relayed_as_read() -> None:
+    # The server relay captures NotificationResponse (to give it its sender's pid): an answer without one
+    # must still come back as one pass-through run and its ReadyForQuery, written to the client unchanged.
+    scanner = FrameScanner(_RELAY_CAPTURE)
+    rows = m.row_description([("n", 23)]) + m.data_row(["1"]) * 3 + m.command_complete("SELECT 3")
+    answer = rows + m.ready_for_query()
+    segments = scanner.feed(answer)
+    assert scanner.verbatim and len(segments) == 2 and bytes(segments[0]) == rows
+    assert segments[1] == Frame(m.READY_FOR_QUERY, m.ready_for_query())
+    assert _relayed_as_read(segments)
+    notification = msg("A", struct.pack("!i", 4242) + b"chan\x00payload\x00")
+    for read in (notification, rows + notification + m.ready_for_query()):
+        segments = scanner.feed(read)
+        assert Frame(m.NOTIFICATION_RESPONSE, notification) in segments
+        assert not _relayed_as_read(segments)  # relayed segment by segment, its pid looked at

@@ -8,7 +8,7 @@ from proxy.parameters import check_sql, parameter_sync, parse_startup_parameters
 from proxy.protocol import messages as m
 from proxy.protocol.errors import PgError, Severity, error_response
 from proxy.protocol.framing import FrameScanner
-from proxy.server import _RELAY_CAPTURE, ServerConnection
+from proxy.server import _RELAY_CAPTURE, Backends, ServerConnection
 from proxy.stats import PoolStats
 
 
@@ -91,7 +91,8 @@ class _Transport:
 
 def _relaying_server() -> tuple[ServerConnection, _Transport]:
     """A ServerConnection past its login, talking to a fake transport (no sockets, no loop needed)."""
-    server = ServerConnection(upstream=None, on_lost=lambda _server: None, stats=PoolStats())  # type: ignore[arg-type]
+    server = ServerConnection(upstream=None, on_lost=lambda _server: None, stats=PoolStats(),  # type: ignore[arg-type]
+                              backends=Backends())
     transport = _Transport()
     server.transport = transport  # type: ignore[assignment]
     server._login_frames = None

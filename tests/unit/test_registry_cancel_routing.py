@@ -106,6 +106,33 @@ def test_a_cancel_request_reaches_the_client_whose_key_it_carries(caplog: pytest
     assert (_cancels_reaching(caplog, client), _cancels_reaching(caplog, other)) == (1, 0)
 
 
+def test_a_made_up_process_id_is_beyond_every_real_pid() -> None:
+    keys = CancelKeys()
+    for _ in range(200):
+        client = _client(keys)
+        client.cancel_key = keys.register(client)
+        assert 1 << 22 <= client.cancel_key[0] < 1 << 31  # Linux's pid_max is at most 2^22
+
+
+def test_a_session_client_gets_its_backends_pid_unless_a_live_client_holds_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
+    keys = CancelKeys()
+    first, second = _client(keys), _client(keys)
+    first.cancel_key = keys.register(first, backend_pid=1234)
+    # Another upstream host's backend 1234: the id is taken, so the second client's is made up.
+    second.cancel_key = keys.register(second, backend_pid=1234)
+    assert first.cancel_key[0] == 1234 and second.cancel_key[0] >= 1 << 22
+    assert first.cancel_key[1] != second.cancel_key[1]
+    keys.cancel(*first.cancel_key)
+    keys.cancel(*second.cancel_key)
+    assert (_cancels_reaching(caplog, first), _cancels_reaching(caplog, second)) == (1, 1)
+    keys.forget(first)
+    third = _client(keys)
+    third.cancel_key = keys.register(third, backend_pid=1234)  # free again once its holder has gone
+    assert third.cancel_key[0] == 1234
+
+
 @pytest.mark.parametrize("wrong", ["secret", "process id"])
 def test_a_cancel_request_with_a_wrong_key_reaches_nobody(wrong: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO")
