@@ -101,37 +101,118 @@ class Slot:
     holding: bool = False
 
 
-def _outcome_psycopg(conn: psycopg.Connection, sql: str) -> Any:
-    """What a statement showed its client: each result's command tag and rows, or the error's SQLSTATE."""
-    try:
-        cursor = conn.execute(sql)
-    except psycopg.Error as exc:
-        return ("error", exc.sqlstate)
-    results = []
-    while True:
-        rows = cursor.fetchall() if cursor.description is not None else None
-        results.append((cursor.statusmessage, rows))
-        if not cursor.nextset():
-            return results
+class Driver:
+    """How a client library connects, runs a statement and reports what it showed (for both sides)."""
+
+    name = ""
+
+    def connect(self, dsn: str) -> Any:
+        raise NotImplementedError
+
+    def run(self, conn: Any, sql: str) -> Any:
+        """What a statement showed its client: its results, or the error's SQLSTATE."""
+        raise NotImplementedError
+
+    def in_transaction(self, conn: Any) -> bool:
+        raise NotImplementedError
+
+    def close(self, conn: Any) -> None:
+        raise NotImplementedError
+
+    def holds(self, conn: Any) -> bool:
+        """The session keeps a backend: an open transaction, or session-only state."""
+        if self.in_transaction(conn):
+            return True
+        probed = self.run(conn, PROBE)
+        if probed[0] == "error":  # asyncpg's cached probe after DISCARD ALL: 26000, and nothing held
+            return False
+        ((_, rows),) = probed
+        return any(rows[0][_PIN_COLUMNS])
 
 
-def _holds(conn: psycopg.Connection) -> bool:
-    if conn.info.transaction_status is not psycopg.pq.TransactionStatus.IDLE:
-        return True
-    row = conn.execute(PROBE).fetchone()
-    assert row is not None
-    return any(row[_PIN_COLUMNS])
+class Psycopg(Driver):
+    """psycopg in autocommit: simple queries, statements prepared (named) after their fifth run."""
+
+    name = "psycopg"
+
+    def connect(self, dsn: str) -> psycopg.Connection:
+        return psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+
+    def run(self, conn: psycopg.Connection, sql: str) -> Any:
+        try:
+            cursor = conn.execute(sql)
+        except psycopg.Error as exc:
+            return ("error", exc.sqlstate)
+        results = []
+        while True:
+            rows = cursor.fetchall() if cursor.description is not None else None
+            results.append((cursor.statusmessage, rows))
+            if not cursor.nextset():
+                return results
+
+    def in_transaction(self, conn: psycopg.Connection) -> bool:
+        return conn.info.transaction_status is not psycopg.pq.TransactionStatus.IDLE
+
+    def close(self, conn: psycopg.Connection) -> None:
+        conn.close()
 
 
-def _expected(postgres, script: str) -> tuple[list[Step], list[Any]]:
+class Asyncpg(Driver):
+    """asyncpg: each single statement through the extended protocol as a named, cached statement;
+    a multi-statement string (which only the simple protocol takes) through execute()."""
+
+    name = "asyncpg"
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+
+    def connect(self, dsn: str) -> asyncpg.Connection:
+        return self.loop.run_until_complete(asyncpg.connect(dsn, ssl=False, timeout=10))
+
+    def run(self, conn: asyncpg.Connection, sql: str) -> Any:
+        try:
+            if ";" in sql:
+                return [(self.loop.run_until_complete(conn.execute(sql)), None)]
+            rows = self.loop.run_until_complete(conn.fetch(sql))
+        except asyncpg.PostgresError as exc:
+            return ("error", exc.sqlstate)
+        return [("fetch", [tuple(row) for row in rows])]
+
+    def in_transaction(self, conn: asyncpg.Connection) -> bool:
+        return conn.is_in_transaction()
+
+    def close(self, conn: asyncpg.Connection) -> None:
+        self.loop.run_until_complete(conn.close(timeout=10))
+
+
+@pytest.fixture(params=[Psycopg, Asyncpg], ids=["psycopg", "asyncpg"])
+def driver(request) -> Any:
+    made = request.param()
+    yield made
+    if isinstance(made, Asyncpg):
+        made.loop.close()
+
+
+def _direct_dsn(postgres) -> str:
+    return postgres.dsn(user=APP.name, password=APP.password, database=APP_DATABASE)
+
+
+def _pooled_dsn(proxy) -> str:
+    return proxy.dsn(APP.name, APP.password, APP_DATABASE)
+
+
+def _expected(postgres, driver: Driver, script: str) -> tuple[list[Step], list[Any]]:
     """The script's steps (a probe after each statement) and what each showed, straight against PostgreSQL."""
     steps = [Step(script, None)]
     seen: list[Any] = []
-    with _direct(postgres) as direct:
+    direct = driver.connect(_direct_dsn(postgres))
+    try:
         for sql in SCRIPTS[script]:
             for text in (sql, PROBE):
-                seen.append(_outcome_psycopg(direct, text))
-                steps.append(Step(script, text, _holds(direct)))
+                seen.append(driver.run(direct, text))
+                steps.append(Step(script, text, driver.holds(direct)))
+    finally:
+        driver.close(direct)
     return steps, seen
 
 
@@ -164,22 +245,15 @@ def _schedule(slots: list[Slot], bystander: int, seed: int) -> list[int]:
     return order
 
 
-def _plan(postgres, scripts: list[str], clients: int) -> tuple[list[Slot], dict[str, list[Any]]]:
+def _plan(postgres, driver: Driver, scripts: list[str], clients: int) -> tuple[list[Slot], dict[str, list[Any]]]:
     """Scripts dealt round-robin to ``clients`` slots, each script on a fresh connection; then a bystander."""
     expected: dict[str, list[Any]] = {}
     slots = [Slot([]) for _ in range(clients)]
     for index, script in enumerate(scripts):
-        steps, expected[script] = _expected(postgres, script)
+        steps, expected[script] = _expected(postgres, driver, script)
         slots[index % clients].steps.extend(steps)
     slots.append(Slot([]))
     return slots, expected
-
-
-def _defaults(postgres) -> tuple:
-    with _direct(postgres) as fresh:
-        row = fresh.execute(PROBE).fetchone()
-    assert row is not None
-    return tuple(row)
 
 
 def _chunks(names: list[str], size: int) -> list[list[str]]:
@@ -195,33 +269,35 @@ def test_the_scripts_cover_at_least_25_kinds_of_session_state() -> None:
 
 
 @pytest.mark.parametrize("seed", range(len(SCRIPT_GROUPS)))
-def test_interleaved_clients_on_a_pool_of_two_each_see_only_their_own_state(pgmux, postgres, state_role,
+def test_interleaved_clients_on_a_pool_of_two_each_see_only_their_own_state(pgmux, postgres, state_role, driver,
                                                                             seed) -> None:
-    slots, expected = _plan(postgres, SCRIPT_GROUPS[seed], clients=3)
-    defaults = _defaults(postgres)
+    slots, expected = _plan(postgres, driver, SCRIPT_GROUPS[seed], clients=3)
+    fresh = driver.connect(_direct_dsn(postgres))
+    defaults = driver.run(fresh, PROBE)
+    driver.close(fresh)
     proxy = pgmux(default_pool_size=POOL_SIZE, query_wait_timeout=5)
     bystander_index = len(slots) - 1
-    conns: dict[int, psycopg.Connection] = {bystander_index: _pooled(proxy)}
+    conns: dict[int, Any] = {bystander_index: driver.connect(_pooled_dsn(proxy))}
     cursor = [0] * len(slots)
     bystander_saw = []
     try:
         for i in _schedule(slots, bystander_index, seed):
             if i == bystander_index:
-                bystander_saw.append(_outcome_psycopg(conns[i], PROBE))
+                bystander_saw.append(driver.run(conns[i], PROBE))
                 continue
             step = slots[i].steps[cursor[i]]
             cursor[i] += 1
             if step.sql is None:
                 if i in conns:
-                    conns[i].close()
-                conns[i] = _pooled(proxy)
+                    driver.close(conns[i])
+                conns[i] = driver.connect(_pooled_dsn(proxy))
                 slots[i].seen[step.script] = []
             else:
-                slots[i].seen[step.script].append(_outcome_psycopg(conns[i], step.sql))
+                slots[i].seen[step.script].append(driver.run(conns[i], step.sql))
     finally:
         for conn in conns.values():
-            conn.close()
+            driver.close(conn)
     for slot in slots[:-1]:
         for script, seen in slot.seen.items():
             assert seen == expected[script], script
-    assert bystander_saw == [[("SELECT 1", [defaults])]] * len(bystander_saw)
+    assert bystander_saw == [defaults] * len(bystander_saw)
