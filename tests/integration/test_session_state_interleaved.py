@@ -301,3 +301,62 @@ def test_interleaved_clients_on_a_pool_of_two_each_see_only_their_own_state(pgmu
         for script, seen in slot.seen.items():
             assert seen == expected[script], script
     assert bystander_saw == [defaults] * len(bystander_saw)
+
+
+# ---- leaks over many short transactions -------------------------------------------------------------
+
+LEAKY_SETTINGS = [
+    f"SET ROLE {STATE_ROLE}",
+    "SET app.tenant_id = 'leak'",
+    "SET search_path TO pg_catalog",
+    "SET statement_timeout = '1s'",
+    "SET default_transaction_read_only = on",
+    "SELECT set_config('work_mem', '12MB', false)",
+    "SET TIME ZONE 'Asia/Tokyo'",
+    "SET client_encoding TO 'LATIN1'",
+    "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+    "BEGIN; SET DateStyle = 'SQL, DMY'; COMMIT",
+]
+
+
+def _probe(conn: psycopg.Connection) -> tuple:
+    row = conn.execute(PROBE).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+def test_many_short_lived_clients_only_ever_see_the_defaults(pgmux, postgres, state_role) -> None:
+    """Setters SET things then leave (between transactions or in the middle of one) or stay idle; the many
+    clients that come and go on the same two backends meanwhile must only ever see the defaults."""
+    with _direct(postgres) as fresh:
+        defaults = _probe(fresh)
+    proxy = pgmux(default_pool_size=POOL_SIZE, query_wait_timeout=5)
+    rng = random.Random(16)
+    idle: list[tuple[psycopg.Connection, tuple]] = []
+    seen = []
+    try:
+        for _ in range(80):
+            if rng.random() < 0.4:
+                setter = _pooled(proxy)
+                for statement in rng.sample(LEAKY_SETTINGS, 3):
+                    setter.execute(statement)
+                ending = rng.choice(["leave", "leave_mid_transaction", "stay_idle"])
+                if ending == "stay_idle" and len(idle) < 4:
+                    idle.append((setter, _probe(setter)))
+                    continue
+                if ending == "leave_mid_transaction":
+                    setter.execute("BEGIN")
+                    setter.execute(rng.choice(LEAKY_SETTINGS[:4]))
+                setter.close()
+            with _pooled(proxy) as observer:
+                seen.append(_probe(observer))
+                if rng.random() < 0.5:
+                    with observer.transaction():
+                        seen.append(_probe(observer))
+        # The setters that stayed still have their own state, and nobody else got it.
+        assert [_probe(conn) for conn, _ in idle] == [mine for _, mine in idle]
+    finally:
+        for conn, _ in idle:
+            conn.close()
+    assert seen == [defaults] * len(seen)
+    assert idle, "the seeded run kept no setter idle: choose another seed"
