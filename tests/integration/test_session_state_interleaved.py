@@ -360,3 +360,76 @@ def test_many_short_lived_clients_only_ever_see_the_defaults(pgmux, postgres, st
             conn.close()
     assert seen == [defaults] * len(seen)
     assert idle, "the seeded run kept no setter idle: choose another seed"
+
+
+# ---- real pools ---------------------------------------------------------------------------------------
+
+TENANT = "SELECT current_user, coalesce(nullif(current_setting('app.tenant_id', true), ''), '-'), " \
+         "current_setting('work_mem')"
+
+
+def _pins(proxy) -> list[list[str]]:
+    """The clients' pins once pgmux has read every session it is reading (it does so right after the
+    ReadyForQuery that ends a transaction, so a client may have its answer a moment before the pin is known)."""
+    deadline = time.monotonic() + 5
+    while proxy.call(lambda p: any(c.server is not None and c.server.inspecting for c in p.registry.clients)):
+        assert time.monotonic() < deadline, "pgmux never finished reading a session"
+        time.sleep(0.01)
+    return proxy.call(lambda p: [sorted(c.pins) for c in p.registry.clients if c.pins])
+
+
+def test_asyncpg_and_psycopg_pools_sharing_one_backend_never_pin_nor_see_each_others_settings(
+        pgmux, postgres, state_role) -> None:
+    """asyncpg's pool resets on release (SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL),
+    psycopg_pool checks on acquire and resets on return: through pgmux on one backend, taking and giving back
+    connections of both pools in turn never pins, never waits into a 53300, and no acquirer sees what the
+    previous one of the other pool set."""
+    proxy = pgmux(default_pool_size=1, query_wait_timeout=3)
+    loop = asyncio.new_event_loop()
+    with _direct(postgres) as fresh:
+        defaults = tuple(fresh.execute(TENANT).fetchone() or ())
+
+    def psycopg_reset(conn: psycopg.Connection) -> None:
+        conn.execute("RESET ALL")
+
+    async def asyncpg_turn(pool: asyncpg.Pool, turn: int) -> tuple:
+        async with pool.acquire() as conn:
+            seen = tuple(await conn.fetchrow(TENANT))
+            await conn.execute(f"SET app.tenant_id = 'asyncpg-{turn}'")
+            await conn.execute("SET work_mem = '11MB'")
+            if turn % 3 == 0:
+                await conn.execute(f"SELECT pg_advisory_lock({turn})")  # released by the pool's reset
+                assert _pins(proxy) == [["advisory_lock"]]
+            async with conn.transaction():
+                await conn.execute(f"SET ROLE {STATE_ROLE}")
+            assert (await conn.fetchrow(TENANT))[1] == f"asyncpg-{turn}"
+            return seen
+
+    async def create_pool() -> asyncpg.Pool:
+        return await asyncpg.create_pool(_pooled_dsn(proxy), ssl=False, min_size=1, max_size=2)
+
+    asyncpg_pool = loop.run_until_complete(create_pool())
+    psycopg_pool = ConnectionPool(_pooled_dsn(proxy), min_size=1, max_size=2, open=True, timeout=10,
+                                  kwargs={"autocommit": True}, check=ConnectionPool.check_connection,
+                                  reset=psycopg_reset)
+    asyncpg_seen = []
+    psycopg_seen = []
+    pins = []
+    try:
+        for turn in range(30):
+            asyncpg_seen.append(loop.run_until_complete(asyncpg_turn(asyncpg_pool, turn)))
+            pins.append(_pins(proxy))
+            with psycopg_pool.connection() as conn:
+                psycopg_seen.append(tuple(conn.execute(TENANT).fetchone() or ()))
+                conn.execute(f"SET app.tenant_id = 'psycopg-{turn}'")
+                conn.execute("SELECT set_config('work_mem', '13MB', false)")
+            pins.append(_pins(proxy))
+    finally:
+        psycopg_pool.close()
+        loop.run_until_complete(asyncpg_pool.close())
+        loop.close()
+    assert pins == [[]] * len(pins)
+    assert psycopg_seen == [defaults] * len(psycopg_seen)
+    # RESET ALL leaves the role (PostgreSQL's rule): the next acquirer of the same asyncpg connection keeps it.
+    assert {seen[1:] for seen in asyncpg_seen} == {defaults[1:]}
+    assert {seen[0] for seen in asyncpg_seen} <= {APP.name, STATE_ROLE}
