@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import os
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -433,3 +435,60 @@ def test_asyncpg_and_psycopg_pools_sharing_one_backend_never_pin_nor_see_each_ot
     # RESET ALL leaves the role (PostgreSQL's rule): the next acquirer of the same asyncpg connection keeps it.
     assert {seen[1:] for seen in asyncpg_seen} == {defaults[1:]}
     assert {seen[0] for seen in asyncpg_seen} <= {APP.name, STATE_ROLE}
+
+
+# ---- clients that vanish ------------------------------------------------------------------------------
+
+VANISH_LOCK = 9090
+
+
+def _vanish(conn: psycopg.Connection, how: str) -> None:
+    """End the client's TCP connection under psycopg, with no Terminate: a FIN (shutdown) or a RST (linger 0)."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    if how == "rst":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    else:
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+    if how == "rst":
+        os.close(conn.fileno())  # the last descriptor: the kernel resets the connection
+        os.dup2(os.open(os.devnull, os.O_RDWR), conn.fileno())  # psycopg closes a harmless descriptor later
+
+
+def _advisory_locks_held(direct: psycopg.Connection) -> int:
+    row = direct.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = %s",
+                         (VANISH_LOCK,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.parametrize("how", ["fin", "rst"])
+@pytest.mark.parametrize("when", ["between_transactions", "mid_transaction", "mid_query"])
+def test_a_client_that_vanishes_holding_a_lock_and_a_temp_table_leaves_neither(pgmux, postgres, state_role,
+                                                                               how, when) -> None:
+    proxy = pgmux(default_pool_size=1, query_wait_timeout=5)
+    with _direct(postgres) as direct:
+        defaults = _probe(direct)
+        client = _pooled(proxy)
+        client.execute(f"SELECT pg_advisory_lock({VANISH_LOCK})")
+        client.execute("CREATE TEMP TABLE vanishing (id int)")
+        if when != "between_transactions":
+            client.execute("BEGIN")
+            client.execute("INSERT INTO vanishing VALUES (1)")
+        client.execute(f"SET ROLE {STATE_ROLE}")
+        assert _advisory_locks_held(direct) == 1
+        if when == "mid_query":
+            client.pgconn.send_query(b"SELECT pg_sleep(60)")
+            client.pgconn.flush()
+            time.sleep(0.2)  # the query is running on the backend
+        _vanish(client, how)
+        deadline = time.monotonic() + 5
+        while _advisory_locks_held(direct):
+            assert time.monotonic() < deadline, "the vanished client's advisory lock is still held"
+            time.sleep(0.05)
+        with _pooled(proxy) as next_client:
+            assert _probe(next_client) == defaults
+            with pytest.raises(psycopg.errors.UndefinedTable):
+                next_client.execute("SELECT * FROM vanishing")
+        assert _pins(proxy) == []
+        client.close()
