@@ -54,6 +54,16 @@ PIN_SCRIPTS = {
     "sql_prepare": ["PREPARE plus_one(int) AS SELECT $1 + 1", "EXECUTE plus_one(41)", "DEALLOCATE plus_one"],
     "temp_table_in_rolled_back_transaction": ["BEGIN", "CREATE TEMP TABLE gone (id int)", "ROLLBACK"],
     "temp_table_on_commit_drop": ["BEGIN", "CREATE TEMP TABLE brief (id int) ON COMMIT DROP", "COMMIT"],
+    "temp_sequence": ["CREATE TEMP SEQUENCE counter", "SELECT nextval('counter')", "DROP SEQUENCE counter"],
+    # Settings made while pinned move with the client once it is released.
+    "set_while_pinned": ["CREATE TEMP TABLE pinned (id int)", "SET work_mem = '5MB'", f"SET ROLE {STATE_ROLE}",
+                         "SET app.tenant_id = '21'", "DISCARD TEMP", "SELECT 1"],
+    "pool_reset_in_one_string": ["SELECT pg_advisory_lock(4206)", "LISTEN pgmux_reset", "SET app.tenant_id = '4'",
+                                 "DECLARE kept CURSOR WITH HOLD FOR SELECT 1",
+                                 "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL"],
+    "discard_all_releases_everything": ["CREATE TEMP TABLE dropped (id int)", "SELECT pg_advisory_lock(4207)",
+                                        "PREPARE gone AS SELECT 2", "SET work_mem = '5MB'", "DISCARD ALL"],
+    "deallocate_all": ["PREPARE first_one AS SELECT 1", "PREPARE second_one AS SELECT 2", "DEALLOCATE ALL"],
 }
 MORE_SETTING_SCRIPTS = {
     "set_names": ["SET NAMES 'LATIN1'"],
@@ -80,8 +90,30 @@ MORE_SETTING_SCRIPTS = {
     "date_style": ["SET DateStyle TO 'German, DMY'"],
     "set_and_read_in_one": ["SET app.tenant_id = '99'; SELECT current_setting('app.tenant_id')"],
     "custom_setting_reset": ["SET app.tenant_id = '1'", "RESET app.tenant_id"],
+    "session_authorization_resets_role": [f"SET ROLE {STATE_ROLE}", "SET SESSION AUTHORIZATION DEFAULT"],
+    "set_role_none": [f"SET ROLE {STATE_ROLE}", "SET ROLE NONE"],
+    "set_local_role": ["BEGIN", f"SET LOCAL ROLE {STATE_ROLE}", "SELECT current_user", "COMMIT"],
+    "rollback_and_chain": ["BEGIN", "SET work_mem = '7MB'", "ROLLBACK AND CHAIN", "SET lock_timeout = '7s'",
+                           "COMMIT"],
 }
-SCRIPTS = {**SETTING_SCRIPTS, **MORE_SETTING_SCRIPTS, **PIN_SCRIPTS}
+# The same statement text resolves to a different table per search_path: through pgmux the statement may be
+# one prepared by another client (shared server statements); each client must read its own table.
+SCHEMAS_SETUP = """
+DROP SCHEMA IF EXISTS mix_a CASCADE; DROP SCHEMA IF EXISTS mix_b CASCADE;
+CREATE SCHEMA mix_a; CREATE SCHEMA mix_b;
+CREATE TABLE mix_a.t AS SELECT 'a'::text AS v; CREATE TABLE mix_b.t AS SELECT 42 AS v;
+GRANT USAGE ON SCHEMA mix_a, mix_b TO PUBLIC; GRANT SELECT ON mix_a.t, mix_b.t TO PUBLIC;
+"""
+_READ_T = "SELECT v FROM t"
+SEARCH_PATH_SCRIPTS = {
+    "search_path_a": ["SET search_path TO mix_a"] + [_READ_T] * 6,
+    "search_path_b": ["SET search_path TO mix_b"] + [_READ_T] * 6,
+    "search_path_a_then_b": ["SET search_path TO mix_a", _READ_T, _READ_T, "SET search_path TO mix_b", _READ_T,
+                             _READ_T, "RESET search_path", _READ_T],
+    "search_path_in_a_rolled_back_transaction": ["SET search_path TO mix_a", "BEGIN", "SET search_path TO mix_b",
+                                                 _READ_T, "ROLLBACK", _READ_T, _READ_T],
+}
+SCRIPTS = {**SETTING_SCRIPTS, **MORE_SETTING_SCRIPTS, **PIN_SCRIPTS, **SEARCH_PATH_SCRIPTS}
 POOL_SIZE = 2
 
 
@@ -247,6 +279,11 @@ def _schedule(slots: list[Slot], bystander: int, seed: int) -> list[int]:
     return order
 
 
+@pytest.fixture(scope="module")
+def schemas(postgres) -> None:
+    postgres.psql(SCHEMAS_SETUP, database=APP_DATABASE)
+
+
 def _plan(postgres, driver: Driver, scripts: list[str], clients: int) -> tuple[list[Slot], dict[str, list[Any]]]:
     """Scripts dealt round-robin to ``clients`` slots, each script on a fresh connection; then a bystander."""
     expected: dict[str, list[Any]] = {}
@@ -271,8 +308,8 @@ def test_the_scripts_cover_at_least_25_kinds_of_session_state() -> None:
 
 
 @pytest.mark.parametrize("seed", range(len(SCRIPT_GROUPS)))
-def test_interleaved_clients_on_a_pool_of_two_each_see_only_their_own_state(pgmux, postgres, state_role, driver,
-                                                                            seed) -> None:
+def test_interleaved_clients_on_a_pool_of_two_each_see_only_their_own_state(pgmux, postgres, state_role, schemas,
+                                                                            driver, seed) -> None:
     slots, expected = _plan(postgres, driver, SCRIPT_GROUPS[seed], clients=3)
     fresh = driver.connect(_direct_dsn(postgres))
     defaults = driver.run(fresh, PROBE)
