@@ -130,7 +130,8 @@ class Step:
 class Slot:
     """One client of the interleaving: its scripts' steps in order, and what it saw."""
 
-    steps: list[Step]
+    driver: Driver
+    steps: list[Step] = field(default_factory=list)
     seen: dict[str, list[Any]] = field(default_factory=dict)
     holding: bool = False
 
@@ -219,12 +220,14 @@ class Asyncpg(Driver):
         self.loop.run_until_complete(conn.close(timeout=10))
 
 
-@pytest.fixture(params=[Psycopg, Asyncpg], ids=["psycopg", "asyncpg"])
-def driver(request) -> Any:
-    made = request.param()
-    yield made
-    if isinstance(made, Asyncpg):
-        made.loop.close()
+@pytest.fixture(params=["psycopg", "asyncpg", "mixed"])
+def drivers(request) -> Any:
+    """The driver of each client of the interleaving, the bystander's last: all one library, or both in turn."""
+    asyncpg_driver = Asyncpg()
+    by_name: dict[str, Driver] = {"psycopg": Psycopg(), "asyncpg": asyncpg_driver}
+    names = ["psycopg", "asyncpg"] * 2 if request.param == "mixed" else [request.param] * 4
+    yield [by_name[name] for name in names]
+    asyncpg_driver.loop.close()
 
 
 def _direct_dsn(postgres) -> str:
@@ -284,14 +287,16 @@ def schemas(postgres) -> None:
     postgres.psql(SCHEMAS_SETUP, database=APP_DATABASE)
 
 
-def _plan(postgres, driver: Driver, scripts: list[str], clients: int) -> tuple[list[Slot], dict[str, list[Any]]]:
-    """Scripts dealt round-robin to ``clients`` slots, each script on a fresh connection; then a bystander."""
+def _plan(postgres, drivers: list[Driver], scripts: list[str]) -> tuple[list[Slot], dict[str, list[Any]]]:
+    """Scripts dealt round-robin to a slot per driver but the last, each script on a fresh connection;
+    the last slot is the bystander's."""
     expected: dict[str, list[Any]] = {}
-    slots = [Slot([]) for _ in range(clients)]
+    slots = [Slot(driver) for driver in drivers]
+    clients = len(slots) - 1
     for index, script in enumerate(scripts):
-        steps, expected[script] = _expected(postgres, driver, script)
-        slots[index % clients].steps.extend(steps)
-    slots.append(Slot([]))
+        slot = slots[index % clients]
+        steps, expected[script] = _expected(postgres, slot.driver, script)
+        slot.steps.extend(steps)
     return slots, expected
 
 
@@ -309,18 +314,20 @@ def test_the_scripts_cover_at_least_25_kinds_of_session_state() -> None:
 
 @pytest.mark.parametrize("seed", range(len(SCRIPT_GROUPS)))
 def test_interleaved_clients_on_a_pool_of_two_each_see_only_their_own_state(pgmux, postgres, state_role, schemas,
-                                                                            driver, seed) -> None:
-    slots, expected = _plan(postgres, driver, SCRIPT_GROUPS[seed], clients=3)
-    fresh = driver.connect(_direct_dsn(postgres))
-    defaults = driver.run(fresh, PROBE)
-    driver.close(fresh)
+                                                                            drivers, seed) -> None:
+    slots, expected = _plan(postgres, drivers, SCRIPT_GROUPS[seed])
+    bystander = slots[-1]
+    fresh = bystander.driver.connect(_direct_dsn(postgres))
+    defaults = bystander.driver.run(fresh, PROBE)
+    bystander.driver.close(fresh)
     proxy = pgmux(default_pool_size=POOL_SIZE, query_wait_timeout=5)
     bystander_index = len(slots) - 1
-    conns: dict[int, Any] = {bystander_index: driver.connect(_pooled_dsn(proxy))}
+    conns: dict[int, Any] = {bystander_index: bystander.driver.connect(_pooled_dsn(proxy))}
     cursor = [0] * len(slots)
     bystander_saw = []
     try:
         for i in _schedule(slots, bystander_index, seed):
+            driver = slots[i].driver
             if i == bystander_index:
                 bystander_saw.append(driver.run(conns[i], PROBE))
                 continue
@@ -334,8 +341,8 @@ def test_interleaved_clients_on_a_pool_of_two_each_see_only_their_own_state(pgmu
             else:
                 slots[i].seen[step.script].append(driver.run(conns[i], step.sql))
     finally:
-        for conn in conns.values():
-            driver.close(conn)
+        for i, conn in conns.items():
+            slots[i].driver.close(conn)
     for slot in slots[:-1]:
         for script, seen in slot.seen.items():
             assert seen == expected[script], script
