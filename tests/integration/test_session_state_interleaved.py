@@ -536,3 +536,59 @@ def test_a_client_that_vanishes_holding_a_lock_and_a_temp_table_leaves_neither(p
                 next_client.execute("SELECT * FROM vanishing")
         assert _pins(proxy) == []
         client.close()
+
+
+# ---- pipelines and statements that outlive a backend --------------------------------------------------
+
+PIPELINED = ["SET work_mem = '5MB'", f"SET ROLE {STATE_ROLE}", PROBE, "BEGIN", "SET lock_timeout = '3s'",
+             "SAVEPOINT a", "SET lock_timeout = '4s'", "ROLLBACK TO SAVEPOINT a", "COMMIT", PROBE,
+             "CREATE TEMP TABLE piped (id int)", PROBE, "DISCARD TEMP", "SET app.tenant_id = 'piped'", PROBE]
+
+
+def _run_pipelined(conn: psycopg.Connection) -> list[Any]:
+    with conn.pipeline():
+        cursors = [conn.execute(statement) for statement in PIPELINED]
+    return [cursor.fetchall() if cursor.description else cursor.statusmessage for cursor in cursors]
+
+
+def test_pipelined_requests_behind_a_set_see_their_clients_state_and_nobody_else_does(pgmux, postgres,
+                                                                                      state_role) -> None:
+    """psycopg's pipeline sends what follows a SET before its answer: it waits while pgmux reads the session."""
+    with _direct(postgres) as direct, _direct(postgres) as fresh:
+        expected = _run_pipelined(direct)
+        defaults = _probe(fresh)
+    proxy = pgmux(default_pool_size=POOL_SIZE, query_wait_timeout=5)
+    with _pooled(proxy) as first, _pooled(proxy) as second, _pooled(proxy) as bystander:
+        seen = [_run_pipelined(first), _probe(bystander), _run_pipelined(second), _probe(bystander)]
+        last = [_probe(first), _probe(second)]
+    assert seen == [expected, defaults, expected, defaults]
+    assert last == [tuple(expected[-1][0])] * 2
+
+
+def test_a_statement_its_client_prepared_before_changing_search_path_fails_on_another_backend_as_on_its_own(
+        pgmux, postgres, state_role, schemas) -> None:
+    """PostgreSQL re-analyses a prepared statement used under another search_path and refuses it when its
+    result type changed (0A000 'cached plan must not change result type'; asyncpg then prepares it again).
+    pgmux re-creates a client's statement on whatever backend the client gets next: created there under the
+    new search_path, it must not silently return rows of the new shape to a client that expects the old one."""
+
+    async def script(dsn: str) -> list[list[tuple]]:
+        client = await asyncpg.connect(dsn, ssl=False)
+        holder = await asyncpg.connect(dsn, ssl=False)
+        try:
+            await client.execute("SET search_path TO mix_a")
+            seen = [await client.fetch(_READ_T)]  # prepared: one text column
+            await client.execute("SET search_path TO mix_b")
+            async with holder.transaction():  # holds the client's backend: the client moves to the other one
+                await holder.execute("SELECT 1")
+                seen.append(await client.fetch(_READ_T))
+            seen.append(await client.fetch(_READ_T))
+            return [[tuple(row) for row in rows] for rows in seen]
+        finally:
+            await client.close()
+            await holder.close()
+
+    expected = asyncio.run(script(_direct_dsn(postgres)))
+    assert expected == [[("a",)], [(42,)], [(42,)]]
+    proxy = pgmux(default_pool_size=POOL_SIZE, query_wait_timeout=5)
+    assert asyncio.run(script(_pooled_dsn(proxy))) == expected
