@@ -9,12 +9,11 @@ vanishing clients leave behind.
 from __future__ import annotations
 
 import asyncio
-import random
 import os
+import random
 import socket
 import struct
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
