@@ -521,6 +521,9 @@ class ClientConnection(ClientPeer, Cancellable):
         out: list[bytes | memoryview] = []
         statements = self.statements
         trusted = server.prepared.trusted
+        if statements is not None:
+            for statement in statements.made_under_other_paths(segments, server.prepared):
+                server.prepare_under(statement)
         for segment in segments:
             if not isinstance(segment, Frame):
                 out.append(segment)

@@ -78,6 +78,11 @@ def _set_config_calls(settings: Iterable[tuple[str, str]], is_local: bool) -> st
                      for name, value in settings)
 
 
+def set_search_path_sql(value: str, is_local: bool) -> str:
+    """A query that sets search_path to ``value`` (for this transaction only when ``is_local``)."""
+    return f"SELECT {_set_config_calls([('search_path', value)], is_local)}"
+
+
 class ParameterSync:
     """SQL that gives a backend a client's parameters, and what the backend holds once PostgreSQL confirms it.
 

@@ -17,7 +17,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from proxy.protocol import messages as m
-from proxy.protocol.framing import Frame, ProtocolViolation, is_whole
+from proxy.protocol.framing import Frame, ProtocolViolation, Segment, is_whole
 from proxy.protocol.sql_words import drops_all_statements, mentions_session_state, mentions_statement_drop, session_effects
 from proxy.stats import PreparedCounters
 
@@ -35,6 +35,7 @@ class Statement:
     parse: bytes  # the whole Parse message that creates it on a server
     may_drop_statements: bool  # its text mentions DEALLOCATE or DISCARD: running it may empty the server
     session_sql: bytes | None  # its text, when running it may change the session's state (SET, set_config...)
+    search_path: str  # the search_path it was named (and first prepared) under: it decides its result shape
 
     @property
     def definition(self) -> bytes:
@@ -77,7 +78,7 @@ class StatementNames:
         parse = m.message(m.PARSE, name + definition)
         text = definition[:definition.find(b"\x00")]
         session_sql = text if mentions_session_state(parse) and session_effects(text) else None
-        return Statement(name, parse, mentions_statement_drop(definition), session_sql)
+        return Statement(name, parse, mentions_statement_drop(definition), session_sql, search_path)
 
     def invalidate_all(self) -> None:
         self.generation += 1
@@ -212,10 +213,11 @@ class ServerPrepared:
 class ClientStatements:
     """One client's named statements and the rewriting of its Parse/Bind/Describe/Close messages."""
 
-    __slots__ = ("names", "_registry", "_counters", "bound_session_sql")
+    __slots__ = ("names", "_registry", "_counters", "bound_session_sql", "_paths")
 
     def __init__(self, registry: StatementNames, counters: PreparedCounters) -> None:
         self.names: dict[bytes, Statement] = {}  # client name (NUL-terminated) -> server statement
+        self._paths: set[str] = set()  # the search_paths its statements were made under (kept, not pruned)
         # The text of the statement the last Bind ran, when it may change the session (the client reads it).
         self.bound_session_sql: bytes | None = None
         self._registry = registry
@@ -309,6 +311,7 @@ class ClientStatements:
         statement = self._registry.statement(body[end:], link.search_path())
         self.names[name] = statement
         self._registry.hold(statement.server_name)
+        self._paths.add(statement.search_path)
         if statement.server_name in link.statements:
             link.statements.touch(statement.server_name)
             link.trusted += 1
@@ -341,6 +344,35 @@ class ClientStatements:
         if statement.may_drop_statements:
             self._note_drop(statement.definition, link)  # the Execute of this Bind may empty the server
         return out
+
+    def made_under_other_paths(self, segments: list[Segment], link: ServerPrepared) -> list[Statement]:
+        """The statements ``segments`` Bind or Describe that the linked server lacks and that were made under
+        another search_path than the session's now: injected as they are, they would be analysed under the
+        new one and could return rows of another shape than the client was told (PostgreSQL itself fails
+        such a use with 0A000). The server must prepare them under their own (ServerConnection.prepare_under).
+        """
+        paths = self._paths
+        current = link.search_path()
+        if not paths or len(paths) == 1 and current in paths:
+            return []  # the usual case: every statement was made under the search_path in force
+        found: list[Statement] = []
+        for frame in segments:
+            if not isinstance(frame, Frame):
+                continue
+            data = frame.data
+            if frame.kind == m.BIND:
+                body = bytes(data[5:])
+                portal_end = body.index(b"\x00") + 1
+                name = body[portal_end:body.index(b"\x00", portal_end) + 1]
+            elif frame.kind == m.DESCRIBE and data[5] == ord("S"):
+                name = bytes(data[6:])
+            else:
+                continue
+            statement = self.names.get(name)
+            if (statement is not None and statement.search_path != current
+                    and statement.server_name not in link.statements and statement not in found):
+                found.append(statement)
+        return found
 
     def _describe(self, data: bytes | memoryview, link: ServerPrepared) -> bytes | memoryview:
         if data[5] != ord("S") or not self.names:

@@ -16,11 +16,11 @@ from mypy_extensions import trait
 from proxy.auth.server_auth import ServerAuthenticator, ServerAuthError
 from proxy.flow import FlowControl
 from proxy.logs import get_logger
-from proxy.parameters import SYNCED_PARAMETERS, UNKNOWN_VALUE, ParameterSync
+from proxy.parameters import SYNCED_PARAMETERS, UNKNOWN_VALUE, ParameterSync, set_search_path_sql
 from proxy.protocol import messages as m
 from proxy.protocol.errors import parse_error_fields
 from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation, Segment, kind_flags
-from proxy.prepared import ClientStatements, ServerPrepared
+from proxy.prepared import ClientStatements, ServerPrepared, Statement
 from proxy.session_state import SessionReport, inspection_sql, parse_data_row, read_report
 from proxy.protocol.startup import build_cancel_request, build_ssl_request, build_startup_message
 from proxy.settings import SslMode, Upstream
@@ -669,6 +669,20 @@ class ServerConnection:
         """Queue a query whose replies pgmux consumes; the client's bytes may follow right behind it."""
         self.swallow += 1
         self.write(m.query(sql))
+
+    def prepare_under(self, statement: Statement) -> None:
+        """Prepare a client's statement as pgmux's own under the search_path the client first prepared it under
+        (which decides its result shape), then set the session's own back; the client's request follows right
+        behind. Inside a transaction both are set transaction-locally, so nothing outlives it."""
+        search_path = statement.search_path
+        if self.tx_status is m.TransactionStatus.FAILED:
+            return  # nothing runs until the client's ROLLBACK: its next batch is looked at again
+        current = self.params.get("search_path", "")
+        local = self.tx_status is not m.TransactionStatus.IDLE
+        self.swallow += 3
+        self.write(m.query(set_search_path_sql(search_path, local)) + statement.parse + _SYNC
+                   + m.query(set_search_path_sql(current, local)))
+        self.prepared.statements.add(statement.server_name)
 
     def send_parameter_sync(self, sync: ParameterSync) -> None:
         """Send a client's parameters; they are recorded here only once PostgreSQL confirms them (_settle_sync)."""
