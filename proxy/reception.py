@@ -20,6 +20,7 @@ from proxy.login import (
     LoginMachine,
     Refused,
     Reply,
+    StartTls,
     welcome,
 )
 from proxy.parameters import SYNCED_PARAMETERS, settings_to_check
@@ -28,6 +29,7 @@ from proxy.protocol.errors import PgError
 from proxy.registry import Registry
 from proxy.routing import Router
 from proxy.states import ClientState
+from proxy.tls import ClientTls
 
 if TYPE_CHECKING:
     from proxy.pool import Pool
@@ -46,12 +48,13 @@ class Reception(Login):
     """
 
     def __init__(self, router: Router, registry: Registry[ClientConnection], cancel_keys: CancelKeys,
-                 client: ClientConnection) -> None:
+                 client: ClientConnection, tls: ClientTls) -> None:
         self.router = router
         self.registry = registry
         self.cancel_keys = cancel_keys
         self.client = client
-        self.machine = LoginMachine(router.settings.ignore_startup_parameters)
+        self.tls = tls  # what the listener offers, as it was when the connection came
+        self.machine = LoginMachine(router.settings.ignore_startup_parameters, tls.offered, tls.required)
         self._task: asyncio.Task[None] | None = None  # the welcome, while it waits for the pool's first server
 
     # ---- Login ------------------------------------------------------------------------------------
@@ -89,6 +92,10 @@ class Reception(Login):
                 break
             if isinstance(event, Reply):
                 client.write(event.data)
+            elif isinstance(event, StartTls):
+                # What the first records decrypt to (nothing until the handshake is done) is read next.
+                assert client.transport is not None
+                return client.start_tls(self.tls.wrap(client.transport, event.direct), event.initial)
             elif isinstance(event, Identified):
                 return self._identified(event)
             elif isinstance(event, Authenticated):
@@ -108,6 +115,13 @@ class Reception(Login):
     def _identified(self, event: Identified) -> bytes:
         client = self.client
         client.user, client.database = event.user, event.database
+        if (self.tls.user_must_match_certificate and client.tls is not None
+                and client.tls.session.peer_common_name() != event.user):
+            self.registry.count_rejection("client_certificate")
+            log.warning("login refused: the client certificate does not name user %r", event.user,
+                        extra={"conn": client.id})
+            client.fail(errors.certificate_user_mismatch(event.user))
+            return b""
         synced = event.parameters.synced
         client.params.update(synced)
         client.startup_params = dict(synced)

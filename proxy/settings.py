@@ -169,11 +169,17 @@ class DatabaseSettings(_Section):
 
 
 class ListenerSettings(_Section):
-    """One `[[listeners]]` entry: its own pool mode and client authentication."""
+    """One `[[listeners]]` entry: its own pool mode, client authentication and client TLS (None: the global one)."""
 
     address: Address
     pool_mode: PoolMode = PoolMode.TRANSACTION
     auth_type: AuthMethod = AuthMethod.SCRAM_SHA_256
+    client_tls_sslmode: SslMode | None = None
+    client_tls_cert_file: str | None = None
+    client_tls_key_file: str | None = None
+    client_tls_ca_file: str | None = None
+    client_tls_protocols: str | None = None
+    client_tls_ciphers: str | None = None
 
 
 class UserSettings(_Section):
@@ -235,6 +241,16 @@ class Settings(BaseSettings):
     client_request_timeout: Duration = 30.0
     query_timeout: Duration = 0.0
     shutdown_timeout: Duration = 30.0
+
+    # TLS for clients, as PgBouncer names it (each may be set per listener too). disable: SSLRequest is
+    # answered N; allow/prefer: TLS is offered; require: plaintext logins are refused; verify-ca/verify-full:
+    # clients must present a certificate signed by client_tls_ca_file (verify-full: named after the user).
+    client_tls_sslmode: SslMode = SslMode.DISABLE
+    client_tls_cert_file: str | None = None
+    client_tls_key_file: str | None = None
+    client_tls_ca_file: str | None = None
+    client_tls_protocols: str = "secure"  # TLS 1.2 and 1.3; or a list: "tlsv1.3"
+    client_tls_ciphers: str = "default"  # OpenSSL's default list, or an OpenSSL cipher string
 
     server_reset_query: str = "DISCARD ALL"
     # Transaction mode: what a client's session-only state does (settings always follow their client).
