@@ -161,12 +161,16 @@ class LoginMachine:
         self._read(data, events)
         return events
 
-    def authenticate(self, method: AuthMethod, secret: UserSecret | None) -> list[LoginEvent]:
-        """Run ``method`` against ``secret`` (None: the user is unknown, the exchange runs and fails)."""
+    def authenticate(self, method: AuthMethod, secret: UserSecret | None,
+                     end_point: bytes | None = None) -> list[LoginEvent]:
+        """Run ``method`` against ``secret`` (None: the user is unknown, the exchange runs and fails).
+
+        ``end_point``: over TLS, the tls-server-end-point data SCRAM channel binding binds to.
+        """
         if self._phase is not _Phase.IDENTIFIED:
             raise RuntimeError(f"authenticate() called while the login is {self._phase.value}")
         events: list[LoginEvent] = []
-        auth = client_authenticator(method, self.user, secret)
+        auth = client_authenticator(method, self.user, secret, end_point)
         first = auth.start()
         if first:
             events.append(Reply(first))

@@ -135,7 +135,8 @@ class Reception(Login):
             if self._refused(self.router.admission.refusal(event.database, event.user)):
                 return b""
         client.state = ClientState.AUTH
-        return self._handle(self.machine.authenticate(client.listener.auth_type, secret))
+        end_point = self.tls.end_point if client.tls is not None else None
+        return self._handle(self.machine.authenticate(client.listener.auth_type, secret, end_point))
 
     def _auth_failed(self, event: AuthFailed) -> None:
         client = self.client

@@ -10,6 +10,7 @@ import struct
 from typing import NoReturn
 
 from scramp import ScramException, ScramMechanism
+from scramp.core import ScramServer
 from scramp.utils import ServerError
 
 from proxy.auth.secrets import (
@@ -30,6 +31,8 @@ _MOCK_ITERATIONS = 4096
 # just as a real user does, so a changing salt does not reveal that the user does not exist.
 _MOCK_SALT_KEY = secrets.token_bytes(32)
 _MAX_SHOWN_MECHANISM = 64  # a hostile client must not fill the logs through the reason text
+SCRAM_SHA_256_PLUS = SCRAM_SHA_256 + "-PLUS"
+_TLS_SERVER_END_POINT = "tls-server-end-point"
 
 NO_PASSWORD_KNOWN = "no password known for user"
 WRONG_PASSWORD = "wrong password"
@@ -141,16 +144,20 @@ class _Md5Authenticator(ClientAuthenticator):
 class _ScramAuthenticator(ClientAuthenticator):
     method = AuthMethod.SCRAM_SHA_256
 
-    def __init__(self, user: str, auth_info: ScramAuthInfo, missing_reason: str | None = None) -> None:
+    def __init__(self, user: str, auth_info: ScramAuthInfo, missing_reason: str | None = None,
+                 end_point: bytes | None = None) -> None:
         super().__init__(user)
         self._missing_reason = missing_reason
-        # PostgreSQL ignores the user name inside the SCRAM messages (the startup packet's user is
-        # authoritative), so the lookup ignores it too.
-        self._server = ScramMechanism(SCRAM_SHA_256).make_server(lambda _scram_user: auth_info)
+        self._auth_info = auth_info
+        # Over TLS, the tls-server-end-point data that SCRAM-SHA-256-PLUS binds the exchange to.
+        self._end_point = end_point
+        self._server: ScramServer | None = None  # made once the client has chosen its mechanism
 
     def _start(self) -> bytes:
         self._stage = _Stage.AWAITING_SASL_INITIAL
-        # Only the plain mechanism: -PLUS needs channel binding to a client TLS session pgmux lacks.
+        # As PostgreSQL: -PLUS (channel binding) first, and only over TLS.
+        if self._end_point is not None:
+            return messages.authentication_sasl([SCRAM_SHA_256_PLUS, SCRAM_SHA_256])
         return messages.authentication_sasl([SCRAM_SHA_256])
 
     def _receive(self, stage: _Stage, body: bytes) -> bytes:
@@ -163,10 +170,16 @@ class _ScramAuthenticator(ClientAuthenticator):
             mechanism, data = messages.parse_sasl_initial_response(body)
         except (ValueError, struct.error):
             self._fail("malformed SCRAM message: unreadable SASLInitialResponse")
-        if mechanism != SCRAM_SHA_256:
+        if mechanism != SCRAM_SHA_256 and (mechanism != SCRAM_SHA_256_PLUS or self._end_point is None):
             self._fail(f"client chose unsupported SASL mechanism {mechanism[:_MAX_SHOWN_MECHANISM]!r}")
         client_first = self._decode(data)
         for_scramp, bare = self._neutralise_username(client_first)
+        # Bound to the TLS session whenever there is one: a client saying "y" (it thinks pgmux offers no
+        # binding) is then refused, as a downgrade. PostgreSQL ignores the user name inside the SCRAM
+        # messages (the startup packet's user is authoritative), so the lookup ignores it too.
+        binding = None if self._end_point is None else (_TLS_SERVER_END_POINT, self._end_point)
+        auth_info = self._auth_info
+        self._server = ScramMechanism(mechanism).make_server(lambda _scram_user: auth_info, channel_binding=binding)
         try:
             self._server.set_client_first(for_scramp)
             # The proof the client sends is computed over the bare message it actually sent, so
@@ -180,6 +193,7 @@ class _ScramAuthenticator(ClientAuthenticator):
 
     def _receive_client_final(self, body: bytes) -> bytes:
         client_final = self._decode(body)
+        assert self._server is not None  # made by the client-first message, which came before
         try:
             self._server.set_client_final(client_final)
         except ScramException as exc:
@@ -219,7 +233,11 @@ class _ScramAuthenticator(ClientAuthenticator):
 
 def _scram_reason(exc: ScramException) -> str:
     if exc.server_error is ServerError.CHANNEL_BINDING_NOT_SUPPORTED:
-        return "client requires SCRAM channel binding, which pgmux does not offer without client TLS"
+        return "client requires SCRAM channel binding, which pgmux offers only over client TLS"
+    if exc.server_error is ServerError.SERVER_DOES_SUPPORT_CHANNEL_BINDING:
+        return "client did not use the SCRAM channel binding pgmux offered (a downgrade)"
+    if exc.server_error is ServerError.CHANNEL_BINDINGS_DONT_MATCH:
+        return "SCRAM channel binding does not match this TLS session"
     return f"malformed SCRAM message: {exc}"
 
 
@@ -229,11 +247,13 @@ def _mock_scram_auth_info(user: str) -> ScramAuthInfo:
     return salt, secrets.token_bytes(32), secrets.token_bytes(32), _MOCK_ITERATIONS
 
 
-def client_authenticator(method: AuthMethod, user: str, secret: UserSecret | None) -> ClientAuthenticator:
+def client_authenticator(method: AuthMethod, user: str, secret: UserSecret | None,
+                         end_point: bytes | None = None) -> ClientAuthenticator:
     """The authenticator for one login of ``user`` under the configured ``method``.
 
     ``secret`` None means the user is unknown: the full exchange still runs (PostgreSQL's "mock
     authentication") and then fails, so that the flow does not reveal which users exist.
+    ``end_point``: over TLS, the tls-server-end-point channel binding data (SCRAM-SHA-256-PLUS is offered).
     """
     if secret is not None and secret.user != user:
         raise ValueError(f"secret for user {secret.user!r} given to authenticate user {user!r}")
@@ -248,18 +268,18 @@ def client_authenticator(method: AuthMethod, user: str, secret: UserSecret | Non
             return _Md5Authenticator(user, None, NO_PASSWORD_KNOWN)
         # Only a SCRAM verifier is known: like PostgreSQL, md5 in the configuration means "md5 or
         # better", and SCRAM is the only thing a verifier can serve.
-    return _scram_authenticator(user, secret)
+    return _scram_authenticator(user, secret, end_point)
 
 
-def _scram_authenticator(user: str, secret: UserSecret | None) -> ClientAuthenticator:
+def _scram_authenticator(user: str, secret: UserSecret | None, end_point: bytes | None) -> ClientAuthenticator:
     if secret is None or (secret.password is None and secret.scram_verifier is None):
         if secret is not None and secret.md5_hash is not None:
             reason = "only an md5 hash is known for user, which cannot serve SCRAM"
         else:
             reason = NO_PASSWORD_KNOWN
-        return _ScramAuthenticator(user, _mock_scram_auth_info(user), reason)
+        return _ScramAuthenticator(user, _mock_scram_auth_info(user), reason, end_point)
     try:
         auth_info = secret.scram_auth_info()
     except ValueError as exc:
-        return _ScramAuthenticator(user, _mock_scram_auth_info(user), str(exc))
-    return _ScramAuthenticator(user, auth_info)
+        return _ScramAuthenticator(user, _mock_scram_auth_info(user), str(exc), end_point)
+    return _ScramAuthenticator(user, auth_info, None, end_point)

@@ -211,3 +211,30 @@ def test_reload_swaps_the_certificate_for_new_connections_only(pgmux, certificat
         with pytest.raises(psycopg.OperationalError):
             _connect(proxy, sslmode="verify-full", sslrootcert=certificates.ca_file)
         assert staying.execute("SELECT 3").fetchone() == (3,)  # the established client keeps its TLS
+
+
+def test_scram_channel_binding_is_offered_over_tls_and_required_by_libpq(pgmux, certificates) -> None:
+    proxy = _tls_pgmux(pgmux, certificates)
+    with _connect(proxy, sslmode="verify-full", sslrootcert=certificates.ca_file, channel_binding="require") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    # Without TLS there is nothing to bind to: libpq's channel_binding=require then refuses to go on.
+    plain = pgmux()
+    with pytest.raises(psycopg.OperationalError) as refused:
+        _connect(plain, sslmode="disable", channel_binding="require")
+    assert "channel binding" in str(refused.value)
+
+
+def test_asyncpg_without_channel_binding_still_logs_in_over_tls(pgmux, certificates) -> None:
+    # asyncpg picks SCRAM-SHA-256 (it does no channel binding) and says "n": allowed, as PostgreSQL allows it.
+    proxy = _tls_pgmux(pgmux, certificates)
+    context = ssl.create_default_context(cafile=certificates.ca_file)
+
+    async def run() -> int:
+        conn = await asyncpg.connect(host="localhost", port=proxy.port(), user=APP.name, password=APP.password,
+                                     database=APP_DATABASE, ssl=context, timeout=10)
+        try:
+            return await conn.fetchval("SELECT 7")
+        finally:
+            await conn.close()
+
+    assert asyncio.run(run()) == 7
