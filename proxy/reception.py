@@ -114,7 +114,7 @@ class Reception(Login):
 
     def _identified(self, event: Identified) -> bytes:
         client = self.client
-        client.user, client.database = event.user, event.database
+        client.user, client.database = event.user, self._database(event.database)
         if (self.tls.user_must_match_certificate and client.tls is not None
                 and client.tls.session.peer_common_name() != event.user):
             self.registry.count_rejection("client_certificate")
@@ -127,16 +127,26 @@ class Reception(Login):
         client.startup_params = dict(synced)
         client.unreported = event.parameters.unreported
         client.startup_unreported = dict(event.parameters.unreported)
-        if event.database in ADMIN_DATABASES:
+        if client.database in ADMIN_DATABASES:
             secret = self.router.admin_secret(event.user)
         else:
             # Nothing is created or counted for the user yet: a name alone must cost no state.
-            secret = self.router.login_secret(event.database, event.user)
-            if self._refused(self.router.admission.refusal(event.database, event.user)):
+            secret = self.router.login_secret(client.database, event.user)
+            if self._refused(self.router.admission.refusal(client.database, event.user)):
                 return b""
         client.state = ClientState.AUTH
         end_point = self.tls.end_point if client.tls is not None else None
         return self._handle(self.machine.authenticate(client.listener.auth_type, secret, end_point))
+
+    def _database(self, asked: str) -> str:
+        """The database a login goes to: the one its TLS host name selects (SNI), else the one it named."""
+        tls = self.client.tls
+        server_name = tls.session.server_name if tls is not None else None
+        if server_name is not None and asked not in ADMIN_DATABASES:
+            selected = self.router.database_for_server_name(server_name)
+            if selected is not None:
+                return selected
+        return asked
 
     def _auth_failed(self, event: AuthFailed) -> None:
         client = self.client

@@ -166,6 +166,9 @@ class DatabaseSettings(_Section):
     reserve_pool_size: Count | None = None
     max_db_connections: Count | None = None
     max_db_client_connections: Count | None = None
+    # TLS host names (SNI) that select this database, whatever database the StartupMessage names: one
+    # TLS listener then serves many databases, one host name each (tenant1.db.example.com).
+    server_names: list[str] = []
 
 
 class ListenerSettings(_Section):
@@ -300,6 +303,13 @@ class Settings(BaseSettings):
             raise ValueError(f"two listeners share an address: {addresses}")
         for name, user in self.users.items():
             _check_user_secret(name, user.password.get_secret_value())
+        seen: dict[str, str] = {}
+        for name, database in self.databases.items():
+            for host in database.server_names:
+                if host.lower() in seen:
+                    raise ValueError(f"server name {host!r} selects both [databases.{seen[host.lower()]}] and "
+                                     f"[databases.{name}]")
+                seen[host.lower()] = name
         return self
 
     def all_databases(self) -> dict[str, DatabaseSettings]:

@@ -238,3 +238,24 @@ def test_asyncpg_without_channel_binding_still_logs_in_over_tls(pgmux, certifica
             await conn.close()
 
     assert asyncio.run(run()) == 7
+
+
+def test_the_tls_host_name_selects_the_database_so_one_listener_serves_many(pgmux, postgres, certificates) -> None:
+    cert, key = certificates.server("tenants", "tenant1.pgmux.test", "tenant2.pgmux.test", "127.0.0.1")
+    def url(database: str) -> str:
+        return postgres.dsn(APP.name, APP.password, database, sslmode="disable")
+    proxy = pgmux(client_tls_sslmode="require", client_tls_cert_file=cert, client_tls_key_file=key,
+                  databases={"tenant1": {"url": url(APP_DATABASE), "server_names": ["tenant1.pgmux.test"]},
+                             "tenant2": {"url": url("postgres"), "server_names": ["Tenant2.pgmux.test"]}})
+
+    def current_database(host: str | None, dbname: str) -> str:
+        params = {"host": host, "hostaddr": "127.0.0.1"} if host else {"host": "127.0.0.1"}
+        with psycopg.connect(port=proxy.port(), user=APP.name, password=APP.password, dbname=dbname,
+                             sslmode="verify-full", sslrootcert=certificates.ca_file, autocommit=True,
+                             connect_timeout=10, **params) as conn:
+            return conn.execute("SELECT current_database()").fetchone()[0]
+
+    # The host name wins over the StartupMessage's database; without a known name, the database named.
+    assert current_database("tenant1.pgmux.test", "anything") == APP_DATABASE
+    assert current_database("tenant2.pgmux.test", "tenant1") == "postgres"
+    assert current_database(None, "tenant2") == "postgres"  # an IP address sends no host name
