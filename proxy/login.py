@@ -80,14 +80,16 @@ class AuthFailed:
     """The client did not prove who it is: send ``error`` (FATAL) and close.
 
     ``error`` is the same whatever went wrong, so that a client cannot tell an unknown user from a
-    wrong password; ``log_reason`` says what went wrong, for pgmux's logs only.
+    wrong password; ``log_reason`` says what went wrong, for pgmux's logs only, ``kind`` for its metrics
+    (client_auth.FAILURE_KINDS).
     """
 
-    __slots__ = ("error", "log_reason")
+    __slots__ = ("error", "log_reason", "kind")
 
-    def __init__(self, error: PgError, log_reason: str) -> None:
+    def __init__(self, error: PgError, log_reason: str, kind: str) -> None:
         self.error = error
         self.log_reason = log_reason
+        self.kind = kind
 
 
 class StartTls:
@@ -276,7 +278,7 @@ class LoginMachine:
                 reply = auth.receive(bytes(segment.data[5:]))
             except AuthenticationFailed as failed:
                 self._phase = _Phase.DONE
-                events.append(AuthFailed(errors.password_authentication_failed(self.user), failed.reason))
+                events.append(AuthFailed(errors.password_authentication_failed(self.user), failed.reason, failed.kind))
                 return
             if reply:
                 events.append(Reply(reply))

@@ -16,6 +16,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.utils import floatToGoString
 
 from proxy import BUILD, __version__
+from proxy.auth.client_auth import FAILURE_KINDS
 from proxy.logs import get_logger
 from proxy.protocol.sql_words import SESSION_STATE_KINDS
 from proxy.session_state import PIN_KINDS
@@ -45,8 +46,11 @@ REJECTION_REASONS = (
     "unknown_database", "protocol_error", "shutdown", "upstream_unavailable", "admin_not_allowed",
     "login_timeout", "client_idle_timeout", "idle_transaction_timeout", "server_lost", "internal_error",
     "login_limit", "client_request_timeout", "max_client_buffer", "startup_parameter_refused", "parameter_sync_failed",
-    "tls_required", "client_certificate",
+    "tls_required", "client_certificate", "auth_rate_limited",
 )
+
+# Failed logins (pgmux_auth_failures_total): how authentication failed, or why it was not tried.
+AUTH_FAILURE_REASONS = (*FAILURE_KINDS, "unknown_database", "rate_limited")
 
 POOL_LABELS = ("database", "user")
 
@@ -83,6 +87,9 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                           "mode), by kind: setting, role, temp, advisory_lock, listen...", ("kind",)),
     "pgmux_session_state_refusals_total": ("counter", "Statements refused because they would create session-only "
                                            "state (session_state = refuse), by kind", ("kind",)),
+    "pgmux_auth_failures_total": ("counter", "Failed logins by reason: wrong_password, unknown_user, "
+                                  "unusable_secret, protocol, channel_binding, unknown_database, and rate_limited "
+                                  "(refused for an address's earlier failures)", ("reason",)),
     "pgmux_clients_tls": ("gauge", "Client connections that use TLS", ()),
     "pgmux_tls_handshake_failures_total": ("counter", "Client TLS handshakes (or records) that failed, by reason: "
                                            "not_tls, protocol_version, client_certificate, alpn, handshake, "
@@ -285,6 +292,7 @@ class PgmuxExposition:
         out.extend(_by_label("pgmux_pinned_clients", "reason",
                              collections.Counter(reason for client in registry.clients for reason in client.pins),
                              PIN_KINDS))
+        out.extend(_by_label("pgmux_auth_failures_total", "reason", registry.auth_failures, AUTH_FAILURE_REASONS))
         out.append(_header("pgmux_clients_tls"))
         out.append(_sample("pgmux_clients_tls", "", sum(1 for client in registry.clients if client.tls is not None)))
         out.extend(_by_label("pgmux_tls_handshake_failures_total", "reason", registry.tls_failures,

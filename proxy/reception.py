@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from proxy.cancel import CancelKeys
@@ -62,9 +63,30 @@ class Reception(Login):
     def connection_made(self) -> None:
         # Decided now, told after the StartupMessage: drivers expect their SSLRequest answered first,
         # and a CancelRequest must get through even when pgmux is full.
-        refusal = self.registry.client_limit_error()
+        refusal = self.registry.client_limit_error() or self._failed_too_often()
         if refusal is not None:
             self.machine.refuse(refusal)
+
+    def _address(self) -> str:
+        """The client's IP address ('' for a Unix socket: not limited)."""
+        peer = self.client.peer
+        return "" if peer == "unix" else peer.rpartition(":")[0]
+
+    def _failed_too_often(self) -> PgError | None:
+        """The refusal for an address past auth_failure_limit failed logins: no password work is done for it."""
+        settings = self.router.settings
+        address = self._address()
+        if not address:
+            return None
+        retry_in = self.registry.failed_logins.blocked_for(address, time.monotonic(), settings.auth_failure_limit,
+                                                           settings.auth_failure_window)
+        if not retry_in:
+            return None
+        self.registry.count_auth_failure("rate_limited")
+        self.registry.count_rejection("auth_rate_limited")
+        log.warning("login refused: %s had %d failed logins within auth_failure_window", address,
+                    settings.auth_failure_limit, extra={"conn": self.client.id})
+        return errors.too_many_failed_logins(address, retry_in)
 
     def data_received(self, data: bytes) -> bytes:
         return self._handle(self.machine.feed(data))
@@ -150,14 +172,19 @@ class Reception(Login):
 
     def _auth_failed(self, event: AuthFailed) -> None:
         client = self.client
+        address = self._address()
+        if address:
+            self.registry.failed_logins.failed(address, time.monotonic(), self.router.settings.auth_failure_window)
         if self._database_unknown():
+            self.registry.count_auth_failure("unknown_database")
             self.registry.count_rejection("unknown_database")
             log.warning("login refused: database %r does not exist in pgmux (the client is told: wrong "
                         "password)", client.database, extra={"conn": client.id})
         else:
+            self.registry.count_auth_failure(event.kind)
             self.registry.count_rejection("auth_failed")
-            log.warning("authentication failed for user %r: %s", client.user, event.log_reason,
-                        extra={"conn": client.id})
+            log.warning("authentication failed for user %r from %s: %s", client.user, address or "a Unix socket",
+                        event.log_reason, extra={"conn": client.id})
         client.fail(event.error)
 
     def _authenticated(self) -> None:

@@ -255,6 +255,11 @@ class Settings(BaseSettings):
     client_tls_protocols: str = "secure"  # TLS 1.2 and 1.3; or a list: "tlsv1.3"
     client_tls_ciphers: str = "default"  # OpenSSL's default list, or an OpenSSL cipher string
 
+    # Failed logins per source address: past auth_failure_limit within auth_failure_window, that address's
+    # logins are refused before any password work until the window ends (0 turns it off).
+    auth_failure_limit: Count = 100
+    auth_failure_window: Duration = 60.0
+
     server_reset_query: str = "DISCARD ALL"
     # Transaction mode: what a client's session-only state does (settings always follow their client).
     session_state: SessionStatePolicy = SessionStatePolicy.PIN
