@@ -458,7 +458,7 @@ class AdminSession:
         server = client.server
         return ["C", client.user, client.database, "none", state, addr, port, local_addr, local_port,
                 _wall(client.connected_at), _wall(client.last_active), int(waited), int(waited * 1e6) % 1_000_000,
-                0, client.id, server.id if server is not None else "", 0, "",
+                0, client.id, server.id if server is not None else "", 0, _tls(client.transport),
                 client.params.get("application_name", ""), 0, _number(client.id), _pins(client.pins)]
 
     def show_servers(self) -> bytes:

@@ -24,6 +24,7 @@ from proxy.routing import Router
 from proxy.settings import Settings, split_address
 from proxy.states import ClientState
 from proxy.stats import StatsWindow, stats_log_line
+from proxy.tls import ClientTls, client_tls_options, load_client_tls
 
 log = get_logger("app")
 
@@ -42,6 +43,9 @@ class Proxy:
         self.router = Router(settings, admission, self.registry.spawn, self.registry.count_rejection)
         self.cancel_keys = CancelKeys()
         self.addresses: list[tuple[str, int]] = []  # where the listeners are bound, in listener order
+        # What each listener offers clients (client_tls_*), in listener order; a bad file refuses the start.
+        self.client_tls: list[ClientTls] = [load_client_tls(client_tls_options(settings, listener))
+                                            for listener in settings.all_listeners()]
         self._servers: list[asyncio.Server] = []
         self._janitor: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -69,9 +73,9 @@ class Proxy:
     async def start(self) -> None:
         log.info("pgmux %s, %s", __version__, BUILD.describe())
         loop = asyncio.get_running_loop()
-        for listener in self.settings.all_listeners():
+        for index, listener in enumerate(self.settings.all_listeners()):
             host, port = split_address(listener.address)
-            server = await loop.create_server(functools.partial(self._accept, listener),  # type: ignore[arg-type]
+            server = await loop.create_server(functools.partial(self._accept, listener, index),  # type: ignore[arg-type]
                                               host, port, reuse_address=True, backlog=4096)
             self._servers.append(server)
             # getattr: uvloop's Server.sockets is a list where the stub says tuple, and compiled code
@@ -79,8 +83,8 @@ class Proxy:
             sockets: Sequence[socket.socket] = getattr(server, "sockets")
             bound = sockets[0].getsockname()
             self.addresses.append((bound[0], bound[1]))
-            log.info("listening on %s:%d (%s pooling, %s auth)", bound[0], bound[1], listener.pool_mode.value,
-                     listener.auth_type.value)
+            log.info("listening on %s:%d (%s pooling, %s auth, client TLS %s)", bound[0], bound[1],
+                     listener.pool_mode.value, listener.auth_type.value, self.client_tls[index].mode.value)
         self._janitor = self.registry.spawn(self._run_janitor(), name="janitor")
         self.registry.spawn(self._run_stats(), name="stats")
         if self.settings.metrics_listen:
@@ -88,10 +92,10 @@ class Proxy:
             await self.metrics.start(self.settings.metrics_listen)
             self.registry.spawn(self.readiness.run(), name="readiness")
 
-    def _accept(self, listener: Any) -> ClientConnection:
+    def _accept(self, listener: Any, index: int) -> ClientConnection:
         registry = self.registry
         client = ClientConnection(self.router, registry, self.cancel_keys, listener)
-        client.login = Reception(self.router, registry, self.cancel_keys, client)
+        client.login = Reception(self.router, registry, self.cancel_keys, client, self.client_tls[index])
         limit = self.settings.max_login_clients or self.settings.max_client_conn
         oldest = registry.oldest_logging_in(limit)
         if oldest is not None:
@@ -151,10 +155,24 @@ class Proxy:
         connected clients finish; a changed upstream gets fresh servers as the old ones come back.
         Listeners are bound at start and need a restart to change.
         """
-        if [l.model_dump() for l in settings.all_listeners()] != [l.model_dump() for l in self.settings.all_listeners()]:
+        listeners = self.settings.all_listeners()
+        if [l.model_dump() for l in settings.all_listeners()] != [l.model_dump() for l in listeners]:
             log.warning("reload: listener changes need a restart; keeping the current listeners")
+        else:
+            listeners = settings.all_listeners()
+        self._reload_client_tls(settings, listeners)
         self.router.reload(settings)
         log.info("configuration reloaded")
+
+    def _reload_client_tls(self, settings: Settings, listeners: list[Any]) -> None:
+        """Certificates and keys read again for new connections (connected clients keep their TLS); a
+        listener whose files fail to load keeps what it had."""
+        for index, listener in enumerate(listeners):
+            try:
+                self.client_tls[index] = load_client_tls(client_tls_options(settings, listener))
+            except ValueError as exc:
+                log.error("reload: client TLS of listener %s keeps its current certificate: %s", listener.address,
+                          exc)
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

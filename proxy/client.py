@@ -34,6 +34,7 @@ from proxy.server import ClientPeer, ServerConnection
 from proxy.session_state import SessionReport, refuse_session_only
 from proxy.settings import ListenerSettings, PoolMode, SessionStatePolicy
 from proxy.states import ClientState, ServerState
+from proxy.tls import TlsError, TlsTransport
 
 if TYPE_CHECKING:
     from proxy.pool import Pool, Waiter
@@ -108,7 +109,7 @@ class ClientConnection(ClientPeer, Cancellable):
         "pool", "query_started", "replay", "server", "state", "statements", "transaction_mode", "transport",
         "unreported", "startup_unreported", "pins", "_session_touched", "_custom_names", "_inspecting", "_loaded",
         "user", "wait_started",
-        "_stall_mark", "_stalled_since",
+        "_stall_mark", "_stalled_since", "tls",
     )
 
     def __init__(self, router: Router, registry: Registry[ClientConnection], cancel_keys: CancelKeys,
@@ -121,6 +122,7 @@ class ClientConnection(ClientPeer, Cancellable):
         self.transaction_mode = listener.pool_mode is PoolMode.TRANSACTION
         self.state = ClientState.STARTUP
         self.transport: asyncio.Transport | None = None
+        self.tls: TlsTransport | None = None  # the client's TLS, once begun (then also its ``transport``)
         self.flow = FlowControl()
         self.peer = ""
         self.user = ""
@@ -185,6 +187,10 @@ class ClientConnection(ClientPeer, Cancellable):
         self.login.connection_made()
 
     def data_received(self, data: bytes) -> None:
+        if self.tls is not None:
+            data = self._decrypt(data)
+            if not data:
+                return
         try:
             self._route(data)
         except ProtocolViolation as violation:
@@ -205,6 +211,23 @@ class ClientConnection(ClientPeer, Cancellable):
             self._queue(data)
         elif state is ClientState.ADMIN:
             self._admin.feed(data)  # type: ignore[union-attr]
+
+    def start_tls(self, tls: TlsTransport, initial: bytes) -> bytes:
+        """From now on the client speaks through ``tls``; returns what ``initial`` decrypts to."""
+        self.tls = tls
+        self.transport = self.flow.transport = tls
+        return self._decrypt(initial) if initial else b""
+
+    def _decrypt(self, data: bytes) -> bytes:
+        tls = self.tls
+        assert tls is not None
+        try:
+            return tls.receive(data)
+        except TlsError as failure:
+            self.registry.count_tls_failure(failure.reason)
+            log.warning("client TLS failed: %s", failure, extra={"conn": self.id})
+            self._close_quietly(f"TLS failed: {failure}")
+            return b""
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state is ClientState.CLOSED:

@@ -80,14 +80,28 @@ class AuthFailed:
     """The client did not prove who it is: send ``error`` (FATAL) and close.
 
     ``error`` is the same whatever went wrong, so that a client cannot tell an unknown user from a
-    wrong password; ``log_reason`` says what went wrong, for pgmux's logs only.
+    wrong password; ``log_reason`` says what went wrong, for pgmux's logs only, ``kind`` for its metrics
+    (client_auth.FAILURE_KINDS).
     """
 
-    __slots__ = ("error", "log_reason")
+    __slots__ = ("error", "log_reason", "kind")
 
-    def __init__(self, error: PgError, log_reason: str) -> None:
+    def __init__(self, error: PgError, log_reason: str, kind: str) -> None:
         self.error = error
         self.log_reason = log_reason
+        self.kind = kind
+
+
+class StartTls:
+    """Begin TLS: from now on the client's bytes are TLS records, ``initial`` the first of them; feed the
+    machine what they decrypt to. ``direct``: the client began with its ClientHello (PostgreSQL 17's
+    sslnegotiation=direct), not with an SSLRequest."""
+
+    __slots__ = ("initial", "direct")
+
+    def __init__(self, initial: bytes, direct: bool) -> None:
+        self.initial = initial
+        self.direct = direct
 
 
 class ClientLeft:
@@ -96,9 +110,11 @@ class ClientLeft:
     __slots__ = ()
 
 
-LoginEvent = Reply | CancelRequested | Identified | Authenticated | Refused | AuthFailed | ClientLeft
+LoginEvent = Reply | StartTls | CancelRequested | Identified | Authenticated | Refused | AuthFailed | ClientLeft
 
-_NO_ENCRYPTION: Final = Reply(b"N")  # no client-side TLS/GSS yet: the client continues in plaintext
+_NO_ENCRYPTION: Final = Reply(b"N")  # the client continues in plaintext (no TLS here; never GSS)
+_TLS_ACCEPTED: Final = Reply(b"S")
+_TLS_HANDSHAKE_RECORD: Final = 0x16  # a ClientHello's first byte; a startup packet's is its length's top byte
 
 
 class _Phase(enum.Enum):
@@ -118,9 +134,11 @@ class LoginMachine:
     builds what ends a successful login.
     """
 
-    __slots__ = ("_phase", "_buffer", "_scanner", "_auth", "_refusal", "_ignored", "user")
+    __slots__ = ("_phase", "_buffer", "_scanner", "_auth", "_refusal", "_ignored", "user", "_tls_offered",
+                 "_tls_required", "encrypted")
 
-    def __init__(self, ignored_parameters: Collection[str]) -> None:
+    def __init__(self, ignored_parameters: Collection[str], tls_offered: bool = False,
+                 tls_required: bool = False) -> None:
         self._phase = _Phase.STARTUP
         self._buffer = bytearray()  # startup bytes not parsed yet, then those read before authenticate()
         self._scanner: FrameScanner | None = None  # made when an exchange begins: a trust login needs none
@@ -128,6 +146,9 @@ class LoginMachine:
         self._refusal: PgError | None = None
         self._ignored = ignored_parameters  # startup parameters pgmux accepts and drops
         self.user = ""
+        self._tls_offered = tls_offered
+        self._tls_required = tls_required  # a plaintext StartupMessage is refused
+        self.encrypted = False  # TLS began (StartTls): what the machine is fed is decrypted
 
     def refuse(self, error: PgError) -> None:
         """Refuse any login on this connection with ``error``, once its StartupMessage has come.
@@ -142,12 +163,16 @@ class LoginMachine:
         self._read(data, events)
         return events
 
-    def authenticate(self, method: AuthMethod, secret: UserSecret | None) -> list[LoginEvent]:
-        """Run ``method`` against ``secret`` (None: the user is unknown, the exchange runs and fails)."""
+    def authenticate(self, method: AuthMethod, secret: UserSecret | None,
+                     end_point: bytes | None = None) -> list[LoginEvent]:
+        """Run ``method`` against ``secret`` (None: the user is unknown, the exchange runs and fails).
+
+        ``end_point``: over TLS, the tls-server-end-point data SCRAM channel binding binds to.
+        """
         if self._phase is not _Phase.IDENTIFIED:
             raise RuntimeError(f"authenticate() called while the login is {self._phase.value}")
         events: list[LoginEvent] = []
-        auth = client_authenticator(method, self.user, secret)
+        auth = client_authenticator(method, self.user, secret, end_point)
         first = auth.start()
         if first:
             events.append(Reply(first))
@@ -185,11 +210,22 @@ class LoginMachine:
     def _read_startup(self, events: list[LoginEvent]) -> None:
         buffer = self._buffer
         while True:
+            if buffer and buffer[0] == _TLS_HANDSHAKE_RECORD and not self.encrypted:
+                if not self._tls_offered:
+                    raise ProtocolViolation("the client began TLS directly, but this listener offers no TLS")
+                self._start_tls(False, events)
+                return
             parsed = read_startup_packet(buffer)
             if parsed is None:
                 return
             packet, used = parsed
             del buffer[:used]
+            if isinstance(packet, SSLRequest) and self._tls_offered:
+                if self.encrypted:
+                    raise ProtocolViolation("SSLRequest on a connection that is already encrypted")
+                events.append(_TLS_ACCEPTED)
+                self._start_tls(True, events)  # what follows (a pipelined ClientHello) is TLS
+                return
             if isinstance(packet, (SSLRequest, GSSENCRequest)):
                 if buffer:
                     raise ProtocolViolation("data after SSLRequest/GSSENCRequest before the reply")
@@ -202,7 +238,16 @@ class LoginMachine:
                 self._identify(packet, events)
                 return
 
+    def _start_tls(self, requested: bool, events: list[LoginEvent]) -> None:
+        self.encrypted = True
+        events.append(StartTls(bytes(self._buffer), direct=not requested))
+        self._buffer.clear()
+
     def _identify(self, startup: StartupMessage, events: list[LoginEvent]) -> None:
+        if self._tls_required and not self.encrypted:
+            self._phase = _Phase.DONE
+            events.append(Refused(errors.tls_required(), "tls_required"))
+            return
         if self._refusal is not None:
             raise self._refusal
         user = startup.user
@@ -233,7 +278,7 @@ class LoginMachine:
                 reply = auth.receive(bytes(segment.data[5:]))
             except AuthenticationFailed as failed:
                 self._phase = _Phase.DONE
-                events.append(AuthFailed(errors.password_authentication_failed(self.user), failed.reason))
+                events.append(AuthFailed(errors.password_authentication_failed(self.user), failed.reason, failed.kind))
                 return
             if reply:
                 events.append(Reply(reply))

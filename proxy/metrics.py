@@ -7,7 +7,7 @@ import collections
 import functools
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,11 +16,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.utils import floatToGoString
 
 from proxy import BUILD, __version__
+from proxy.auth.client_auth import FAILURE_KINDS
 from proxy.logs import get_logger
 from proxy.protocol.sql_words import SESSION_STATE_KINDS
 from proxy.session_state import PIN_KINDS
 from proxy.settings import split_address
 from proxy.states import CLIENT_LABELS, CLIENT_NAMES, LOGGING_IN, SERVER_LABELS, SERVER_NAMES
+from proxy.tls import TLS_FAILURE_REASONS
 
 if TYPE_CHECKING:
     from proxy.client import ClientConnection
@@ -44,7 +46,11 @@ REJECTION_REASONS = (
     "unknown_database", "protocol_error", "shutdown", "upstream_unavailable", "admin_not_allowed",
     "login_timeout", "client_idle_timeout", "idle_transaction_timeout", "server_lost", "internal_error",
     "login_limit", "client_request_timeout", "max_client_buffer", "startup_parameter_refused", "parameter_sync_failed",
+    "tls_required", "client_certificate", "auth_rate_limited",
 )
+
+# Failed logins (pgmux_auth_failures_total): how authentication failed, or why it was not tried.
+AUTH_FAILURE_REASONS = (*FAILURE_KINDS, "unknown_database", "rate_limited")
 
 POOL_LABELS = ("database", "user")
 
@@ -81,6 +87,13 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                           "mode), by kind: setting, role, temp, advisory_lock, listen...", ("kind",)),
     "pgmux_session_state_refusals_total": ("counter", "Statements refused because they would create session-only "
                                            "state (session_state = refuse), by kind", ("kind",)),
+    "pgmux_auth_failures_total": ("counter", "Failed logins by reason: wrong_password, unknown_user, "
+                                  "unusable_secret, protocol, channel_binding, unknown_database, and rate_limited "
+                                  "(refused for an address's earlier failures)", ("reason",)),
+    "pgmux_clients_tls": ("gauge", "Client connections that use TLS", ()),
+    "pgmux_tls_handshake_failures_total": ("counter", "Client TLS handshakes (or records) that failed, by reason: "
+                                           "not_tls, protocol_version, client_certificate, alpn, handshake, "
+                                           "protocol", ("reason",)),
     "pgmux_pinned_clients": ("gauge", "Clients kept on their backend by session-only state, by reason", ("reason",)),
     "pgmux_server_connects_total": ("counter", "Server logins that succeeded", POOL_LABELS),
     "pgmux_server_connect_failures_total": ("counter", "Server connects or logins that failed", POOL_LABELS),
@@ -156,6 +169,13 @@ def _header(name: str) -> str:
     kind, text, _ = METRICS[name]  # a counter's HELP and TYPE name its _total samples, as prometheus-client's do
     help_text = text.replace("\\", "\\\\").replace("\n", "\\n")
     return f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n"
+
+
+def _by_label(name: str, label: str, counts: collections.Counter[str], known: Iterable[str]) -> list[str]:
+    """A labelled family: every known label value (0 when nothing was counted under it), then any other."""
+    totals = collections.Counter(dict.fromkeys(known, 0))
+    totals.update(counts)
+    return [_header(name), *(_sample(name, _labels(**{label: key}), count) for key, count in sorted(totals.items()))]
 
 
 class _PoolRow:
@@ -266,21 +286,17 @@ class PgmuxExposition:
         ]
         out.extend(_sample("pgmux_client_rejections_total", _labels(reason=reason), count)
                    for reason, count in sorted(rejections.items()))
-        changes = collections.Counter(dict.fromkeys(SESSION_STATE_KINDS, 0))
-        changes.update(registry.session_changes)
-        out.append(_header("pgmux_session_state_changes_total"))
-        out.extend(_sample("pgmux_session_state_changes_total", _labels(kind=kind), count)
-                   for kind, count in sorted(changes.items()))
-        refusals = collections.Counter(dict.fromkeys(PIN_KINDS, 0))
-        refusals.update(registry.session_refusals)
-        out.append(_header("pgmux_session_state_refusals_total"))
-        out.extend(_sample("pgmux_session_state_refusals_total", _labels(kind=kind), count)
-                   for kind, count in sorted(refusals.items()))
-        pinned = collections.Counter(dict.fromkeys(PIN_KINDS, 0))
-        pinned.update(reason for client in registry.clients for reason in client.pins)
-        out.append(_header("pgmux_pinned_clients"))
-        out.extend(_sample("pgmux_pinned_clients", _labels(reason=reason), count)
-                   for reason, count in sorted(pinned.items()))
+        out.extend(_by_label("pgmux_session_state_changes_total", "kind", registry.session_changes,
+                             SESSION_STATE_KINDS))
+        out.extend(_by_label("pgmux_session_state_refusals_total", "kind", registry.session_refusals, PIN_KINDS))
+        out.extend(_by_label("pgmux_pinned_clients", "reason",
+                             collections.Counter(reason for client in registry.clients for reason in client.pins),
+                             PIN_KINDS))
+        out.extend(_by_label("pgmux_auth_failures_total", "reason", registry.auth_failures, AUTH_FAILURE_REASONS))
+        out.append(_header("pgmux_clients_tls"))
+        out.append(_sample("pgmux_clients_tls", "", sum(1 for client in registry.clients if client.tls is not None)))
+        out.extend(_by_label("pgmux_tls_handshake_failures_total", "reason", registry.tls_failures,
+                             TLS_FAILURE_REASONS))
         return "".join(out)
 
     def _per_database(self, server_counts: collections.Counter[str]) -> str:

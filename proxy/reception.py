@@ -21,6 +21,7 @@ from proxy.login import (
     LoginMachine,
     Refused,
     Reply,
+    StartTls,
     welcome,
 )
 from proxy.parameters import SYNCED_PARAMETERS, settings_to_check
@@ -29,6 +30,7 @@ from proxy.protocol.errors import PgError
 from proxy.registry import Registry
 from proxy.routing import Router
 from proxy.states import ClientState
+from proxy.tls import ClientTls
 
 if TYPE_CHECKING:
     from proxy.pool import Pool, Waiter
@@ -48,12 +50,13 @@ class Reception(Login):
     """
 
     def __init__(self, router: Router, registry: Registry[ClientConnection], cancel_keys: CancelKeys,
-                 client: ClientConnection) -> None:
+                 client: ClientConnection, tls: ClientTls) -> None:
         self.router = router
         self.registry = registry
         self.cancel_keys = cancel_keys
         self.client = client
-        self.machine = LoginMachine(router.settings.ignore_startup_parameters)
+        self.tls = tls  # what the listener offers, as it was when the connection came
+        self.machine = LoginMachine(router.settings.ignore_startup_parameters, tls.offered, tls.required)
         self._task: asyncio.Task[None] | None = None  # the welcome, while it waits for the pool's first server
         self._waiter: Waiter | None = None  # session mode: the welcome's place in line for the session's server
 
@@ -62,9 +65,30 @@ class Reception(Login):
     def connection_made(self) -> None:
         # Decided now, told after the StartupMessage: drivers expect their SSLRequest answered first,
         # and a CancelRequest must get through even when pgmux is full.
-        refusal = self.registry.client_limit_error()
+        refusal = self.registry.client_limit_error() or self._failed_too_often()
         if refusal is not None:
             self.machine.refuse(refusal)
+
+    def _address(self) -> str:
+        """The client's IP address ('' for a Unix socket: not limited)."""
+        peer = self.client.peer
+        return "" if peer == "unix" else peer.rpartition(":")[0]
+
+    def _failed_too_often(self) -> PgError | None:
+        """The refusal for an address past auth_failure_limit failed logins: no password work is done for it."""
+        settings = self.router.settings
+        address = self._address()
+        if not address:
+            return None
+        retry_in = self.registry.failed_logins.blocked_for(address, time.monotonic(), settings.auth_failure_limit,
+                                                           settings.auth_failure_window)
+        if not retry_in:
+            return None
+        self.registry.count_auth_failure("rate_limited")
+        self.registry.count_rejection("auth_rate_limited")
+        log.warning("login refused: %s had %d failed logins within auth_failure_window", address,
+                    settings.auth_failure_limit, extra={"conn": self.client.id})
+        return errors.too_many_failed_logins(address, retry_in)
 
     def data_received(self, data: bytes) -> bytes:
         return self._handle(self.machine.feed(data))
@@ -97,6 +121,10 @@ class Reception(Login):
                 break
             if isinstance(event, Reply):
                 client.write(event.data)
+            elif isinstance(event, StartTls):
+                # What the first records decrypt to (nothing until the handshake is done) is read next.
+                assert client.transport is not None
+                return client.start_tls(self.tls.wrap(client.transport, event.direct), event.initial)
             elif isinstance(event, Identified):
                 return self._identified(event)
             elif isinstance(event, Authenticated):
@@ -115,32 +143,55 @@ class Reception(Login):
 
     def _identified(self, event: Identified) -> bytes:
         client = self.client
-        client.user, client.database = event.user, event.database
+        client.user, client.database = event.user, self._database(event.database)
+        if (self.tls.user_must_match_certificate and client.tls is not None
+                and client.tls.session.peer_common_name() != event.user):
+            self.registry.count_rejection("client_certificate")
+            log.warning("login refused: the client certificate does not name user %r", event.user,
+                        extra={"conn": client.id})
+            client.fail(errors.certificate_user_mismatch(event.user))
+            return b""
         synced = event.parameters.synced
         client.params.update(synced)
         client.startup_params = dict(synced)
         client.unreported = event.parameters.unreported
         client.startup_unreported = dict(event.parameters.unreported)
-        if event.database in ADMIN_DATABASES:
+        if client.database in ADMIN_DATABASES:
             secret = self.router.admin_secret(event.user)
         else:
             # Nothing is created or counted for the user yet: a name alone must cost no state.
-            secret = self.router.login_secret(event.database, event.user)
-            if self._refused(self.router.admission.refusal(event.database, event.user)):
+            secret = self.router.login_secret(client.database, event.user)
+            if self._refused(self.router.admission.refusal(client.database, event.user)):
                 return b""
         client.state = ClientState.AUTH
-        return self._handle(self.machine.authenticate(client.listener.auth_type, secret))
+        end_point = self.tls.end_point if client.tls is not None else None
+        return self._handle(self.machine.authenticate(client.listener.auth_type, secret, end_point))
+
+    def _database(self, asked: str) -> str:
+        """The database a login goes to: the one its TLS host name selects (SNI), else the one it named."""
+        tls = self.client.tls
+        server_name = tls.session.server_name if tls is not None else None
+        if server_name is not None and asked not in ADMIN_DATABASES:
+            selected = self.router.database_for_server_name(server_name)
+            if selected is not None:
+                return selected
+        return asked
 
     def _auth_failed(self, event: AuthFailed) -> None:
         client = self.client
+        address = self._address()
+        if address:
+            self.registry.failed_logins.failed(address, time.monotonic(), self.router.settings.auth_failure_window)
         if self._database_unknown():
+            self.registry.count_auth_failure("unknown_database")
             self.registry.count_rejection("unknown_database")
             log.warning("login refused: database %r does not exist in pgmux (the client is told: wrong "
                         "password)", client.database, extra={"conn": client.id})
         else:
+            self.registry.count_auth_failure(event.kind)
             self.registry.count_rejection("auth_failed")
-            log.warning("authentication failed for user %r: %s", client.user, event.log_reason,
-                        extra={"conn": client.id})
+            log.warning("authentication failed for user %r from %s: %s", client.user, address or "a Unix socket",
+                        event.log_reason, extra={"conn": client.id})
         client.fail(event.error)
 
     def _authenticated(self) -> None:

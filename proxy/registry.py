@@ -8,6 +8,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Generic, Protocol, TypeVar
 
 from proxy.admission import Admission
+from proxy.failed_logins import FailedLogins
 from proxy.logs import get_logger
 from proxy.protocol import errors
 
@@ -47,6 +48,9 @@ class Registry(Generic[ClientT]):
         self.logging_in: dict[ClientT, None] = {}
         self.rejections: collections.Counter[str] = collections.Counter()
         self.session_changes: collections.Counter[str] = collections.Counter()  # by sql_words kind
+        self.tls_failures: collections.Counter[str] = collections.Counter()  # client TLS, by TlsError reason
+        self.auth_failures: collections.Counter[str] = collections.Counter()  # failed logins, by kind
+        self.failed_logins = FailedLogins()
         self.session_refusals: collections.Counter[str] = collections.Counter()  # by session_state.PIN_KINDS kind
         self.accepted = 0  # client sockets accepted since start
         self.draining = False  # shutdown has begun: new logins are refused
@@ -105,6 +109,14 @@ class Registry(Generic[ClientT]):
 
     def count_rejection(self, reason: str) -> None:
         self.rejections[reason] += 1
+
+    def count_auth_failure(self, kind: str) -> None:
+        """A login failed (a wrong password, an unknown user...) or was refused for the failures before it."""
+        self.auth_failures[kind] += 1
+
+    def count_tls_failure(self, reason: str) -> None:
+        """A client's TLS handshake (or a record after it) failed for ``reason``."""
+        self.tls_failures[reason] += 1
 
     def count_session_change(self, kind: str) -> None:
         """A client ran a statement that may change its session's state of this kind."""

@@ -71,6 +71,14 @@ class Router:
     def serves_database(self, database: str) -> bool:
         return database in self._databases
 
+    def database_for_server_name(self, server_name: str) -> str | None:
+        """The database whose server_names hold the TLS host name a client asked for (SNI), if any."""
+        wanted = server_name.lower()
+        for db in self._databases.values():
+            if any(name.lower() == wanted for name in db.settings.server_names):
+                return db.name
+        return None
+
     def login_secret(self, database: str, user: str) -> UserSecret | None:
         """What a login's password is checked against (None: nothing known); creates no state for ``user``.
 

@@ -166,14 +166,23 @@ class DatabaseSettings(_Section):
     reserve_pool_size: Count | None = None
     max_db_connections: Count | None = None
     max_db_client_connections: Count | None = None
+    # TLS host names (SNI) that select this database, whatever database the StartupMessage names: one
+    # TLS listener then serves many databases, one host name each (tenant1.db.example.com).
+    server_names: list[str] = []
 
 
 class ListenerSettings(_Section):
-    """One `[[listeners]]` entry: its own pool mode and client authentication."""
+    """One `[[listeners]]` entry: its own pool mode, client authentication and client TLS (None: the global one)."""
 
     address: Address
     pool_mode: PoolMode = PoolMode.TRANSACTION
     auth_type: AuthMethod = AuthMethod.SCRAM_SHA_256
+    client_tls_sslmode: SslMode | None = None
+    client_tls_cert_file: str | None = None
+    client_tls_key_file: str | None = None
+    client_tls_ca_file: str | None = None
+    client_tls_protocols: str | None = None
+    client_tls_ciphers: str | None = None
 
 
 class UserSettings(_Section):
@@ -236,6 +245,21 @@ class Settings(BaseSettings):
     query_timeout: Duration = 0.0
     shutdown_timeout: Duration = 30.0
 
+    # TLS for clients, as PgBouncer names it (each may be set per listener too). disable: SSLRequest is
+    # answered N; allow/prefer: TLS is offered; require: plaintext logins are refused; verify-ca/verify-full:
+    # clients must present a certificate signed by client_tls_ca_file (verify-full: named after the user).
+    client_tls_sslmode: SslMode = SslMode.DISABLE
+    client_tls_cert_file: str | None = None
+    client_tls_key_file: str | None = None
+    client_tls_ca_file: str | None = None
+    client_tls_protocols: str = "secure"  # TLS 1.2 and 1.3; or a list: "tlsv1.3"
+    client_tls_ciphers: str = "default"  # OpenSSL's default list, or an OpenSSL cipher string
+
+    # Failed logins per source address: past auth_failure_limit within auth_failure_window, that address's
+    # logins are refused before any password work until the window ends (0 turns it off).
+    auth_failure_limit: Count = 100
+    auth_failure_window: Duration = 60.0
+
     server_reset_query: str = "DISCARD ALL"
     # Transaction mode: what a client's session-only state does (settings always follow their client).
     session_state: SessionStatePolicy = SessionStatePolicy.PIN
@@ -284,6 +308,13 @@ class Settings(BaseSettings):
             raise ValueError(f"two listeners share an address: {addresses}")
         for name, user in self.users.items():
             _check_user_secret(name, user.password.get_secret_value())
+        seen: dict[str, str] = {}
+        for name, database in self.databases.items():
+            for host in database.server_names:
+                if host.lower() in seen:
+                    raise ValueError(f"server name {host!r} selects both [databases.{seen[host.lower()]}] and "
+                                     f"[databases.{name}]")
+                seen[host.lower()] = name
         return self
 
     def all_databases(self) -> dict[str, DatabaseSettings]:

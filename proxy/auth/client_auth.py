@@ -10,6 +10,7 @@ import struct
 from typing import NoReturn
 
 from scramp import ScramException, ScramMechanism
+from scramp.core import ScramServer
 from scramp.utils import ServerError
 
 from proxy.auth.secrets import (
@@ -30,22 +31,33 @@ _MOCK_ITERATIONS = 4096
 # just as a real user does, so a changing salt does not reveal that the user does not exist.
 _MOCK_SALT_KEY = secrets.token_bytes(32)
 _MAX_SHOWN_MECHANISM = 64  # a hostile client must not fill the logs through the reason text
+SCRAM_SHA_256_PLUS = SCRAM_SHA_256 + "-PLUS"
+_TLS_SERVER_END_POINT = "tls-server-end-point"
 
 NO_PASSWORD_KNOWN = "no password known for user"
 WRONG_PASSWORD = "wrong password"
+# What went wrong, by kind (the metric pgmux_auth_failures_total counts them; the client is never told).
+WRONG = "wrong_password"
+UNKNOWN_USER = "unknown_user"
+UNUSABLE_SECRET = "unusable_secret"  # only an md5 hash for SCRAM, or a malformed verifier
+MALFORMED = "protocol"
+CHANNEL_BINDING = "channel_binding"
+FAILURE_KINDS = (WRONG, UNKNOWN_USER, UNUSABLE_SECRET, MALFORMED, CHANNEL_BINDING)
 
 
 class AuthenticationFailed(Exception):
-    """The client did not prove who it is. ``reason`` is for pgmux's logs only.
+    """The client did not prove who it is. ``reason`` is for pgmux's logs only, ``kind`` (FAILURE_KINDS) for its
+    metrics.
 
     The client itself must get one and the same error whatever the reason, so that it cannot tell
     an unknown user from a wrong password.
     """
 
-    def __init__(self, user: str, reason: str) -> None:
+    def __init__(self, user: str, reason: str, kind: str) -> None:
         super().__init__(f"authentication failed for user {user!r}: {reason}")
         self.user = user
         self.reason = reason
+        self.kind = kind
 
 
 class _Stage(enum.Enum):
@@ -93,10 +105,13 @@ class ClientAuthenticator:
     def _receive(self, stage: _Stage, body: bytes) -> bytes:
         raise NotImplementedError
 
-    def _fail(self, reason: str) -> NoReturn:
+    def _fail(self, reason: str, kind: str = MALFORMED) -> NoReturn:
         # Once failed, every later message is refused too: the caller should already be closing.
         self._stage = _Stage.FAILED
-        raise AuthenticationFailed(self.user, reason)
+        raise AuthenticationFailed(self.user, reason, kind)
+
+    def _fail_missing(self, missing: tuple[str, str]) -> NoReturn:
+        self._fail(*missing)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} user={self.user!r} method={self.method.value} stage={self._stage.value}>"
@@ -113,12 +128,12 @@ class _TrustAuthenticator(ClientAuthenticator):
 class _Md5Authenticator(ClientAuthenticator):
     method = AuthMethod.MD5
 
-    def __init__(self, user: str, md5_hash: str | None, missing_reason: str | None = None) -> None:
+    def __init__(self, user: str, md5_hash: str | None) -> None:
         super().__init__(user)
         # Without a real hash, a random one keeps the work done (and so the timing) the same as for
-        # a known user; missing_reason then fails the attempt once the client has answered.
+        # a known user; the attempt then fails once the client has answered.
         self._md5_hash = md5_hash if md5_hash is not None else "md5" + secrets.token_hex(16)
-        self._missing_reason = missing_reason if md5_hash is None else None
+        self._unknown = md5_hash is None
         self._salt = b""
 
     def _start(self) -> bytes:
@@ -130,10 +145,10 @@ class _Md5Authenticator(ClientAuthenticator):
         answer = messages.parse_password(body)
         expected = md5_salted_response(self._md5_hash, self._salt)
         matches = hmac.compare_digest(answer, expected)
-        if self._missing_reason is not None:
-            self._fail(self._missing_reason)
+        if self._unknown:
+            self._fail(NO_PASSWORD_KNOWN, UNKNOWN_USER)
         if not matches:
-            self._fail(WRONG_PASSWORD)
+            self._fail(WRONG_PASSWORD, WRONG)
         self._stage = _Stage.DONE
         return b""
 
@@ -141,16 +156,20 @@ class _Md5Authenticator(ClientAuthenticator):
 class _ScramAuthenticator(ClientAuthenticator):
     method = AuthMethod.SCRAM_SHA_256
 
-    def __init__(self, user: str, auth_info: ScramAuthInfo, missing_reason: str | None = None) -> None:
+    def __init__(self, user: str, auth_info: ScramAuthInfo, missing: tuple[str, str] | None = None,
+                 end_point: bytes | None = None) -> None:
         super().__init__(user)
-        self._missing_reason = missing_reason
-        # PostgreSQL ignores the user name inside the SCRAM messages (the startup packet's user is
-        # authoritative), so the lookup ignores it too.
-        self._server = ScramMechanism(SCRAM_SHA_256).make_server(lambda _scram_user: auth_info)
+        self._missing = missing  # (reason, kind) when auth_info is a mock: no proof can pass
+        self._auth_info = auth_info
+        # Over TLS, the tls-server-end-point data that SCRAM-SHA-256-PLUS binds the exchange to.
+        self._end_point = end_point
+        self._server: ScramServer | None = None  # made once the client has chosen its mechanism
 
     def _start(self) -> bytes:
         self._stage = _Stage.AWAITING_SASL_INITIAL
-        # Only the plain mechanism: -PLUS needs channel binding to a client TLS session pgmux lacks.
+        # As PostgreSQL: -PLUS (channel binding) first, and only over TLS.
+        if self._end_point is not None:
+            return messages.authentication_sasl([SCRAM_SHA_256_PLUS, SCRAM_SHA_256])
         return messages.authentication_sasl([SCRAM_SHA_256])
 
     def _receive(self, stage: _Stage, body: bytes) -> bytes:
@@ -163,10 +182,16 @@ class _ScramAuthenticator(ClientAuthenticator):
             mechanism, data = messages.parse_sasl_initial_response(body)
         except (ValueError, struct.error):
             self._fail("malformed SCRAM message: unreadable SASLInitialResponse")
-        if mechanism != SCRAM_SHA_256:
+        if mechanism != SCRAM_SHA_256 and (mechanism != SCRAM_SHA_256_PLUS or self._end_point is None):
             self._fail(f"client chose unsupported SASL mechanism {mechanism[:_MAX_SHOWN_MECHANISM]!r}")
         client_first = self._decode(data)
         for_scramp, bare = self._neutralise_username(client_first)
+        # Bound to the TLS session whenever there is one: a client saying "y" (it thinks pgmux offers no
+        # binding) is then refused, as a downgrade. PostgreSQL ignores the user name inside the SCRAM
+        # messages (the startup packet's user is authoritative), so the lookup ignores it too.
+        binding = None if self._end_point is None else (_TLS_SERVER_END_POINT, self._end_point)
+        auth_info = self._auth_info
+        self._server = ScramMechanism(mechanism).make_server(lambda _scram_user: auth_info, channel_binding=binding)
         try:
             self._server.set_client_first(for_scramp)
             # The proof the client sends is computed over the bare message it actually sent, so
@@ -174,21 +199,22 @@ class _ScramAuthenticator(ClientAuthenticator):
             self._server.client_first_bare = bare
             server_first = self._server.get_server_first()
         except ScramException as exc:
-            self._fail(_scram_reason(exc))
+            self._fail(*_scram_reason(exc))
         self._stage = _Stage.AWAITING_SASL_RESPONSE
         return messages.authentication_sasl_continue(server_first.encode())
 
     def _receive_client_final(self, body: bytes) -> bytes:
         client_final = self._decode(body)
+        assert self._server is not None  # made by the client-first message, which came before
         try:
             self._server.set_client_final(client_final)
         except ScramException as exc:
             if exc.server_error is ServerError.INVALID_PROOF:
-                self._fail(self._missing_reason or WRONG_PASSWORD)
-            self._fail(_scram_reason(exc))
-        if self._missing_reason is not None:
+                self._fail_missing(self._missing or (WRONG_PASSWORD, WRONG))
+            self._fail(*_scram_reason(exc))
+        if self._missing is not None:
             # Unreachable in practice (the mock keys are random), but never let a mock exchange pass.
-            self._fail(self._missing_reason)
+            self._fail_missing(self._missing)
         server_final = self._server.get_server_final()
         self._stage = _Stage.DONE
         return messages.authentication_sasl_final(server_final.encode())
@@ -217,10 +243,14 @@ class _ScramAuthenticator(ClientAuthenticator):
         return f"{gs2_header}n=*{bare[username_end:]}", bare
 
 
-def _scram_reason(exc: ScramException) -> str:
+def _scram_reason(exc: ScramException) -> tuple[str, str]:
     if exc.server_error is ServerError.CHANNEL_BINDING_NOT_SUPPORTED:
-        return "client requires SCRAM channel binding, which pgmux does not offer without client TLS"
-    return f"malformed SCRAM message: {exc}"
+        return "client requires SCRAM channel binding, which pgmux offers only over client TLS", CHANNEL_BINDING
+    if exc.server_error is ServerError.SERVER_DOES_SUPPORT_CHANNEL_BINDING:
+        return "client did not use the SCRAM channel binding pgmux offered (a downgrade)", CHANNEL_BINDING
+    if exc.server_error is ServerError.CHANNEL_BINDINGS_DONT_MATCH:
+        return "SCRAM channel binding does not match this TLS session", CHANNEL_BINDING
+    return f"malformed SCRAM message: {exc}", MALFORMED
 
 
 def _mock_scram_auth_info(user: str) -> ScramAuthInfo:
@@ -229,11 +259,13 @@ def _mock_scram_auth_info(user: str) -> ScramAuthInfo:
     return salt, secrets.token_bytes(32), secrets.token_bytes(32), _MOCK_ITERATIONS
 
 
-def client_authenticator(method: AuthMethod, user: str, secret: UserSecret | None) -> ClientAuthenticator:
+def client_authenticator(method: AuthMethod, user: str, secret: UserSecret | None,
+                         end_point: bytes | None = None) -> ClientAuthenticator:
     """The authenticator for one login of ``user`` under the configured ``method``.
 
     ``secret`` None means the user is unknown: the full exchange still runs (PostgreSQL's "mock
     authentication") and then fails, so that the flow does not reveal which users exist.
+    ``end_point``: over TLS, the tls-server-end-point channel binding data (SCRAM-SHA-256-PLUS is offered).
     """
     if secret is not None and secret.user != user:
         raise ValueError(f"secret for user {secret.user!r} given to authenticate user {user!r}")
@@ -245,21 +277,21 @@ def client_authenticator(method: AuthMethod, user: str, secret: UserSecret | Non
         if secret is not None and secret.password is not None:
             return _Md5Authenticator(user, md5_password_hash(user, secret.password))
         if secret is None or secret.scram_verifier is None:
-            return _Md5Authenticator(user, None, NO_PASSWORD_KNOWN)
+            return _Md5Authenticator(user, None)
         # Only a SCRAM verifier is known: like PostgreSQL, md5 in the configuration means "md5 or
         # better", and SCRAM is the only thing a verifier can serve.
-    return _scram_authenticator(user, secret)
+    return _scram_authenticator(user, secret, end_point)
 
 
-def _scram_authenticator(user: str, secret: UserSecret | None) -> ClientAuthenticator:
+def _scram_authenticator(user: str, secret: UserSecret | None, end_point: bytes | None) -> ClientAuthenticator:
     if secret is None or (secret.password is None and secret.scram_verifier is None):
         if secret is not None and secret.md5_hash is not None:
-            reason = "only an md5 hash is known for user, which cannot serve SCRAM"
+            missing = ("only an md5 hash is known for user, which cannot serve SCRAM", UNUSABLE_SECRET)
         else:
-            reason = NO_PASSWORD_KNOWN
-        return _ScramAuthenticator(user, _mock_scram_auth_info(user), reason)
+            missing = (NO_PASSWORD_KNOWN, UNKNOWN_USER)
+        return _ScramAuthenticator(user, _mock_scram_auth_info(user), missing, end_point)
     try:
         auth_info = secret.scram_auth_info()
     except ValueError as exc:
-        return _ScramAuthenticator(user, _mock_scram_auth_info(user), str(exc))
-    return _ScramAuthenticator(user, auth_info)
+        return _ScramAuthenticator(user, _mock_scram_auth_info(user), (str(exc), UNUSABLE_SECRET), end_point)
+    return _ScramAuthenticator(user, auth_info, None, end_point)

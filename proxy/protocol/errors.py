@@ -108,6 +108,28 @@ def unknown_user(user: str) -> PgError:
     return password_authentication_failed(user)
 
 
+def too_many_failed_logins(address: str, retry_in: float) -> PgError:
+    return PgError(SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
+                   f"too many failed logins from {address}: try again in {max(1, round(retry_in))} s",
+                   severity=Severity.FATAL,
+                   hint="pgmux refuses an address's logins for a while after auth_failure_limit failures.")
+
+
+def tls_required() -> PgError:
+    # PgBouncer's text; the hint says what to change on the client.
+    return PgError(SqlState.INVALID_AUTHORIZATION_SPECIFICATION, "SSL required", severity=Severity.FATAL,
+                   hint="This pgmux listener requires TLS (client_tls_sslmode): connect with sslmode=require "
+                        "or stricter.")
+
+
+def certificate_user_mismatch(user: str) -> PgError:
+    # PostgreSQL's text for clientcert=verify-full when the certificate names someone else.
+    return PgError(SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
+                   f'certificate authentication failed for user "{user}"', severity=Severity.FATAL,
+                   detail="The client certificate's common name is not the user name (client_tls_sslmode = "
+                          "verify-full).")
+
+
 def protocol_violation(reason: str) -> PgError:
     return PgError(SqlState.PROTOCOL_VIOLATION, f"protocol violation: {reason}", severity=Severity.FATAL)
 

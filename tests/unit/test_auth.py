@@ -121,6 +121,42 @@ def test_scram_exchange_with_scramp_reference_client_succeeds() -> None:
     assert authenticator.done
 
 
+END_POINT = hashlib.sha256(b"pgmux's certificate").digest()
+
+
+def _bound_login(mechanisms: list[str], client_end_point: bytes) -> ClientAuthenticator:
+    """A login with channel binding offered (``END_POINT``), by a scramp client choosing among ``mechanisms``
+    and binding to ``client_end_point``; raises AuthenticationFailed as pgmux refuses it."""
+    authenticator = client_authenticator(AuthMethod.SCRAM_SHA_256, USER, UserSecret(USER, password=PASSWORD),
+                                         END_POINT)
+    code, payload = auth_request(authenticator.start())
+    assert messages.parse_sasl_mechanisms(payload) == ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]
+    client = scramp.ScramClient(mechanisms, USER, PASSWORD,
+                                channel_binding=("tls-server-end-point", client_end_point))
+    body = messages.sasl_initial_response(client.mechanism_name, client.get_client_first().encode())
+    code, server_first = auth_request(authenticator.receive(password_body(body)))
+    client.set_server_first(server_first.decode())
+    final = authenticator.receive(password_body(messages.sasl_response(client.get_client_final().encode())))
+    client.set_server_final(auth_request(final)[1].decode())
+    return authenticator
+
+
+def test_scram_plus_binds_the_exchange_to_the_tls_session() -> None:
+    assert _bound_login(["SCRAM-SHA-256-PLUS"], END_POINT).done
+
+
+def test_scram_plus_with_another_sessions_binding_fails() -> None:
+    # A man in the middle holds a TLS session of its own: its end point is another certificate's.
+    with pytest.raises(AuthenticationFailed, match="channel binding does not match"):
+        _bound_login(["SCRAM-SHA-256-PLUS"], hashlib.sha256(b"the attacker's certificate").digest())
+
+
+def test_a_client_that_could_bind_but_saw_no_plus_offered_is_refused_as_a_downgrade() -> None:
+    # gs2 flag "y": the client supports binding and believes pgmux offered none, so the offer was tampered with.
+    with pytest.raises(AuthenticationFailed, match="downgrade"):
+        _bound_login(["SCRAM-SHA-256"], END_POINT)
+
+
 def test_libpq_style_empty_scram_user_name_is_accepted() -> None:
     # libpq sends "n,,n=,r=<nonce>": the user name travels in the startup packet instead.
     authenticator = client_authenticator(AuthMethod.SCRAM_SHA_256, USER, UserSecret(USER, password=PASSWORD))

@@ -68,7 +68,7 @@ def pgmux() -> Proxy:
 def test_a_trust_login_is_welcomed_and_a_terminate_closes_over_a_bare_byte_stream() -> None:
     async def scenario() -> None:
         proxy = pgmux()
-        client = proxy._accept(proxy.settings.all_listeners()[0])
+        client = proxy._accept(proxy.settings.all_listeners()[0], 0)
         stream = ByteStream()
         client.connection_made(stream)  # type: ignore[arg-type]
         client.data_received(build_ssl_request())
@@ -87,7 +87,7 @@ def test_a_trust_login_is_welcomed_and_a_terminate_closes_over_a_bare_byte_strea
 def test_the_admin_console_is_welcomed_over_a_bare_byte_stream() -> None:
     async def scenario() -> None:
         proxy = pgmux()
-        client = proxy._accept(proxy.settings.all_listeners()[0])
+        client = proxy._accept(proxy.settings.all_listeners()[0], 0)
         stream = ByteStream()
         client.connection_made(stream)  # type: ignore[arg-type]
         client.data_received(build_startup_message({"user": "app", "database": "pgbouncer"}) + m.query("SHOW VERSION"))

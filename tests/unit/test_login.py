@@ -26,6 +26,7 @@ from proxy.login import (
     LoginMachine,
     Refused,
     Reply,
+    StartTls,
     welcome,
 )
 from proxy.protocol import errors
@@ -422,3 +423,61 @@ def test_welcome_is_authentication_ok_parameters_cancel_key_and_ready_for_query(
 
 def test_the_admin_consoles_welcome_has_a_zero_cancel_key() -> None:
     assert welcome({}, 0, b"") == m.authentication_ok() + m.backend_key_data(0, 0) + m.ready_for_query()
+
+
+# ---- TLS offered (client_tls_sslmode): the machine says when TLS begins; the edge runs it ----------
+
+CLIENT_HELLO = b"\x16\x03\x01\x00\x05hello"  # what matters is the first byte, a TLS handshake record
+
+
+def _kinds(events: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for event in events:
+        if isinstance(event, Reply):
+            out.append(("reply", event.data))
+        elif isinstance(event, StartTls):
+            out.append(("tls", event.initial, event.direct))
+        elif isinstance(event, Refused):
+            out.append(("refused", event.error.message, event.reason))
+        else:
+            out.append(type(event).__name__)
+    return out
+
+
+def test_an_ssl_request_is_answered_s_when_tls_is_offered_and_the_startup_follows_encrypted() -> None:
+    machine = LoginMachine((), tls_offered=True)
+    assert _kinds(machine.feed(build_ssl_request())) == [("reply", b"S"), ("tls", b"", False)]
+    assert machine.encrypted
+    assert _kinds(machine.feed(STARTUP)) == ["Identified"]  # what the TLS records decrypted to
+
+
+def test_a_client_hello_pipelined_behind_the_ssl_request_is_handed_to_tls() -> None:
+    machine = LoginMachine((), tls_offered=True)
+    events = machine.feed(build_ssl_request() + CLIENT_HELLO)
+    assert _kinds(events) == [("reply", b"S"), ("tls", CLIENT_HELLO, False)]
+
+
+def test_a_first_byte_of_a_client_hello_begins_direct_tls() -> None:
+    machine = LoginMachine((), tls_offered=True, tls_required=True)
+    assert _kinds(machine.feed(CLIENT_HELLO)) == [("tls", CLIENT_HELLO, True)]
+    assert _kinds(machine.feed(STARTUP)) == ["Identified"]
+
+
+def test_direct_tls_where_none_is_offered_is_a_protocol_violation() -> None:
+    events = LoginMachine(()).feed(CLIENT_HELLO)
+    assert _kinds(events) == [("refused", "protocol violation: the client began TLS directly, but this listener "
+                                          "offers no TLS", "protocol_error")]
+
+
+def test_a_plaintext_login_is_refused_when_tls_is_required_but_a_cancel_request_gets_through() -> None:
+    events = LoginMachine((), tls_offered=True, tls_required=True).feed(STARTUP)
+    assert _kinds(events) == [("refused", "SSL required", "tls_required")]
+    events = LoginMachine((), tls_offered=True, tls_required=True).feed(build_cancel_request(7, b"\x00" * 4))
+    assert _kinds(events) == ["CancelRequested"]
+
+
+def test_a_second_ssl_request_inside_tls_is_a_protocol_violation() -> None:
+    machine = LoginMachine((), tls_offered=True)
+    machine.feed(build_ssl_request())
+    assert _kinds(machine.feed(build_ssl_request())) == [
+        ("refused", "protocol violation: SSLRequest on a connection that is already encrypted", "protocol_error")]
