@@ -104,11 +104,12 @@ def _prepared_counters(proxy) -> dict[str, int]:
 
 
 def _run_workload(modules: Path, client_dir: Path, proxy, database: str, *, named: bool,
-                  timeout: float = 240) -> dict[str, Any]:
+                  timeout: float = 240, operations: int = OPERATIONS, url_query: dict[str, str] | None = None,
+                  **extra_env: str) -> dict[str, Any]:
     node, _ = node_and_npm()
     env = client_env(NODE_PATH=str(modules), PRISMA_CLIENT_DIR=str(client_dir),
-                     DATABASE_URL=proxy.dsn(APP.name, APP.password, database),
-                     CLIENTS="10", WORKERS="10", POOL_MAX="5", OPERATIONS=str(OPERATIONS),
+                     DATABASE_URL=proxy.dsn(APP.name, APP.password, database, **(url_query or {})),
+                     CLIENTS="10", WORKERS="10", POOL_MAX="5", OPERATIONS=str(operations), **extra_env,
                      NAMED="1" if named else "0", RUN="named" if named else "unnamed",
                      SCENARIO_TIMEOUT_MS=str(int((timeout - 5) * 1000)), CHECKPOINT_DISABLE="1")
     result = run([node, JS_DIR / "prisma_workload.js"], env=env, timeout=timeout, cwd=JS_DIR)
@@ -150,3 +151,25 @@ def test_prisma_7_adapter_pg_2000_operations_from_10_clients_on_4_backends(
     seen_by_postgres, held_by_pgmux = sampler.peak()
     assert seen_by_postgres <= POOL_SIZE, report
     assert held_by_pgmux <= POOL_SIZE, report
+
+
+def test_prisma_7_with_sslmode_require_connects_over_verified_tls(
+        pgmux, postgres, prisma_client_dir, prisma_database, tmp_path) -> None:
+    import trustme
+    ca = trustme.CA()
+    issued = ca.issue_cert("localhost", "127.0.0.1")
+    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "server.crt", tmp_path / "server.key"
+    ca.cert_pem.write_to_path(str(ca_file))
+    issued.cert_chain_pems[0].write_to_path(str(cert_file))
+    issued.private_key_pem.write_to_path(str(key_file))
+    modules, client_dir = prisma_client_dir
+    # require: a plaintext connection would be refused, so every operation below went over TLS. node-postgres
+    # verifies the certificate for sslmode=require; NODE_EXTRA_CA_CERTS makes the test CA one node trusts.
+    proxy = pgmux(upstream_url=upstream_for(postgres, prisma_database), default_pool_size=POOL_SIZE,
+                  query_wait_timeout=60, client_tls_sslmode="require", client_tls_cert_file=str(cert_file),
+                  client_tls_key_file=str(key_file))
+    result = _run_workload(modules, client_dir, proxy, prisma_database, named=False, operations=200,
+                           url_query={"sslmode": "require"}, NODE_EXTRA_CA_CERTS=str(ca_file))
+    assert result["errorCount"] == 0, result
+    assert result["operationsOk"] == 200, result
+    assert proxy.call(lambda p: p.registry.rejections.get("tls_required", 0)) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import socket
 import ssl
 import struct
@@ -259,3 +260,30 @@ def test_the_tls_host_name_selects_the_database_so_one_listener_serves_many(pgmu
     assert current_database("tenant1.pgmux.test", "anything") == APP_DATABASE
     assert current_database("tenant2.pgmux.test", "tenant1") == "postgres"
     assert current_database(None, "tenant2") == "postgres"  # an IP address sends no host name
+
+
+def test_sighup_rotates_the_certificate_while_a_tls_client_stays_connected(pgmux_process, certificates) -> None:
+    process = pgmux_process(PGMUX_CLIENT_TLS_SSLMODE="require", PGMUX_CLIENT_TLS_CERT_FILE=certificates.cert_file,
+                            PGMUX_CLIENT_TLS_KEY_FILE=certificates.key_file)
+    port = process.ports()[0]
+
+    def connect(ca_file: str) -> psycopg.Connection:
+        return psycopg.connect(host="localhost", port=port, user=APP.name, password=APP.password,
+                               dbname=APP_DATABASE, sslmode="verify-full", sslrootcert=ca_file, autocommit=True,
+                               connect_timeout=10)
+
+    with connect(certificates.ca_file) as staying:
+        assert staying.execute("SELECT 1").fetchone() == (1,)
+        # The operator replaces the files in place (as cert-manager or certbot do), then signals.
+        new_ca = trustme.CA()
+        issued = new_ca.issue_cert("localhost", "127.0.0.1")
+        Path(certificates.cert_file).write_bytes(issued.cert_chain_pems[0].bytes())
+        Path(certificates.key_file).write_bytes(issued.private_key_pem.bytes())
+        new_ca_file = certificates._write("rotated-ca.pem", new_ca.cert_pem.bytes())
+        process.signal(signal.SIGHUP)
+        process.wait_for_log("configuration reloaded")
+        with connect(new_ca_file) as fresh:
+            assert fresh.execute("SELECT 2").fetchone() == (2,)
+        with pytest.raises(psycopg.OperationalError):
+            connect(certificates.ca_file)  # new connections get the new certificate only
+        assert staying.execute("SELECT 3").fetchone() == (3,)  # the established session is untouched
