@@ -191,6 +191,12 @@ class ClientConnection(ClientPeer, Cancellable):
             data = self._decrypt(data)
             if not data:
                 return
+        self.received(data)
+
+    def received(self, data: bytes) -> None:
+        """Plaintext from the client (decrypted, when it speaks TLS): to its login, the relay or the console."""
+        if not data:
+            return
         try:
             self._route(data)
         except ProtocolViolation as violation:

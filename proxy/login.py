@@ -7,7 +7,7 @@ from collections.abc import Collection, Mapping
 from typing import Final
 
 from proxy.auth.client_auth import AuthenticationFailed, ClientAuthenticator, client_authenticator
-from proxy.auth.secrets import AuthMethod, UserSecret
+from proxy.auth.secrets import AuthMethod, ScramKeys, UserSecret
 from proxy.parameters import StartupParameters, parse_startup_parameters
 from proxy.protocol import errors
 from proxy.protocol import messages as m
@@ -55,12 +55,14 @@ class Identified:
 
 
 class Authenticated:
-    """The client proved who it is: welcome it. ``leftover``: what it pipelined behind its last auth message."""
+    """The client proved who it is: welcome it. ``leftover``: what it pipelined behind its last auth message;
+    ``scram_keys``: after SCRAM against a verifier, what logs in upstream as the client (see server_auth)."""
 
-    __slots__ = ("leftover",)
+    __slots__ = ("leftover", "scram_keys")
 
-    def __init__(self, leftover: bytes) -> None:
+    def __init__(self, leftover: bytes, scram_keys: ScramKeys | None = None) -> None:
         self.leftover = leftover
+        self.scram_keys = scram_keys
 
 
 class Refused:
@@ -287,7 +289,7 @@ class LoginMachine:
                 self._auth = None  # its SCRAM state is a kilobyte or two, needed no more
                 # Bytes pipelined behind the last auth message belong to the session.
                 rest = [bytes(s.data) if isinstance(s, Frame) else bytes(s) for s in segments[index + 1:]]
-                events.append(Authenticated(b"".join(rest) + scanner.release_held()))
+                events.append(Authenticated(b"".join(rest) + scanner.release_held(), auth.scram_keys))
                 return
 
 

@@ -8,6 +8,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from proxy.auth.secrets import UserSecret
 from proxy.cancel import CancelKeys
 from proxy.client import ClientConnection, Login
 from proxy.logs import get_logger
@@ -128,7 +129,7 @@ class Reception(Login):
             elif isinstance(event, Identified):
                 return self._identified(event)
             elif isinstance(event, Authenticated):
-                self._authenticated()
+                self._authenticated(event)
                 return event.leftover
             elif isinstance(event, AuthFailed):
                 self._auth_failed(event)
@@ -163,9 +164,30 @@ class Reception(Login):
             secret = self.router.login_secret(client.database, event.user)
             if self._refused(self.router.admission.refusal(client.database, event.user)):
                 return b""
+            if secret is None and self.router.looks_up(client.database, event.user):
+                client.state = ClientState.AUTH
+                self._task = self.registry.spawn(self._authenticate_looked_up(), name=f"auth_query {client.id}")
+                return b""
         client.state = ClientState.AUTH
+        return self._authenticate(secret)
+
+    def _authenticate(self, secret: UserSecret | None) -> bytes:
+        client = self.client
         end_point = self.tls.end_point if client.tls is not None else None
         return self._handle(self.machine.authenticate(client.listener.auth_type, secret, end_point))
+
+    async def _authenticate_looked_up(self) -> None:
+        """The user is not configured: authenticate it against what auth_query says (an unknown user, too, runs
+        the whole exchange and fails as a wrong password does)."""
+        client = self.client
+        try:
+            secret = await self.router.looked_up_secret(client.database, client.user)
+        except PgError as exc:
+            client.fail(dataclasses.replace(exc, severity=errors.Severity.FATAL), reason=exc.reason)
+            return
+        self._task = None
+        if client.state is ClientState.AUTH:
+            client.received(self._authenticate(secret))
 
     def _database(self, asked: str) -> str:
         """The database a login goes to: the one its TLS host name selects (SNI), else the one it named."""
@@ -194,7 +216,7 @@ class Reception(Login):
                         event.log_reason, extra={"conn": client.id})
         client.fail(event.error)
 
-    def _authenticated(self) -> None:
+    def _authenticated(self, event: Authenticated) -> None:
         client = self.client
         # Checked again: logins that ran side by side may have filled max_client_conn meanwhile.
         refusal = self.registry.client_limit_error()
@@ -212,7 +234,7 @@ class Reception(Login):
         if self._refused(self.router.admission.admit(client.database, client.user)):
             return
         client.admitted = True
-        pool = self.router.login_pool(client.database, client.user)
+        pool = self.router.login_pool(client.database, client.user, event.scram_keys)
         client.begin_session(pool)
         if pool.server_params is not None and not self._unchecked_settings(pool):
             self._welcome(pool)

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
 from proxy.admission import Admission
-from proxy.auth.secrets import UserSecret
+from proxy.auth.secrets import ScramKeys, UserSecret
 from proxy.logs import get_logger
 from proxy.pool import Pool, PoolConfig, PoolKey, ServerBudget
 from proxy.prepared import StatementNames
 from proxy.protocol import errors
-from proxy.server import Backends, ServerConnection
+from proxy.protocol import messages as m
+from proxy.protocol.messages import TransactionStatus
+from proxy.server import Backends, InternalQueryFailed, ServerConnection
 from proxy.settings import DatabaseSettings, Settings, Upstream, parse_upstream_url
 from proxy.stats import DatabaseTotals, Totals
 
@@ -26,6 +29,7 @@ log = get_logger("routing")
 # seconds apart, and the parameters learned from its first server. Not server_idle_timeout itself:
 # that may be 0 (never), and a pool must not be kept forever for a user name seen once.
 EMPTY_POOL_TTL: Final = 60.0
+_AUTH_CACHE_LIMIT: Final = 10_000  # looked-up users kept at most (the oldest answer goes first)
 
 
 @dataclass
@@ -64,6 +68,8 @@ class Router:
         # Kept for users with a configured secret only: a name that is not configured must cost nothing.
         self._secrets: dict[tuple[str, str], UserSecret] = {}
         self._login_pools: dict[tuple[str, str], Pool] = {}  # (database, user) -> the pool its logins use
+        # auth_query answers: (database, user) -> (valid until, the secret; None: no such user or no password).
+        self._looked_up: dict[tuple[str, str], tuple[float, UserSecret | None]] = {}
         self._totals = DatabaseTotals()  # each database's counters, kept across its pools dropped as unused
 
     # ---- routing a login to a pool --------------------------------------------------------------
@@ -88,18 +94,73 @@ class Router:
         db = self._databases.get(database)
         return None if db is None else self._secret(db, user)
 
-    def login_pool(self, database: str, user: str) -> Pool:
+    def login_pool(self, database: str, user: str, scram_keys: ScramKeys | None = None) -> Pool:
         """The pool an authenticated login uses, created on first use; the caller becomes one of its clients.
 
         Only authenticated clients get here: a pool, its metric series and its user's server budget
-        are made for users who proved who they are, never for a name in a StartupMessage.
+        are made for users who proved who they are, never for a name in a StartupMessage. ``scram_keys``:
+        what the client's SCRAM login revealed, with which a looked-up user logs in upstream as itself.
         """
         # Every login asks this, so the answer is kept until the pool is dropped or the next reload.
         pool = self._login_pools.get((database, user))
         if pool is None:
-            pool = self._login_pools[database, user] = self._find_login_pool(database, user)
+            pool = self._login_pools[database, user] = self._find_login_pool(database, user, scram_keys)
+        elif (scram_keys is not None and pool.config.upstream.scram_keys != scram_keys
+              and (database, user) in self._looked_up):
+            # A looked-up user whose password changed since the pool's first login (or who first logged in
+            # with md5): its backends log in with the new keys.
+            upstream = dataclasses.replace(pool.config.upstream, scram_keys=scram_keys)
+            pool.reconfigure(dataclasses.replace(pool.config, upstream=upstream))
         pool.clients += 1  # the client takes itself off again when it ends
         return pool
+
+    # ---- users looked up in the database (auth_query) ---------------------------------------------
+
+    def looks_up(self, database: str, user: str) -> bool:
+        """Whether a login of ``user`` (not configured in pgmux) is checked against an auth_query answer."""
+        return (self.settings.auth_user is not None and database in self._databases
+                and self.login_secret(database, user) is None)
+
+    async def looked_up_secret(self, database: str, user: str) -> UserSecret | None:
+        """``user``'s secret as auth_query returns it, kept auth_cache_ttl seconds; None: no such user, or one
+        without a password (the login then fails as a wrong password does)."""
+        now = time.monotonic()
+        cached = self._looked_up.get((database, user))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        settings = self.settings
+        assert settings.auth_user is not None
+        pool = self._find_login_pool(settings.auth_dbname or database, settings.auth_user)
+        server = await pool.acquire()
+        try:
+            rows = await server.fetch_internal(m.extended_query(settings.auth_query, [user]), "auth_query")
+        except InternalQueryFailed as failed:
+            if failed.fields is not None and server.tx_status is TransactionStatus.IDLE:
+                pool.release(server)  # the query was refused; the backend is as it was
+            else:
+                pool.abort_server(server, f"auth_query failed: {failed}")
+            log.error("auth_query as %s failed: %s", settings.auth_user, failed)
+            raise errors.upstream_unavailable("looking up the user with auth_query failed") from None
+        except BaseException:
+            pool.abort_server(server, "auth_query was interrupted")
+            raise
+        pool.release(server)
+        secret = self._secret_from_row(user, rows[0] if rows else None)
+        if len(self._looked_up) >= _AUTH_CACHE_LIMIT:
+            del self._looked_up[next(iter(self._looked_up))]
+        self._looked_up[database, user] = (time.monotonic() + settings.auth_cache_ttl, secret)
+        return secret
+
+    @staticmethod
+    def _secret_from_row(user: str, row: list[str | None] | None) -> UserSecret | None:
+        """An auth_query row (name, password) as a secret; None for no row or no password."""
+        if row is None or len(row) < 2 or not row[1]:
+            return None
+        try:
+            return UserSecret.from_config(user, row[1])
+        except ValueError as exc:
+            log.warning("auth_query returned an unusable password for user %r: %s", user, exc)
+            return None
 
     def _login_database(self, database: str) -> _Database:
         db = self._databases.get(database)
@@ -108,11 +169,17 @@ class Router:
             raise errors.unknown_database(database)
         return db
 
-    def _find_login_pool(self, database: str, user: str) -> Pool:
+    def _find_login_pool(self, database: str, user: str, scram_keys: ScramKeys | None = None) -> Pool:
         db = self._login_database(database)
         secret = self._secret(db, user)
         upstream = db.upstream
-        if secret is not None and secret.password is not None:
+        looked_up = self._looked_up.get((database, user)) if secret is None else None
+        if looked_up is not None and looked_up[1] is not None:
+            # A user from auth_query logs in upstream as itself, with what its own login revealed (SCRAM) or
+            # its md5 hash: pgmux never knows its password.
+            upstream = dataclasses.replace(upstream, user=user, password=looked_up[1].password,
+                                           scram_keys=scram_keys, md5_hash=looked_up[1].md5_hash)
+        elif secret is not None and secret.password is not None:
             upstream = dataclasses.replace(upstream, user=user, password=secret.password)
         elif secret is None:
             # Only a trust listener lets an unknown user this far; the upstream decides about it.

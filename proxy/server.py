@@ -242,6 +242,7 @@ class ServerConnection:
         self._login_frames: asyncio.Queue[Frame | None] | None = asyncio.Queue()
         self._ssl_reply: asyncio.Future[bytes] | None = None
         self._internal_done: asyncio.Future[None] | None = None
+        self._fetched: list[list[str | None]] | None = None  # the rows of fetch_internal's request, while it runs
         self._internal_error: dict[str, str] | None = None  # ErrorResponse fields of pgmux's own query
         self._sync: ParameterSync | None = None  # a parameter sync sent and not yet answered
         self._sync_replies_left = 0  # pgmux's own ReadyForQuery still to come, the sync's the last of them
@@ -442,6 +443,8 @@ class ServerConnection:
         elif kind == m.DATA_ROW:
             if self._inspection is not None and self._inspection_replies_left == 1:
                 self._inspection.append(parse_data_row(frame.data[5:]))
+            elif self._fetched is not None:
+                self._fetched.append(parse_data_row(frame.data[5:]))
         elif kind == m.PARAMETER_STATUS:
             self._take_parameter(frame.data[5:])
         elif kind == m.ERROR_RESPONSE:
@@ -637,7 +640,8 @@ class ServerConnection:
         return frame
 
     async def _authenticate(self) -> None:
-        authenticator = ServerAuthenticator(self.upstream.user, self.upstream.password)
+        upstream = self.upstream
+        authenticator = ServerAuthenticator(upstream.user, upstream.password, upstream.scram_keys, upstream.md5_hash)
         while True:
             frame = await self._next_login_frame()
             body = bytes(frame.data[5:])
@@ -706,16 +710,37 @@ class ServerConnection:
 
     async def run_internal(self, sql: str, timeout: float = 10.0) -> None:
         """Run a query for pgmux itself and wait for it; raises InternalQueryFailed on any error."""
+        await self._run_internal(m.query(sql), repr(sql), timeout)
+
+    async def fetch_internal(self, request: bytes, what: str, timeout: float = 10.0) -> list[list[str | None]]:
+        """Send ``request`` (messages ending in one Sync or Query) for pgmux itself and return the rows it is
+        answered with (text format); raises InternalQueryFailed on any error. ``what`` names it in errors."""
+        self._fetched = []
+        self._scanner.set_flags(_INSPECTING_FLAGS)
+        try:
+            await self._run_internal(request, what, timeout)
+            return self._take_fetched()
+        finally:
+            self._fetched = None
+            if self.state is not ServerState.CLOSED:
+                self._scanner.set_flags(_RELAY_FLAGS)
+
+    def _take_fetched(self) -> list[list[str | None]]:
+        rows, self._fetched = self._fetched, None
+        return rows or []
+
+    async def _run_internal(self, request: bytes, what: str, timeout: float) -> None:
         if self.state is ServerState.CLOSED:
             raise InternalQueryFailed("server is closed")
         self._take_internal_error()  # an error of an earlier query is not this one's
         self._internal_done = asyncio.get_running_loop().create_future()
-        self.send_internal(sql)
+        self.swallow += 1
+        self.write(request)
         try:
             async with asyncio.timeout(timeout):
                 await self._internal_done
         except TimeoutError:
-            raise InternalQueryFailed(f"{sql!r} timed out") from None
+            raise InternalQueryFailed(f"{what} timed out") from None
         finally:
             self._internal_done = None
         fields = self._take_internal_error()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -79,6 +79,10 @@ class Upstream:
     password: str | None
     sslmode: SslMode
     sslrootcert: str | None
+    # Logging in without the password (a user looked up with auth_query): the ClientKey and ServerKey of its
+    # SCRAM verifier, or its md5 hash. Never shown: redacted() leaves them out.
+    scram_keys: tuple[bytes, bytes] | None = field(default=None, repr=False)
+    md5_hash: str | None = field(default=None, repr=False)
 
     @property
     def unix_socket(self) -> str | None:
@@ -259,6 +263,14 @@ class Settings(BaseSettings):
     # logins are refused before any password work until the window ends (0 turns it off).
     auth_failure_limit: Count = 100
     auth_failure_window: Duration = 60.0
+
+    # Users not in [users] looked up in the database, as PgBouncer does: auth_query runs as auth_user (a [users]
+    # entry with a plaintext password, or a database URL's user) in auth_dbname (default: the login's database).
+    # Answers are kept auth_cache_ttl seconds: a changed password takes effect within it.
+    auth_user: str | None = None
+    auth_query: str = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1"
+    auth_dbname: str | None = None
+    auth_cache_ttl: Duration = 30.0
 
     server_reset_query: str = "DISCARD ALL"
     # Transaction mode: what a client's session-only state does (settings always follow their client).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import enum
 import hashlib
 import hmac
@@ -17,6 +18,7 @@ from proxy.auth.secrets import (
     SCRAM_SHA_256,
     AuthMethod,
     ScramAuthInfo,
+    ScramKeys,
     UserSecret,
     md5_password_hash,
     md5_salted_response,
@@ -99,6 +101,12 @@ class ClientAuthenticator:
         """True once the client is authenticated."""
         return self._stage is _Stage.DONE
 
+    @property
+    def scram_keys(self) -> ScramKeys | None:
+        """After a SCRAM login against a verifier: (ClientKey, ServerKey), with which pgmux can log in to a server
+        holding the same verifier as this user, never having known the password (see server_auth)."""
+        return None
+
     def _start(self) -> bytes:
         raise NotImplementedError
 
@@ -164,6 +172,15 @@ class _ScramAuthenticator(ClientAuthenticator):
         # Over TLS, the tls-server-end-point data that SCRAM-SHA-256-PLUS binds the exchange to.
         self._end_point = end_point
         self._server: ScramServer | None = None  # made once the client has chosen its mechanism
+        self._bare = ""  # the client-first-message-bare as sent
+        self._server_first = ""
+        self._client_key: bytes | None = None
+
+    @property
+    def scram_keys(self) -> ScramKeys | None:
+        if self._client_key is None:
+            return None
+        return self._client_key, self._auth_info[2]
 
     def _start(self) -> bytes:
         self._stage = _Stage.AWAITING_SASL_INITIAL
@@ -198,6 +215,7 @@ class _ScramAuthenticator(ClientAuthenticator):
             # scramp must sign and verify that one, not the copy with the placeholder user name.
             self._server.client_first_bare = bare
             server_first = self._server.get_server_first()
+            self._bare, self._server_first = bare, server_first
         except ScramException as exc:
             self._fail(*_scram_reason(exc))
         self._stage = _Stage.AWAITING_SASL_RESPONSE
@@ -216,8 +234,16 @@ class _ScramAuthenticator(ClientAuthenticator):
             # Unreachable in practice (the mock keys are random), but never let a mock exchange pass.
             self._fail_missing(self._missing)
         server_final = self._server.get_server_final()
+        self._client_key = self._recovered_client_key(client_final)
         self._stage = _Stage.DONE
         return messages.authentication_sasl_final(server_final.encode())
+
+    def _recovered_client_key(self, client_final: str) -> bytes:
+        """The client's ClientKey, from its proof just verified: ClientProof XOR HMAC(StoredKey, AuthMessage)."""
+        without_proof, _, proof = client_final.rpartition(",p=")
+        auth_message = f"{self._bare},{self._server_first},{without_proof}".encode()
+        signature = hmac.new(self._auth_info[1], auth_message, hashlib.sha256).digest()
+        return bytes(a ^ b for a, b in zip(base64.b64decode(proof), signature))
 
     def _decode(self, data: bytes) -> str:
         try:

@@ -31,6 +31,8 @@ _SCRAMP_MAX_ITERATIONS = 10_000_000
 
 ScramAuthInfo = tuple[bytes, bytes, bytes, int]
 """(salt, StoredKey, ServerKey, iterations): what a SCRAM server needs, in scramp's order."""
+ScramKeys = tuple[bytes, bytes]
+"""(ClientKey, ServerKey): what logging in with SCRAM takes without the password (see server_auth._KeyedScram)."""
 
 
 class AuthMethod(str, enum.Enum):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import enum
+import hashlib
+import hmac
+import secrets
 
 from scramp import ScramClient, ScramException
 
-from proxy.auth.secrets import SCRAM_SHA_256, md5_password_hash, md5_salted_response
+from proxy.auth.secrets import SCRAM_SHA_256, ScramKeys, md5_password_hash, md5_salted_response
 from proxy.protocol import messages
 
 _SCRAM_SHA_256_PLUS = SCRAM_SHA_256 + "-PLUS"
@@ -50,13 +54,22 @@ class _Stage(enum.Enum):
 
 
 class ServerAuthenticator:
-    """Answers the server's Authentication requests for one login of ``user``."""
+    """Answers the server's Authentication requests for one login of ``user``.
 
-    def __init__(self, user: str, password: str | None) -> None:
+    With ``password``, or without it (pass-through of a client's own login, see client_auth): ``scram_keys``
+    (the ClientKey the client's SCRAM proof revealed, and the ServerKey of its verifier) answer SCRAM,
+    ``md5_hash`` answers md5.
+    """
+
+    def __init__(self, user: str, password: str | None, scram_keys: ScramKeys | None = None,
+                 md5_hash: str | None = None) -> None:
         self.user = user
         self._password = password
+        self._scram_keys = scram_keys
+        self._md5_hash = md5_hash
         self._stage = _Stage.NEW
         self._scram: ScramClient | None = None
+        self._keyed: _KeyedScram | None = None
 
     @property
     def done(self) -> bool:
@@ -100,14 +113,20 @@ class ServerAuthenticator:
 
     def _md5(self, payload: bytes) -> bytes:
         self._expect(_Stage.NEW, "AuthenticationMD5Password")
-        password = self._require_password()
+        md5_hash = self._md5_hash if self._password is None else None
+        if md5_hash is None:
+            md5_hash = md5_password_hash(self.user, self._require_password())
         if len(payload) != _MD5_SALT_LEN:
             raise ServerAuthError(f"server sent an md5 salt of {len(payload)} bytes, expected {_MD5_SALT_LEN}")
         self._stage = _Stage.PASSWORD_SENT
-        return messages.password_message(md5_salted_response(md5_password_hash(self.user, password), payload))
+        return messages.password_message(md5_salted_response(md5_hash, payload))
 
     def _sasl_start(self, payload: bytes) -> bytes:
         self._expect(_Stage.NEW, "AuthenticationSASL")
+        if self._password is None and self._scram_keys is not None:
+            self._keyed = _KeyedScram(*self._scram_keys)
+            self._stage = _Stage.AWAITING_SASL_CONTINUE
+            return messages.sasl_initial_response(SCRAM_SHA_256, self._keyed.client_first().encode())
         password = self._require_password()
         try:
             mechanisms = messages.parse_sasl_mechanisms(payload)
@@ -134,6 +153,9 @@ class ServerAuthenticator:
 
     def _sasl_continue(self, payload: bytes) -> bytes:
         self._expect(_Stage.AWAITING_SASL_CONTINUE, "AuthenticationSASLContinue")
+        if self._keyed is not None:
+            self._stage = _Stage.AWAITING_SASL_FINAL
+            return messages.sasl_response(self._keyed.client_final(self._decode(payload)).encode())
         assert self._scram is not None
         try:
             self._scram.set_server_first(self._decode(payload))
@@ -145,6 +167,10 @@ class ServerAuthenticator:
 
     def _sasl_final(self, payload: bytes) -> None:
         self._expect(_Stage.AWAITING_SASL_FINAL, "AuthenticationSASLFinal")
+        if self._keyed is not None:
+            self._keyed.verify_server(self._decode(payload), self.user)
+            self._stage = _Stage.SASL_VERIFIED
+            return
         assert self._scram is not None
         try:
             self._scram.set_server_final(self._decode(payload))
@@ -171,3 +197,42 @@ class ServerAuthenticator:
 
     def __repr__(self) -> str:
         return f"<ServerAuthenticator user={self.user!r} stage={self._stage.value}>"
+
+
+class _KeyedScram:
+    """The client side of SCRAM-SHA-256 from keys instead of a password (RFC 5802 §3).
+
+    The proof needs only the ClientKey (ClientProof = ClientKey XOR HMAC(H(ClientKey), AuthMessage)), the
+    server's signature check only the ServerKey: a client's own SCRAM login to pgmux reveals the first, its
+    verifier holds the second. scramp derives both from a password only, hence these few lines. Works only
+    where the server's verifier is the one pgmux checked the client against (same salt and iterations).
+    """
+
+    def __init__(self, client_key: bytes, server_key: bytes) -> None:
+        self._client_key = client_key
+        self._server_key = server_key
+        self._nonce = base64.b64encode(secrets.token_bytes(18)).decode()
+        self._bare = f"n={_SCRAM_PLACEHOLDER_USER},r={self._nonce}"
+        self._auth_message = b""
+
+    def client_first(self) -> str:
+        return "n,," + self._bare
+
+    def client_final(self, server_first: str) -> str:
+        attributes = dict(part.split("=", 1) for part in server_first.split(",") if "=" in part)
+        nonce = attributes.get("r", "")
+        if not nonce.startswith(self._nonce) or "s" not in attributes or "i" not in attributes:
+            raise ServerAuthError("server sent an unusable SCRAM server-first-message")
+        without_proof = f"c=biws,r={nonce}"
+        self._auth_message = f"{self._bare},{server_first},{without_proof}".encode()
+        stored_key = hashlib.sha256(self._client_key).digest()
+        signature = hmac.new(stored_key, self._auth_message, hashlib.sha256).digest()
+        proof = bytes(a ^ b for a, b in zip(self._client_key, signature))
+        return f"{without_proof},p={base64.b64encode(proof).decode()}"
+
+    def verify_server(self, server_final: str, user: str) -> None:
+        expected = hmac.new(self._server_key, self._auth_message, hashlib.sha256).digest()
+        if not server_final.startswith("v=") or not hmac.compare_digest(
+                server_final[2:].encode(), base64.b64encode(expected)):
+            raise ServerAuthError(f"SCRAM server verification failed for user {user!r}: the server does not hold "
+                                  "the verifier pgmux checked the client against")

@@ -160,6 +160,15 @@ def query(sql: str) -> bytes:
     return message(QUERY, cstring(sql))
 
 
+def extended_query(sql: str, parameters: Iterable[str]) -> bytes:
+    """Parse, Bind, Execute and Sync of ``sql`` as the unnamed statement, its parameters sent as text."""
+    values = list(parameters)
+    parse = message(PARSE, b"\x00" + cstring(sql) + b"\x00\x00")
+    bound = b"".join(struct.pack("!i", len(encoded)) + encoded for encoded in (v.encode() for v in values))
+    bind = message(BIND, b"\x00\x00" + b"\x00\x00" + struct.pack("!h", len(values)) + bound + b"\x00\x00")
+    return parse + bind + message(EXECUTE, b"\x00\x00\x00\x00\x00") + message(SYNC)
+
+
 def terminate() -> bytes:
     return message(TERMINATE)
 

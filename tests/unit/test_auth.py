@@ -575,3 +575,20 @@ def test_server_authenticator_only_ever_raises_server_auth_error(code: int, payl
                 authenticator.respond(*step)
             except ServerAuthError:
                 break
+
+
+def test_the_client_key_a_scram_login_reveals_logs_in_where_the_same_verifier_is_held() -> None:
+    # SCRAM pass-through: pgmux checks a client against a verifier (from auth_query), then logs in to a server
+    # holding that verifier as the client, with the ClientKey the client's proof revealed and no password.
+    secret = UserSecret.from_config(USER, make_verifier(PASSWORD))
+    first = client_authenticator(AuthMethod.SCRAM_SHA_256, USER, secret)
+    run_scram_as_client(first, PASSWORD)
+    keys = first.scram_keys
+    assert keys is not None
+    log_in(ServerAuthenticator(USER, None, scram_keys=keys), client_authenticator(AuthMethod.SCRAM_SHA_256, USER, secret))
+    # Against another verifier of another password, the keys prove nothing and the server is not believed.
+    other = UserSecret.from_config(USER, make_verifier(PASSWORD + "!"))
+    with pytest.raises(AuthenticationFailed):
+        log_in(ServerAuthenticator(USER, None, scram_keys=keys),
+               client_authenticator(AuthMethod.SCRAM_SHA_256, USER, other))
+
