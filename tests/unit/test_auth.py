@@ -19,7 +19,7 @@ from proxy.auth import (
     UserSecret,
     client_authenticator,
 )
-from proxy.auth.secrets import raw_scram_auth_info
+from proxy.auth.secrets import md5_password_hash, raw_scram_auth_info
 from proxy.protocol import messages
 
 USER = "alice"
@@ -592,3 +592,18 @@ def test_the_client_key_a_scram_login_reveals_logs_in_where_the_same_verifier_is
         log_in(ServerAuthenticator(USER, None, scram_keys=keys),
                client_authenticator(AuthMethod.SCRAM_SHA_256, USER, other))
 
+
+
+def test_a_cleartext_password_is_checked_against_every_kind_of_secret_and_remembered_by_hash() -> None:
+    from proxy.auth.cleartext import CleartextChecks
+    checks = CleartextChecks()
+    verifier = UserSecret.from_config(USER, make_verifier(PASSWORD))
+    for secret in (UserSecret(USER, password=PASSWORD), UserSecret.from_config(USER, md5_password_hash(USER, PASSWORD)),
+                   verifier):
+        assert checks.check(secret, USER, PASSWORD)[0]
+        assert not checks.check(secret, USER, PASSWORD + "x")[0]
+    assert not checks.check(None, USER, PASSWORD)[0]  # an unknown user never matches
+    ok, keys = checks.check(verifier, USER, PASSWORD)
+    assert ok and keys is not None  # the keys log in upstream as the user (SCRAM pass-through)
+    log_in(ServerAuthenticator(USER, None, scram_keys=keys), client_authenticator(AuthMethod.SCRAM_SHA_256, USER, verifier))
+    assert PASSWORD.encode() not in b"".join(checks._remembered)  # remembered by a hash, never the password
