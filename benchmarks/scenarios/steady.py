@@ -162,13 +162,14 @@ class ConnectPerTransactionTls(ConnectPerTransactionTrust):
     name = "connect_tls"
     title = "Connection per transaction over TLS: pgbench -S -C, sslmode=require (trust)"
     description = ("`pgbench -S -C` with `sslmode=require`: every transaction opens a connection, does a full TLS "
-                   "handshake with the pooler (libpq makes a new SSL context per connection, so nothing is resumed), logs in, runs one SELECT and "
-                   "disconnects. Both poolers terminate client TLS with the same certificate and key (their "
-                   "`client_tls_*` settings) and talk plaintext to PostgreSQL. Logins are trust, as in "
-                   "`connect_trust`, so the handshake is the main cost per connection, not libpq's PBKDF2; "
-                   "`connect_tls` minus `connect_trust` pooler CPU is what a handshake costs each pooler. Direct "
-                   "is not measured: the embedded PostgreSQL has no OpenSSL. pgbench is one linked with an "
-                   "OpenSSL libpq (the distribution's), since the wheel's has none.")
+                   "handshake with the pooler (libpq makes a new SSL context per connection, so nothing is "
+                   "resumed), logs in, runs one SELECT and disconnects. Both poolers terminate client TLS with the "
+                   "same certificate and key (their `client_tls_*` settings) and talk plaintext to PostgreSQL. "
+                   "Logins are trust, as in `connect_trust`, so the handshake is the main cost per connection, not "
+                   "libpq's PBKDF2; `connect_tls` minus `connect_trust` pooler CPU is what a handshake costs each "
+                   "pooler. pgbench's own side of the handshake makes this client-bound on 2 cores: compare the "
+                   "pooler CPU per transaction. Direct is not measured: the embedded PostgreSQL has no OpenSSL. "
+                   "pgbench is one linked with an OpenSSL libpq (the distribution's), since the wheel's has none.")
     client_tls = True
 
     def params(self, cfg: RunConfig, env: BenchEnv) -> dict[str, Any]:
