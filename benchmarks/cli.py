@@ -228,7 +228,7 @@ def _run_one_by_one(scenario: Scenario, cfg: RunConfig, env: BenchEnv, params: d
                     out: dict[str, Any], over_budget: Any, budget: float) -> None:
     """Each target started alone, measured, stopped (by pid), and its backends gone before the next."""
     for target_name in cfg.targets:
-        available, reason = env.available(target_name, scenario.auth)
+        available, reason = env.available(target_name, scenario.auth, scenario.client_tls)
         if not available:
             out[target_name] = {"status": "unavailable", "reason": reason}
             continue
@@ -237,7 +237,7 @@ def _run_one_by_one(scenario: Scenario, cfg: RunConfig, env: BenchEnv, params: d
             continue
         began = time.monotonic()
         try:
-            with env.target(target_name, scenario.auth) as target:
+            with env.target(target_name, scenario.auth, scenario.client_tls) as target:
                 out[target_name] = scenario.run(cfg, env, target, params)
         except KeyboardInterrupt:
             raise
@@ -256,12 +256,13 @@ def _run_interleaved(scenario: Scenario, cfg: RunConfig, env: BenchEnv, params: 
     began = time.monotonic()
     with contextlib.ExitStack() as stack:
         for target_name in cfg.targets:
-            available, reason = env.available(target_name, scenario.auth)
+            available, reason = env.available(target_name, scenario.auth, scenario.client_tls)
             if not available:
                 out[target_name] = {"status": "unavailable", "reason": reason}
                 continue
             try:
-                running[target_name] = stack.enter_context(env.target(target_name, scenario.auth))
+                running[target_name] = stack.enter_context(env.target(target_name, scenario.auth,
+                                                                      scenario.client_tls))
                 measured[target_name] = []
             except Exception as exc:
                 cfg.log(f"  {target_name}: {type(exc).__name__}: {exc}")

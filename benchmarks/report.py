@@ -47,6 +47,8 @@ def _failure(result: dict[str, Any] | None) -> str | None:
         reason = str(result.get("reason") or "")
         if reason.startswith("no pgbouncer binary"):
             return "not installed"
+        if reason.startswith("no TLS"):
+            return "no TLS"
         return "disabled" if reason.startswith("disabled") else "n/a"
     if status == "skipped":
         return "skipped"
@@ -117,6 +119,9 @@ def metrics(results: Results) -> list[Metric]:
     if "connect_trust" in scenarios:
         rows.append(Metric("connect_trust.tps", "pgbench -S -C, trust login (tps)", "higher", "tps",
                            _plain("connect_trust", "tps")))
+    if "connect_tls" in scenarios:
+        rows.append(Metric("connect_tls.tps", "pgbench -S -C over TLS, trust login (tps)", "higher", "tps",
+                           _plain("connect_tls", "tps")))
     for name, login in (("serverless", ""), ("serverless_trust", ", trust login")):
         if name not in scenarios:
             continue
@@ -169,6 +174,14 @@ def metrics(results: Results) -> list[Metric]:
                            _plain("connect_trust", "pooler_cpu_us_per_txn"), poolers_only=True))
         rows.append(Metric("cpu_kernel.connect_trust", "pooler CPU per txn in the kernel, -C trust (µs)", "lower", "µs",
                            _plain("connect_trust", "pooler_kernel_us_per_txn"), poolers_only=True))
+    if "connect_tls" in scenarios:
+        rows.append(Metric("cpu.connect_tls", "pooler CPU per txn, -C TLS trust (µs)", "lower", "µs",
+                           _plain("connect_tls", "pooler_cpu_us_per_txn"), poolers_only=True))
+        rows.append(Metric("cpu_kernel.connect_tls", "pooler CPU per txn in the kernel, -C TLS trust (µs)", "lower",
+                           "µs", _plain("connect_tls", "pooler_kernel_us_per_txn"), poolers_only=True))
+        if "connect_trust" in scenarios:
+            rows.append(Metric("cpu.tls_handshake", "pooler CPU per TLS connection beyond a plain one "
+                               "(-C TLS minus -C trust, µs)", "lower", "µs", _tls_extra_cpu, poolers_only=True))
     for name, login in (("serverless", ""), ("serverless_trust", ", trust login")):
         if name in scenarios:
             rows.append(Metric(f"cpu.{name}", f"pooler CPU per serverless request{login} (µs)", "lower", "µs",
@@ -178,6 +191,15 @@ def metrics(results: Results) -> list[Metric]:
                            _plain("latency", "placements", "one_core", "simple", "pooler_cpu_us_per_request"),
                            poolers_only=True))
     return rows
+
+
+def _tls_extra_cpu(results: Results, target: str) -> tuple[float | None, str | None]:
+    """What TLS adds to a pooler's CPU per connection: its -C TLS figure minus its -C plaintext (both trust)."""
+    tls, failure = _plain("connect_tls", "pooler_cpu_us_per_txn")(results, target)
+    plain, plain_failure = _plain("connect_trust", "pooler_cpu_us_per_txn")(results, target)
+    if tls is None or plain is None:
+        return None, failure or plain_failure
+    return round(tls - plain, 2), None
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -274,7 +296,7 @@ def targets_check(results: Results) -> list[dict[str, Any]]:
                             None if vs_bouncer is None else vs_bouncer >= 1.0))
         checks.append(_goal("pgbench -S -C: pgmux ≥ 15× direct", f"{_fmt(vs_direct, 3)}×",
                             None if vs_direct is None else vs_direct >= 15,
-                            _client_bound_note(connect)))
+                            _client_bound_note(connect, "SCRAM's PBKDF2 in libpq on every connection")))
     trust = _scenario(results, "connect_trust")
     if trust:
         tps = {target: (trust.get(target) or {}).get("tps") if not _failure(trust.get(target)) else None
@@ -284,6 +306,25 @@ def targets_check(results: Results) -> list[dict[str, Any]]:
                             None if vs_bouncer is None else vs_bouncer >= 1.0, "same goal without libpq's PBKDF2"))
         checks.append(_goal("pgbench -S -C, trust login: pgmux ≥ 15× direct", f"{_fmt(vs_direct, 3)}×",
                             None if vs_direct is None else vs_direct >= 15, "same goal without libpq's PBKDF2"))
+    tls = _scenario(results, "connect_tls")
+    if tls:
+        tps = {target: (tls.get(target) or {}).get("tps") if not _failure(tls.get(target)) else None
+               for target in POOLERS}
+        ratio = _ratio(tps["pgmux"], tps["pgbouncer"])
+        bound = _client_bound_note(tls, "libpq's own TLS handshake on every connection")
+        checks.append(_goal("pgbench -S -C over TLS (sslmode=require): pgmux ≥ 0.8× PgBouncer (issue 17)",
+                            f"{_fmt(ratio, 3)}× ({_fmt(tps['pgmux'])} vs {_fmt(tps['pgbouncer'])} tps)",
+                            None if ratio is None else ratio >= 0.8,
+                            "; ".join(filter(None, ["both hand the handshake to OpenSSL; direct: no TLS in the "
+                                                    "embedded PostgreSQL", bound]))))
+        # The pooler's own handshake rate, which a client-bound tps hides: connections per CPU-second.
+        cpu = {target: (tls.get(target) or {}).get("pooler_cpu_us_per_txn") if not _failure(tls.get(target))
+               else None for target in POOLERS}
+        rate = _ratio(cpu["pgbouncer"], cpu["pgmux"])
+        checks.append(_goal("TLS connections per pooler CPU-second: pgmux ≥ 0.8× PgBouncer (issue 17)",
+                            f"{_fmt(rate, 3)}× ({_fmt(cpu['pgmux'])} vs {_fmt(cpu['pgbouncer'])} µs of pooler CPU "
+                            "per connection)", None if rate is None else rate >= 0.8,
+                            "the handshake rate each pooler could reach with the CPU to itself"))
     for name, login in (("serverless", ""), ("serverless_trust", ", trust login")):
         serverless = _scenario(results, name)
         if not serverless:
@@ -333,16 +374,15 @@ def targets_check(results: Results) -> list[dict[str, Any]]:
     return checks
 
 
-def _client_bound_note(per_target: dict[str, Any]) -> str:
-    """Say so when pgbench used most of the machine: then -C measures libpq's SCRAM, not the target."""
+def _client_bound_note(per_target: dict[str, Any], cause: str) -> str:
+    """Say so when pgbench used most of the machine: then -C measures the client's ``cause``, not the target."""
     shares = []
     for result in per_target.values():
         cpu = (result or {}).get("cpu") or {}
         if cpu.get("client_programs_s") is not None and cpu.get("wall_s"):
             shares.append(cpu["client_programs_s"] / cpu["wall_s"])
     if shares and max(shares) > 0.8:
-        return (f"pgbench itself used up to {max(shares):.1f} CPU-seconds per second (SCRAM's PBKDF2 in libpq on "
-                "every connection): client-bound")
+        return f"pgbench itself used up to {max(shares):.1f} CPU-seconds per second ({cause}): client-bound"
     return ""
 
 
@@ -435,7 +475,8 @@ def markdown(results: Results, image: str | None) -> str:
                      f"{_ratio_cell(row.get('pgmux/direct'))} |")
     checks = results.get("targets_check", [])
     if checks:
-        lines += ["", "## Issue targets (issue 7)", "", "| goal | measured | met | note |", "|---|---|---|---|"]
+        lines += ["", "## Issue targets (issue 7; TLS: issue 17)", "", "| goal | measured | met | note |",
+                  "|---|---|---|---|"]
         for check in checks:
             met = {True: "yes", False: "**no**", None: "n/a"}[check["met"]]
             lines.append(f"| {check['goal']} | {check['measured']} | {met} | {check.get('note', '')} |")
@@ -484,7 +525,7 @@ def _key_figures(name: str, result: dict[str, Any]) -> str:
                        "errors": data.get("errors") or None, "max backends": data.get("max_backends"),
                        "pooler CPU µs/req": data.get("pooler_cpu_us_per_request")}
                 for load, data in result.items() if isinstance(data, dict) and "latency_ms" in data}
-    elif name in ("connect", "connect_trust"):
+    elif name in ("connect", "connect_trust", "connect_tls"):
         pick = {"tps": result.get("tps"), "avg connection ms": result.get("avg_connection_ms"),
                 "max backends": result.get("max_backends"),
                 "pooler CPU µs/txn": result.get("pooler_cpu_us_per_txn"),
@@ -536,6 +577,8 @@ def plot(results: Results, path: Path) -> str | None:
         "SCRAM": {t: (r.get("tps") if not _failure(r) else None) for t, r in _scenario(results, "connect").items()},
         "trust": {t: (r.get("tps") if not _failure(r) else None)
                   for t, r in _scenario(results, "connect_trust").items()},
+        "TLS, trust": {t: (r.get("tps") if not _failure(r) else None)
+                       for t, r in _scenario(results, "connect_tls").items()},
     }, "pgbench -S -C (connection per transaction)", "tps")
     _cdf(axes[2][1], {t: r.get("served_cdf_ms") for t, r in _scenario(results, "storm").items()},
          f"storm: {results.get('scenarios', {}).get('storm', {}).get('params', {}).get('clients', '?')} clients "

@@ -7,13 +7,17 @@ and database with `pgbench -i` data, and knows how to start each target:
 * ``pgmux``     - ``python -m proxy serve`` as a separate process (so psutil can read its CPU and RSS);
 * ``pgbouncer`` - the ``pgbouncer`` binary with a generated ini, when one is installed.
 
-Both poolers get the same pool size, pool mode, client limit and wait timeout. Each is started for a
-scenario and stopped by its pid (in a ``finally``) when that scenario is done with it.
+Both poolers get the same pool size, pool mode, client limit and wait timeout; for the TLS scenario both
+terminate client TLS with the same certificate and key (generated once per run; direct PostgreSQL does no
+TLS here: the embedded build has no OpenSSL). Each is started for a scenario and stopped by its pid (in a
+``finally``) when that scenario is done with it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import glob
 import os
 import pwd
 import re
@@ -46,13 +50,18 @@ ADMIN_APP = "pgmux-bench-admin"
 MAX_CLIENT_CONN = 20_000
 # The fd limit asked for in the pooler processes (capped by the hard limit).
 POOLER_NOFILE = 65_536
+# Why direct has no TLS row: the wheel's PostgreSQL (and its libpq) are built without OpenSSL.
+DIRECT_NO_TLS = ("no TLS in direct PostgreSQL: the embedded build has no OpenSSL, so TLS scenarios compare the "
+                 "poolers only")
+# The certificate both poolers present: trustme's default key type, ECDSA P-256.
+TLS_CERTIFICATE = "ECDSA P-256 leaf for 127.0.0.1 from a throwaway CA (trustme), the same for both poolers"
 
 
-def clean_env(password: str | None = None) -> dict[str, str]:
+def clean_env(password: str | None = None, sslmode: str = "disable") -> dict[str, str]:
     """Our environment minus PG* variables that could redirect a client program; plus its password."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
     env["PGCONNECT_TIMEOUT"] = "10"
-    env["PGSSLMODE"] = "disable"
+    env["PGSSLMODE"] = sslmode
     if password is not None:
         env["PGPASSWORD"] = password
     return env
@@ -81,7 +90,33 @@ def client_bin_dir() -> Path:
         return Path(pgbench).parent
 
 
-def _first_line(argv: list[str]) -> str | None:
+def _has_ssl(pgbench: str) -> bool:
+    """Whether this pgbench's libpq was built with OpenSSL: without it, libpq refuses sslmode=require outright
+    (before connecting), so asking for it against a closed port tells the two builds apart in milliseconds."""
+    try:
+        result = subprocess.run([pgbench, "-n", "-S", "-T", "1", "-h", "127.0.0.1", "-p", str(free_port()), "x"],
+                                env=clean_env(sslmode="require"), capture_output=True, text=True, timeout=20,
+                                check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "SSL support is not compiled in" not in result.stdout + result.stderr
+
+
+def ssl_pgbench(preferred: str) -> str | None:
+    """A pgbench that can do sslmode=require: ``preferred`` (the wheel's, usually without OpenSSL), else the
+    newest of the distribution's (Debian/Ubuntu: /usr/lib/postgresql/<major>/bin), else the one on PATH."""
+    def major(path: str) -> int:
+        version = Path(path).parent.parent.name
+        return int(version) if version.isdigit() else 0
+
+    candidates = [preferred, *sorted(glob.glob("/usr/lib/postgresql/*/bin/pgbench"), key=major, reverse=True)]
+    on_path = shutil.which("pgbench")
+    if on_path:
+        candidates.append(on_path)
+    return next((candidate for candidate in dict.fromkeys(candidates) if _has_ssl(candidate)), None)
+
+
+def version_line(argv: list[str]) -> str | None:
     try:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
     except (OSError, subprocess.TimeoutExpired):
@@ -102,6 +137,7 @@ class Target:
     database: str
     pid: int | None = None
     process: ManagedProcess | None = field(default=None, repr=False)
+    sslmode: str = "disable"  # "require" when the target terminates client TLS
 
     @property
     def endpoint(self) -> Endpoint:
@@ -109,7 +145,7 @@ class Target:
 
     def url(self) -> str:
         return (f"postgresql://{quote(self.user, safe='')}:{quote(self.password, safe='')}@{self.host}:{self.port}/"
-                f"{quote(self.database, safe='')}?sslmode=disable")
+                f"{quote(self.database, safe='')}?sslmode={self.sslmode}")
 
 
 @dataclass
@@ -228,12 +264,48 @@ class BenchEnv:
 
     # ----------------------------------------------------------------- targets
 
-    def available(self, name: str, auth: str = "scram") -> tuple[bool, str | None]:
+    def available(self, name: str, auth: str = "scram", tls: bool = False) -> tuple[bool, str | None]:
+        if tls and name == "direct":
+            return False, DIRECT_NO_TLS
         if name == "pgbouncer" and self.pgbouncer is None:
             return False, self.pgbouncer_unavailable_reason
         if auth == "trust" and self.trust_password is None:
             return False, "trust-auth scenarios need the embedded PostgreSQL (they add an hba trust line)"
+        if tls and self.tls_pgbench() is None:
+            return False, ("no pgbench built with OpenSSL (the wheel's has none; Debian/Ubuntu: "
+                           "apt-get install -y postgresql-client)")
         return True, None
+
+    @functools.cache
+    def tls_pgbench(self) -> str | None:
+        """The pgbench for TLS runs (looked for on first use: only TLS scenarios need it)."""
+        return ssl_pgbench(self.pgbench)
+
+    def pgbench_for(self, target: Target) -> str:
+        if target.sslmode == "disable":
+            return self.pgbench
+        found = self.tls_pgbench()
+        if found is None:
+            raise RuntimeError("no pgbench built with OpenSSL")
+        return found
+
+    @functools.cache
+    def client_tls_files(self) -> tuple[Path, Path]:
+        """(certificate, key) both poolers present to TLS clients: generated on first use, once per run."""
+        import trustme  # the dev extra's, as asyncpg and psutil; only TLS scenarios need it
+
+        tls_dir = self.workdir / "tls"
+        tls_dir.mkdir()
+        leaf = trustme.CA().issue_cert(HOST, "localhost")
+        cert, key = tls_dir / "server.crt", tls_dir / "server.key"
+        leaf.cert_chain_pems[0].write_to_path(str(cert))
+        leaf.private_key_pem.write_to_path(str(key))
+        if self._os_user is not None:  # PgBouncer runs as this user and must read them
+            os.chmod(self.workdir, 0o711)
+            for path in (tls_dir, cert, key):
+                os.chown(path, self._os_user.pw_uid, self._os_user.pw_gid)
+        os.chmod(key, 0o600)
+        return cert, key
 
     def _pooler_os_user(self) -> pwd.struct_passwd | None:
         """PgBouncer refuses to run as root: run it as `postgres` (or `embedded_postgres`) when we are root."""
@@ -255,21 +327,25 @@ class BenchEnv:
         return self.user, self.password
 
     @contextlib.contextmanager
-    def target(self, name: str, auth: str = "scram") -> Iterator[Target]:
-        """Start ``name`` (nothing for direct) for clients logging in with ``auth``; stop it by pid afterwards."""
+    def target(self, name: str, auth: str = "scram", tls: bool = False) -> Iterator[Target]:
+        """Start ``name`` (nothing for direct) for clients logging in with ``auth``, over TLS (sslmode=require)
+        when ``tls``; stop it by pid afterwards."""
         user, password = self.login(auth)
         if name == "direct":
+            if tls:
+                raise RuntimeError(DIRECT_NO_TLS)
             yield Target("direct", self.host, self.port, user, password, self.database)
             return
         if name == "pgmux":
-            process, port = self._start_pgmux(auth)
+            process, port = self._start_pgmux(auth, tls)
         elif name == "pgbouncer":
-            process, port = self._start_pgbouncer(auth)
+            process, port = self._start_pgbouncer(auth, tls)
         else:
             raise ValueError(f"unknown target {name!r}")
         self.started.append({"name": name, "pid": process.pid})
         try:
-            yield Target(name, HOST, port, user, password, self.database, pid=process.pid, process=process)
+            yield Target(name, HOST, port, user, password, self.database, pid=process.pid, process=process,
+                         sslmode="require" if tls else "disable")
         finally:
             process.stop()
 
@@ -278,15 +354,24 @@ class BenchEnv:
         return (f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{self.host}:{self.port}/"
                 f"{quote(self.database, safe='')}?sslmode=disable")
 
-    def pgmux_argv(self, port: int, auth: str = "scram") -> list[str]:
+    def pgmux_argv(self, port: int, auth: str = "scram", tls: bool = False) -> list[str]:
         s = self.settings
         return [sys.executable, "-m", "proxy", "serve", "--listen", f"{HOST}:{port}",
                 "--default-pool-size", str(s.pool_size), "--pool-mode", s.pool_mode,
                 "--max-client-conn", str(MAX_CLIENT_CONN), "--query-wait-timeout", f"{s.query_wait_timeout:g}",
                 *(["--auth-type", "trust"] if auth == "trust" else []),
+                *(f"--{key.replace('_', '-')}={value}" for key, value in self._client_tls_settings(tls)),
                 "--log-level", "warning", *s.pgmux_args]
 
-    def _start_pgmux(self, auth: str) -> tuple[ManagedProcess, int]:
+    def _client_tls_settings(self, tls: bool) -> list[tuple[str, str]]:
+        """The client_tls_* settings (PgBouncer's names, pgmux's too) both poolers get; none without TLS."""
+        if not tls:
+            return []
+        cert, key = self.client_tls_files()
+        return [("client_tls_sslmode", "require"), ("client_tls_cert_file", str(cert)),
+                ("client_tls_key_file", str(key))]
+
+    def _start_pgmux(self, auth: str, tls: bool) -> tuple[ManagedProcess, int]:
         port = free_port()
         run_dir = Path(tempfile.mkdtemp(prefix="pgmux-", dir=self.workdir))
         # No inherited settings; the build choice (PGMUX_PURE_PYTHON) is kept: versions() reports it.
@@ -295,7 +380,7 @@ class BenchEnv:
         env["PGMUX_UPSTREAM_URL"] = self.upstream_url(auth)
         env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         # cwd is an empty directory, so no stray ./pgmux.toml is picked up.
-        process = ManagedProcess("pgmux", self.pgmux_argv(port, auth), env=env, cwd=run_dir,
+        process = ManagedProcess("pgmux", self.pgmux_argv(port, auth, tls), env=env, cwd=run_dir,
                                  log_path=run_dir / "pgmux.log", nofile=POOLER_NOFILE, stop_signal=signal.SIGINT)
         try:
             process.wait_for_port(HOST, port)
@@ -304,7 +389,7 @@ class BenchEnv:
             raise
         return process, port
 
-    def pgbouncer_ini(self, port: int, run_dir: Path, auth: str = "scram") -> str:
+    def pgbouncer_ini(self, port: int, run_dir: Path, auth: str = "scram", tls: bool = False) -> str:
         s = self.settings
         return "\n".join([
             "[databases]",
@@ -322,6 +407,7 @@ class BenchEnv:
             f"query_wait_timeout = {s.query_wait_timeout:g}",
             "listen_backlog = 4096",  # pgmux listens with backlog=4096 too
             "server_tls_sslmode = disable",
+            *(f"{key} = {value}" for key, value in self._client_tls_settings(tls)),
             "ignore_startup_parameters = extra_float_digits",
             f"logfile = {run_dir / 'pgbouncer.log'}",
             f"pidfile = {run_dir / 'pgbouncer.pid'}",
@@ -331,7 +417,7 @@ class BenchEnv:
             "",
         ])
 
-    def _start_pgbouncer(self, auth: str) -> tuple[ManagedProcess, int]:
+    def _start_pgbouncer(self, auth: str, tls: bool) -> tuple[ManagedProcess, int]:
         if self.pgbouncer is None:
             raise RuntimeError(self.pgbouncer_unavailable_reason)
         port = free_port()
@@ -344,7 +430,7 @@ class BenchEnv:
             user, secret = self.user, self.scram_secret or self.password
         (run_dir / "userlist.txt").write_text(f'"{user}" "{secret}"\n')
         ini = run_dir / "pgbouncer.ini"
-        ini.write_text(self.pgbouncer_ini(port, run_dir, auth))
+        ini.write_text(self.pgbouncer_ini(port, run_dir, auth, tls))
         if self._os_user is not None:
             os.chmod(self.workdir, 0o711)
             for path in (run_dir, run_dir / "userlist.txt", ini):
@@ -373,8 +459,8 @@ class BenchEnv:
         return {
             "postgres": self.server_version,
             "postgres_source": self.source,
-            "pgbench": _first_line([self.pgbench, "--version"]),
-            "pgbouncer": _first_line([self.pgbouncer, "--version"]) if self.pgbouncer else None,
+            "pgbench": version_line([self.pgbench, "--version"]),
+            "pgbouncer": version_line([self.pgbouncer, "--version"]) if self.pgbouncer else None,
             # The pgmux processes inherit this environment, so they make the same choice.
             "pgmux": f"{__version__}, {BUILD.describe()}",
         }

@@ -6,13 +6,15 @@ from benchmarks.scenarios.common import RunConfig, Scenario
 from benchmarks.scenarios.idle import IdleFleet
 from benchmarks.scenarios.latency import Latency
 from benchmarks.scenarios.serverless import Serverless, ServerlessTrust
-from benchmarks.scenarios.steady import ConnectPerTransaction, ConnectPerTransactionTrust, Steady
+from benchmarks.scenarios.steady import (
+    ConnectPerTransaction, ConnectPerTransactionTls, ConnectPerTransactionTrust, Steady,
+)
 from benchmarks.scenarios.storm import Storm
 
 SCENARIOS: dict[str, Scenario] = {
     scenario.name: scenario
     for scenario in (Serverless(), ServerlessTrust(), Steady(), ConnectPerTransaction(), ConnectPerTransactionTrust(),
-                     Latency(), Storm(), IdleFleet())
+                     ConnectPerTransactionTls(), Latency(), Storm(), IdleFleet())
 }
 
 __all__ = ["SCENARIOS", "RunConfig", "Scenario"]

@@ -50,6 +50,7 @@ class Scenario:
     description = ""
     interleaved = False
     auth = "scram"  # how clients log in: "scram" (everyone's default) or "trust" (see BenchEnv.target)
+    client_tls = False  # clients connect with sslmode=require (the poolers terminate TLS; direct cannot)
 
     def params(self, cfg: RunConfig, env: BenchEnv) -> dict[str, Any]:
         raise NotImplementedError

@@ -9,7 +9,7 @@ from benchmarks.procs import CpuMeter, run_bounded
 from benchmarks.scenarios.common import (
     BackendSampler, Result, RunConfig, Scenario, check_pooler, measured, per_unit_us, sqlstate_from_message,
 )
-from benchmarks.targets import BenchEnv, Target, clean_env
+from benchmarks.targets import TLS_CERTIFICATE, BenchEnv, Target, clean_env, version_line
 
 # "(without initial connection time)" normally; "(including reconnection times)" with -C.
 _TPS = re.compile(r"^tps = ([\d.]+) \(([^)]*)\)", re.M)
@@ -26,12 +26,13 @@ _SLACK_S = 60
 def run_pgbench(env: BenchEnv, target: Target, args: list[str], duration: float) -> Result:
     """One bounded pgbench run against ``target``; its numbers, or its error as the result."""
     seconds = max(1, int(round(duration)))
-    argv = [env.pgbench, "-n", *args, "-T", str(seconds), "-h", target.host, "-p", str(target.port),
+    argv = [env.pgbench_for(target), "-n", *args, "-T", str(seconds), "-h", target.host, "-p", str(target.port),
             "-U", target.user, target.database]
     meter = measured(env, target)
     with BackendSampler(env, target.pid) as sampler:
         before = meter.snapshot()
-        code, out, err, timed_out = run_bounded(argv, env=clean_env(target.password), timeout=seconds + _SLACK_S)
+        code, out, err, timed_out = run_bounded(argv, env=clean_env(target.password, target.sslmode),
+                                               timeout=seconds + _SLACK_S)
         sampler.settle()
         after = meter.snapshot()
     text = out + "\n" + err
@@ -138,7 +139,8 @@ class ConnectPerTransaction(Scenario):
 
     def run_unit(self, cfg: RunConfig, env: BenchEnv, target: Target, params: dict[str, Any], unit: Any) -> Result:
         clients = params["clients"]
-        cfg.log(f"  {target.name}: pgbench -S -C -c {clients} ({self.auth} login)")
+        cfg.log(f"  {target.name}: pgbench -S -C -c {clients} ({self.auth} login"
+                + (", sslmode=require)" if self.client_tls else ")"))
         return run_pgbench(env, target, ["-S", "-C", "-M", params["mode"], "-c", str(clients),
                                          "-j", str(min(2, clients))], params["duration_s"])
 
@@ -154,3 +156,23 @@ class ConnectPerTransactionTrust(ConnectPerTransaction):
                    "connection this shows what accepting a connection costs: a forked backend for PostgreSQL, a "
                    "socket and a pool lookup for a pooler.")
     auth = "trust"
+
+
+class ConnectPerTransactionTls(ConnectPerTransactionTrust):
+    name = "connect_tls"
+    title = "Connection per transaction over TLS: pgbench -S -C, sslmode=require (trust)"
+    description = ("`pgbench -S -C` with `sslmode=require`: every transaction opens a connection, does a full TLS "
+                   "handshake with the pooler (libpq makes a new SSL context per connection, so nothing is "
+                   "resumed), logs in, runs one SELECT and disconnects. Both poolers terminate client TLS with the "
+                   "same certificate and key (their `client_tls_*` settings) and talk plaintext to PostgreSQL. "
+                   "Logins are trust, as in `connect_trust`, so the handshake is the main cost per connection, not "
+                   "libpq's PBKDF2; `connect_tls` minus `connect_trust` pooler CPU is what a handshake costs each "
+                   "pooler. pgbench's own side of the handshake makes this client-bound on 2 cores: compare the "
+                   "pooler CPU per transaction. Direct is not measured: the embedded PostgreSQL has no OpenSSL. "
+                   "pgbench is one linked with an OpenSSL libpq (the distribution's), since the wheel's has none.")
+    client_tls = True
+
+    def params(self, cfg: RunConfig, env: BenchEnv) -> dict[str, Any]:
+        pgbench = env.tls_pgbench()
+        return {**super().params(cfg, env), "sslmode": "require", "certificate": TLS_CERTIFICATE,
+                "pgbench": version_line([pgbench, "--version"]) if pgbench else None}
