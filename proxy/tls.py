@@ -125,6 +125,9 @@ def load_client_tls(options: ClientTlsOptions) -> ClientTls:
         context.verify_mode = ssl.CERT_REQUIRED
     elif options.ca_file:
         context.verify_mode = ssl.CERT_OPTIONAL  # a certificate a client offers is checked, none is asked for
+    # No session tickets: PostgreSQL drivers do not resume TLS sessions (libpq makes a new SSL context per
+    # connection), so the two tickets TLS 1.3 sends by default would cost every handshake for nothing.
+    context.num_tickets = 0
     context.set_alpn_protocols([ALPN_POSTGRESQL])
     context.sni_callback = _note_server_name
     return ClientTls(options.sslmode, context, _end_point(options.cert_file))
@@ -158,34 +161,42 @@ def _note_server_name(ssl_object: Any, server_name: str | None, context: ssl.SSL
 
 
 class TlsSession:
-    """One connection's TLS as a sans-IO machine: encrypted bytes in, plaintext out, and back."""
+    """One connection's TLS as a sans-IO machine: encrypted bytes in, plaintext out, and back.
 
-    __slots__ = ("_incoming", "_outgoing", "_object", "established", "closed")
+    It calls the C object under ``ssl.SSLObject`` (``_sslobj``) directly, and reads only while bytes are
+    buffered rather than until OpenSSL raises "want read": each Python-level wrapper call and raised exception
+    is paid per record, and a TLS login or transaction is a handful of records.
+    """
+
+    __slots__ = ("_incoming", "_outgoing", "_object", "_ssl", "established", "closed")
 
     def __init__(self, context: ssl.SSLContext) -> None:
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._object = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._ssl: Any = self._object._sslobj  # type: ignore[attr-defined]  # CPython's _ssl._SSLSocket
         self.established = False  # the handshake is done
         self.closed = False  # the client sent close_notify
 
     def receive(self, data: bytes) -> bytes:
         """Take bytes from the client; return the plaintext they complete. Send ``outgoing()`` after."""
-        self._incoming.write(data)
+        incoming = self._incoming
+        incoming.write(data)
+        sslobj = self._ssl
         if not self.established:
             try:
-                self._object.do_handshake()
+                sslobj.do_handshake()
             except ssl.SSLWantReadError:
                 return b""
             except ssl.SSLError as exc:
                 raise TlsError(_handshake_reason(exc), exc.reason or str(exc)) from None
             self.established = True
         chunks = []
-        while True:
+        while incoming.pending or sslobj.pending():
             try:
-                chunk = self._object.read(_READ_CHUNK)
+                chunk = sslobj.read(_READ_CHUNK)
             except ssl.SSLWantReadError:
-                break
+                break  # the rest of a record is still to come
             except ssl.SSLZeroReturnError:
                 self.closed = True
                 break
@@ -194,14 +205,20 @@ class TlsSession:
             if not chunk:
                 break
             chunks.append(chunk)
+        if not chunks:
+            return b""
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    @property
+    def has_outgoing(self) -> bool:
+        return self._outgoing.pending > 0
 
     def outgoing(self) -> bytes:
         """TLS records to send to the client (handshake, alerts, close_notify)."""
         return self._outgoing.read()
 
     def encrypt(self, data: bytes | bytearray | memoryview) -> bytes:
-        self._object.write(data)
+        self._ssl.write(data)
         return self._outgoing.read()
 
     def close_notify(self) -> bytes:
@@ -265,9 +282,8 @@ class TlsTransport(asyncio.Transport):
         try:
             plain = session.receive(data)
         finally:
-            out = session.outgoing()  # an alert too, when the handshake failed
-            if out and not self.raw.is_closing():
-                self.raw.write(out)
+            if session.has_outgoing and not self.raw.is_closing():
+                self.raw.write(session.outgoing())  # handshake records, or an alert when it failed
         if not self._checked and session.established:
             self._checked = True
             if self._direct and session.alpn_protocol != ALPN_POSTGRESQL:
