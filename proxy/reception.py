@@ -8,6 +8,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from proxy.auth.cleartext import CleartextChecks
 from proxy.auth.secrets import UserSecret
 from proxy.cancel import CancelKeys
 from proxy.client import ClientConnection, Login
@@ -51,13 +52,19 @@ class Reception(Login):
     """
 
     def __init__(self, router: Router, registry: Registry[ClientConnection], cancel_keys: CancelKeys,
-                 client: ClientConnection, tls: ClientTls) -> None:
+                 client: ClientConnection, tls: ClientTls, server_name: str | None = None,
+                 cleartext: CleartextChecks | None = None) -> None:
         self.router = router
         self.registry = registry
         self.cancel_keys = cancel_keys
         self.client = client
         self.tls = tls  # what the listener offers, as it was when the connection came
         self.machine = LoginMachine(router.settings.ignore_startup_parameters, tls.offered, tls.required)
+        # A WebSocket session: the host name its HTTP request named (selects a database as SNI does), and the
+        # checks for a password the client sends before it is asked (the Neon driver's pipelineConnect).
+        self.server_name = server_name
+        self._cleartext = cleartext
+        self._pipelined = False  # the client sent its password unasked: it is asked for it in cleartext
         self._task: asyncio.Task[None] | None = None  # the welcome, while it waits for the pool's first server
         self._waiter: Waiter | None = None  # session mode: the welcome's place in line for the session's server
 
@@ -145,6 +152,7 @@ class Reception(Login):
     def _identified(self, event: Identified) -> bytes:
         client = self.client
         client.user, client.database = event.user, self._database(event.database)
+        self._pipelined = self._cleartext is not None and self.machine.pipelined
         if (self.tls.user_must_match_certificate and client.tls is not None
                 and client.tls.session.peer_common_name() != event.user):
             self.registry.count_rejection("client_certificate")
@@ -174,7 +182,8 @@ class Reception(Login):
     def _authenticate(self, secret: UserSecret | None) -> bytes:
         client = self.client
         end_point = self.tls.end_point if client.tls is not None else None
-        return self._handle(self.machine.authenticate(client.listener.auth_type, secret, end_point))
+        cleartext = self._cleartext if self._pipelined else None
+        return self._handle(self.machine.authenticate(client.listener.auth_type, secret, end_point, cleartext))
 
     async def _authenticate_looked_up(self) -> None:
         """The user is not configured: authenticate it against what auth_query says (an unknown user, too, runs
@@ -190,9 +199,10 @@ class Reception(Login):
             client.received(self._authenticate(secret))
 
     def _database(self, asked: str) -> str:
-        """The database a login goes to: the one its TLS host name selects (SNI), else the one it named."""
+        """The database a login goes to: the one its host name selects (TLS SNI, a WebSocket's HTTP request), else
+        the one it named."""
         tls = self.client.tls
-        server_name = tls.session.server_name if tls is not None else None
+        server_name = tls.session.server_name if tls is not None else self.server_name
         if server_name is not None and asked not in ADMIN_DATABASES:
             selected = self.router.database_for_server_name(server_name)
             if selected is not None:
