@@ -58,6 +58,7 @@ class Proxy:
         self.metrics: MetricsServer | None = None
         self._lifecycle = Lifecycle(shutdown=self.shutdown, reload=self.reload_from_source, kill=self.kill)
         self.sql_endpoint: Endpoint = _sql_not_served  # HTTP listeners' /sql
+        self.http_connections: set[HttpConnection] = set()
 
     @property
     def settings(self) -> Settings:
@@ -126,7 +127,7 @@ class Proxy:
         routes = HttpRoutes(sql=self.sql_endpoint,
                             open_session=functools.partial(self._open_websocket_session, listener),
                             max_request_size=lambda: int(self.settings.http_max_request_size),
-                            count_tls_failure=self.registry.count_tls_failure)
+                            count_tls_failure=self.registry.count_tls_failure, connections=self.http_connections)
         return HttpConnection(routes, self.client_tls[index])
 
     # ---- upkeep and shutdown ------------------------------------------------------------------
@@ -160,6 +161,8 @@ class Proxy:
                 await asyncio.sleep(0.05)
         for client in list(registry.clients):
             client.fail(errors.shutting_down())
+        for connection in list(self.http_connections):
+            connection.close()
         for pool in self.router.pools.values():
             pool.close_all("pgmux is shutting down")
         if self._janitor is not None:

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy.auth.cleartext import CleartextChecks
 from proxy.auth.secrets import UserSecret
@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 log = get_logger("client")  # login lines are the client's, as they always were
 
 ADMIN_DATABASES = frozenset({"pgmux", "pgbouncer"})  # the console answers to PgBouncer's name too
+# How long a WebSocket login whose StartupMessage came alone waits for a password sent unasked before it asks for
+# SCRAM. The Neon driver sends it in the same JavaScript turn, but without coalesceWrites in a frame of its own
+# that node may write a loop iteration later; a client that waits to be asked (pipelineConnect false) pays this once.
+PIPELINED_PASSWORD_WAIT: Final = 0.02
 
 
 class Reception(Login):
@@ -64,9 +68,11 @@ class Reception(Login):
         # checks for a password the client sends before it is asked (the Neon driver's pipelineConnect).
         self.server_name = server_name
         self._cleartext = cleartext
-        self._pipelined = False  # the client sent its password unasked: it is asked for it in cleartext
         self._task: asyncio.Task[None] | None = None  # the welcome, while it waits for the pool's first server
         self._waiter: Waiter | None = None  # session mode: the welcome's place in line for the session's server
+        # A WebSocket login waiting PIPELINED_PASSWORD_WAIT for a password sent unasked, and the secret it is for.
+        self._password_wait: asyncio.TimerHandle | None = None
+        self._secret: UserSecret | None = None
 
     # ---- Login ------------------------------------------------------------------------------------
 
@@ -99,7 +105,10 @@ class Reception(Login):
         return errors.too_many_failed_logins(address, retry_in)
 
     def data_received(self, data: bytes) -> bytes:
-        return self._handle(self.machine.feed(data))
+        rest = self._handle(self.machine.feed(data))
+        if self._password_wait is not None and self.machine.pipelined:
+            return self._stop_waiting()  # the password came unasked
+        return rest
 
     def check_timeout(self, now: float) -> None:
         if self._waiter is not None:
@@ -112,6 +121,9 @@ class Reception(Login):
                                      severity=errors.Severity.FATAL))
 
     def close(self) -> None:
+        if self._password_wait is not None:
+            self._password_wait.cancel()
+            self._password_wait = None
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -152,7 +164,6 @@ class Reception(Login):
     def _identified(self, event: Identified) -> bytes:
         client = self.client
         client.user, client.database = event.user, self._database(event.database)
-        self._pipelined = self._cleartext is not None and self.machine.pipelined
         if (self.tls.user_must_match_certificate and client.tls is not None
                 and client.tls.session.peer_common_name() != event.user):
             self.registry.count_rejection("client_certificate")
@@ -177,12 +188,36 @@ class Reception(Login):
                 self._task = self.registry.spawn(self._authenticate_looked_up(), name=f"auth_query {client.id}")
                 return b""
         client.state = ClientState.AUTH
+        return self._ask_password(secret)
+
+    def _ask_password(self, secret: UserSecret | None) -> bytes:
+        """Authenticate now, or, for a WebSocket login that has sent nothing more yet, once its password comes
+        unasked or PIPELINED_PASSWORD_WAIT has passed."""
+        if self._cleartext is not None and not self.machine.pipelined:
+            self._secret = secret
+            self._password_wait = asyncio.get_running_loop().call_later(PIPELINED_PASSWORD_WAIT, self._waited)
+            return b""
         return self._authenticate(secret)
 
+    def _stop_waiting(self) -> bytes:
+        wait, self._password_wait = self._password_wait, None
+        if wait is not None:
+            wait.cancel()
+        secret, self._secret = self._secret, None
+        return self._authenticate(secret)
+
+    def _waited(self) -> None:
+        """Nothing came unasked: the client waits to be asked, as over TCP."""
+        self._password_wait = None
+        if self.client.state is ClientState.AUTH:
+            self.client.received(self._stop_waiting())
+
     def _authenticate(self, secret: UserSecret | None) -> bytes:
+        """Ask for the password: in cleartext from a WebSocket client that sent it unasked (the Neon driver's
+        pipelineConnect), else as the listener's auth_type says."""
         client = self.client
         end_point = self.tls.end_point if client.tls is not None else None
-        cleartext = self._cleartext if self._pipelined else None
+        cleartext = self._cleartext if self.machine.pipelined else None
         return self._handle(self.machine.authenticate(client.listener.auth_type, secret, end_point, cleartext))
 
     async def _authenticate_looked_up(self) -> None:
@@ -196,7 +231,7 @@ class Reception(Login):
             return
         self._task = None
         if client.state is ClientState.AUTH:
-            client.received(self._authenticate(secret))
+            client.received(self._ask_password(secret))
 
     def _database(self, asked: str) -> str:
         """The database a login goes to: the one its host name selects (TLS SNI, a WebSocket's HTTP request), else

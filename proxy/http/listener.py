@@ -50,6 +50,7 @@ class HttpRoutes:
     open_session: Callable[[str | None], ClientConnection]
     max_request_size: Callable[[], int]  # http_max_request_size, as configured now
     count_tls_failure: Callable[[str], None]
+    connections: set[HttpConnection]  # the open ones, closed when pgmux stops
 
 
 def json_error(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> HttpResponse:
@@ -104,6 +105,7 @@ class HttpConnection:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.raw = self.transport = cast(asyncio.Transport, transport)
+        self.routes.connections.add(self)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         if self._tls_offer.offered:
@@ -137,6 +139,7 @@ class HttpConnection:
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.routes.connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
         if self._task is not None:
@@ -370,6 +373,10 @@ class HttpConnection:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def close(self) -> None:
+        """pgmux stops: end the connection (a WebSocket session has been told already, as every client is)."""
+        self._close()
 
     def _close(self) -> None:
         self._cancel_timer()

@@ -68,7 +68,7 @@ def _run(test: Callable[[HttpConnection, FakeSocket, list[Any]], Any]) -> None:
             return sessions[-1]
 
         routes = HttpRoutes(sql=sql, open_session=open_session, max_request_size=lambda: LIMIT,
-                            count_tls_failure=lambda reason: None)
+                            count_tls_failure=lambda reason: None, connections=set())
         connection = HttpConnection(routes, NO_TLS)
         socket = FakeSocket()
         connection.connection_made(socket)
