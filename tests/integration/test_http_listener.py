@@ -235,3 +235,29 @@ def test_a_100_mb_body_to_sql_gets_413_without_being_read(pgmux) -> None:
             pass
         sender.join(15)
     _healthy(proxy)
+
+
+def test_a_websocket_client_that_stops_reading_pauses_its_server_and_pgmux_holds_no_flood(pgmux) -> None:
+    proxy = pgmux(listeners=[HTTP_LISTENER])
+    client, _ = _login(proxy.port(1))
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    client.send(m.query("SELECT repeat('x', 200000) FROM generate_series(1, 300)"))  # 60 MB of rows
+
+    def state(p) -> tuple[bool, bool, int] | None:
+        linked = [c for c in p.registry.clients if c.server is not None]
+        if not linked:
+            return None
+        server = linked[0].server
+        return linked[0].flow.write_paused, server.transport.is_reading(), linked[0].transport.get_write_buffer_size()
+
+    deadline = time.monotonic() + 10
+    while (paused := proxy.call(state)) is None or paused[1]:
+        assert time.monotonic() < deadline, f"the server was never paused: {paused}"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    write_paused, server_reading, buffered = proxy.call(state)
+    assert write_paused and not server_reading and buffered < 16 * 1024 * 1024
+    rows = 0
+    for kind, _ in client.read_until(b"Z", timeout=60):  # reading again resumes the server: every row arrives
+        rows += kind == b"D"
+    assert rows == 300
