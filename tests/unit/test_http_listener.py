@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import h11
+import pytest
+import trustme
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from proxy.http.exchange import HttpRequest, HttpResponse
 from proxy.http.listener import HttpConnection, HttpRoutes
 from proxy.http.websocket import WebSocketTransport
-from proxy.tls import NO_TLS
+from proxy.settings import SslMode
+from proxy.tls import NO_TLS, ClientTlsOptions, load_client_tls
 
 LIMIT = 1000
 UPGRADE = (b"GET /v2?address=db.internal:5432 HTTP/1.1\r\nHost: edge.example.com:4444\r\nUpgrade: websocket\r\n"
@@ -270,3 +276,56 @@ def test_flow_control_through_the_websocket_reaches_the_socket() -> None:
         session.transport.resume_reading()
         assert socket.reading
     _run(test)
+
+
+def test_each_request_is_logged_with_method_path_status_and_duration_never_headers_or_query(
+        caplog: pytest.LogCaptureFixture) -> None:
+    async def test(connection: HttpConnection, socket: FakeSocket, _: Any) -> None:
+        body = b"{}"
+        connection.data_received(b"POST /sql?secret=1 HTTP/1.1\r\nHost: x\r\nNeon-Connection-String: "
+                                 b"postgresql://u:hunter2@h/db\r\nContent-Length: 2\r\n\r\n" + body)
+        for _ in range(10):
+            await asyncio.sleep(0)
+
+    with caplog.at_level(logging.INFO, logger="pgmux.http"):
+        _run(test)
+    [line] = [record.getMessage() for record in caplog.records if record.name == "pgmux.http"]
+    assert line.startswith("HTTP POST /sql 200 ") and " ms from 127.0.0.1:5555" in line
+    assert "hunter2" not in line and "secret" not in line
+
+
+def _handshake(tls: Any, client: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+               socket: FakeSocket) -> None:
+    for _ in range(10):
+        try:
+            client.do_handshake()
+            tls.receive(outgoing.read())  # the client's Finished
+            return
+        except ssl.SSLWantReadError:
+            tls.receive(outgoing.read())
+            incoming.write(bytes(socket.sent))
+            socket.sent.clear()
+    raise AssertionError("no handshake")
+
+
+def test_an_http_listener_tls_offers_alpn_http_1_1_and_requires_none(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    issued = ca.issue_cert("localhost")
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    options = ClientTlsOptions(SslMode.REQUIRE, str(cert), str(key), None, "secure", "default")
+    offer = load_client_tls(options, http=True)
+    for alpn in (["http/1.1"], None):
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        if alpn:
+            context.set_alpn_protocols(alpn)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        client = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+        socket = FakeSocket()
+        tls = offer.wrap(socket, direct=True)
+        _handshake(tls, client, incoming, outgoing, socket)
+        assert client.selected_alpn_protocol() == (alpn[0] if alpn else None)
+    # A PostgreSQL listener keeps requiring ALPN postgresql for direct TLS.
+    assert load_client_tls(options).required_alpn == "postgresql" and offer.required_alpn is None
