@@ -324,8 +324,8 @@ def _mock_scram_auth_info(user: str) -> ScramAuthInfo:
     return salt, secrets.token_bytes(32), secrets.token_bytes(32), _MOCK_ITERATIONS
 
 
-def client_authenticator(method: AuthMethod, user: str, secret: UserSecret | None,
-                         end_point: bytes | None = None, cleartext: CleartextChecks | None = None) -> ClientAuthenticator:
+def client_authenticator(method: AuthMethod, user: str, secret: UserSecret | None, end_point: bytes | None = None,
+                         cleartext: CleartextChecks | None = None) -> ClientAuthenticator:
     """The authenticator for one login of ``user`` under the configured ``method``.
 
     ``secret`` None means the user is unknown: the full exchange still runs (PostgreSQL's "mock

@@ -196,6 +196,9 @@ class HttpConnection:
         limit = self.routes.max_request_size()
         if length is not None and length.isdigit() and int(length) > limit:
             self._refuse(_too_large(limit))
+        elif self.http.they_are_waiting_for_100_continue:  # curl, for bodies over 1 kB
+            assert self.transport is not None
+            self.transport.write(self.http.send(h11.InformationalResponse(status_code=100, headers=[])))
 
     def _is_upgrade(self) -> bool:
         upgrade = _header(self._request, b"upgrade")

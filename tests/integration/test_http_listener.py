@@ -10,7 +10,6 @@ import threading
 import time
 
 import psycopg
-import pytest
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
 

@@ -164,6 +164,17 @@ def test_sql_requests_reach_the_endpoint_whole_and_keep_the_connection() -> None
     _run(test)
 
 
+def test_a_client_that_expects_100_continue_is_told_to_send_its_body() -> None:
+    async def test(connection: HttpConnection, socket: FakeSocket, parts: list[Any]) -> None:
+        connection.data_received(b"POST /sql HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+        assert bytes(socket.sent).startswith(b"HTTP/1.1 100 ")
+        connection.data_received(b"{}")
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert parts[1][0].body == b"{}"
+    _run(test)
+
+
 def test_a_body_over_the_limit_gets_413_without_being_read() -> None:
     def declared(connection: HttpConnection, socket: FakeSocket, parts: list[Any]) -> None:
         connection.data_received(b"POST /sql HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n" + b"x" * 500)
