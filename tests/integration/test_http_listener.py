@@ -27,6 +27,7 @@ class WebSocketClient:
 
     def __init__(self, port: int, target: str = "/v2") -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as ws and browsers: frames go out at once
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.sock.sendall(self.ws.send(Request(host=f"127.0.0.1:{port}", target=target)))
         self.received = bytearray()
@@ -106,6 +107,18 @@ def test_a_pipelined_cleartext_login_runs_the_query_sent_with_it(pgmux) -> None:
     text = scrape(proxy)
     assert value(text, "pgmux_client_connections_accepted_total", transport="websocket") == 1
     assert value(text, "pgmux_client_connections_accepted_total", transport="tcp") == 0
+
+
+def test_a_password_sent_unasked_in_a_later_frame_is_still_taken_in_cleartext(pgmux) -> None:
+    proxy = pgmux(listeners=[HTTP_LISTENER])
+    client = WebSocketClient(proxy.port(1))
+    client.send(build_startup_message({"user": APP.name, "database": APP_DATABASE}))
+    time.sleep(0.005)  # the Neon driver without coalesceWrites: each write a frame, node may send them apart
+    client.send(m.message(m.PASSWORD, APP.password.encode() + b"\x00") + m.query("SELECT 1"))
+    welcome = client.read_until(b"Z")
+    assert welcome[0] == (b"R", struct.pack("!I", 3)) and (b"R", struct.pack("!I", 0)) in welcome
+    assert [body[6:] for kind, body in client.read_until(b"Z") if kind == b"D"] == [b"1"]
+    client.close()
 
 
 def test_a_client_that_waits_is_asked_for_scram_and_ssl_requests_are_answered_n(pgmux) -> None:
