@@ -14,17 +14,19 @@ from proxy import BUILD, __version__
 from proxy.admin import AdminSession, Lifecycle
 from proxy.admission import Admission
 from proxy.cancel import CancelKeys
+from proxy.http.exchange import Endpoint, HttpRequest, HttpResponse
+from proxy.http.listener import HttpConnection, HttpRoutes, json_error
 from proxy.client import ClientConnection
 from proxy.logs import get_logger
 from proxy.metrics import MetricsServer, Readiness
 from proxy.protocol import errors
 from proxy.reception import Reception
-from proxy.registry import Registry
+from proxy.registry import TCP, WEBSOCKET, Registry
 from proxy.routing import Router
-from proxy.settings import Settings, split_address
+from proxy.settings import ListenerSettings, Settings, split_address
 from proxy.states import ClientState
 from proxy.stats import StatsWindow, stats_log_line
-from proxy.tls import ClientTls, client_tls_options, load_client_tls
+from proxy.tls import NO_TLS, ClientTls, client_tls_options, load_client_tls
 
 log = get_logger("app")
 
@@ -44,7 +46,7 @@ class Proxy:
         self.cancel_keys = CancelKeys()
         self.addresses: list[tuple[str, int]] = []  # where the listeners are bound, in listener order
         # What each listener offers clients (client_tls_*), in listener order; a bad file refuses the start.
-        self.client_tls: list[ClientTls] = [load_client_tls(client_tls_options(settings, listener))
+        self.client_tls: list[ClientTls] = [_load_client_tls(settings, listener)
                                             for listener in settings.all_listeners()]
         self._servers: list[asyncio.Server] = []
         self._janitor: asyncio.Task[None] | None = None
@@ -55,6 +57,8 @@ class Proxy:
         self.readiness = Readiness(self.registry, self.router, self.addresses)
         self.metrics: MetricsServer | None = None
         self._lifecycle = Lifecycle(shutdown=self.shutdown, reload=self.reload_from_source, kill=self.kill)
+        self.sql_endpoint: Endpoint = _sql_not_served  # HTTP listeners' /sql
+        self.http_connections: set[HttpConnection] = set()
 
     @property
     def settings(self) -> Settings:
@@ -75,16 +79,20 @@ class Proxy:
         loop = asyncio.get_running_loop()
         for index, listener in enumerate(self.settings.all_listeners()):
             host, port = split_address(listener.address)
-            server = await loop.create_server(functools.partial(self._accept, listener, index),  # type: ignore[arg-type]
-                                              host, port, reuse_address=True, backlog=4096)
+            if listener.protocol == "http":
+                accept: Callable[[], Any] = functools.partial(self._accept_http, listener, index)
+            else:
+                accept = functools.partial(self._accept, listener, index)
+            server = await loop.create_server(accept, host, port, reuse_address=True, backlog=4096)
             self._servers.append(server)
             # getattr: uvloop's Server.sockets is a list where the stub says tuple, and compiled code
             # checks declared types.
             sockets: Sequence[socket.socket] = getattr(server, "sockets")
             bound = sockets[0].getsockname()
             self.addresses.append((bound[0], bound[1]))
-            log.info("listening on %s:%d (%s pooling, %s auth, client TLS %s)", bound[0], bound[1],
-                     listener.pool_mode.value, listener.auth_type.value, self.client_tls[index].mode.value)
+            log.info("listening on %s:%d (%s, %s pooling, %s auth, client TLS %s)", bound[0], bound[1],
+                     listener.protocol, listener.pool_mode.value, listener.auth_type.value,
+                     self.client_tls[index].mode.value)
         self._janitor = self.registry.spawn(self._run_janitor(), name="janitor")
         self.registry.spawn(self._run_stats(), name="stats")
         if self.settings.metrics_listen:
@@ -92,16 +100,35 @@ class Proxy:
             await self.metrics.start(self.settings.metrics_listen)
             self.registry.spawn(self.readiness.run(), name="readiness")
 
-    def _accept(self, listener: Any, index: int) -> ClientConnection:
+    def _accept(self, listener: ListenerSettings, index: int) -> ClientConnection:
+        """A PostgreSQL client over TCP (its TLS, if any, is the listener's)."""
+        client = ClientConnection(self.router, self.registry, self.cancel_keys, listener)
+        client.login = Reception(self.router, self.registry, self.cancel_keys, client, self.client_tls[index])
+        return self._admit(client, TCP)
+
+    def _open_websocket_session(self, listener: ListenerSettings, server_name: str | None) -> ClientConnection:
+        """A PostgreSQL client inside a WebSocket: no TLS of its own (wss is the HTTP connection's), its host
+        name selecting a database as SNI does, and its password taken in cleartext when it sends it unasked."""
+        client = ClientConnection(self.router, self.registry, self.cancel_keys, listener)
+        client.login = Reception(self.router, self.registry, self.cancel_keys, client, NO_TLS, server_name,
+                                 self.router.cleartext)
+        return self._admit(client, WEBSOCKET)
+
+    def _admit(self, client: ClientConnection, transport: str) -> ClientConnection:
         registry = self.registry
-        client = ClientConnection(self.router, registry, self.cancel_keys, listener)
-        client.login = Reception(self.router, registry, self.cancel_keys, client, self.client_tls[index])
         limit = self.settings.max_login_clients or self.settings.max_client_conn
         oldest = registry.oldest_logging_in(limit)
         if oldest is not None:
             oldest.fail(errors.login_crowded_out(limit), reason="login_limit")
-        registry.add(client)
+        registry.add(client, transport)
         return client
+
+    def _accept_http(self, listener: ListenerSettings, index: int) -> HttpConnection:
+        routes = HttpRoutes(sql=self.sql_endpoint,
+                            open_session=functools.partial(self._open_websocket_session, listener),
+                            max_request_size=lambda: int(self.settings.http_max_request_size),
+                            count_tls_failure=self.registry.count_tls_failure, connections=self.http_connections)
+        return HttpConnection(routes, self.client_tls[index])
 
     # ---- upkeep and shutdown ------------------------------------------------------------------
 
@@ -134,6 +161,8 @@ class Proxy:
                 await asyncio.sleep(0.05)
         for client in list(registry.clients):
             client.fail(errors.shutting_down())
+        for connection in list(self.http_connections):
+            connection.close()
         for pool in self.router.pools.values():
             pool.close_all("pgmux is shutting down")
         if self._janitor is not None:
@@ -169,7 +198,7 @@ class Proxy:
         listener whose files fail to load keeps what it had."""
         for index, listener in enumerate(listeners):
             try:
-                self.client_tls[index] = load_client_tls(client_tls_options(settings, listener))
+                self.client_tls[index] = _load_client_tls(settings, listener)
             except ValueError as exc:
                 log.error("reload: client TLS of listener %s keeps its current certificate: %s", listener.address,
                           exc)
@@ -211,6 +240,14 @@ class Proxy:
             if client.state is not ClientState.ADMIN and client.database in names:
                 client.fail(errors.killed_by_admin(client.database))
         router.kill_servers(database)
+
+
+def _load_client_tls(settings: Settings, listener: ListenerSettings) -> ClientTls:
+    return load_client_tls(client_tls_options(settings, listener), http=listener.protocol == "http")
+
+
+async def _sql_not_served(request: HttpRequest) -> HttpResponse:
+    return json_error(501, "POST /sql is not served by this pgmux build; use a WebSocket session")
 
 
 async def run(settings: Settings, on_ready: Any = None, reload_settings: Callable[[], Settings] | None = None) -> None:

@@ -6,6 +6,7 @@ import enum
 from collections.abc import Collection, Mapping
 from typing import Final
 
+from proxy.auth.cleartext import CleartextChecks
 from proxy.auth.client_auth import AuthenticationFailed, ClientAuthenticator, client_authenticator
 from proxy.auth.secrets import AuthMethod, ScramKeys, UserSecret
 from proxy.parameters import StartupParameters, parse_startup_parameters
@@ -165,16 +166,22 @@ class LoginMachine:
         self._read(data, events)
         return events
 
-    def authenticate(self, method: AuthMethod, secret: UserSecret | None,
-                     end_point: bytes | None = None) -> list[LoginEvent]:
+    @property
+    def pipelined(self) -> bool:
+        """Identified, and the client has sent more already: it did not wait to be asked for its password."""
+        return self._phase is _Phase.IDENTIFIED and bool(self._buffer)
+
+    def authenticate(self, method: AuthMethod, secret: UserSecret | None, end_point: bytes | None = None,
+                     cleartext: CleartextChecks | None = None) -> list[LoginEvent]:
         """Run ``method`` against ``secret`` (None: the user is unknown, the exchange runs and fails).
 
         ``end_point``: over TLS, the tls-server-end-point data SCRAM channel binding binds to.
+        ``cleartext``: ask for the password itself instead, checked with these (not under trust).
         """
         if self._phase is not _Phase.IDENTIFIED:
             raise RuntimeError(f"authenticate() called while the login is {self._phase.value}")
         events: list[LoginEvent] = []
-        auth = client_authenticator(method, self.user, secret, end_point)
+        auth = client_authenticator(method, self.user, secret, end_point, cleartext)
         first = auth.start()
         if first:
             events.append(Reply(first))

@@ -19,6 +19,7 @@ from proxy import BUILD, __version__
 from proxy.auth.client_auth import FAILURE_KINDS
 from proxy.logs import get_logger
 from proxy.protocol.sql_words import SESSION_STATE_KINDS
+from proxy.registry import TRANSPORTS
 from proxy.session_state import PIN_KINDS
 from proxy.settings import split_address
 from proxy.states import CLIENT_LABELS, CLIENT_NAMES, LOGGING_IN, SERVER_LABELS, SERVER_NAMES
@@ -81,7 +82,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                        ("database",)),
     "pgmux_database_server_connections": ("gauge", "Server connections the database's pools hold now",
                                           ("database",)),
-    "pgmux_client_connections_accepted_total": ("counter", "Client sockets accepted", ()),
+    "pgmux_client_connections_accepted_total": ("counter", "Clients accepted, by transport: tcp, websocket (a "
+                                                "WebSocket session), http (an HTTP request)", ("transport",)),
     "pgmux_client_rejections_total": ("counter", "Clients refused or cut off by pgmux, by reason", ("reason",)),
     "pgmux_session_state_changes_total": ("counter", "Statements that may change their session's state (transaction "
                                           "mode), by kind: setting, role, temp, advisory_lock, listen...", ("kind",)),
@@ -280,10 +282,9 @@ class PgmuxExposition:
             _header("pgmux_client_connections"), _sample("pgmux_client_connections", "", len(registry.clients)),
             _header("pgmux_max_client_conn"),
             _sample("pgmux_max_client_conn", "", self.router.settings.max_client_conn),
-            _header("pgmux_client_connections_accepted_total"),
-            _sample("pgmux_client_connections_accepted_total", "", registry.accepted),
-            _header("pgmux_client_rejections_total"),
         ]
+        out.extend(_by_label("pgmux_client_connections_accepted_total", "transport", registry.accepted, TRANSPORTS))
+        out.append(_header("pgmux_client_rejections_total"))
         out.extend(_sample("pgmux_client_rejections_total", _labels(reason=reason), count)
                    for reason, count in sorted(rejections.items()))
         out.extend(_by_label("pgmux_session_state_changes_total", "kind", registry.session_changes,

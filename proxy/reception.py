@@ -6,8 +6,9 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
+from proxy.auth.cleartext import CleartextChecks
 from proxy.auth.secrets import UserSecret
 from proxy.cancel import CancelKeys
 from proxy.client import ClientConnection, Login
@@ -40,6 +41,10 @@ if TYPE_CHECKING:
 log = get_logger("client")  # login lines are the client's, as they always were
 
 ADMIN_DATABASES = frozenset({"pgmux", "pgbouncer"})  # the console answers to PgBouncer's name too
+# How long a WebSocket login whose StartupMessage came alone waits for a password sent unasked before it asks for
+# SCRAM. The Neon driver sends it in the same JavaScript turn, but without coalesceWrites in a frame of its own
+# that node may write a loop iteration later; a client that waits to be asked (pipelineConnect false) pays this once.
+PIPELINED_PASSWORD_WAIT: Final = 0.02
 
 
 class Reception(Login):
@@ -51,15 +56,23 @@ class Reception(Login):
     """
 
     def __init__(self, router: Router, registry: Registry[ClientConnection], cancel_keys: CancelKeys,
-                 client: ClientConnection, tls: ClientTls) -> None:
+                 client: ClientConnection, tls: ClientTls, server_name: str | None = None,
+                 cleartext: CleartextChecks | None = None) -> None:
         self.router = router
         self.registry = registry
         self.cancel_keys = cancel_keys
         self.client = client
         self.tls = tls  # what the listener offers, as it was when the connection came
         self.machine = LoginMachine(router.settings.ignore_startup_parameters, tls.offered, tls.required)
+        # A WebSocket session: the host name its HTTP request named (selects a database as SNI does), and the
+        # checks for a password the client sends before it is asked (the Neon driver's pipelineConnect).
+        self.server_name = server_name
+        self._cleartext = cleartext
         self._task: asyncio.Task[None] | None = None  # the welcome, while it waits for the pool's first server
         self._waiter: Waiter | None = None  # session mode: the welcome's place in line for the session's server
+        # A WebSocket login waiting PIPELINED_PASSWORD_WAIT for a password sent unasked, and the secret it is for.
+        self._password_wait: asyncio.TimerHandle | None = None
+        self._secret: UserSecret | None = None
 
     # ---- Login ------------------------------------------------------------------------------------
 
@@ -92,7 +105,10 @@ class Reception(Login):
         return errors.too_many_failed_logins(address, retry_in)
 
     def data_received(self, data: bytes) -> bytes:
-        return self._handle(self.machine.feed(data))
+        rest = self._handle(self.machine.feed(data))
+        if self._password_wait is not None and self.machine.pipelined:
+            return self._stop_waiting()  # the password came unasked
+        return rest
 
     def check_timeout(self, now: float) -> None:
         if self._waiter is not None:
@@ -105,6 +121,9 @@ class Reception(Login):
                                      severity=errors.Severity.FATAL))
 
     def close(self) -> None:
+        if self._password_wait is not None:
+            self._password_wait.cancel()
+            self._password_wait = None
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -169,12 +188,37 @@ class Reception(Login):
                 self._task = self.registry.spawn(self._authenticate_looked_up(), name=f"auth_query {client.id}")
                 return b""
         client.state = ClientState.AUTH
+        return self._ask_password(secret)
+
+    def _ask_password(self, secret: UserSecret | None) -> bytes:
+        """Authenticate now, or, for a WebSocket login that has sent nothing more yet, once its password comes
+        unasked or PIPELINED_PASSWORD_WAIT has passed."""
+        if self._cleartext is not None and not self.machine.pipelined:
+            self._secret = secret
+            self._password_wait = asyncio.get_running_loop().call_later(PIPELINED_PASSWORD_WAIT, self._waited)
+            return b""
         return self._authenticate(secret)
 
+    def _stop_waiting(self) -> bytes:
+        wait, self._password_wait = self._password_wait, None
+        if wait is not None:
+            wait.cancel()
+        secret, self._secret = self._secret, None
+        return self._authenticate(secret)
+
+    def _waited(self) -> None:
+        """Nothing came unasked: the client waits to be asked, as over TCP."""
+        self._password_wait = None
+        if self.client.state is ClientState.AUTH:
+            self.client.received(self._stop_waiting())
+
     def _authenticate(self, secret: UserSecret | None) -> bytes:
+        """Ask for the password: in cleartext from a WebSocket client that sent it unasked (the Neon driver's
+        pipelineConnect), else as the listener's auth_type says."""
         client = self.client
         end_point = self.tls.end_point if client.tls is not None else None
-        return self._handle(self.machine.authenticate(client.listener.auth_type, secret, end_point))
+        cleartext = self._cleartext if self.machine.pipelined else None
+        return self._handle(self.machine.authenticate(client.listener.auth_type, secret, end_point, cleartext))
 
     async def _authenticate_looked_up(self) -> None:
         """The user is not configured: authenticate it against what auth_query says (an unknown user, too, runs
@@ -187,12 +231,13 @@ class Reception(Login):
             return
         self._task = None
         if client.state is ClientState.AUTH:
-            client.received(self._authenticate(secret))
+            client.received(self._ask_password(secret))
 
     def _database(self, asked: str) -> str:
-        """The database a login goes to: the one its TLS host name selects (SNI), else the one it named."""
+        """The database a login goes to: the one its host name selects (TLS SNI, a WebSocket's HTTP request), else
+        the one it named."""
         tls = self.client.tls
-        server_name = tls.session.server_name if tls is not None else None
+        server_name = tls.session.server_name if tls is not None else self.server_name
         if server_name is not None and asked not in ADMIN_DATABASES:
             selected = self.router.database_for_server_name(server_name)
             if selected is not None:

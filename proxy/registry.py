@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Callable, Coroutine
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 from proxy.admission import Admission
 from proxy.failed_logins import FailedLogins
@@ -13,6 +13,12 @@ from proxy.logs import get_logger
 from proxy.protocol import errors
 
 log = get_logger("registry")
+
+# How clients reach pgmux (the metrics' transport label): PostgreSQL over TCP, a WebSocket session, an HTTP request.
+TCP: Final = "tcp"
+WEBSOCKET: Final = "websocket"
+HTTP: Final = "http"
+TRANSPORTS: Final = (TCP, WEBSOCKET, HTTP)
 
 # The client connection type: generic, so that this module never imports the client edge that uses it.
 ClientT = TypeVar("ClientT")
@@ -52,7 +58,7 @@ class Registry(Generic[ClientT]):
         self.auth_failures: collections.Counter[str] = collections.Counter()  # failed logins, by kind
         self.failed_logins = FailedLogins()
         self.session_refusals: collections.Counter[str] = collections.Counter()  # by session_state.PIN_KINDS kind
-        self.accepted = 0  # client sockets accepted since start
+        self.accepted: collections.Counter[str] = collections.Counter()  # clients accepted since start, by transport
         self.draining = False  # shutdown has begun: new logins are refused
         self.tasks: set[asyncio.Task[Any]] = set()
 
@@ -72,9 +78,9 @@ class Registry(Generic[ClientT]):
 
     # ---- clients ----------------------------------------------------------------------------------
 
-    def add(self, client: ClientT) -> None:
-        """A socket was accepted: the client counts as logging in until login_finished."""
-        self.accepted += 1
+    def add(self, client: ClientT, transport: str = TCP) -> None:
+        """A client connected (``transport``: TRANSPORTS): it counts as logging in until login_finished."""
+        self.accepted[transport] += 1
         self.clients.add(client)
         self.logging_in[client] = None
 

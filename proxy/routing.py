@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from proxy.admission import Admission
+from proxy.auth.cleartext import CleartextChecks
 from proxy.auth.secrets import ScramKeys, UserSecret
 from proxy.logs import get_logger
 from proxy.pool import Pool, PoolConfig, PoolKey, ServerBudget
@@ -71,6 +72,8 @@ class Router:
         # auth_query answers: (database, user) -> (valid until, the secret; None: no such user or no password).
         self._looked_up: dict[tuple[str, str], tuple[float, UserSecret | None]] = {}
         self._totals = DatabaseTotals()  # each database's counters, kept across its pools dropped as unused
+        # Cleartext passwords (WebSocket logins) checked against secrets, recent successes remembered: one per process.
+        self.cleartext = CleartextChecks()
 
     # ---- routing a login to a pool --------------------------------------------------------------
 

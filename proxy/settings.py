@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,6 +158,15 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
@@ -179,6 +189,12 @@ class ListenerSettings(_Section):
     """One `[[listeners]]` entry: its own pool mode, client authentication and client TLS (None: the global one)."""
 
     address: Address
+    # postgres: PostgreSQL's protocol over TCP. http: edge runtimes' front end (the Neon serverless driver),
+    # WebSocket sessions and HTTP requests on one port, TLS (wss/https) from the client_tls_* settings.
+    protocol: Literal["postgres", "http"] = "postgres"
+    # An http listener without TLS carries passwords in plaintext: off loopback only when set (behind a
+    # TLS-terminating proxy such as Caddy or nginx).
+    allow_plaintext_http: bool = False
     pool_mode: PoolMode = PoolMode.TRANSACTION
     auth_type: AuthMethod = AuthMethod.SCRAM_SHA_256
     client_tls_sslmode: SslMode | None = None
@@ -286,6 +302,9 @@ class Settings(BaseSettings):
     stats_users: list[str] = []  # may run the read-only SHOW commands
     stats_period: Duration = 60.0  # how often the "stats:" log line is written; 0 turns it off
 
+    # HTTP listeners: the largest request body read (larger ones get 413, nothing of them is buffered).
+    http_max_request_size: Annotated[ByteSize, Field(ge=1)] = ByteSize(10 * 1024 * 1024)
+
     metrics_listen: Address | None = None
     log_format: Literal["plain", "json"] = "plain"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -318,6 +337,8 @@ class Settings(BaseSettings):
         addresses = [listener.address for listener in self.all_listeners() if not listener.address.endswith(":0")]
         if len(set(addresses)) != len(addresses):
             raise ValueError(f"two listeners share an address: {addresses}")
+        for listener in self.all_listeners():
+            self._check_http_listener(listener)
         for name, user in self.users.items():
             _check_user_secret(name, user.password.get_secret_value())
         seen: dict[str, str] = {}
@@ -328,6 +349,19 @@ class Settings(BaseSettings):
                                      f"[databases.{name}]")
                 seen[host.lower()] = name
         return self
+
+    def _check_http_listener(self, listener: ListenerSettings) -> None:
+        if listener.protocol != "http":
+            return
+        sslmode = listener.client_tls_sslmode or self.client_tls_sslmode
+        host = split_address(listener.address)[0]
+        if sslmode is SslMode.DISABLE and not listener.allow_plaintext_http and not _is_loopback(host):
+            raise ValueError(f"listener {listener.address} (protocol http) has no TLS and is not on loopback: "
+                             "passwords would travel in plaintext. Set client_tls_sslmode with a certificate, or "
+                             "allow_plaintext_http = true when a TLS-terminating proxy is in front")
+        if sslmode is SslMode.VERIFY_FULL:
+            raise ValueError(f"listener {listener.address} (protocol http): client_tls_sslmode = verify-full "
+                             "matches certificates to PostgreSQL users, which an HTTP listener cannot; use verify-ca")
 
     def all_databases(self) -> dict[str, DatabaseSettings]:
         """The [databases] sections plus the one the upstream_url shorthand names."""

@@ -19,6 +19,7 @@ from asn1crypto import x509 as asn1_x509  # scramp's own dependency: reads a cer
 from proxy.settings import ListenerSettings, Settings, SslMode
 
 ALPN_POSTGRESQL: Final = "postgresql"  # what a direct-TLS client must ask for, as PostgreSQL 17 requires
+ALPN_HTTP: Final = "http/1.1"  # what an HTTP listener offers (wss/https); clients need not ask for it
 TLS_HANDSHAKE_RECORD: Final = 0x16  # the first byte of a ClientHello: a client negotiating TLS directly
 _READ_CHUNK: Final = 1 << 17
 _PROTOCOLS: Final = {"tlsv1.2": ssl.TLSVersion.TLSv1_2, "tlsv1.3": ssl.TLSVersion.TLSv1_3}
@@ -58,13 +59,16 @@ class ClientTls:
     Built once per listener and again on reload (SIGHUP); connections keep the context they started with.
     """
 
-    __slots__ = ("mode", "context", "end_point")
+    __slots__ = ("mode", "context", "end_point", "required_alpn")
 
-    def __init__(self, mode: SslMode, context: ssl.SSLContext | None, end_point: bytes) -> None:
+    def __init__(self, mode: SslMode, context: ssl.SSLContext | None, end_point: bytes,
+                 required_alpn: str | None = ALPN_POSTGRESQL) -> None:
         self.mode = mode
         self.context = context
         # tls-server-end-point channel binding data (RFC 5929): the hash of pgmux's own certificate.
         self.end_point = end_point
+        # The ALPN protocol a direct-TLS client must ask for (None: any, or none).
+        self.required_alpn = required_alpn
 
     @property
     def offered(self) -> bool:
@@ -81,9 +85,9 @@ class ClientTls:
         return self.mode is SslMode.VERIFY_FULL
 
     def wrap(self, raw: asyncio.Transport, direct: bool) -> TlsTransport:
-        """A connection's TLS over its socket's transport ``raw``."""
+        """A connection's TLS over its socket's transport ``raw``; ``direct``: it began with a ClientHello."""
         assert self.context is not None
-        return TlsTransport(raw, TlsSession(self.context), direct)
+        return TlsTransport(raw, TlsSession(self.context), self.required_alpn if direct else None)
 
 
 NO_TLS: Final = ClientTls(SslMode.DISABLE, None, b"")
@@ -98,8 +102,12 @@ def client_tls_options(settings: Settings, listener: ListenerSettings) -> Client
                             pick("client_tls_ca_file"), pick("client_tls_protocols"), pick("client_tls_ciphers"))
 
 
-def load_client_tls(options: ClientTlsOptions) -> ClientTls:
-    """The listener's offer, its files read now; ValueError names what is wrong (a reload keeps the old one)."""
+def load_client_tls(options: ClientTlsOptions, http: bool = False) -> ClientTls:
+    """The listener's offer, its files read now; ValueError names what is wrong (a reload keeps the old one).
+
+    ``http``: for an HTTP listener (wss/https), whose TLS is always direct: ALPN offers http/1.1 and
+    requires nothing, as browsers and WebSocket clients may not send ALPN at all.
+    """
     if options.sslmode is SslMode.DISABLE:
         return NO_TLS
     if not options.cert_file or not options.key_file:
@@ -125,12 +133,14 @@ def load_client_tls(options: ClientTlsOptions) -> ClientTls:
         context.verify_mode = ssl.CERT_REQUIRED
     elif options.ca_file:
         context.verify_mode = ssl.CERT_OPTIONAL  # a certificate a client offers is checked, none is asked for
-    # No session tickets: PostgreSQL drivers do not resume TLS sessions (libpq makes a new SSL context per
-    # connection), so the two tickets TLS 1.3 sends by default would cost every handshake for nothing.
-    context.num_tickets = 0
-    context.set_alpn_protocols([ALPN_POSTGRESQL])
+    if not http:
+        # No session tickets: PostgreSQL drivers do not resume TLS sessions (libpq makes a new SSL context per
+        # connection), so the two tickets TLS 1.3 sends by default would cost every handshake for nothing.
+        # HTTP clients (fetch, WebSocket) do resume: they keep them.
+        context.num_tickets = 0
+    context.set_alpn_protocols([ALPN_HTTP if http else ALPN_POSTGRESQL])
     context.sni_callback = _note_server_name
-    return ClientTls(options.sslmode, context, _end_point(options.cert_file))
+    return ClientTls(options.sslmode, context, _end_point(options.cert_file), None if http else ALPN_POSTGRESQL)
 
 
 def _protocol_range(protocols: str) -> tuple[ssl.TLSVersion, ssl.TLSVersion]:
@@ -269,11 +279,13 @@ class TlsTransport(asyncio.Transport):
     socket receives are decrypted by ``receive`` (the connection calls it; reading and flow control stay
     the socket's)."""
 
-    def __init__(self, raw: asyncio.Transport, session: TlsSession, direct: bool) -> None:
+    def __init__(self, raw: asyncio.Transport, session: TlsSession, required_alpn: str | None) -> None:
         super().__init__()
         self.raw = raw
         self.session = session
-        self._direct = direct  # began with a ClientHello, not an SSLRequest: ALPN must say postgresql
+        # What ALPN must say once the handshake is done: postgresql for a PostgreSQL client that began with a
+        # ClientHello, not an SSLRequest; None: anything.
+        self._required_alpn = required_alpn
         self._checked = False
 
     def receive(self, data: bytes) -> bytes:
@@ -286,9 +298,10 @@ class TlsTransport(asyncio.Transport):
                 self.raw.write(session.outgoing())  # handshake records, or an alert when it failed
         if not self._checked and session.established:
             self._checked = True
-            if self._direct and session.alpn_protocol != ALPN_POSTGRESQL:
+            required = self._required_alpn
+            if required is not None and session.alpn_protocol != required:
                 # As PostgreSQL 17: direct TLS without ALPN could be any protocol's client.
-                raise TlsError("alpn", "direct TLS connection without ALPN protocol postgresql")
+                raise TlsError("alpn", f"direct TLS connection without ALPN protocol {required}")
         return plain
 
     def write(self, data: bytes | bytearray | memoryview) -> None:

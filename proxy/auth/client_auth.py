@@ -14,6 +14,7 @@ from scramp import ScramException, ScramMechanism
 from scramp.core import ScramServer
 from scramp.utils import ServerError
 
+from proxy.auth.cleartext import CleartextChecks
 from proxy.auth.secrets import (
     SCRAM_SHA_256,
     AuthMethod,
@@ -161,6 +162,44 @@ class _Md5Authenticator(ClientAuthenticator):
         return b""
 
 
+class _CleartextAuthenticator(ClientAuthenticator):
+    """The password itself, checked against whatever secret is known (CleartextChecks): for WebSocket clients,
+    whose driver sends it before the server has asked for anything. The connection is already encrypted (wss) or
+    runs behind a TLS-terminating proxy, as the HTTP listener's configuration requires off loopback."""
+
+    method = AuthMethod.SCRAM_SHA_256  # what the secret is ultimately checked as; never shown to the client
+
+    def __init__(self, user: str, secret: UserSecret | None, checks: CleartextChecks) -> None:
+        super().__init__(user)
+        self._secret = secret
+        self._checks = checks
+        self._keys: ScramKeys | None = None
+
+    @property
+    def scram_keys(self) -> ScramKeys | None:
+        return self._keys
+
+    def _start(self) -> bytes:
+        self._stage = _Stage.AWAITING_PASSWORD
+        return messages.authentication_cleartext()
+
+    def _receive(self, stage: _Stage, body: bytes) -> bytes:
+        try:
+            password = messages.parse_password(body).decode("utf-8")
+        except UnicodeDecodeError:
+            self._fail(WRONG_PASSWORD, WRONG)
+        if self._secret is None:
+            # The work a real user's SCRAM verifier costs, so that the answer's timing does not tell.
+            salt, _, _, iterations = _mock_scram_auth_info(self.user)
+            hashlib.pbkdf2_hmac("sha256", password.encode("utf-8", "surrogatepass"), salt, iterations)
+            self._fail(NO_PASSWORD_KNOWN, UNKNOWN_USER)
+        ok, self._keys = self._checks.check(self._secret, self.user, password)
+        if not ok:
+            self._fail(WRONG_PASSWORD, WRONG)
+        self._stage = _Stage.DONE
+        return b""
+
+
 class _ScramAuthenticator(ClientAuthenticator):
     method = AuthMethod.SCRAM_SHA_256
 
@@ -285,18 +324,21 @@ def _mock_scram_auth_info(user: str) -> ScramAuthInfo:
     return salt, secrets.token_bytes(32), secrets.token_bytes(32), _MOCK_ITERATIONS
 
 
-def client_authenticator(method: AuthMethod, user: str, secret: UserSecret | None,
-                         end_point: bytes | None = None) -> ClientAuthenticator:
+def client_authenticator(method: AuthMethod, user: str, secret: UserSecret | None, end_point: bytes | None = None,
+                         cleartext: CleartextChecks | None = None) -> ClientAuthenticator:
     """The authenticator for one login of ``user`` under the configured ``method``.
 
     ``secret`` None means the user is unknown: the full exchange still runs (PostgreSQL's "mock
     authentication") and then fails, so that the flow does not reveal which users exist.
     ``end_point``: over TLS, the tls-server-end-point channel binding data (SCRAM-SHA-256-PLUS is offered).
+    ``cleartext``: the client is asked for its password itself, checked with these (unless ``method`` is trust).
     """
     if secret is not None and secret.user != user:
         raise ValueError(f"secret for user {secret.user!r} given to authenticate user {user!r}")
     if method is AuthMethod.TRUST:
         return _TrustAuthenticator(user)
+    if cleartext is not None:
+        return _CleartextAuthenticator(user, secret, cleartext)
     if method is AuthMethod.MD5:
         if secret is not None and secret.md5_hash is not None:
             return _Md5Authenticator(user, secret.md5_hash)

@@ -118,7 +118,7 @@ def test_counters_and_histograms_match_the_traffic(pgmux) -> None:
             await conn.execute("SELECT 2")
         await conn.close()
 
-    accepted_before = proxy.call(lambda p: p.registry.accepted)
+    accepted_before = proxy.call(lambda p: p.registry.accepted["tcp"])
     asyncio.run(scenario())
     text = scrape(proxy)
     stats = proxy.call(lambda p: next(iter(p.router.pools.values())).stats)
@@ -128,7 +128,7 @@ def test_counters_and_histograms_match_the_traffic(pgmux) -> None:
     assert value(text, "pgmux_sent_bytes_total", **pool) == stats.bytes_sent > 0
     assert value(text, "pgmux_server_connects_total", **pool) >= 1
     assert value(text, "pgmux_server_connect_failures_total", **pool) == 0
-    assert value(text, "pgmux_client_connections_accepted_total") == accepted_before + 1
+    assert value(text, "pgmux_client_connections_accepted_total", transport="tcp") == accepted_before + 1
     for name in ("pgmux_prepared_statement_hits_total", "pgmux_prepared_statement_misses_total",
                  "pgmux_prepared_statement_evictions_total", "pgmux_cancels_forwarded_total"):
         assert value(text, name, **pool) >= 0

@@ -47,7 +47,7 @@ def test_the_oldest_login_in_progress_is_crowded_out_at_the_limit() -> None:
     first, second = _client(), _client()
     registry.add(first)
     registry.add(second)
-    assert registry.accepted == 2
+    assert registry.accepted == {"tcp": 2}
     assert registry.oldest_logging_in(3) is None
     assert registry.oldest_logging_in(2) is first
     registry.login_finished(first)

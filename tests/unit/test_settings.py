@@ -411,3 +411,19 @@ def test_check_config_error_never_shows_part_of_a_password(tmp_path: Path) -> No
     assert "upstream_url" in result.stderr
     for part in password.split("/"):
         assert part not in result.stderr, result.stderr
+
+
+def test_a_plaintext_http_listener_off_loopback_is_refused_unless_allowed_explicitly() -> None:
+    upstream = "postgresql://app:pw@127.0.0.1:5432/app"
+    with pytest.raises(ValidationError, match="allow_plaintext_http"):
+        Settings(upstream_url=upstream, listeners=[{"address": "0.0.0.0:8080", "protocol": "http"}])
+    Settings(upstream_url=upstream, listeners=[{"address": "0.0.0.0:8080", "protocol": "http",
+                                                "allow_plaintext_http": True}])
+    Settings(upstream_url=upstream, listeners=[{"address": "127.0.0.1:8080", "protocol": "http"},
+                                               {"address": "[::1]:8081", "protocol": "http"},
+                                               {"address": "localhost:8082", "protocol": "http"}])
+    with_tls = Settings(upstream_url=upstream, listeners=[{"address": "0.0.0.0:8443", "protocol": "http",
+                                                           "client_tls_sslmode": "require"}])
+    assert with_tls.all_listeners()[0].protocol == "http"
+    assert Settings(upstream_url=upstream).all_listeners()[0].protocol == "postgres"
+    assert int(with_tls.http_max_request_size) == 10 * 1024 * 1024
