@@ -14,6 +14,7 @@ from proxy import BUILD, __version__
 from proxy.admin import AdminSession, Lifecycle
 from proxy.admission import Admission
 from proxy.cancel import CancelKeys
+from proxy.http.sql import SqlEndpoint
 from proxy.client import ClientConnection
 from proxy.logs import get_logger
 from proxy.metrics import MetricsServer, Readiness
@@ -42,6 +43,7 @@ class Proxy:
         self.registry: Registry[ClientConnection] = Registry(admission, self._open_console)
         self.router = Router(settings, admission, self.registry.spawn, self.registry.count_rejection)
         self.cancel_keys = CancelKeys()
+        self.sql_endpoint = SqlEndpoint(self.router, self.registry)  # what HTTP listeners answer /sql with
         self.addresses: list[tuple[str, int]] = []  # where the listeners are bound, in listener order
         # What each listener offers clients (client_tls_*), in listener order; a bad file refuses the start.
         self.client_tls: list[ClientTls] = [load_client_tls(client_tls_options(settings, listener))

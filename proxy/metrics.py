@@ -112,6 +112,10 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "pgmux_client_wait_seconds": ("histogram", "Time a client waited for a server (acquire latency)", POOL_LABELS),
     "pgmux_transaction_duration_seconds": ("histogram", "Time a server stayed linked to a client per transaction",
                                            POOL_LABELS),
+    "pgmux_http_requests_total": ("counter", "HTTP /sql requests answered, by status (200, 400, 507...)",
+                                  ("status",)),
+    "pgmux_http_request_duration_seconds": ("histogram", "Time from an HTTP /sql request, read whole, to its "
+                                            "answer", ()),
 }
 
 # The PoolStats field (dotted: an attribute of an attribute) each per-pool counter reads.
@@ -260,6 +264,7 @@ class PgmuxExposition:
         for name, attribute in _POOL_HISTOGRAMS.items():
             yield from self._per_pool(name, rows, functools.partial(_histogram_lines, name, attribute))
         yield self._per_database(server_counts)
+        yield self._http_requests()
 
     @staticmethod
     def _per_pool(name: str, rows: list[_PoolRow], lines: Callable[[_PoolRow], str]) -> Iterator[str]:
@@ -297,6 +302,19 @@ class PgmuxExposition:
         out.append(_sample("pgmux_clients_tls", "", sum(1 for client in registry.clients if client.tls is not None)))
         out.extend(_by_label("pgmux_tls_handshake_failures_total", "reason", registry.tls_failures,
                              TLS_FAILURE_REASONS))
+        return "".join(out)
+
+    def _http_requests(self) -> str:
+        http = self.registry.http
+        name = "pgmux_http_request_duration_seconds"
+        out = [_header("pgmux_http_requests_total")]
+        out.extend(_sample("pgmux_http_requests_total", _labels(status=status), count)
+                   for status, count in sorted(http.by_status.items()))
+        out.append(_header(name))
+        out.extend(f'{name}_bucket{{le="{floatToGoString(bound)}"}} {count}\n'
+                   for bound, count in http.duration.cumulative())
+        out.append(f"{name}_count {http.duration.count}\n")
+        out.append(_sample(f"{name}_sum", "", http.duration.sum))
         return "".join(out)
 
     def _per_database(self, server_counts: collections.Counter[str]) -> str:

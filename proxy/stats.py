@@ -39,6 +39,21 @@ class Histogram:
         return out
 
 
+class HttpStats:
+    """HTTP /sql requests: how many were answered with each status, and how long each took."""
+
+    __slots__ = ("by_status", "duration")
+
+    def __init__(self) -> None:
+        self.by_status: dict[str, int] = {}
+        self.duration = Histogram()
+
+    def observe(self, status: int, seconds: float) -> None:
+        key = str(status)
+        self.by_status[key] = self.by_status.get(key, 0) + 1
+        self.duration.observe(seconds)
+
+
 class PreparedCounters:
     """Named prepared statements in transaction mode, per pool."""
 
