@@ -38,6 +38,7 @@ from proxy.registry import Registry
 from proxy.results import ResultCollector, StatementResult
 from proxy.routing import Router
 from proxy.server import InternalQueryFailed, ServerConnection
+from proxy.states import ServerState
 
 log = get_logger("http")
 
@@ -112,7 +113,8 @@ class SqlEndpoint:
         elapsed = time.monotonic() - started
         self.registry.http.observe(response.status, elapsed)
         who = f"{login[0].user}@{login[0].database}" if login else "-"
-        log.info("%s %s %d in %.1f ms: %s from %s", request.method, request.target, response.status,
+        code = f" ({orjson.loads(response.body).get('code')})" if response.status in (400, 500, 507) else ""
+        log.info("%s %s %d%s in %.1f ms: %s from %s", request.method, request.target, response.status, code,
                  elapsed * 1000, who, request.peer)
         return response
 
@@ -183,8 +185,7 @@ class SqlEndpoint:
             registry.count_auth_failure("wrong_password" if secret is not None else "unknown_user")
             reason = "auth_failed"
             log.warning("HTTP authentication failed for user %r from %s", login.user, address or "a Unix socket")
-        raise dataclasses.replace(errors.password_authentication_failed(login.user), reason=reason,
-                                  severity=errors.Severity.ERROR)
+        raise dataclasses.replace(errors.password_authentication_failed(login.user), reason=reason)
 
     async def _run_admitted(self, login: _Login, scram_keys: ScramKeys | None, queries: list[_Query],
                             begin: str | None, headers: dict[str, str]) -> HttpResponse:
@@ -261,6 +262,8 @@ class SqlEndpoint:
         stats.queries += len(queries)
         stats.xact_time += elapsed
         stats.xact_histogram.observe(elapsed)
+        if server.state is not ServerState.ACTIVE:
+            return  # already dropped (a cancel that did not end its query)
         if not server.usable:
             pool.abort_server(server, "the server connection broke during an HTTP request")
             return
@@ -462,7 +465,8 @@ def _too_large(limit: int) -> HttpResponse:
 
 def _pg_error_fields(error: PgError) -> dict[str, str]:
     code = error.sqlstate.value if isinstance(error.sqlstate, SqlState) else error.sqlstate
-    fields = {"M": error.message, "C": code, "S": error.severity.value}
+    # A login's refusals are FATAL on a connection; a request has no connection to end.
+    fields = {"M": error.message, "C": code, "S": errors.Severity.ERROR.value}
     if error.detail:
         fields["D"] = error.detail
     if error.hint:
