@@ -54,6 +54,9 @@ AUTH_FAILURE_REASONS = (*FAILURE_KINDS, "unknown_database", "rate_limited")
 
 POOL_LABELS = ("database", "user")
 
+# The statuses POST /sql answers with (exported at 0 from the start, as the rejection reasons are).
+HTTP_STATUSES = ("200", "400", "405", "500", "507")
+
 # The catalogue of pgmux's own metrics: name -> (type, help, labels). The collector emits exactly
 # these (plus process_* and python_* from prometheus-client); the dashboard and the tests read it.
 METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -307,9 +310,7 @@ class PgmuxExposition:
     def _http_requests(self) -> str:
         http = self.registry.http
         name = "pgmux_http_request_duration_seconds"
-        out = [_header("pgmux_http_requests_total")]
-        out.extend(_sample("pgmux_http_requests_total", _labels(status=status), count)
-                   for status, count in sorted(http.by_status.items()))
+        out = _by_label("pgmux_http_requests_total", "status", http.by_status, HTTP_STATUSES)
         out.append(_header(name))
         out.extend(f'{name}_bucket{{le="{floatToGoString(bound)}"}} {count}\n'
                    for bound, count in http.duration.cumulative())

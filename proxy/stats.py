@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import collections
 import time
 from collections.abc import Iterable
 from typing import Final
@@ -45,12 +46,11 @@ class HttpStats:
     __slots__ = ("by_status", "duration")
 
     def __init__(self) -> None:
-        self.by_status: dict[str, int] = {}
+        self.by_status: collections.Counter[str] = collections.Counter()
         self.duration = Histogram()
 
     def observe(self, status: int, seconds: float) -> None:
-        key = str(status)
-        self.by_status[key] = self.by_status.get(key, 0) + 1
+        self.by_status[str(status)] += 1
         self.duration.observe(seconds)
 
 
