@@ -14,6 +14,7 @@ import pytest
 
 from pgusers import APP, APP_DATABASE
 from proxy.http.exchange import HttpRequest, HttpResponse
+from test_auth_query import AUTH_QUERY, FIRST, LOOKED_UP, looked_up_role  # noqa: F401 (a fixture)
 
 PEER = "127.0.0.1:40000"
 # What the serverless driver sends with every neon() query.
@@ -265,3 +266,18 @@ def test_an_empty_or_trivial_query_answers(pgmux, query: str) -> None:
     proxy = pgmux()
     answer = _query(proxy, query)
     assert answer["rowAsArray"] is False
+
+
+def test_a_user_from_auth_query_runs_upstream_as_itself(pgmux, looked_up_role) -> None:
+    proxy = pgmux(auth_user=APP.name, auth_query=AUTH_QUERY)
+    connection = _connection_string(proxy, user=LOOKED_UP, password=FIRST)
+    for _ in range(2):  # the second request's password check is the remembered one
+        status, answer = _post(proxy, {"query": "SELECT current_user AS who", "params": []}, connection)
+        assert status == 200 and answer["rows"] == [{"who": LOOKED_UP}], answer
+    status, error = _post(proxy, {"query": "SELECT 1", "params": []},
+                          _connection_string(proxy, user=LOOKED_UP, password="wrong"))
+    assert status == 400 and error["code"] == "28P01"
+    # Its pool logs in with the SCRAM keys the password revealed, never with the password.
+    upstreams = proxy.call(lambda p: [(pool.config.upstream.password, pool.config.upstream.scram_keys is not None)
+                                      for key, pool in p.router.pools.items() if key.user == LOOKED_UP])
+    assert upstreams == [(None, True)]
