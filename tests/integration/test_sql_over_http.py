@@ -281,3 +281,26 @@ def test_a_user_from_auth_query_runs_upstream_as_itself(pgmux, looked_up_role) -
     upstreams = proxy.call(lambda p: [(pool.config.upstream.password, pool.config.upstream.scram_keys is not None)
                                       for key, pool in p.router.pools.items() if key.user == LOOKED_UP])
     assert upstreams == [(None, True)]
+
+
+def test_the_connection_strings_host_selects_a_database_only_by_its_server_names(pgmux, postgres) -> None:
+    upstream = postgres.dsn(APP.name, APP.password, APP_DATABASE, sslmode="disable")
+    proxy = pgmux(databases={"tenant": {"url": upstream, "server_names": ["tenant.db.example"]}})
+    named = f"postgresql://{APP.name}:{APP.password}@tenant.db.example/whatever"
+    status, answer = _post(proxy, {"query": "SELECT current_database() AS db", "params": []}, named)
+    assert status == 200 and answer["rows"] == [{"db": APP_DATABASE}], answer
+    other = f"postgresql://{APP.name}:{APP.password}@elsewhere.example/whatever"  # never dialled
+    status, error = _post(proxy, {"query": "SELECT 1", "params": []}, other)
+    assert status == 400 and error["code"] == "28P01"  # an unknown database fails as a wrong password
+
+
+def test_a_request_counts_against_the_client_limits_while_it_runs(pgmux) -> None:
+    proxy = pgmux(max_user_client_connections=1)
+    with psycopg.connect(proxy.dsn(APP.name, APP.password, APP_DATABASE), autocommit=True, connect_timeout=10):
+        status, error = _post(proxy, {"query": "SELECT 1", "params": []})
+        assert status == 400 and error["code"] == "53300", error
+    deadline = time.monotonic() + 10
+    while proxy.call(lambda p: dict(p.router.admission.per_user)) and time.monotonic() < deadline:
+        time.sleep(0.02)  # pgmux sees the client leave
+    assert _query(proxy, "SELECT 1 AS one")["rows"] == [{"one": 1}]
+    assert proxy.call(lambda p: dict(p.router.admission.per_user)) == {}  # the request left no count behind
