@@ -14,8 +14,9 @@ from proxy import BUILD, __version__
 from proxy.admin import AdminSession, Lifecycle
 from proxy.admission import Admission
 from proxy.cancel import CancelKeys
-from proxy.http.exchange import Endpoint, HttpRequest, HttpResponse
-from proxy.http.listener import HttpConnection, HttpRoutes, json_error
+from proxy.http.exchange import Endpoint
+from proxy.http.listener import HttpConnection, HttpRoutes
+from proxy.http.sql import SqlEndpoint
 from proxy.client import ClientConnection
 from proxy.logs import get_logger
 from proxy.metrics import MetricsServer, Readiness
@@ -44,6 +45,7 @@ class Proxy:
         self.registry: Registry[ClientConnection] = Registry(admission, self._open_console)
         self.router = Router(settings, admission, self.registry.spawn, self.registry.count_rejection)
         self.cancel_keys = CancelKeys()
+        self.sql_endpoint: Endpoint = SqlEndpoint(self.router, self.registry)  # what HTTP listeners answer /sql with
         self.addresses: list[tuple[str, int]] = []  # where the listeners are bound, in listener order
         # What each listener offers clients (client_tls_*), in listener order; a bad file refuses the start.
         self.client_tls: list[ClientTls] = [_load_client_tls(settings, listener)
@@ -57,7 +59,6 @@ class Proxy:
         self.readiness = Readiness(self.registry, self.router, self.addresses)
         self.metrics: MetricsServer | None = None
         self._lifecycle = Lifecycle(shutdown=self.shutdown, reload=self.reload_from_source, kill=self.kill)
-        self.sql_endpoint: Endpoint = _sql_not_served  # HTTP listeners' /sql
         self.http_connections: set[HttpConnection] = set()
 
     @property
@@ -244,10 +245,6 @@ class Proxy:
 
 def _load_client_tls(settings: Settings, listener: ListenerSettings) -> ClientTls:
     return load_client_tls(client_tls_options(settings, listener), http=listener.protocol == "http")
-
-
-async def _sql_not_served(request: HttpRequest) -> HttpResponse:
-    return json_error(501, "POST /sql is not served by this pgmux build; use a WebSocket session")
 
 
 async def run(settings: Settings, on_ready: Any = None, reload_settings: Callable[[], Settings] | None = None) -> None:

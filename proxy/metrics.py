@@ -55,6 +55,9 @@ AUTH_FAILURE_REASONS = (*FAILURE_KINDS, "unknown_database", "rate_limited")
 
 POOL_LABELS = ("database", "user")
 
+# The statuses POST /sql answers with (exported at 0 from the start, as the rejection reasons are).
+HTTP_STATUSES = ("200", "400", "405", "500", "507")
+
 # The catalogue of pgmux's own metrics: name -> (type, help, labels). The collector emits exactly
 # these (plus process_* and python_* from prometheus-client); the dashboard and the tests read it.
 METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -114,6 +117,10 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "pgmux_client_wait_seconds": ("histogram", "Time a client waited for a server (acquire latency)", POOL_LABELS),
     "pgmux_transaction_duration_seconds": ("histogram", "Time a server stayed linked to a client per transaction",
                                            POOL_LABELS),
+    "pgmux_http_requests_total": ("counter", "HTTP /sql requests answered, by status (200, 400, 507...)",
+                                  ("status",)),
+    "pgmux_http_request_duration_seconds": ("histogram", "Time from an HTTP /sql request, read whole, to its "
+                                            "answer", ()),
 }
 
 # The PoolStats field (dotted: an attribute of an attribute) each per-pool counter reads.
@@ -262,6 +269,7 @@ class PgmuxExposition:
         for name, attribute in _POOL_HISTOGRAMS.items():
             yield from self._per_pool(name, rows, functools.partial(_histogram_lines, name, attribute))
         yield self._per_database(server_counts)
+        yield self._http_requests()
 
     @staticmethod
     def _per_pool(name: str, rows: list[_PoolRow], lines: Callable[[_PoolRow], str]) -> Iterator[str]:
@@ -298,6 +306,17 @@ class PgmuxExposition:
         out.append(_sample("pgmux_clients_tls", "", sum(1 for client in registry.clients if client.tls is not None)))
         out.extend(_by_label("pgmux_tls_handshake_failures_total", "reason", registry.tls_failures,
                              TLS_FAILURE_REASONS))
+        return "".join(out)
+
+    def _http_requests(self) -> str:
+        http = self.registry.http
+        name = "pgmux_http_request_duration_seconds"
+        out = _by_label("pgmux_http_requests_total", "status", http.by_status, HTTP_STATUSES)
+        out.append(_header(name))
+        out.extend(f'{name}_bucket{{le="{floatToGoString(bound)}"}} {count}\n'
+                   for bound, count in http.duration.cumulative())
+        out.append(f"{name}_count {http.duration.count}\n")
+        out.append(_sample(f"{name}_sum", "", http.duration.sum))
         return "".join(out)
 
     def _per_database(self, server_counts: collections.Counter[str]) -> str:

@@ -11,6 +11,7 @@ from proxy.admission import Admission
 from proxy.failed_logins import FailedLogins
 from proxy.logs import get_logger
 from proxy.protocol import errors
+from proxy.stats import HttpStats
 
 log = get_logger("registry")
 
@@ -59,6 +60,7 @@ class Registry(Generic[ClientT]):
         self.failed_logins = FailedLogins()
         self.session_refusals: collections.Counter[str] = collections.Counter()  # by session_state.PIN_KINDS kind
         self.accepted: collections.Counter[str] = collections.Counter()  # clients accepted since start, by transport
+        self.http = HttpStats()  # HTTP /sql requests (proxy/http/sql.py)
         self.draining = False  # shutdown has begun: new logins are refused
         self.tasks: set[asyncio.Task[Any]] = set()
 

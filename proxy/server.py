@@ -21,6 +21,7 @@ from proxy.protocol import messages as m
 from proxy.protocol.errors import parse_error_fields
 from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation, Segment, kind_flags
 from proxy.prepared import ClientStatements, ServerPrepared, Statement
+from proxy.results import COLLECTED_KINDS, ResultCollector
 from proxy.session_state import SessionReport, inspection_sql, parse_data_row, read_report
 from proxy.protocol.startup import build_cancel_request, build_ssl_request, build_startup_message
 from proxy.settings import SslMode, Upstream
@@ -40,6 +41,10 @@ _LOGIN_CAPTURE = frozenset(range(256))
 _RELAY_FLAGS: Final = kind_flags(_RELAY_CAPTURE, frozenset(), frozenset())
 # While pgmux reads what a session holds (inspect_session), the rows of its answer are looked at too.
 _INSPECTING_FLAGS: Final = kind_flags(_RELAY_CAPTURE | {m.DATA_ROW}, frozenset(), frozenset())
+# While statements run for the HTTP endpoint (send_statements), their whole answer is looked at.
+_COLLECTING_FLAGS: Final = kind_flags(_RELAY_CAPTURE | COLLECTED_KINDS, frozenset(), frozenset())
+# A COPY FROM STDIN in a statement run for the HTTP endpoint: there is no client to send the data.
+_COPY_FAIL: Final = m.message(m.COPY_FAIL, m.cstring("COPY FROM STDIN is not supported over HTTP"))
 _TX_STATUS: Final = m.TRANSACTION_STATUS_BY_BYTE
 _SYNC: Final = m.message(m.SYNC)
 
@@ -244,6 +249,7 @@ class ServerConnection:
         self._internal_done: asyncio.Future[None] | None = None
         self._fetched: list[list[str | None]] | None = None  # the rows of fetch_internal's request, while it runs
         self._internal_error: dict[str, str] | None = None  # ErrorResponse fields of pgmux's own query
+        self._collector: ResultCollector | None = None  # the answer to send_statements' request, while it runs
         self._sync: ParameterSync | None = None  # a parameter sync sent and not yet answered
         self._sync_replies_left = 0  # pgmux's own ReadyForQuery still to come, the sync's the last of them
         self._sync_error: dict[str, str] | None = None  # the sync's ErrorResponse fields, if it failed
@@ -427,6 +433,14 @@ class ServerConnection:
 
     def _swallow_frame(self, frame: Frame) -> None:
         kind = frame.kind
+        collector = self._collector
+        if collector is not None:
+            if kind == m.COPY_IN_RESPONSE:
+                self.write(_COPY_FAIL)  # the COPY fails; the Sync behind it then ends the statement
+            elif kind != m.PARAMETER_STATUS:
+                collector.take(kind, frame.data[5:])  # errors included: they are the request's answer
+                if kind != m.READY_FOR_QUERY:
+                    return
         if kind == m.READY_FOR_QUERY:
             self.tx_status = _TX_STATUS[frame.data[5]]
             self.swallow -= 1
@@ -729,12 +743,40 @@ class ServerConnection:
         rows, self._fetched = self._fetched, None
         return rows or []
 
-    async def _run_internal(self, request: bytes, what: str, timeout: float) -> None:
+    async def apply_parameters(self, sync: ParameterSync, timeout: float = 10.0) -> None:
+        """Give the backend ``sync``'s values for pgmux's own use (no client is linked) and wait for them; raises
+        InternalQueryFailed with PostgreSQL's refusal (the backend is then closed, see _settle_sync)."""
+        await self._run_internal(m.query(sync.sql), "parameter sync", timeout, sync)
+
+    def send_statements(self, request: bytes, replies: int, collector: ResultCollector) -> asyncio.Future[None]:
+        """Send ``request`` (messages ending in ``replies`` Syncs or Queries) as pgmux's own, its answer fed to
+        ``collector``. The future is done at the last ReadyForQuery, or fails with InternalQueryFailed if the
+        connection is lost; call ``stop_collecting`` once done with it, whatever happened."""
+        if self.state is ServerState.CLOSED:
+            raise InternalQueryFailed("server is closed")
+        self._collector = collector
+        self._scanner.set_flags(_COLLECTING_FLAGS)
+        self._internal_done = done = asyncio.get_running_loop().create_future()
+        self.swallow += replies
+        self.write(request)
+        return done
+
+    def stop_collecting(self) -> None:
+        self._collector = None
+        self._internal_done = None
+        if self.state is not ServerState.CLOSED:
+            self._scanner.set_flags(_RELAY_FLAGS)
+
+    async def _run_internal(self, request: bytes, what: str, timeout: float, sync: ParameterSync | None = None) -> None:
         if self.state is ServerState.CLOSED:
             raise InternalQueryFailed("server is closed")
         self._take_internal_error()  # an error of an earlier query is not this one's
         self._internal_done = asyncio.get_running_loop().create_future()
         self.swallow += 1
+        if sync is not None:  # its reply settles the sync: recorded on success, the backend closed on failure
+            assert self._sync is None
+            self._sync = sync
+            self._sync_replies_left = self.swallow
         self.write(request)
         try:
             async with asyncio.timeout(timeout):

@@ -298,6 +298,13 @@ class Settings(BaseSettings):
     # start of stream through at any size. Bytes: 16777216, "16MiB", "64kB".
     max_client_buffer: Annotated[ByteSize, Field(ge=0)] = ByteSize(16 * 1024 * 1024)
 
+    # HTTP `POST /sql` (Neon's SQL-over-HTTP contract, see proxy/http/sql.py): the origins browsers may call it
+    # from (CORS; "*": any), the largest answer it sends (larger ones get 507), and how long one request may take
+    # (waiting for a server included) before its query is canceled and it is answered 57014.
+    http_allowed_origins: list[str] = ["*"]
+    http_max_response_size: Annotated[ByteSize, Field(ge=0)] = ByteSize(10 * 1024 * 1024)
+    http_request_timeout: Duration = 15.0
+
     admin_users: list[str] = []  # may run every admin console command
     stats_users: list[str] = []  # may run the read-only SHOW commands
     stats_period: Duration = 60.0  # how often the "stats:" log line is written; 0 turns it off

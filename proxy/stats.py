@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import collections
 import time
 from collections.abc import Iterable
 from typing import Final
@@ -37,6 +38,20 @@ class Histogram:
             total += count
             out.append((bound, total))
         return out
+
+
+class HttpStats:
+    """HTTP /sql requests: how many were answered with each status, and how long each took."""
+
+    __slots__ = ("by_status", "duration")
+
+    def __init__(self) -> None:
+        self.by_status: collections.Counter[str] = collections.Counter()
+        self.duration = Histogram()
+
+    def observe(self, status: int, seconds: float) -> None:
+        self.by_status[str(status)] += 1
+        self.duration.observe(seconds)
 
 
 class PreparedCounters:
