@@ -287,3 +287,21 @@ def test_sighup_rotates_the_certificate_while_a_tls_client_stays_connected(pgmux
         with pytest.raises(psycopg.OperationalError):
             connect(certificates.ca_file)  # new connections get the new certificate only
         assert staying.execute("SELECT 3").fetchone() == (3,)  # the established session is untouched
+
+
+def test_psql_direct_tls_where_its_libpq_supports_it(pgmux, certificates) -> None:
+    psql = shutil.which("psql")
+    if psql is None:
+        pytest.skip("no psql on this machine")
+    version = subprocess.run([psql, "--version"], capture_output=True, text=True, timeout=10).stdout
+    major = int(version.split()[-1].split(".")[0]) if version.split() else 0
+    if major < 17:
+        pytest.skip(f"this psql ({version.strip()}) has no sslnegotiation=direct (libpq 17+); "
+                    "psycopg's bundled libpq covers direct TLS in test_direct_tls_of_postgresql_17...")
+    proxy = _tls_pgmux(pgmux, certificates)
+    url = (f"postgresql://{APP.name}@localhost:{proxy.port()}/{APP_DATABASE}"
+           f"?sslmode=verify-full&sslrootcert={certificates.ca_file}&sslnegotiation=direct")
+    out = subprocess.run([psql, url, "-Atc", "SELECT 1"], capture_output=True, text=True, timeout=30,
+                         env={"PGPASSWORD": APP.password, "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
