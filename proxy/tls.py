@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from asn1crypto import x509 as asn1_x509  # scramp's own dependency: reads a certificate's signature hash
 
+from proxy.layered import LayeredTransport
 from proxy.settings import ListenerSettings, Settings, SslMode
 
 ALPN_POSTGRESQL: Final = "postgresql"  # what a direct-TLS client must ask for, as PostgreSQL 17 requires
@@ -274,14 +275,13 @@ def _handshake_reason(exc: ssl.SSLError) -> str:
     return "handshake"
 
 
-class TlsTransport(asyncio.Transport):
+class TlsTransport(LayeredTransport):
     """A client connection's TLS: plaintext written is encrypted onto the socket's transport, and bytes the
     socket receives are decrypted by ``receive`` (the connection calls it; reading and flow control stay
     the socket's)."""
 
     def __init__(self, raw: asyncio.Transport, session: TlsSession, required_alpn: str | None) -> None:
-        super().__init__()
-        self.raw = raw
+        super().__init__(raw)
         self.session = session
         # What ALPN must say once the handshake is done: postgresql for a PostgreSQL client that began with a
         # ClientHello, not an SSLRequest; None: anything.
@@ -308,9 +308,6 @@ class TlsTransport(asyncio.Transport):
         if not self.raw.is_closing():
             self.raw.write(self.session.encrypt(data))
 
-    def writelines(self, list_of_data: Any) -> None:
-        self.write(b"".join(list_of_data))
-
     def close(self) -> None:
         if not self.raw.is_closing():
             ending = self.session.close_notify()
@@ -318,33 +315,9 @@ class TlsTransport(asyncio.Transport):
                 self.raw.write(ending)
         self.raw.close()
 
-    def abort(self) -> None:
-        self.raw.abort()
-
-    def is_closing(self) -> bool:
-        return self.raw.is_closing()
-
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "ssl_object":
             return self.session.ssl_object
         if name == "peercert":
             return self.session.ssl_object.getpeercert()
-        return self.raw.get_extra_info(name, default)
-
-    def pause_reading(self) -> None:
-        self.raw.pause_reading()
-
-    def resume_reading(self) -> None:
-        self.raw.resume_reading()
-
-    def is_reading(self) -> bool:
-        return self.raw.is_reading()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self.raw.set_write_buffer_limits(high, low)
-
-    def get_write_buffer_size(self) -> int:
-        return self.raw.get_write_buffer_size()
-
-    def can_write_eof(self) -> bool:
-        return False
+        return super().get_extra_info(name, default)

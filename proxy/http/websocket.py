@@ -14,27 +14,25 @@ from typing import Any, Final
 from wsproto.connection import Connection, ConnectionState
 from wsproto.events import BytesMessage, CloseConnection
 
+from proxy.layered import LayeredTransport
+
 NORMAL_CLOSURE: Final = 1000  # the PostgreSQL session ended: Terminate, FATAL, or its server lost
 PROTOCOL_ERROR: Final = 1002
 UNSUPPORTED_DATA: Final = 1003  # a text frame: PostgreSQL's protocol is binary
 _CLOSABLE: Final = frozenset({ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING})
 
 
-class WebSocketTransport(asyncio.Transport):
+class WebSocketTransport(LayeredTransport):
     """Bytes written leave as binary WebSocket messages over ``raw`` (the socket's transport, or its TLS)."""
 
     def __init__(self, raw: asyncio.Transport, websocket: Connection) -> None:
-        super().__init__()
-        self.raw = raw
+        super().__init__(raw)
         self.websocket = websocket
         self._closing = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self.is_closing():
             self.raw.write(self.websocket.send(BytesMessage(data=bytes(data))))
-
-    def writelines(self, list_of_data: Any) -> None:
-        self.write(b"".join(list_of_data))
 
     def close(self, code: int = NORMAL_CLOSURE, reason: str = "") -> None:
         """End the session: a Close frame (``code``, 1000 unless a protocol error ends it), then the socket."""
@@ -51,24 +49,3 @@ class WebSocketTransport(asyncio.Transport):
 
     def is_closing(self) -> bool:
         return self._closing or self.raw.is_closing()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.raw.get_extra_info(name, default)
-
-    def pause_reading(self) -> None:
-        self.raw.pause_reading()
-
-    def resume_reading(self) -> None:
-        self.raw.resume_reading()
-
-    def is_reading(self) -> bool:
-        return self.raw.is_reading()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self.raw.set_write_buffer_limits(high, low)
-
-    def get_write_buffer_size(self) -> int:
-        return self.raw.get_write_buffer_size()
-
-    def can_write_eof(self) -> bool:
-        return False
