@@ -1,0 +1,256 @@
+// Prisma 7 with @prisma/adapter-neon through pgmux's HTTP listener, configured only with the Neon driver's
+// documented self-hosting options. MODE picks the adapter:
+//   websocket: PrismaNeon (the driver's Pool over WebSockets: webSocketConstructor, useSecureWebSocket, wsProxy);
+//   http:      PrismaNeonHttp (the driver's neon() over POST /sql: fetchEndpoint).
+// CLIENTS PrismaClients run WORKERS workers each; every worker owns one user and its posts, so each read is
+// checked exactly against what that worker wrote. Errors are collected, never thrown past the scenario; the
+// result is one JSON line. Environment: PGMUX_HTTP_PORT, DATABASE_URL (user, password and database; its host
+// is never dialled), PRISMA_CLIENT_DIR, MODE, CLIENTS, WORKERS, POOL_MAX, ROUNDS, RUN, SCENARIO_TIMEOUT_MS.
+'use strict';
+
+const { neonConfig } = require('@neondatabase/serverless');
+const { PrismaNeon, PrismaNeonHttp } = require('@prisma/adapter-neon');
+const ws = require('ws');
+const { PrismaClient } = require(process.env.PRISMA_CLIENT_DIR);
+
+const HARD_TIMEOUT_MS = Number(process.env.SCENARIO_TIMEOUT_MS || 60000);
+const PORT = process.env.PGMUX_HTTP_PORT;
+const MODE = process.env.MODE;
+const CLIENTS = Number(process.env.CLIENTS || 4);
+const WORKERS = Number(process.env.WORKERS || 5);
+const POOL_MAX = Number(process.env.POOL_MAX || 3);
+const ROUNDS = Number(process.env.ROUNDS || 3);
+const RUN = process.env.RUN || MODE;
+const URL = process.env.DATABASE_URL;
+
+// Prisma's transaction timers (defaults 2 s to start, 5 s to run), as in prisma_workload.js: client-side
+// clocks that a busy 2-CPU machine can exceed while workers queue for 3 backends. A transaction pgmux lost
+// would still fail, after 30 s.
+const TRANSACTION_OPTIONS = { maxWait: 30000, timeout: 60000 };
+
+function makeClient() {
+  if (MODE === 'websocket') {
+    neonConfig.webSocketConstructor = ws;
+    neonConfig.useSecureWebSocket = false;
+    neonConfig.wsProxy = (host, port) => `127.0.0.1:${PORT}/v2`;
+    return new PrismaClient({ adapter: new PrismaNeon({ connectionString: URL, max: POOL_MAX }),
+                              transactionOptions: TRANSACTION_OPTIONS });
+  }
+  neonConfig.fetchEndpoint = `http://127.0.0.1:${PORT}/sql`;
+  return new PrismaClient({ adapter: new PrismaNeonHttp(URL, {}) });
+}
+
+function describeError(err, where) {
+  return { where, name: err && err.name, code: err && err.code, message: err && String(err.message).slice(0, 600),
+           meta: err && err.meta };
+}
+
+// Thrown inside an interactive transaction to make Prisma roll it back.
+class RollBack extends Error {}
+
+class Worker {
+  constructor(prisma, id, errors, tally) {
+    this.prisma = prisma;
+    this.id = id;
+    this.errors = errors;
+    this.tally = tally;
+    this.email = `${RUN}-w${id}@example.test`;
+    this.name = `worker ${id}`;
+    this.userId = null;
+    this.views = new Map(); // post id -> views this worker gave it
+  }
+
+  mismatch(kind, got, expected) {
+    this.errors.push({ where: `worker ${this.id} ${kind}`, mismatch: { got, expected } });
+  }
+
+  posts() {
+    return [...this.views.keys()].sort((a, b) => a - b);
+  }
+
+  async step(kind, ...args) {
+    try {
+      await this[kind](...args);
+      this.tally[kind] = (this.tally[kind] || 0) + 1;
+    } catch (err) {
+      this.errors.push(describeError(err, `worker ${this.id} ${kind}`));
+    }
+  }
+
+  async run() {
+    await this.step('createUser');
+    if (this.userId === null) return; // nothing else can run without the worker's user
+    for (let round = 0; round < ROUNDS; round++) {
+      await this.step('createPost', round);
+      await this.step('findUserWithPosts');
+      await this.step('incrementViews');
+      if (MODE === 'websocket') {
+        await this.step('committedTransaction', round);
+        await this.step('rolledBackTransaction', round);
+      }
+    }
+  }
+
+  async createUser() {
+    const user = await this.prisma.user.create({
+      data: { email: this.email, name: this.name, profile: { worker: this.id, tags: ['a', 'b'] } } });
+    this.userId = user.id;
+    if (user.role !== 'MEMBER' || user.profile.worker !== this.id || user.name !== this.name) {
+      this.mismatch('createUser', user, 'MEMBER, profile, name');
+    }
+  }
+
+  async createPost(round) {
+    const post = await this.prisma.post.create({ data: { title: `post ${round} of ${this.id}`, authorId: this.userId } });
+    this.views.set(post.id, 0);
+    if (post.views !== 0 || post.published !== false) this.mismatch('createPost', post, 'views 0, unpublished');
+  }
+
+  async findUserWithPosts() {
+    const user = await this.prisma.user.findUnique({
+      where: { email: this.email }, include: { posts: { orderBy: { id: 'asc' } } } });
+    const got = { name: user.name, posts: user.posts.map((p) => [p.id, p.views]) };
+    const expected = { name: this.name, posts: this.posts().map((id) => [id, this.views.get(id)]) };
+    if (JSON.stringify(got) !== JSON.stringify(expected)) this.mismatch('findUserWithPosts', got, expected);
+  }
+
+  async incrementViews() {
+    const ids = this.posts();
+    const id = ids[ids.length - 1];
+    const post = await this.prisma.post.update({ where: { id }, data: { views: { increment: 1 } } });
+    this.views.set(id, this.views.get(id) + 1);
+    if (post.views !== this.views.get(id)) this.mismatch('incrementViews', post.views, this.views.get(id));
+  }
+
+  // Reads its own writes inside the transaction, and everything is there after the commit.
+  async committedTransaction(round) {
+    const first = this.posts()[0];
+    const name = `${this.name} committed ${round}`;
+    const inside = await this.prisma.$transaction(async (tx) => {
+      const post = await tx.post.update({ where: { id: first }, data: { views: { increment: 2 } } });
+      const created = await tx.post.create({ data: { title: `tx ${round} of ${this.id}`, authorId: this.userId } });
+      await tx.user.update({ where: { id: this.userId }, data: { name } });
+      const count = await tx.post.count({ where: { authorId: this.userId } });
+      return { views: post.views, created: created.id, count };
+    });
+    this.views.set(first, this.views.get(first) + 2);
+    this.views.set(inside.created, 0);
+    this.name = name;
+    const expected = { views: this.views.get(first), count: this.views.size };
+    if (inside.views !== expected.views || inside.count !== expected.count) {
+      this.mismatch('committedTransaction', inside, expected);
+    }
+    const after = await this.prisma.user.findUnique({ where: { id: this.userId }, include: { posts: true } });
+    if (after.name !== name || after.posts.length !== this.views.size) {
+      this.mismatch('committedTransaction after', { name: after.name, posts: after.posts.length },
+                    { name, posts: this.views.size });
+    }
+  }
+
+  // Writes, sees them inside, then throws: Prisma rolls back and rethrows the worker's own error.
+  async rolledBackTransaction(round) {
+    const marker = `rolled back ${round} of ${this.id}`;
+    let seenInside = null;
+    try {
+      await this.prisma.$transaction(async (tx) => {
+        await tx.post.create({ data: { title: marker, authorId: this.userId } });
+        await tx.user.update({ where: { id: this.userId }, data: { name: marker } });
+        await tx.post.updateMany({ where: { authorId: this.userId }, data: { views: { increment: 100 } } });
+        seenInside = await tx.post.count({ where: { authorId: this.userId } });
+        throw new RollBack(marker);
+      });
+      this.mismatch('rolledBackTransaction', 'committed', 'the RollBack thrown inside');
+      return;
+    } catch (err) {
+      if (!(err instanceof RollBack) || err.message !== marker) throw err;
+    }
+    if (seenInside !== this.views.size + 1) this.mismatch('rolledBackTransaction inside', seenInside, this.views.size + 1);
+    const after = await this.prisma.user.findUnique({
+      where: { id: this.userId }, include: { posts: { orderBy: { id: 'asc' } } } });
+    const got = { name: after.name, posts: after.posts.map((p) => [p.id, p.views]) };
+    const expected = { name: this.name, posts: this.posts().map((id) => [id, this.views.get(id)]) };
+    if (JSON.stringify(got) !== JSON.stringify(expected)) this.mismatch('rolledBackTransaction after', got, expected);
+  }
+}
+
+async function errorOf(promise) {
+  try {
+    return { resolved: await promise };
+  } catch (err) {
+    return { name: err && err.name, message: err && String(err.message) };
+  }
+}
+
+// What Prisma does with transactions over HTTP, where each query is its own request: an interactive one, a
+// batch, and a nested create (which Prisma runs as a transaction), each with writes that must not land if
+// Prisma refuses.
+async function transactionsOverHttp(prisma, userId) {
+  const title = `${RUN} over http`;
+  const nested = await errorOf(prisma.user.create({
+    data: { email: `${RUN}-nested@example.test`, posts: { create: [{ title }] } } }));
+  const interactive = await errorOf(prisma.$transaction(async (tx) => {
+    await tx.post.create({ data: { title, authorId: userId } });
+    return tx.post.count({ where: { authorId: userId } });
+  }));
+  const batch = await errorOf(prisma.$transaction([
+    prisma.post.create({ data: { title, authorId: userId } }),
+    prisma.post.count({ where: { authorId: userId } }),
+  ]));
+  const written = await prisma.post.count({ where: { title } });
+  return { interactive, batch, nested, written };
+}
+
+async function scenario() {
+  const errors = [];
+  const tally = {};
+  const clients = Array.from({ length: CLIENTS }, makeClient);
+  const workers = Array.from({ length: CLIENTS * WORKERS },
+                             (_, w) => new Worker(clients[w % CLIENTS], w, errors, tally));
+  let stage = 'connect';
+  const result = { mode: MODE, workers: workers.length };
+  try {
+    for (const client of clients) await client.$connect();
+    stage = 'workload';
+    await Promise.all(workers.map((worker) => worker.run()));
+    stage = 'totals';
+    const check = clients[0];
+    const mine = { author: { email: { startsWith: `${RUN}-` } } };
+    const [users, posts, views] = await Promise.all([
+      check.user.count({ where: { email: { startsWith: `${RUN}-` } } }),
+      check.post.count({ where: mine }),
+      check.post.aggregate({ where: mine, _sum: { views: true } }),
+    ]);
+    result.totals = {
+      users, posts, views: views._sum.views || 0,
+      expected: {
+        users: workers.filter((w) => w.userId !== null).length,
+        posts: workers.reduce((sum, w) => sum + w.views.size, 0),
+        views: workers.reduce((sum, w) => sum + [...w.views.values()].reduce((a, b) => a + b, 0), 0),
+      },
+    };
+    if (MODE === 'http') {
+      stage = 'transactions';
+      result.transactions = await transactionsOverHttp(check, workers[0].userId);
+    }
+  } catch (err) {
+    errors.push(describeError(err, stage));
+  } finally {
+    await Promise.all(clients.map((c) => c.$disconnect().catch((err) => errors.push(describeError(err, 'disconnect')))));
+  }
+  return { ...result, tally, errorCount: errors.length, errors: errors.slice(0, 20) };
+}
+
+const timer = setTimeout(() => {
+  console.error(`scenario did not finish within ${HARD_TIMEOUT_MS} ms`);
+  process.exit(3);
+}, HARD_TIMEOUT_MS);
+timer.unref();
+scenario()
+  .then((result) => {
+    process.stdout.write(JSON.stringify(result) + '\n');
+    clearTimeout(timer);
+  })
+  .catch((err) => {
+    console.error(err && err.stack ? err.stack : err);
+    process.exit(1);
+  });

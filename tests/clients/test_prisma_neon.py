@@ -1,0 +1,112 @@
+"""Prisma 7 with @prisma/adapter-neon through pgmux's HTTP listener: PrismaNeon over WebSockets and PrismaNeonHttp
+over POST /sql, configured only with the Neon driver's documented options (webSocketConstructor,
+useSecureWebSocket, wsProxy; fetchEndpoint).
+
+The client is the one test_prisma.py generates from prisma/schema.prisma (the prisma_client_dir fixture): a
+generated client does not depend on its adapter. The adapter, the driver and ws are installed with npm once
+into a cache of their own beside the others (node_cache()'s parent / "prisma7-neon"); the scenarios are
+js/prisma_neon.js, on the same fresh tables (prisma/schema.sql) as test_prisma.py.
+
+@prisma/adapter-neon 7 exports PrismaNeon and PrismaNeonHttp (no PrismaNeonHTTP). PrismaNeonHttp sends each
+query as its own request and rejects every transaction itself ("Transactions are not supported in HTTP mode"),
+batches and nested writes included, although the driver's sql.transaction() and pgmux's /sql batches support
+them: that is the adapter's choice, so the HTTP test checks the refusal rather than a batch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from clientsupport import BackendSampler, client_env, run, upstream_for
+from npmcache import installed_versions, node_and_npm, node_cache, npm_install
+from pgusers import APP
+from test_prisma import prisma_client_dir, prisma_database  # noqa: F401 (fixtures)
+
+JS_DIR = Path(__file__).resolve().parent / "js"
+PACKAGES = ["@prisma/adapter-neon@7", "@neondatabase/serverless@1", "ws@8"]
+PACKAGE_NAMES = ["@prisma/adapter-neon", "@neondatabase/serverless", "ws"]
+POOL_SIZE = 3
+HTTP_LISTENER = {"address": "127.0.0.1:0", "protocol": "http", "allow_plaintext_http": True}
+CLIENTS, WORKERS, ROUNDS = 4, 5, 3
+
+
+@pytest.fixture(scope="session")
+def neon_adapter_modules() -> Path:
+    node_and_npm()
+    return npm_install(node_cache().parent / "prisma7-neon", PACKAGES, required=PACKAGE_NAMES)
+
+
+def _run_prisma_neon(modules: Path, client_dir: Path, port: int, database: str, mode: str,
+                     timeout: float = 180) -> dict[str, Any]:
+    # The host is never dialled: wsProxy and fetchEndpoint name pgmux; user, password and database are used.
+    url = f"postgresql://{APP.name}:{quote(APP.password, safe='')}@db.internal:5432/{database}"
+    env = client_env(NODE_PATH=str(modules), PRISMA_CLIENT_DIR=str(client_dir), DATABASE_URL=url,
+                     PGMUX_HTTP_PORT=str(port), MODE=mode, CLIENTS=str(CLIENTS), WORKERS=str(WORKERS),
+                     POOL_MAX=str(POOL_SIZE), ROUNDS=str(ROUNDS), SCENARIO_TIMEOUT_MS=str(int((timeout - 5) * 1000)),
+                     CHECKPOINT_DISABLE="1")
+    result = run([shutil.which("node") or "node", JS_DIR / "prisma_neon.js"], env=env, timeout=timeout, cwd=JS_DIR)
+    lines = result.stdout.strip().splitlines()
+    assert lines, f"prisma_neon.js printed nothing; stderr:\n{result.stderr}"
+    report: dict[str, Any] = json.loads(lines[-1])
+    report["versions"] = installed_versions(modules, PACKAGE_NAMES)
+    return report
+
+
+def _assert_workload_exact(result: dict[str, Any], steps: dict[str, int]) -> None:
+    report = json.dumps(result, indent=1)
+    assert result["errorCount"] == 0, report
+    assert result["tally"] == steps, report
+    totals = result["totals"]
+    assert {key: totals[key] for key in ("users", "posts", "views")} == totals["expected"], report
+    assert totals["users"] == CLIENTS * WORKERS, report
+
+
+def test_prisma_neon_over_websocket_with_interactive_transactions_on_a_pool_of_3(
+        pgmux, postgres, prisma_client_dir, prisma_database, neon_adapter_modules) -> None:  # noqa: F811
+    _, client_dir = prisma_client_dir
+    proxy = pgmux(upstream_url=upstream_for(postgres, prisma_database), default_pool_size=POOL_SIZE,
+                  query_wait_timeout=60, listeners=[HTTP_LISTENER])
+    sampler = BackendSampler(postgres, prisma_database, proxy)
+    sampler.wait_until_no_backends()
+    with sampler.running():
+        result = _run_prisma_neon(neon_adapter_modules, client_dir, proxy.port(1), prisma_database, "websocket")
+    workers = CLIENTS * WORKERS
+    per_round = {"createPost": 1, "findUserWithPosts": 1, "incrementViews": 1, "committedTransaction": 1,
+                 "rolledBackTransaction": 1}
+    _assert_workload_exact(result, {"createUser": workers,
+                                    **{kind: n * ROUNDS * workers for kind, n in per_round.items()}})
+    # Committed transactions added a post each round; rolled-back ones added nothing.
+    assert result["totals"]["posts"] == 2 * ROUNDS * workers, result
+    seen_by_postgres, held_by_pgmux = sampler.peak()
+    assert seen_by_postgres <= POOL_SIZE and held_by_pgmux <= POOL_SIZE, (seen_by_postgres, held_by_pgmux)
+    accepted = proxy.call(lambda p: dict(p.registry.accepted))
+    assert accepted.get("websocket", 0) >= CLIENTS and "tcp" not in accepted, accepted
+
+
+def test_prisma_neon_http_reads_and_writes_and_refuses_transactions_with_its_own_message(
+        pgmux, postgres, prisma_client_dir, prisma_database, neon_adapter_modules) -> None:  # noqa: F811
+    _, client_dir = prisma_client_dir
+    proxy = pgmux(upstream_url=upstream_for(postgres, prisma_database), default_pool_size=POOL_SIZE,
+                  query_wait_timeout=60, listeners=[HTTP_LISTENER])
+    sampler = BackendSampler(postgres, prisma_database, proxy)
+    sampler.wait_until_no_backends()
+    with sampler.running():
+        result = _run_prisma_neon(neon_adapter_modules, client_dir, proxy.port(1), prisma_database, "http")
+    workers = CLIENTS * WORKERS
+    per_round = {"createPost": 1, "findUserWithPosts": 1, "incrementViews": 1}
+    _assert_workload_exact(result, {"createUser": workers,
+                                    **{kind: n * ROUNDS * workers for kind, n in per_round.items()}})
+    # Each query is its own request, so the adapter refuses every transaction before sending anything:
+    # interactive, batch, and the one Prisma opens for a nested create. Nothing of them was written.
+    refused = {"name": "Error", "message": "Transactions are not supported in HTTP mode"}
+    assert result["transactions"] == {"interactive": refused, "batch": refused, "nested": refused, "written": 0}
+    seen_by_postgres, held_by_pgmux = sampler.peak()
+    assert seen_by_postgres <= POOL_SIZE and held_by_pgmux <= POOL_SIZE, (seen_by_postgres, held_by_pgmux)
+    assert proxy.call(lambda p: p.registry.http.by_status.get("200", 0)) >= workers * (1 + 3 * ROUNDS)
+    assert proxy.call(lambda p: dict(p.registry.accepted)).get("websocket", 0) == 0
