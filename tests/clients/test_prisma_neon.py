@@ -77,12 +77,12 @@ def test_prisma_neon_over_websocket_with_interactive_transactions_on_a_pool_of_3
     with sampler.running():
         result = _run_prisma_neon(neon_adapter_modules, client_dir, proxy.port(1), prisma_database, "websocket")
     workers = CLIENTS * WORKERS
-    per_round = {"createPost": 1, "findUserWithPosts": 1, "incrementViews": 1, "committedTransaction": 1,
-                 "rolledBackTransaction": 1}
+    per_round = {"createPost": 1, "findUserWithPosts": 1, "incrementViews": 1, "batchTransaction": 1,
+                 "committedTransaction": 1, "rolledBackTransaction": 1}
     _assert_workload_exact(result, {"createUser": workers,
                                     **{kind: n * ROUNDS * workers for kind, n in per_round.items()}})
-    # Committed transactions added a post each round; rolled-back ones added nothing.
-    assert result["totals"]["posts"] == 2 * ROUNDS * workers, result
+    # Batch and committed transactions added a post each round; rolled-back ones added nothing.
+    assert result["totals"]["posts"] == 3 * ROUNDS * workers, result
     seen_by_postgres, held_by_pgmux = sampler.peak()
     assert seen_by_postgres <= POOL_SIZE and held_by_pgmux <= POOL_SIZE, (seen_by_postgres, held_by_pgmux)
     accepted = proxy.call(lambda p: dict(p.registry.accepted))

@@ -85,6 +85,7 @@ class Worker {
       await this.step('findUserWithPosts');
       await this.step('incrementViews');
       if (MODE === 'websocket') {
+        await this.step('batchTransaction', round);
         await this.step('committedTransaction', round);
         await this.step('rolledBackTransaction', round);
       }
@@ -120,6 +121,18 @@ class Worker {
     const post = await this.prisma.post.update({ where: { id }, data: { views: { increment: 1 } } });
     this.views.set(id, this.views.get(id) + 1);
     if (post.views !== this.views.get(id)) this.mismatch('incrementViews', post.views, this.views.get(id));
+  }
+
+  // Prisma sends BEGIN, both queries and COMMIT on one of the driver's pooled sockets.
+  async batchTransaction(round) {
+    const name = `${this.name} batched ${round}`;
+    const [post, user] = await this.prisma.$transaction([
+      this.prisma.post.create({ data: { title: `batch ${round} of ${this.id}`, authorId: this.userId } }),
+      this.prisma.user.update({ where: { id: this.userId }, data: { name } }),
+    ]);
+    this.views.set(post.id, 0);
+    this.name = name;
+    if (user.name !== name || post.authorId !== this.userId) this.mismatch('batchTransaction', { post, user }, name);
   }
 
   // Reads its own writes inside the transaction, and everything is there after the commit.
