@@ -10,7 +10,9 @@ js/prisma_neon.js, on the same fresh tables (prisma/schema.sql) as test_prisma.p
 @prisma/adapter-neon 7 exports PrismaNeon and PrismaNeonHttp (no PrismaNeonHTTP). PrismaNeonHttp sends each
 query as its own request and rejects every transaction itself ("Transactions are not supported in HTTP mode"),
 batches and nested writes included, although the driver's sql.transaction() and pgmux's /sql batches support
-them: that is the adapter's choice, so the HTTP test checks the refusal rather than a batch.
+them: that is the adapter's choice, so the HTTP test checks the refusal rather than a batch. Nor does it convert
+the driver's errors (only its WebSocket queryable does), so over HTTP a unique violation reaches Prisma as code
+"23505", not P2002: the SQLSTATE pgmux's error JSON carries, passed on as is.
 """
 
 from __future__ import annotations
@@ -83,6 +85,14 @@ def test_prisma_neon_over_websocket_with_interactive_transactions_on_a_pool_of_3
                                     **{kind: n * ROUNDS * workers for kind, n in per_round.items()}})
     # Batch and committed transactions added a post each round; rolled-back ones added nothing.
     assert result["totals"]["posts"] == 3 * ROUNDS * workers, result
+    # The adapter maps the driver's error fields to Prisma's codes, with the columns or constraint named.
+    assert result["constraintErrors"] == {
+        "duplicateEmail": {"name": "PrismaClientKnownRequestError", "code": "P2002", "cause": {
+            "originalCode": "23505", "kind": "UniqueConstraintViolation", "constraint": {"fields": ["email"]}}},
+        "missingAuthor": {"name": "PrismaClientKnownRequestError", "code": "P2003", "cause": {
+            "originalCode": "23503", "kind": "ForeignKeyConstraintViolation",
+            "constraint": {"index": "Post_authorId_fkey"}}},
+    }, result
     seen_by_postgres, held_by_pgmux = sampler.peak()
     assert seen_by_postgres <= POOL_SIZE and held_by_pgmux <= POOL_SIZE, (seen_by_postgres, held_by_pgmux)
     accepted = proxy.call(lambda p: dict(p.registry.accepted))
@@ -106,6 +116,12 @@ def test_prisma_neon_http_reads_and_writes_and_refuses_transactions_with_its_own
     # interactive, batch, and the one Prisma opens for a nested create. Nothing of them was written.
     refused = {"name": "Error", "message": "Transactions are not supported in HTTP mode"}
     assert result["transactions"] == {"interactive": refused, "batch": refused, "nested": refused, "written": 0}
+    # PrismaNeonHttp passes the driver's error on unmapped (only its WebSocket queryable converts errors), so
+    # Prisma reports PostgreSQL's SQLSTATE, which the driver read from pgmux's error JSON, as the code.
+    assert result["constraintErrors"] == {
+        "duplicateEmail": {"name": "PrismaClientKnownRequestError", "code": "23505", "cause": None},
+        "missingAuthor": {"name": "PrismaClientKnownRequestError", "code": "23503", "cause": None},
+    }, result
     seen_by_postgres, held_by_pgmux = sampler.peak()
     assert seen_by_postgres <= POOL_SIZE and held_by_pgmux <= POOL_SIZE, (seen_by_postgres, held_by_pgmux)
     assert proxy.call(lambda p: p.registry.http.by_status.get("200", 0)) >= workers * (1 + 3 * ROUNDS)

@@ -194,6 +194,25 @@ async function errorOf(promise) {
   }
 }
 
+// How PostgreSQL's errors reach Prisma: the adapter maps the driver's error fields (code, severity, detail,
+// constraint, ...) to Prisma's own codes, which over HTTP come from pgmux's error JSON.
+async function constraintErrors(prisma, worker) {
+  const known = async (promise) => {
+    try {
+      await promise;
+      return null;
+    } catch (err) {
+      const cause = err.meta && err.meta.driverAdapterError && err.meta.driverAdapterError.cause;
+      return { name: err.name, code: err.code,
+               cause: cause ? { originalCode: cause.originalCode, kind: cause.kind, constraint: cause.constraint } : null };
+    }
+  };
+  return {
+    duplicateEmail: await known(prisma.user.create({ data: { email: worker.email } })),
+    missingAuthor: await known(prisma.post.create({ data: { title: 'orphan', authorId: -1 } })),
+  };
+}
+
 // What Prisma does with transactions over HTTP, where each query is its own request: an interactive one, a
 // batch, and a nested create (which Prisma runs as a transaction), each with writes that must not land if
 // Prisma refuses.
@@ -241,6 +260,8 @@ async function scenario() {
         views: workers.reduce((sum, w) => sum + [...w.views.values()].reduce((a, b) => a + b, 0), 0),
       },
     };
+    stage = 'constraint errors';
+    result.constraintErrors = await constraintErrors(check, workers[0]);
     if (MODE === 'http') {
       stage = 'transactions';
       result.transactions = await transactionsOverHttp(check, workers[0].userId);
