@@ -36,6 +36,10 @@ PACKAGE_NAMES = ["@prisma/adapter-neon", "@neondatabase/serverless", "ws"]
 POOL_SIZE = 3
 HTTP_LISTENER = {"address": "127.0.0.1:0", "protocol": "http", "allow_plaintext_http": True}
 CLIENTS, WORKERS, ROUNDS = 4, 5, 3
+# js/prisma_neon.js's raw query, as Prisma typed it (a bigint beyond 2**53 exact, Decimal as text, bytes as hex).
+RAW_TYPES = {"i": 42, "big": "9007199254740993n", "n": "12345.678", "t": "grüße ✓ 日本語",
+             "ts": "2024-05-06T07:08:09.123Z", "j": {"a": [1, "x"]}, "b": "deadbeef", "a": [1, 2, 3], "nothing": None,
+             "yes": True, "role": "ADMIN"}
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +71,7 @@ def _assert_workload_exact(result: dict[str, Any], steps: dict[str, int]) -> Non
     totals = result["totals"]
     assert {key: totals[key] for key in ("users", "posts", "views")} == totals["expected"], report
     assert totals["users"] == CLIENTS * WORKERS, report
+    assert result["rawTypes"] == RAW_TYPES, report
 
 
 def test_prisma_neon_over_websocket_with_interactive_transactions_on_a_pool_of_3(
@@ -85,6 +90,7 @@ def test_prisma_neon_over_websocket_with_interactive_transactions_on_a_pool_of_3
                                     **{kind: n * ROUNDS * workers for kind, n in per_round.items()}})
     # Batch and committed transactions added a post each round; rolled-back ones added nothing.
     assert result["totals"]["posts"] == 3 * ROUNDS * workers, result
+    assert result["isolation"] == "serializable", result
     # The adapter maps the driver's error fields to Prisma's codes, with the columns or constraint named.
     assert result["constraintErrors"] == {
         "duplicateEmail": {"name": "PrismaClientKnownRequestError", "code": "P2002", "cause": {

@@ -213,6 +213,28 @@ async function constraintErrors(prisma, worker) {
   };
 }
 
+// A raw query's values, typed by Prisma from each field's dataTypeID (over HTTP, the ones pgmux's JSON names).
+async function rawTypes(prisma) {
+  const [row] = await prisma.$queryRaw`SELECT ${41}::int + 1 AS i, 9007199254740993::bigint AS big,
+      ${'12345.678'}::numeric AS n, ${'grüße ✓ 日本語'}::text AS t, ${new Date('2024-05-06T07:08:09.123Z')}::timestamptz AS ts,
+      '{"a": [1, "x"]}'::jsonb AS j, '\\xdeadbeef'::bytea AS b, ARRAY[1, 2, 3]::int[] AS a, NULL::text AS nothing,
+      true AS yes, 'ADMIN'::"Role" AS role`;
+  return {
+    i: row.i, big: typeof row.big === 'bigint' ? `${row.big}n` : row.big, n: String(row.n), t: row.t,
+    ts: row.ts instanceof Date ? row.ts.toISOString() : row.ts, j: row.j,
+    b: row.b instanceof Uint8Array ? Buffer.from(row.b).toString('hex') : row.b, a: row.a, nothing: row.nothing,
+    yes: row.yes, role: row.role,
+  };
+}
+
+// An interactive transaction at an isolation level: the adapter sends BEGIN, then SET TRANSACTION.
+async function isolation(prisma) {
+  const [row] = await prisma.$transaction(
+    (tx) => tx.$queryRaw`SELECT current_setting('transaction_isolation') AS level`,
+    { isolationLevel: 'Serializable' });
+  return row.level;
+}
+
 // What Prisma does with transactions over HTTP, where each query is its own request: an interactive one, a
 // batch, and a nested create (which Prisma runs as a transaction), each with writes that must not land if
 // Prisma refuses.
@@ -260,6 +282,12 @@ async function scenario() {
         views: workers.reduce((sum, w) => sum + [...w.views.values()].reduce((a, b) => a + b, 0), 0),
       },
     };
+    stage = 'raw types';
+    result.rawTypes = await rawTypes(check);
+    if (MODE === 'websocket') {
+      stage = 'isolation';
+      result.isolation = await isolation(check);
+    }
     stage = 'constraint errors';
     result.constraintErrors = await constraintErrors(check, workers[0]);
     if (MODE === 'http') {
