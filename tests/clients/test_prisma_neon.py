@@ -49,13 +49,13 @@ def neon_adapter_modules() -> Path:
 
 
 def _run_prisma_neon(modules: Path, client_dir: Path, port: int, database: str, mode: str,
-                     timeout: float = 180) -> dict[str, Any]:
+                     timeout: float = 180, **extra_env: str) -> dict[str, Any]:
     # The host is never dialled: wsProxy and fetchEndpoint name pgmux; user, password and database are used.
     url = f"postgresql://{APP.name}:{quote(APP.password, safe='')}@db.internal:5432/{database}"
     env = client_env(NODE_PATH=str(modules), PRISMA_CLIENT_DIR=str(client_dir), DATABASE_URL=url,
                      PGMUX_HTTP_PORT=str(port), MODE=mode, CLIENTS=str(CLIENTS), WORKERS=str(WORKERS),
                      POOL_MAX=str(POOL_SIZE), ROUNDS=str(ROUNDS), SCENARIO_TIMEOUT_MS=str(int((timeout - 5) * 1000)),
-                     CHECKPOINT_DISABLE="1")
+                     CHECKPOINT_DISABLE="1", **extra_env)
     result = run([shutil.which("node") or "node", JS_DIR / "prisma_neon.js"], env=env, timeout=timeout, cwd=JS_DIR)
     lines = result.stdout.strip().splitlines()
     assert lines, f"prisma_neon.js printed nothing; stderr:\n{result.stderr}"
@@ -132,3 +132,20 @@ def test_prisma_neon_http_reads_and_writes_and_refuses_transactions_with_its_own
     assert seen_by_postgres <= POOL_SIZE and held_by_pgmux <= POOL_SIZE, (seen_by_postgres, held_by_pgmux)
     assert proxy.call(lambda p: p.registry.http.by_status.get("200", 0)) >= workers * (1 + 3 * ROUNDS)
     assert proxy.call(lambda p: dict(p.registry.accepted)).get("websocket", 0) == 0
+
+
+def test_a_full_pool_refusal_reaches_prisma_as_53300_over_both_transports(
+        pgmux, postgres, prisma_client_dir, prisma_database, neon_adapter_modules) -> None:  # noqa: F811
+    _, client_dir = prisma_client_dir
+    proxy = pgmux(upstream_url=upstream_for(postgres, prisma_database), default_pool_size=1,
+                  query_wait_timeout=0.3, listeners=[HTTP_LISTENER])
+    result = _run_prisma_neon(neon_adapter_modules, client_dir, proxy.port(1), prisma_database, "websocket",
+                              timeout=60, SCENARIO="refusal")
+    # PrismaNeon maps it to Prisma's "too many connections"; PrismaNeonHttp passes the SQLSTATE on (see above).
+    assert result["refused"] == {
+        "websocket": {"name": "PrismaClientKnownRequestError", "code": "P2037",
+                      "cause": {"originalCode": "53300", "kind": "TooManyConnections"}},
+        "http": {"name": "PrismaClientKnownRequestError", "code": "53300", "cause": None},
+    }, result
+    # The transaction that held the backend was unaffected, and both clients query again once it is free.
+    assert result["afterwards"] == {"holder": 0, "websocket": 0, "http": 0}, result

@@ -5,7 +5,8 @@
 // CLIENTS PrismaClients run WORKERS workers each; every worker owns one user and its posts, so each read is
 // checked exactly against what that worker wrote. Errors are collected, never thrown past the scenario; the
 // result is one JSON line. Environment: PGMUX_HTTP_PORT, DATABASE_URL (user, password and database; its host
-// is never dialled), PRISMA_CLIENT_DIR, MODE, CLIENTS, WORKERS, POOL_MAX, ROUNDS, RUN, SCENARIO_TIMEOUT_MS.
+// is never dialled), PRISMA_CLIENT_DIR, MODE, CLIENTS, WORKERS, POOL_MAX, ROUNDS, RUN, SCENARIO_TIMEOUT_MS;
+// SCENARIO=refusal runs refusal() instead of the workload.
 'use strict';
 
 const { neonConfig } = require('@neondatabase/serverless');
@@ -28,8 +29,8 @@ const URL = process.env.DATABASE_URL;
 // would still fail, after 30 s.
 const TRANSACTION_OPTIONS = { maxWait: 30000, timeout: 60000 };
 
-function makeClient() {
-  if (MODE === 'websocket') {
+function makeClient(mode = MODE) {
+  if (mode === 'websocket') {
     neonConfig.webSocketConstructor = ws;
     neonConfig.useSecureWebSocket = false;
     neonConfig.wsProxy = (host, port) => `127.0.0.1:${PORT}/v2`;
@@ -194,19 +195,21 @@ async function errorOf(promise) {
   }
 }
 
+// A Prisma error as the application sees it, with the adapter's mapping of the driver's error when there is one.
+async function known(promise) {
+  try {
+    await promise;
+    return null;
+  } catch (err) {
+    const cause = err.meta && err.meta.driverAdapterError && err.meta.driverAdapterError.cause;
+    return { name: err.name, code: err.code,
+             cause: cause ? { originalCode: cause.originalCode, kind: cause.kind, constraint: cause.constraint } : null };
+  }
+}
+
 // How PostgreSQL's errors reach Prisma: the adapter maps the driver's error fields (code, severity, detail,
 // constraint, ...) to Prisma's own codes, which over HTTP come from pgmux's error JSON.
 async function constraintErrors(prisma, worker) {
-  const known = async (promise) => {
-    try {
-      await promise;
-      return null;
-    } catch (err) {
-      const cause = err.meta && err.meta.driverAdapterError && err.meta.driverAdapterError.cause;
-      return { name: err.name, code: err.code,
-               cause: cause ? { originalCode: cause.originalCode, kind: cause.kind, constraint: cause.constraint } : null };
-    }
-  };
   return {
     duplicateEmail: await known(prisma.user.create({ data: { email: worker.email } })),
     missingAuthor: await known(prisma.post.create({ data: { title: 'orphan', authorId: -1 } })),
@@ -257,7 +260,7 @@ async function transactionsOverHttp(prisma, userId) {
 async function scenario() {
   const errors = [];
   const tally = {};
-  const clients = Array.from({ length: CLIENTS }, makeClient);
+  const clients = Array.from({ length: CLIENTS }, () => makeClient());
   const workers = Array.from({ length: CLIENTS * WORKERS },
                              (_, w) => new Worker(clients[w % CLIENTS], w, errors, tally));
   let stage = 'connect';
@@ -302,12 +305,42 @@ async function scenario() {
   return { ...result, tally, errorCount: errors.length, errors: errors.slice(0, 20) };
 }
 
+// pgmux's 53300 refusal (a full pool, after query_wait_timeout) as Prisma reports it over each transport: one
+// PrismaNeon client holds the only backend in a transaction while a query from each mode waits for it.
+async function refusal() {
+  const holder = makeClient('websocket');
+  const waiters = { websocket: makeClient('websocket'), http: makeClient('http') };
+  const clients = [holder, ...Object.values(waiters)];
+  try {
+    for (const client of clients) await client.user.count(); // the query compiler loaded, a socket open
+    let release;
+    const released = new Promise((resolve) => { release = resolve; });
+    let holding;
+    const hasBackend = new Promise((resolve) => { holding = resolve; });
+    const held = holder.$transaction(async (tx) => {
+      await tx.user.count();
+      holding();
+      await released;
+      return tx.user.count();
+    });
+    await hasBackend;
+    const refused = {};
+    for (const [mode, client] of Object.entries(waiters)) refused[mode] = await known(client.user.count());
+    release();
+    const afterwards = { holder: await held };
+    for (const [mode, client] of Object.entries(waiters)) afterwards[mode] = await client.user.count();
+    return { refused, afterwards };
+  } finally {
+    await Promise.all(clients.map((c) => c.$disconnect()));
+  }
+}
+
 const timer = setTimeout(() => {
   console.error(`scenario did not finish within ${HARD_TIMEOUT_MS} ms`);
   process.exit(3);
 }, HARD_TIMEOUT_MS);
 timer.unref();
-scenario()
+(process.env.SCENARIO === 'refusal' ? refusal() : scenario())
   .then((result) => {
     process.stdout.write(JSON.stringify(result) + '\n');
     clearTimeout(timer);
