@@ -103,7 +103,8 @@ class Worker {
   }
 
   async createPost(round) {
-    const post = await this.prisma.post.create({ data: { title: `post ${round} of ${this.id}`, authorId: this.userId } });
+    const post = await this.prisma.post.create({
+      data: { title: `post ${round} of ${this.id}`, authorId: this.userId } });
     this.views.set(post.id, 0);
     if (post.views !== 0 || post.published !== false) this.mismatch('createPost', post, 'views 0, unpublished');
   }
@@ -178,7 +179,9 @@ class Worker {
     } catch (err) {
       if (!(err instanceof RollBack) || err.message !== marker) throw err;
     }
-    if (seenInside !== this.views.size + 1) this.mismatch('rolledBackTransaction inside', seenInside, this.views.size + 1);
+    if (seenInside !== this.views.size + 1) {
+      this.mismatch('rolledBackTransaction inside', seenInside, this.views.size + 1);
+    }
     const after = await this.prisma.user.findUnique({
       where: { id: this.userId }, include: { posts: { orderBy: { id: 'asc' } } } });
     const got = { name: after.name, posts: after.posts.map((p) => [p.id, p.views]) };
@@ -187,7 +190,8 @@ class Worker {
   }
 }
 
-async function errorOf(promise) {
+// What became of a promise: its value, or the name and message of what it threw.
+async function messageOf(promise) {
   try {
     return { resolved: await promise };
   } catch (err) {
@@ -196,14 +200,14 @@ async function errorOf(promise) {
 }
 
 // A Prisma error as the application sees it, with the adapter's mapping of the driver's error when there is one.
-async function known(promise) {
+async function prismaErrorOf(promise) {
   try {
     await promise;
     return null;
   } catch (err) {
     const cause = err.meta && err.meta.driverAdapterError && err.meta.driverAdapterError.cause;
-    return { name: err.name, code: err.code,
-             cause: cause ? { originalCode: cause.originalCode, kind: cause.kind, constraint: cause.constraint } : null };
+    const mapped = cause && { originalCode: cause.originalCode, kind: cause.kind, constraint: cause.constraint };
+    return { name: err.name, code: err.code, cause: mapped || null };
   }
 }
 
@@ -211,15 +215,16 @@ async function known(promise) {
 // constraint, ...) to Prisma's own codes, which over HTTP come from pgmux's error JSON.
 async function constraintErrors(prisma, worker) {
   return {
-    duplicateEmail: await known(prisma.user.create({ data: { email: worker.email } })),
-    missingAuthor: await known(prisma.post.create({ data: { title: 'orphan', authorId: -1 } })),
+    duplicateEmail: await prismaErrorOf(prisma.user.create({ data: { email: worker.email } })),
+    missingAuthor: await prismaErrorOf(prisma.post.create({ data: { title: 'orphan', authorId: -1 } })),
   };
 }
 
 // A raw query's values, typed by Prisma from each field's dataTypeID (over HTTP, the ones pgmux's JSON names).
 async function rawTypes(prisma) {
   const [row] = await prisma.$queryRaw`SELECT ${41}::int + 1 AS i, 9007199254740993::bigint AS big,
-      ${'12345.678'}::numeric AS n, ${'grüße ✓ 日本語'}::text AS t, ${new Date('2024-05-06T07:08:09.123Z')}::timestamptz AS ts,
+      ${'12345.678'}::numeric AS n, ${'grüße ✓ 日本語'}::text AS t,
+      ${new Date('2024-05-06T07:08:09.123Z')}::timestamptz AS ts,
       '{"a": [1, "x"]}'::jsonb AS j, '\\xdeadbeef'::bytea AS b, ARRAY[1, 2, 3]::int[] AS a, NULL::text AS nothing,
       true AS yes, 'ADMIN'::"Role" AS role`;
   return {
@@ -243,13 +248,13 @@ async function isolation(prisma) {
 // Prisma refuses.
 async function transactionsOverHttp(prisma, userId) {
   const title = `${RUN} over http`;
-  const nested = await errorOf(prisma.user.create({
+  const nested = await messageOf(prisma.user.create({
     data: { email: `${RUN}-nested@example.test`, posts: { create: [{ title }] } } }));
-  const interactive = await errorOf(prisma.$transaction(async (tx) => {
+  const interactive = await messageOf(prisma.$transaction(async (tx) => {
     await tx.post.create({ data: { title, authorId: userId } });
     return tx.post.count({ where: { authorId: userId } });
   }));
-  const batch = await errorOf(prisma.$transaction([
+  const batch = await messageOf(prisma.$transaction([
     prisma.post.create({ data: { title, authorId: userId } }),
     prisma.post.count({ where: { authorId: userId } }),
   ]));
@@ -300,7 +305,8 @@ async function scenario() {
   } catch (err) {
     errors.push(describeError(err, stage));
   } finally {
-    await Promise.all(clients.map((c) => c.$disconnect().catch((err) => errors.push(describeError(err, 'disconnect')))));
+    await Promise.all(clients.map((c) => c.$disconnect()
+      .catch((err) => errors.push(describeError(err, 'disconnect')))));
   }
   return { ...result, tally, errorCount: errors.length, errors: errors.slice(0, 20) };
 }
@@ -325,7 +331,7 @@ async function refusal() {
     });
     await hasBackend;
     const refused = {};
-    for (const [mode, client] of Object.entries(waiters)) refused[mode] = await known(client.user.count());
+    for (const [mode, client] of Object.entries(waiters)) refused[mode] = await prismaErrorOf(client.user.count());
     release();
     const afterwards = { holder: await held };
     for (const [mode, client] of Object.entries(waiters)) afterwards[mode] = await client.user.count();
