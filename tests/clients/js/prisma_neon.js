@@ -211,8 +211,8 @@ async function prismaErrorOf(promise) {
   }
 }
 
-// How PostgreSQL's errors reach Prisma: the adapter maps the driver's error fields (code, severity, detail,
-// constraint, ...) to Prisma's own codes, which over HTTP come from pgmux's error JSON.
+// How PostgreSQL's errors reach Prisma: PrismaNeon maps the driver's error fields (code, severity, detail,
+// constraint, ...) to Prisma's own codes; PrismaNeonHttp passes the driver's error (from pgmux's error JSON) on.
 async function constraintErrors(prisma, worker) {
   return {
     duplicateEmail: await prismaErrorOf(prisma.user.create({ data: { email: worker.email } })),
