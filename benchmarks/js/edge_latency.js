@@ -2,6 +2,8 @@
 // request timed on its own, by the clients edge functions and servers really use:
 //   http        the Neon serverless driver's neon(): one `SELECT 1` = one POST /sql (fetch keeps its socket)
 //   ws_query    the driver's Client, connected once over a WebSocket: one `SELECT 1` per request
+//   ws_query_uncoalesced  the same with coalesceWrites off: the default batches a query's writes behind a
+//               setTimeout(0), which node runs after at least 1 ms; off, what is left is the WebSocket's own cost
 //   ws_connect  the driver's Client: WebSocket connect + login + `SELECT 1` + end, per request
 //   tcp_connect node-postgres (pg) over TCP: connect + SCRAM login + `SELECT 1` + end, per request
 //   tcp_query   node-postgres connected once over TCP: one `SELECT 1` per request
@@ -20,8 +22,9 @@ const password = encodeURIComponent(env.PGPASSWORD);
 const database = env.PGDATABASE;
 const QUERY = 'SELECT 1';
 
-function neonDriver() {
+function neonDriver(coalesceWrites = true) {
   const neon = require('@neondatabase/serverless');
+  neon.neonConfig.coalesceWrites = coalesceWrites;
   neon.neonConfig.webSocketConstructor = require('ws');
   neon.neonConfig.useSecureWebSocket = false; // a loopback listener with allow_plaintext_http
   neon.neonConfig.wsProxy = () => `127.0.0.1:${env.HTTP_PORT}/v2`;
@@ -40,9 +43,12 @@ const modes = {
     const sql = neonDriver().neon(neonUrl());
     return { request: () => sql.query(QUERY) };
   },
-  ws_query() {
-    const client = new (neonDriver().Client)(neonUrl());
+  ws_query(coalesceWrites = true) {
+    const client = new (neonDriver(coalesceWrites).Client)(neonUrl());
     return { setup: () => client.connect(), request: () => client.query(QUERY), teardown: () => client.end() };
+  },
+  ws_query_uncoalesced() {
+    return modes.ws_query(false);
   },
   ws_connect() {
     const { Client } = neonDriver();

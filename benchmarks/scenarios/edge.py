@@ -24,7 +24,7 @@ from benchmarks.targets import BenchEnv, Target, clean_env
 SCRIPT = Path(__file__).resolve().parent.parent / "js" / "edge_latency.js"
 # Measured in this order in every round (the rounds interleave them, so a burst of someone else's load does not
 # land on one mode only). The TCP rows are the baselines the others are compared with.
-MODES = ("tcp_connect", "http", "ws_connect", "tcp_query", "ws_query")
+MODES = ("tcp_connect", "http", "ws_connect", "tcp_query", "ws_query", "ws_query_uncoalesced")
 # npm packages and where they are looked for: the caches the node client tests install into (the same
 # environment variables and defaults as tests/clients/npmcache.py and test_neon_websocket.py).
 PACKAGES = {"@neondatabase/serverless": "neon", "ws": "neon", "pg": "node"}

@@ -69,7 +69,8 @@ def _assert_edge_rows(report: dict, markdown: str) -> None:
         assert report["edge"] == [] and pgmux["reason"] in markdown
         return
     assert pgmux["status"] == "ok", pgmux
-    assert set(pgmux["modes"]) == {"tcp_connect", "http", "ws_connect", "tcp_query", "ws_query"}
+    assert set(pgmux["modes"]) == {"tcp_connect", "http", "ws_connect", "tcp_query", "ws_query",
+                                   "ws_query_uncoalesced"}
     for mode, data in pgmux["modes"].items():
         assert data["requests"] > 0 and {"p50", "p99"} <= set(data["latency_ms"]), (mode, data)
     rows = {row["mode"]: row for row in report["edge"]}
