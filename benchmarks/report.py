@@ -236,6 +236,7 @@ EDGE_ROWS = (
     ("ws_connect", "WebSocket: connect + SELECT 1 + close (driver Client)"),
     ("tcp_query", "TCP: SELECT 1 on an open connection (node-postgres)"),
     ("ws_query", "WebSocket: SELECT 1 on an open session (driver Client)"),
+    ("ws_connect_uncoalesced", "WebSocket: connect + SELECT 1 + close, coalesceWrites off (diagnostic)"),
     ("ws_query_uncoalesced", "WebSocket: SELECT 1 on an open session, coalesceWrites off (diagnostic)"),
 )
 

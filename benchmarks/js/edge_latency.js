@@ -2,9 +2,10 @@
 // request timed on its own, by the clients edge functions and servers really use:
 //   http        the Neon serverless driver's neon(): one `SELECT 1` = one POST /sql (fetch keeps its socket)
 //   ws_query    the driver's Client, connected once over a WebSocket: one `SELECT 1` per request
-//   ws_query_uncoalesced  the same with coalesceWrites off: the default batches a query's writes behind a
-//               setTimeout(0), which node runs after at least 1 ms; off, what is left is the WebSocket's own cost
 //   ws_connect  the driver's Client: WebSocket connect + login + `SELECT 1` + end, per request
+//   ws_query_uncoalesced, ws_connect_uncoalesced  the same two with coalesceWrites off: the default batches
+//               each burst of writes behind a setTimeout(0), which node runs after at least 1 ms; off, what is
+//               left is the WebSocket's own cost (diagnostic rows)
 //   tcp_connect node-postgres (pg) over TCP: connect + SCRAM login + `SELECT 1` + end, per request
 //   tcp_query   node-postgres connected once over TCP: one `SELECT 1` per request
 // Protocol with the harness: after WARMUP requests it prints "warm" and waits for a line on stdin (the harness
@@ -50,9 +51,12 @@ const modes = {
   ws_query_uncoalesced() {
     return modes.ws_query(false);
   },
-  ws_connect() {
-    const { Client } = neonDriver();
+  ws_connect(coalesceWrites = true) {
+    const { Client } = neonDriver(coalesceWrites);
     return { request: () => connectQueryEnd(new Client(neonUrl())) };
+  },
+  ws_connect_uncoalesced() {
+    return modes.ws_connect(false);
   },
   tcp_connect() {
     const { Client } = require('pg');

@@ -24,7 +24,7 @@ from benchmarks.targets import BenchEnv, Target, clean_env
 SCRIPT = Path(__file__).resolve().parent.parent / "js" / "edge_latency.js"
 # Measured in this order in every round (the rounds interleave them, so a burst of someone else's load does not
 # land on one mode only). The TCP rows are the baselines the others are compared with.
-MODES = ("tcp_connect", "http", "ws_connect", "tcp_query", "ws_query", "ws_query_uncoalesced")
+MODES = ("tcp_connect", "http", "ws_connect", "tcp_query", "ws_query", "ws_connect_uncoalesced", "ws_query_uncoalesced")
 # npm packages and where they are looked for: the caches the node client tests install into (the same
 # environment variables and defaults as tests/clients/npmcache.py and test_neon_websocket.py).
 PACKAGES = {"@neondatabase/serverless": "neon", "ws": "neon", "pg": "node"}
@@ -146,7 +146,9 @@ class Edge(Scenario):
                    "`neon()` (one POST /sql per query; node's fetch keeps its connection), *WebSocket session* - "
                    "the driver's `Client` connected once, *WebSocket connect* - a new `Client` per request "
                    "(connect, login, query, end), against node-postgres over TCP: connect + query + close (the "
-                   "baseline) and a query on an open connection. The same user and password everywhere: over TCP "
+                   "baseline) and a query on an open connection. Two diagnostic rows repeat the WebSocket paths with "
+                   "the driver's `coalesceWrites` off: by default it sends each burst of writes after a "
+                   "`setTimeout(0)`, at least 1 ms in node, so the difference is the client's timer, not pgmux. The same user and password everywhere: over TCP "
                    "pgmux asks for SCRAM (PBKDF2 in the client on every login), the driver sends its password in "
                    "cleartext unasked (pipelineConnect), and POST /sql checks it once per 60 s: what users of each "
                    "path get. Ratios divide by the TCP rows of the same run.")

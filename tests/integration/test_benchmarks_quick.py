@@ -70,7 +70,7 @@ def _assert_edge_rows(report: dict, markdown: str) -> None:
         return
     assert pgmux["status"] == "ok", pgmux
     assert set(pgmux["modes"]) == {"tcp_connect", "http", "ws_connect", "tcp_query", "ws_query",
-                                   "ws_query_uncoalesced"}
+                                   "ws_connect_uncoalesced", "ws_query_uncoalesced"}
     for mode, data in pgmux["modes"].items():
         assert data["requests"] > 0 and {"p50", "p99"} <= set(data["latency_ms"]), (mode, data)
     rows = {row["mode"]: row for row in report["edge"]}
