@@ -224,11 +224,19 @@ def main(argv: list[str] | None = None) -> int:
     return 130 if interrupted else 0
 
 
+def _availability(scenario: Scenario, env: BenchEnv, target_name: str) -> tuple[bool, str | None]:
+    """Whether ``target_name`` can take part in ``scenario`` here, and if not why (the report says it)."""
+    available, reason = env.available(target_name, scenario.auth, scenario.client_tls, scenario.http_listener)
+    if available:
+        reason = scenario.missing(env)
+    return reason is None, reason
+
+
 def _run_one_by_one(scenario: Scenario, cfg: RunConfig, env: BenchEnv, params: dict[str, Any],
                     out: dict[str, Any], over_budget: Any, budget: float) -> None:
     """Each target started alone, measured, stopped (by pid), and its backends gone before the next."""
     for target_name in cfg.targets:
-        available, reason = env.available(target_name, scenario.auth, scenario.client_tls)
+        available, reason = _availability(scenario, env, target_name)
         if not available:
             out[target_name] = {"status": "unavailable", "reason": reason}
             continue
@@ -237,7 +245,7 @@ def _run_one_by_one(scenario: Scenario, cfg: RunConfig, env: BenchEnv, params: d
             continue
         began = time.monotonic()
         try:
-            with env.target(target_name, scenario.auth, scenario.client_tls) as target:
+            with env.target(target_name, scenario.auth, scenario.client_tls, scenario.http_listener) as target:
                 out[target_name] = scenario.run(cfg, env, target, params)
         except KeyboardInterrupt:
             raise
@@ -256,13 +264,13 @@ def _run_interleaved(scenario: Scenario, cfg: RunConfig, env: BenchEnv, params: 
     began = time.monotonic()
     with contextlib.ExitStack() as stack:
         for target_name in cfg.targets:
-            available, reason = env.available(target_name, scenario.auth, scenario.client_tls)
+            available, reason = _availability(scenario, env, target_name)
             if not available:
                 out[target_name] = {"status": "unavailable", "reason": reason}
                 continue
             try:
                 running[target_name] = stack.enter_context(env.target(target_name, scenario.auth,
-                                                                      scenario.client_tls))
+                                                                      scenario.client_tls, scenario.http_listener))
                 measured[target_name] = []
             except Exception as exc:
                 cfg.log(f"  {target_name}: {type(exc).__name__}: {exc}")

@@ -227,6 +227,71 @@ def ratio_table(results: Results) -> list[dict[str, Any]]:
     return table
 
 
+# --------------------------------------------------------------------------- edge runtimes (pgmux only)
+
+# The edge scenario's modes, each with its label (in the order of the report's table).
+EDGE_ROWS = (
+    ("tcp_connect", "TCP: connect + SELECT 1 + close (node-postgres, SCRAM)"),
+    ("http", "HTTP: POST /sql, SELECT 1 (neon())"),
+    ("ws_connect", "WebSocket: connect + SELECT 1 + close (driver Client)"),
+    ("tcp_query", "TCP: SELECT 1 on an open connection (node-postgres)"),
+    ("ws_query", "WebSocket: SELECT 1 on an open session (driver Client)"),
+    ("ws_connect_uncoalesced", "WebSocket: connect + SELECT 1 + close, coalesceWrites off (diagnostic)"),
+    ("ws_query_uncoalesced", "WebSocket: SELECT 1 on an open session, coalesceWrites off (diagnostic)"),
+)
+
+
+def edge_table(results: Results) -> list[dict[str, Any]]:
+    """pgmux's edge rows: p50/p99 (ms) of each mode and their ratios to the two TCP baselines of the same run."""
+    modes = _dig(_scenario(results, "edge").get("pgmux"), "modes") or {}
+    if not modes:
+        return []
+
+    def point(mode: str, key: str) -> float | None:
+        value = _dig(modes.get(mode), "latency_ms", key)
+        return value if isinstance(value, (int, float)) else None
+
+    table = []
+    for mode, label in EDGE_ROWS:
+        if mode not in modes:
+            continue
+        row: dict[str, Any] = {"mode": mode, "label": label, "status": modes[mode].get("status"),
+                               "requests": modes[mode].get("requests"),
+                               "pooler_cpu_us_per_request": modes[mode].get("pooler_cpu_us_per_request"),
+                               "client_cpu_us_per_request": modes[mode].get("client_cpu_us_per_request")}
+        for key in ("p50", "p99"):
+            row[f"{key}_ms"] = point(mode, key)
+            for baseline in ("tcp_connect", "tcp_query"):
+                row[f"{key}/{baseline}"] = _ratio(point(mode, key), point(baseline, key))
+        table.append(row)
+    return table
+
+
+def _edge_markdown(results: Results) -> list[str]:
+    entry = _scenario(results, "edge")
+    if not entry:
+        return []
+    lines = ["", "## Edge runtimes (issue 18; pgmux only)", ""]
+    pgmux = entry.get("pgmux", {})
+    if pgmux.get("status") in ("unavailable", "skipped", "error") and not results.get("edge"):
+        return lines + [f"Not measured: {pgmux.get('reason') or pgmux.get('error') or pgmux.get('status')}."]
+    client = results.get("scenarios", {}).get("edge", {}).get("params", {}).get("client")
+    lines += [f"One request at a time, `SELECT 1`, through one pgmux (its TCP and HTTP listeners); client: {client}. "
+              "Ratios divide by the TCP row of the same run: connect + query + close, and a query on an open "
+              "connection. Logins: SCRAM over TCP, the driver's cleartext password over the WebSocket and HTTP "
+              "(what users of each path get).", "",
+              "| path | p50 (ms) | p99 (ms) | p50 × TCP connect | p99 × TCP connect | p50 × TCP open | "
+              "p99 × TCP open | pooler CPU µs/req | client CPU µs/req | requests |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in results.get("edge", []):
+        lines.append(f"| {row['label']} | {_cell(row['p50_ms'])} | {_cell(row['p99_ms'])} | "
+                     f"{_ratio_cell(row['p50/tcp_connect'])} | {_ratio_cell(row['p99/tcp_connect'])} | "
+                     f"{_ratio_cell(row['p50/tcp_query'])} | {_ratio_cell(row['p99/tcp_query'])} | "
+                     f"{_cell(row['pooler_cpu_us_per_request'])} | {_cell(row['client_cpu_us_per_request'])} | "
+                     f"{_cell(row['requests'])} |")
+    return lines
+
+
 # --------------------------------------------------------------------------- issue targets
 
 
@@ -473,6 +538,7 @@ def markdown(results: Results, image: str | None) -> str:
         lines.append(f"| {row['label']} | {row['better']} | {_cell(row.get('direct'))} | {_cell(row.get('pgmux'))} | "
                      f"{_cell(row.get('pgbouncer'))} | {_ratio_cell(row.get('pgmux/pgbouncer'))} | "
                      f"{_ratio_cell(row.get('pgmux/direct'))} |")
+    lines += _edge_markdown(results)
     checks = results.get("targets_check", [])
     if checks:
         lines += ["", "## Issue targets (issue 7; TLS: issue 17)", "", "| goal | measured | met | note |",
@@ -535,6 +601,11 @@ def _key_figures(name: str, result: dict[str, Any]) -> str:
                     "µs": {k: v for k, v in data.get("latency_us", {}).items() if k in ("p50", "p99", "p99.9")},
                     "pooler CPU µs/req": data.get("pooler_cpu_us_per_request")}
                 for placement, modes in result.get("placements", {}).items() for mode, data in modes.items()}
+    elif name == "edge":
+        pick = {mode: {"ms": {k: v for k, v in data.get("latency_ms", {}).items() if k in ("p50", "p99", "p99.9")},
+                       "requests": data.get("requests"), "errors": data.get("errors") or None,
+                       "pooler CPU µs/req": data.get("pooler_cpu_us_per_request")}
+                for mode, data in result.get("modes", {}).items()}
     elif name == "storm":
         pick = {k: result.get(k) for k in ("clients", "served", "refused_by_sqlstate", "other_failures", "hung",
                                            "all_done_s", "max_backends", "pooler_max_rss_mb",
@@ -699,7 +770,7 @@ def readme_section(results: Results) -> str:
     head, _, rest = text.partition("## Ratios")
     body = rest.split("## Details", 1)[0]
     header = "\n".join(line for line in head.splitlines() if line.startswith("- **"))
-    body = body.replace("## Issue targets", "#### Issue targets")
+    body = body.replace("## Issue targets", "#### Issue targets").replace("## Edge runtimes", "#### Edge runtimes")
     return f"{header}\n\n#### Ratios{body.rstrip()}\n\n![plots](results/latest.png)\n"
 
 
@@ -733,6 +804,7 @@ def write_outputs(results: Results, out_dir: Path, stamp: str) -> dict[str, str]
     out_dir.mkdir(parents=True, exist_ok=True)
     results["ratios"] = ratio_table(results)
     results["targets_check"] = targets_check(results)
+    results["edge"] = edge_table(results)
     results["noise"] = noise_summary(results)
     png = out_dir / f"{stamp}.png"
     plot_problem = plot(results, png)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
+import json
 import os
 import pwd
 import re
@@ -53,6 +54,9 @@ POOLER_NOFILE = 65_536
 # Why direct has no TLS row: the wheel's PostgreSQL (and its libpq) are built without OpenSSL.
 DIRECT_NO_TLS = ("no TLS in direct PostgreSQL: the embedded build has no OpenSSL, so TLS scenarios compare the "
                  "poolers only")
+# Why only pgmux takes part in the edge scenario: the Neon serverless driver needs an HTTP front end.
+NO_HTTP_FRONT_END = ("no HTTP/WebSocket front end: the Neon serverless driver (POST /sql, PostgreSQL over a "
+                     "WebSocket) needs one; only pgmux has it")
 # The certificate both poolers present: trustme's default key type, ECDSA P-256.
 TLS_CERTIFICATE = "ECDSA P-256 leaf for 127.0.0.1 from a throwaway CA (trustme), the same for both poolers"
 
@@ -138,6 +142,7 @@ class Target:
     pid: int | None = None
     process: ManagedProcess | None = field(default=None, repr=False)
     sslmode: str = "disable"  # "require" when the target terminates client TLS
+    http_port: int | None = None  # pgmux's HTTP listener (WebSocket sessions and POST /sql), when asked for
 
     @property
     def endpoint(self) -> Endpoint:
@@ -264,7 +269,10 @@ class BenchEnv:
 
     # ----------------------------------------------------------------- targets
 
-    def available(self, name: str, auth: str = "scram", tls: bool = False) -> tuple[bool, str | None]:
+    def available(self, name: str, auth: str = "scram", tls: bool = False,
+                  http: bool = False) -> tuple[bool, str | None]:
+        if http and name != "pgmux":
+            return False, NO_HTTP_FRONT_END
         if tls and name == "direct":
             return False, DIRECT_NO_TLS
         if name == "pgbouncer" and self.pgbouncer is None:
@@ -327,17 +335,20 @@ class BenchEnv:
         return self.user, self.password
 
     @contextlib.contextmanager
-    def target(self, name: str, auth: str = "scram", tls: bool = False) -> Iterator[Target]:
+    def target(self, name: str, auth: str = "scram", tls: bool = False, http: bool = False) -> Iterator[Target]:
         """Start ``name`` (nothing for direct) for clients logging in with ``auth``, over TLS (sslmode=require)
-        when ``tls``; stop it by pid afterwards."""
+        when ``tls``, with an HTTP listener too when ``http`` (pgmux only); stop it by pid afterwards."""
         user, password = self.login(auth)
+        if http and name != "pgmux":
+            raise RuntimeError(NO_HTTP_FRONT_END)
+        http_port = free_port() if http else None
         if name == "direct":
             if tls:
                 raise RuntimeError(DIRECT_NO_TLS)
             yield Target("direct", self.host, self.port, user, password, self.database)
             return
         if name == "pgmux":
-            process, port = self._start_pgmux(auth, tls)
+            process, port = self._start_pgmux(auth, tls, http_port)
         elif name == "pgbouncer":
             process, port = self._start_pgbouncer(auth, tls)
         else:
@@ -345,7 +356,7 @@ class BenchEnv:
         self.started.append({"name": name, "pid": process.pid})
         try:
             yield Target(name, HOST, port, user, password, self.database, pid=process.pid, process=process,
-                         sslmode="require" if tls else "disable")
+                         sslmode="require" if tls else "disable", http_port=http_port)
         finally:
             process.stop()
 
@@ -354,14 +365,21 @@ class BenchEnv:
         return (f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@{self.host}:{self.port}/"
                 f"{quote(self.database, safe='')}?sslmode=disable")
 
-    def pgmux_argv(self, port: int, auth: str = "scram", tls: bool = False) -> list[str]:
+    def pgmux_argv(self, port: int, auth: str = "scram", tls: bool = False,
+                   http_port: int | None = None) -> list[str]:
         s = self.settings
         return [sys.executable, "-m", "proxy", "serve", "--listen", f"{HOST}:{port}",
                 "--default-pool-size", str(s.pool_size), "--pool-mode", s.pool_mode,
                 "--max-client-conn", str(MAX_CLIENT_CONN), "--query-wait-timeout", f"{s.query_wait_timeout:g}",
                 *(["--auth-type", "trust"] if auth == "trust" else []),
                 *(f"--{key.replace('_', '-')}={value}" for key, value in self._client_tls_settings(tls)),
+                *([f"--listeners={json.dumps([self._http_listener(http_port)])}"] if http_port is not None else []),
                 "--log-level", "warning", *s.pgmux_args]
+
+    @staticmethod
+    def _http_listener(port: int) -> dict[str, Any]:
+        """A plain-HTTP listener on loopback (ws:// and http://, as behind a TLS-terminating proxy)."""
+        return {"address": f"{HOST}:{port}", "protocol": "http", "allow_plaintext_http": True}
 
     def _client_tls_settings(self, tls: bool) -> list[tuple[str, str]]:
         """The client_tls_* settings (PgBouncer's names, pgmux's too) both poolers get; none without TLS."""
@@ -371,7 +389,7 @@ class BenchEnv:
         return [("client_tls_sslmode", "require"), ("client_tls_cert_file", str(cert)),
                 ("client_tls_key_file", str(key))]
 
-    def _start_pgmux(self, auth: str, tls: bool) -> tuple[ManagedProcess, int]:
+    def _start_pgmux(self, auth: str, tls: bool, http_port: int | None) -> tuple[ManagedProcess, int]:
         port = free_port()
         run_dir = Path(tempfile.mkdtemp(prefix="pgmux-", dir=self.workdir))
         # No inherited settings; the build choice (PGMUX_PURE_PYTHON) is kept: versions() reports it.
@@ -380,10 +398,12 @@ class BenchEnv:
         env["PGMUX_UPSTREAM_URL"] = self.upstream_url(auth)
         env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         # cwd is an empty directory, so no stray ./pgmux.toml is picked up.
-        process = ManagedProcess("pgmux", self.pgmux_argv(port, auth, tls), env=env, cwd=run_dir,
+        process = ManagedProcess("pgmux", self.pgmux_argv(port, auth, tls, http_port), env=env, cwd=run_dir,
                                  log_path=run_dir / "pgmux.log", nofile=POOLER_NOFILE, stop_signal=signal.SIGINT)
         try:
             process.wait_for_port(HOST, port)
+            if http_port is not None:
+                process.wait_for_port(HOST, http_port)
         except BaseException:
             process.stop()
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from benchmarks.scenarios.common import RunConfig, Scenario
+from benchmarks.scenarios.edge import Edge
 from benchmarks.scenarios.idle import IdleFleet
 from benchmarks.scenarios.latency import Latency
 from benchmarks.scenarios.serverless import Serverless, ServerlessTrust
@@ -14,7 +15,7 @@ from benchmarks.scenarios.storm import Storm
 SCENARIOS: dict[str, Scenario] = {
     scenario.name: scenario
     for scenario in (Serverless(), ServerlessTrust(), Steady(), ConnectPerTransaction(), ConnectPerTransactionTrust(),
-                     ConnectPerTransactionTls(), Latency(), Storm(), IdleFleet())
+                     ConnectPerTransactionTls(), Latency(), Edge(), Storm(), IdleFleet())
 }
 
 __all__ = ["SCENARIOS", "RunConfig", "Scenario"]

@@ -17,10 +17,12 @@ import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = ["serverless", "serverless_trust", "steady", "connect", "connect_trust", "connect_tls", "latency", "storm",
-             "idle"]
+SCENARIOS = ["serverless", "serverless_trust", "steady", "connect", "connect_trust", "connect_tls", "latency", "edge",
+             "storm", "idle"]
 # Scenarios direct PostgreSQL cannot take part in: the embedded build has no OpenSSL.
 TLS_SCENARIOS = {"connect_tls"}
+# Only pgmux has an HTTP/WebSocket front end; the scenario needs node and the driver's npm packages.
+EDGE_SCENARIOS = {"edge"}
 TARGETS = ["direct", "pgmux", "pgbouncer"]
 STATUSES = {"ok", "partial", "error", "timeout", "unavailable", "skipped"}
 HARNESS_TIMEOUT_S = 240  # --quick takes ~30 s on 2 cores; generous for a loaded CI machine
@@ -59,6 +61,27 @@ def _assert_stopped(report: dict) -> None:
         assert not leftover, f"{entry['name']} (pid {pid}) is still running after the harness exited"
 
 
+def _assert_edge_rows(report: dict, markdown: str) -> None:
+    """With node and the driver's packages, every edge path was measured and compared with the TCP baselines."""
+    pgmux = report["scenarios"]["edge"]["results"]["pgmux"]
+    assert "## Edge runtimes" in markdown
+    if pgmux["status"] == "unavailable":
+        assert report["edge"] == [] and pgmux["reason"] in markdown
+        return
+    assert pgmux["status"] == "ok", pgmux
+    assert set(pgmux["modes"]) == {"tcp_connect", "http", "ws_connect", "tcp_query", "ws_query",
+                                   "ws_connect_uncoalesced", "ws_query_uncoalesced"}
+    for mode, data in pgmux["modes"].items():
+        assert data["requests"] > 0 and {"p50", "p99"} <= set(data["latency_ms"]), (mode, data)
+    rows = {row["mode"]: row for row in report["edge"]}
+    assert set(rows) == set(pgmux["modes"])
+    assert rows["tcp_connect"]["p50/tcp_connect"] == 1.0 and rows["tcp_query"]["p99/tcp_query"] == 1.0
+    for row in rows.values():
+        assert row["p50_ms"] > 0 and row["p99_ms"] >= row["p50_ms"], row
+        assert row["p50/tcp_connect"] > 0 and row["p99/tcp_query"] > 0, row
+        assert row["label"] in markdown
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(HARNESS_TIMEOUT_S + 60)
 def test_quick_benchmark_writes_a_report_with_every_scenario_and_target(tmp_path: Path) -> None:
@@ -81,9 +104,18 @@ def test_quick_benchmark_writes_a_report_with_every_scenario_and_target(tmp_path
         direct = entry["results"]["direct"]
         if name in TLS_SCENARIOS:  # left out, and the report says why
             assert direct["status"] == "unavailable" and "no TLS" in direct["reason"], (name, direct)
+        elif name in EDGE_SCENARIOS:  # left out with PgBouncer, and the report says why
+            for other in ("direct", "pgbouncer"):
+                other_result = entry["results"][other]
+                assert other_result["status"] == "unavailable", (name, other, other_result)
+                assert "no HTTP/WebSocket front end" in other_result["reason"], (name, other, other_result)
         else:  # the harness itself works: every other scenario measures PostgreSQL directly
             assert direct["status"] in {"ok", "partial"}, (name, direct)
-        assert entry["results"]["pgmux"]["status"] != "unavailable", name
+        pgmux = entry["results"]["pgmux"]
+        if name in EDGE_SCENARIOS and pgmux["status"] == "unavailable":  # no node here: said so, not faked
+            assert "node" in pgmux["reason"] or "npm" in pgmux["reason"], pgmux
+        else:
+            assert pgmux["status"] != "unavailable", name
 
     bouncer = report["targets"]["pgbouncer"]
     if bouncer["available"]:
@@ -117,6 +149,8 @@ def test_quick_benchmark_writes_a_report_with_every_scenario_and_target(tmp_path
     storm = report["scenarios"]["storm"]["results"]["direct"]
     assert storm["served"] + storm["hung"] + sum(storm["refused_by_sqlstate"].values()) \
         + sum(storm["other_failures"].values()) == storm["clients"]
+
+    _assert_edge_rows(report, (tmp_path / "latest-quick.md").read_text())
 
     assert report["ratios"], "no ratio rows"
     for row in report["ratios"]:
