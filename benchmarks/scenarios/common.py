@@ -217,6 +217,24 @@ def cdf_points(samples: list[float]) -> list[list[float]]:
     return out
 
 
+def overall_status(results: list[Result]) -> str:
+    """A target's status over its measured units: ok when all are, error when all failed, else partial."""
+    statuses = [result.get("status") for result in results]
+    if statuses and all(status == "ok" for status in statuses):
+        return "ok"
+    return "error" if all(status == "error" for status in statuses) else "partial"
+
+
+def summarize_units(out: Result, measured_units: list[tuple[Any, Result]]) -> Result:
+    """``out`` with the status over ``measured_units`` and the first error any of them had."""
+    results = [result for _unit, result in measured_units]
+    out["status"] = overall_status(results)
+    errors = [result["error"] for result in results if result.get("error")]
+    if errors:
+        out["error"] = errors[0]
+    return out
+
+
 def check_pooler(target: Target, result: Result) -> Result:
     """Note in ``result`` if the pooler process died during the run (with its log tail)."""
     if target.process is not None and not target.process.alive():

@@ -17,7 +17,7 @@ import psutil
 from benchmarks.pgwire import percentiles
 from benchmarks.procs import CpuMeter
 from benchmarks.scenarios.common import (
-    Result, RunConfig, Scenario, cdf_points, check_pooler, measured, per_unit_us,
+    Result, RunConfig, Scenario, cdf_points, check_pooler, measured, per_unit_us, summarize_units,
 )
 from benchmarks.targets import BenchEnv, Target, clean_env
 
@@ -202,14 +202,8 @@ class Edge(Scenario):
         grouped: dict[str, list[Result]] = {}
         for (_round, mode), result in measured_units:
             grouped.setdefault(mode, []).append(result)
-        out: Result = {"modes": {mode: _merge(results) for mode, results in grouped.items()}}
-        statuses = [result.get("status") for _unit, result in measured_units]
-        out["status"] = "ok" if statuses and all(s == "ok" for s in statuses) else (
-            "error" if all(s == "error" for s in statuses) else "partial")
-        errors = [result.get("error") for _unit, result in measured_units if result.get("error")]
-        if errors:
-            out["error"] = errors[0]
-        return out
+        return summarize_units({"modes": {mode: _merge(results) for mode, results in grouped.items()}},
+                               measured_units)
 
 
 def _merge(results: list[Result]) -> Result:

@@ -14,7 +14,9 @@ import psutil
 
 from benchmarks.pgwire import BlockingConnection, extended_query_messages, percentiles, query_message
 from benchmarks.procs import CpuMeter
-from benchmarks.scenarios.common import Result, RunConfig, Scenario, cdf_points, check_pooler, measured, per_unit_us
+from benchmarks.scenarios.common import (
+    Result, RunConfig, Scenario, cdf_points, check_pooler, measured, per_unit_us, summarize_units,
+)
 from benchmarks.targets import ADMIN_APP, BenchEnv, Target
 
 REQUESTS = {"simple": query_message("SELECT 1"), "extended": extended_query_messages("SELECT 1")}
@@ -147,13 +149,7 @@ class Latency(Scenario):
         out: Result = {"placements": {}}
         for (placement, mode), results in grouped.items():
             out["placements"].setdefault(placement, {})[mode] = _median_of_rounds(results)
-        statuses = [result.get("status") for _unit, result in measured_units]
-        out["status"] = "ok" if statuses and all(s == "ok" for s in statuses) else (
-            "error" if all(s == "error" for s in statuses) else "partial")
-        errors = [result.get("error") for _unit, result in measured_units if result.get("error")]
-        if errors:
-            out["error"] = errors[0]
-        return out
+        return summarize_units(out, measured_units)
 
 
 def _median_of_rounds(results: list[Result]) -> Result:

@@ -11,7 +11,8 @@ from typing import Any
 from benchmarks.pgwire import percentiles
 from benchmarks.procs import CpuMeter
 from benchmarks.scenarios.common import (
-    BackendSampler, Result, RunConfig, Scenario, cdf_points, check_pooler, classify, measured, per_unit_us,
+    BackendSampler, Result, RunConfig, Scenario, cdf_points, check_pooler, classify, measured, overall_status,
+    per_unit_us,
 )
 from benchmarks.targets import BenchEnv, Target
 
@@ -142,9 +143,7 @@ class Serverless(Scenario):
     def combine(self, target: Target | None, measured_units: list[tuple[Any, Result]],
                 params: dict[str, Any]) -> Result:
         out: Result = {unit: result for unit, result in measured_units}
-        statuses = [result.get("status") for result in out.values()]
-        out["status"] = "ok" if statuses and all(s == "ok" for s in statuses) else (
-            "error" if all(s == "error" for s in statuses) else "partial")
+        out["status"] = overall_status(list(out.values()))
         return out
 
 

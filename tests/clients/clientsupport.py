@@ -134,3 +134,27 @@ class BackendSampler:
             raise self.errors[0]
         assert self.postgres_counts, "the sampler took no samples"
         return max(self.postgres_counts), max(self.pool_totals, default=0)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A test CA and a certificate it issued for localhost and 127.0.0.1, as files (pgmux's client_tls_*)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def pgmux_settings(self) -> dict[str, str]:
+        return {"client_tls_sslmode": "require", "client_tls_cert_file": str(self.cert),
+                "client_tls_key_file": str(self.key)}
+
+
+def tls_files(directory: Path) -> TlsFiles:
+    import trustme
+    ca = trustme.CA()
+    issued = ca.issue_cert("localhost", "127.0.0.1")
+    files = TlsFiles(directory / "ca.pem", directory / "server.crt", directory / "server.key")
+    ca.cert_pem.write_to_path(str(files.ca))
+    issued.cert_chain_pems[0].write_to_path(str(files.cert))
+    issued.private_key_pem.write_to_path(str(files.key))
+    return files

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 
-from clientsupport import BackendSampler, client_env, run
+from clientsupport import BackendSampler, client_env, run, tls_files
 from npmcache import node_and_npm, node_cache, npm_install
 from pgusers import APP, APP_DATABASE
 
@@ -86,13 +85,7 @@ def test_drizzle_orm_neon_serverless_runs_queries_and_transactions(pgmux, neon_m
 
 
 def test_neon_client_over_wss_with_pgmux_certificate(pgmux, neon_modules, tmp_path: Path) -> None:
-    ca = trustme.CA()
-    issued = ca.issue_cert("localhost", "127.0.0.1")
-    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "server.crt", tmp_path / "server.key"
-    ca.cert_pem.write_to_path(str(ca_file))
-    issued.cert_chain_pems[0].write_to_path(str(cert_file))
-    issued.private_key_pem.write_to_path(str(key_file))
-    proxy = pgmux(listeners=[{**HTTP_LISTENER, "client_tls_sslmode": "require", "client_tls_cert_file": str(cert_file),
-                              "client_tls_key_file": str(key_file)}])
-    result = _neon(neon_modules, proxy.port(1), "client", SECURE="true", NODE_EXTRA_CA_CERTS=str(ca_file))
+    tls = tls_files(tmp_path)
+    proxy = pgmux(listeners=[{**HTTP_LISTENER, **tls.pgmux_settings()}])
+    result = _neon(neon_modules, proxy.port(1), "client", SECURE="true", NODE_EXTRA_CA_CERTS=str(tls.ca))
     assert result == {"n": 42, "t": "héllo", "sameTransaction": True}

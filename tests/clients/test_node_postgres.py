@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from clientsupport import BackendSampler, client_env, run
+from clientsupport import BackendSampler, client_env, run, tls_files
 from pgusers import APP, APP_DATABASE
 
 JS_DIR = Path(__file__).resolve().parent / "js"
@@ -124,15 +124,9 @@ def test_node_postgres_end_returns_at_once_while_every_backend_is_busy(pgmux, no
 
 
 def test_node_postgres_verifies_pgmuxs_certificate_with_ssl_ca(pgmux, node_modules, tmp_path) -> None:
-    import trustme
-    ca = trustme.CA()
-    issued = ca.issue_cert("localhost", "127.0.0.1")
-    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "server.crt", tmp_path / "server.key"
-    ca.cert_pem.write_to_path(str(ca_file))
-    issued.cert_chain_pems[0].write_to_path(str(cert_file))
-    issued.private_key_pem.write_to_path(str(key_file))
-    proxy = pgmux(client_tls_sslmode="require", client_tls_cert_file=str(cert_file), client_tls_key_file=str(key_file))
-    result = _node(node_modules, proxy, "tls_connect.js", CA_FILE=str(ca_file))
+    tls = tls_files(tmp_path)
+    proxy = pgmux(**tls.pgmux_settings())
+    result = _node(node_modules, proxy, "tls_connect.js", CA_FILE=str(tls.ca))
     assert result["two"] == 2
     assert result["encrypted"] is True
     assert result["protocol"] in ("TLSv1.2", "TLSv1.3")

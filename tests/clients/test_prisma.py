@@ -28,7 +28,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from clientsupport import BackendSampler, client_env, ensure_database, run, upstream_for
+from clientsupport import BackendSampler, client_env, ensure_database, run, tls_files, upstream_for
 from npmcache import installed_versions, node_and_npm, npm_install, prisma_cache
 from pgusers import APP
 
@@ -155,21 +155,14 @@ def test_prisma_7_adapter_pg_2000_operations_from_10_clients_on_4_backends(
 
 def test_prisma_7_with_sslmode_require_connects_over_verified_tls(
         pgmux, postgres, prisma_client_dir, prisma_database, tmp_path) -> None:
-    import trustme
-    ca = trustme.CA()
-    issued = ca.issue_cert("localhost", "127.0.0.1")
-    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "server.crt", tmp_path / "server.key"
-    ca.cert_pem.write_to_path(str(ca_file))
-    issued.cert_chain_pems[0].write_to_path(str(cert_file))
-    issued.private_key_pem.write_to_path(str(key_file))
+    tls = tls_files(tmp_path)
     modules, client_dir = prisma_client_dir
     # require: a plaintext connection would be refused, so every operation below went over TLS. node-postgres
     # verifies the certificate for sslmode=require; NODE_EXTRA_CA_CERTS makes the test CA one node trusts.
     proxy = pgmux(upstream_url=upstream_for(postgres, prisma_database), default_pool_size=POOL_SIZE,
-                  query_wait_timeout=60, client_tls_sslmode="require", client_tls_cert_file=str(cert_file),
-                  client_tls_key_file=str(key_file))
+                  query_wait_timeout=60, **tls.pgmux_settings())
     result = _run_workload(modules, client_dir, proxy, prisma_database, named=False, operations=200,
-                           url_query={"sslmode": "require"}, NODE_EXTRA_CA_CERTS=str(ca_file))
+                           url_query={"sslmode": "require"}, NODE_EXTRA_CA_CERTS=str(tls.ca))
     assert result["errorCount"] == 0, result
     assert result["operationsOk"] == 200, result
     assert proxy.call(lambda p: p.registry.rejections.get("tls_required", 0)) == 0

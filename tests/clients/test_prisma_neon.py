@@ -74,15 +74,22 @@ def _assert_workload_exact(result: dict[str, Any], steps: dict[str, int]) -> Non
     assert result["rawTypes"] == RAW_TYPES, report
 
 
-def test_prisma_neon_over_websocket_with_interactive_transactions_on_a_pool_of_3(
-        pgmux, postgres, prisma_client_dir, prisma_database, neon_adapter_modules) -> None:  # noqa: F811
+def _sampled_run(pgmux, postgres, prisma_client_dir, prisma_database: str, modules: Path, transport: str):
+    """The workload over ``transport`` on a pool of POOL_SIZE, sampling the backends PostgreSQL and pgmux hold."""
     _, client_dir = prisma_client_dir
     proxy = pgmux(upstream_url=upstream_for(postgres, prisma_database), default_pool_size=POOL_SIZE,
                   query_wait_timeout=60, listeners=[HTTP_LISTENER])
     sampler = BackendSampler(postgres, prisma_database, proxy)
     sampler.wait_until_no_backends()
     with sampler.running():
-        result = _run_prisma_neon(neon_adapter_modules, client_dir, proxy.port(1), prisma_database, "websocket")
+        result = _run_prisma_neon(modules, client_dir, proxy.port(1), prisma_database, transport)
+    return proxy, sampler, result
+
+
+def test_prisma_neon_over_websocket_with_interactive_transactions_on_a_pool_of_3(
+        pgmux, postgres, prisma_client_dir, prisma_database, neon_adapter_modules) -> None:  # noqa: F811
+    proxy, sampler, result = _sampled_run(pgmux, postgres, prisma_client_dir, prisma_database,
+                                          neon_adapter_modules, "websocket")
     workers = CLIENTS * WORKERS
     per_round = {"createPost": 1, "findUserWithPosts": 1, "incrementViews": 1, "batchTransaction": 1,
                  "committedTransaction": 1, "rolledBackTransaction": 1}
@@ -107,13 +114,8 @@ def test_prisma_neon_over_websocket_with_interactive_transactions_on_a_pool_of_3
 
 def test_prisma_neon_http_reads_and_writes_and_refuses_transactions_with_its_own_message(
         pgmux, postgres, prisma_client_dir, prisma_database, neon_adapter_modules) -> None:  # noqa: F811
-    _, client_dir = prisma_client_dir
-    proxy = pgmux(upstream_url=upstream_for(postgres, prisma_database), default_pool_size=POOL_SIZE,
-                  query_wait_timeout=60, listeners=[HTTP_LISTENER])
-    sampler = BackendSampler(postgres, prisma_database, proxy)
-    sampler.wait_until_no_backends()
-    with sampler.running():
-        result = _run_prisma_neon(neon_adapter_modules, client_dir, proxy.port(1), prisma_database, "http")
+    proxy, sampler, result = _sampled_run(pgmux, postgres, prisma_client_dir, prisma_database,
+                                          neon_adapter_modules, "http")
     workers = CLIENTS * WORKERS
     per_round = {"createPost": 1, "findUserWithPosts": 1, "incrementViews": 1}
     _assert_workload_exact(result, {"createUser": workers,

@@ -1,19 +1,17 @@
-// Shared by the node-postgres scenarios: connection settings come from the PG* environment
+// Shared by the node scenarios. node-postgres ones take their connection settings from the PG* environment
 // (node-postgres reads PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE itself).
 'use strict';
 
-const pg = require('pg');
-
-const HARD_TIMEOUT_MS = Number(process.env.SCENARIO_TIMEOUT_MS || 30000);
-
-// Run an async scenario, print its result as one JSON line, and never hang past the timeout.
-function runScenario(scenario) {
+// Run an async ``main``, print its result as one JSON line, and never hang past SCENARIO_TIMEOUT_MS (or
+// ``defaultTimeoutMs``). Shared by every node scenario, whichever driver it loads.
+function runMain(main, defaultTimeoutMs = 30000) {
+  const hardTimeoutMs = Number(process.env.SCENARIO_TIMEOUT_MS || defaultTimeoutMs);
   const timer = setTimeout(() => {
-    console.error(`scenario did not finish within ${HARD_TIMEOUT_MS} ms`);
+    console.error(`scenario did not finish within ${hardTimeoutMs} ms`);
     process.exit(3);
-  }, HARD_TIMEOUT_MS);
+  }, hardTimeoutMs);
   timer.unref();
-  scenario(pg)
+  main()
     .then((result) => {
       process.stdout.write(JSON.stringify(result) + '\n');
       clearTimeout(timer);
@@ -23,6 +21,11 @@ function runScenario(scenario) {
       console.error(JSON.stringify({ code: err && err.code, message: err && err.message }));
       process.exit(1);
     });
+}
+
+// A node-postgres scenario: ``scenario(pg)``.
+function runScenario(scenario) {
+  runMain(() => scenario(require('pg')));
 }
 
 // What a failed query looked like to node-postgres: the fields the server's ErrorResponse carried.
@@ -36,4 +39,4 @@ async function errorOf(promise) {
   return null;
 }
 
-module.exports = { runScenario, errorOf };
+module.exports = { runMain, runScenario, errorOf };

@@ -4,12 +4,13 @@
 // SQL_ENDPOINT (http://127.0.0.1:PORT/sql), SCENARIO_TIMEOUT_MS.
 'use strict';
 
+const { runMain } = require('./common');
+
 const { neon, neonConfig } = require('@neondatabase/serverless');
 const { drizzle } = require('drizzle-orm/neon-http');
 const { eq, sql: drizzleSql } = require('drizzle-orm');
 const { pgTable, integer, text } = require('drizzle-orm/pg-core');
 
-const HARD_TIMEOUT_MS = Number(process.env.SCENARIO_TIMEOUT_MS || 60000);
 
 async function errorOf(promise) {
   try {
@@ -76,17 +77,4 @@ async function scenario() {
   };
 }
 
-const timer = setTimeout(() => {
-  console.error(`scenario did not finish within ${HARD_TIMEOUT_MS} ms`);
-  process.exit(3);
-}, HARD_TIMEOUT_MS);
-timer.unref();
-scenario()
-  .then((result) => {
-    process.stdout.write(JSON.stringify(result) + '\n');
-    clearTimeout(timer);
-  })
-  .catch((err) => {
-    console.error(err && err.stack ? err.stack : err);
-    process.exit(1);
-  });
+runMain(scenario, 60000);

@@ -5,10 +5,11 @@
 //   SECURE: "true" for wss (NODE_EXTRA_CA_CERTS trusts pgmux's certificate).
 'use strict';
 
+const { runMain } = require('./common');
+
 const { Pool, Client, neonConfig } = require('@neondatabase/serverless');
 const ws = require('ws');
 
-const HARD_TIMEOUT_MS = Number(process.env.SCENARIO_TIMEOUT_MS || 30000);
 const PORT = process.env.PGMUX_HTTP_PORT;
 const SECURE = process.env.SECURE === 'true';
 
@@ -97,17 +98,4 @@ const scenarios = {
   },
 };
 
-const timer = setTimeout(() => {
-  console.error(`scenario did not finish within ${HARD_TIMEOUT_MS} ms`);
-  process.exit(3);
-}, HARD_TIMEOUT_MS);
-timer.unref();
-scenarios[process.env.SCENARIO]()
-  .then((result) => {
-    process.stdout.write(JSON.stringify(result) + '\n');
-    clearTimeout(timer);
-  })
-  .catch((err) => {
-    console.error(err && err.stack ? err.stack : err);
-    process.exit(1);
-  });
+runMain(scenarios[process.env.SCENARIO], 30000);

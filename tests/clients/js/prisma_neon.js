@@ -9,12 +9,13 @@
 // SCENARIO=refusal runs refusal() instead of the workload.
 'use strict';
 
+const { runMain } = require('./common');
+
 const { neonConfig } = require('@neondatabase/serverless');
 const { PrismaNeon, PrismaNeonHttp } = require('@prisma/adapter-neon');
 const ws = require('ws');
 const { PrismaClient } = require(process.env.PRISMA_CLIENT_DIR);
 
-const HARD_TIMEOUT_MS = Number(process.env.SCENARIO_TIMEOUT_MS || 60000);
 const PORT = process.env.PGMUX_HTTP_PORT;
 const MODE = process.env.MODE;
 const CLIENTS = Number(process.env.CLIENTS || 4);
@@ -341,17 +342,4 @@ async function refusal() {
   }
 }
 
-const timer = setTimeout(() => {
-  console.error(`scenario did not finish within ${HARD_TIMEOUT_MS} ms`);
-  process.exit(3);
-}, HARD_TIMEOUT_MS);
-timer.unref();
-(process.env.SCENARIO === 'refusal' ? refusal() : scenario())
-  .then((result) => {
-    process.stdout.write(JSON.stringify(result) + '\n');
-    clearTimeout(timer);
-  })
-  .catch((err) => {
-    console.error(err && err.stack ? err.stack : err);
-    process.exit(1);
-  });
+runMain(() => (process.env.SCENARIO === 'refusal' ? refusal() : scenario()), 60000);
