@@ -111,9 +111,11 @@ async function main() {
     samples.push(Number(ended - began) / 1e6);
     if (ended > deadline) break;
   }
-  process.stdout.write(JSON.stringify({ samples_ms: samples, errors }) + '\n');
   if (mode.teardown) await mode.teardown();
-  process.exit(0); // fetch's idle keep-alive socket would hold the process for seconds (stdout is synchronous)
+  // Exit once the line is flushed: a pipe takes 64 KiB at a time and node queues the rest, which an exit at
+  // once would cut (tens of thousands of samples are megabytes). Exit at all: fetch's idle keep-alive socket
+  // would hold the process for seconds.
+  process.stdout.write(JSON.stringify({ samples_ms: samples, errors }) + '\n', () => process.exit(0));
 }
 
 const timer = setTimeout(() => {
