@@ -87,6 +87,12 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                           ("database",)),
     "pgmux_client_connections_accepted_total": ("counter", "Clients accepted, by transport: tcp, websocket (a "
                                                 "WebSocket session), http (an HTTP request)", ("transport",)),
+    "pgmux_client_connections_by_transport": ("gauge", "Client connections open now, by transport: tcp, websocket",
+                                              ("transport",)),
+    "pgmux_logins_total": ("counter", "Successful logins, by transport: tcp, websocket, http (each HTTP request "
+                                      "whose credentials were accepted)", ("transport",)),
+    "pgmux_login_failures_total": ("counter", "Failed or refused logins (pgmux_auth_failures_total's), by transport",
+                                   ("transport",)),
     "pgmux_client_rejections_total": ("counter", "Clients refused or cut off by pgmux, by reason", ("reason",)),
     "pgmux_session_state_changes_total": ("counter", "Statements that may change their session's state (transaction "
                                           "mode), by kind: setting, role, temp, advisory_lock, listen...", ("kind",)),
@@ -292,6 +298,10 @@ class PgmuxExposition:
             _sample("pgmux_max_client_conn", "", self.router.settings.max_client_conn),
         ]
         out.extend(_by_label("pgmux_client_connections_accepted_total", "transport", registry.accepted, TRANSPORTS))
+        out.extend(_by_label("pgmux_client_connections_by_transport", "transport", registry.connected, TRANSPORTS))
+        out.extend(_by_label("pgmux_logins_total", "transport", registry.logins, TRANSPORTS))
+        out.extend(_by_label("pgmux_login_failures_total", "transport", registry.failed_logins_by_transport,
+                             TRANSPORTS))
         out.append(_header("pgmux_client_rejections_total"))
         out.extend(_sample("pgmux_client_rejections_total", _labels(reason=reason), count)
                    for reason, count in sorted(rejections.items()))

@@ -98,7 +98,7 @@ class Reception(Login):
                                                            settings.auth_failure_window)
         if not retry_in:
             return None
-        self.registry.count_auth_failure("rate_limited")
+        self.registry.count_auth_failure("rate_limited", self.registry.transport_of(self.client))
         self.registry.count_rejection("auth_rate_limited")
         log.warning("login refused: %s had %d failed logins within auth_failure_window", address,
                     settings.auth_failure_limit, extra={"conn": self.client.id})
@@ -250,12 +250,12 @@ class Reception(Login):
         if address:
             self.registry.failed_logins.failed(address, time.monotonic(), self.router.settings.auth_failure_window)
         if self._database_unknown():
-            self.registry.count_auth_failure("unknown_database")
+            self.registry.count_auth_failure("unknown_database", self.registry.transport_of(client))
             self.registry.count_rejection("unknown_database")
             log.warning("login refused: database %r does not exist in pgmux (the client is told: wrong "
                         "password)", client.database, extra={"conn": client.id})
         else:
-            self.registry.count_auth_failure(event.kind)
+            self.registry.count_auth_failure(event.kind, self.registry.transport_of(client))
             self.registry.count_rejection("auth_failed")
             log.warning("authentication failed for user %r from %s: %s", client.user, address or "a Unix socket",
                         event.log_reason, extra={"conn": client.id})

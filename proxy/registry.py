@@ -60,6 +60,10 @@ class Registry(Generic[ClientT]):
         self.failed_logins = FailedLogins()
         self.session_refusals: collections.Counter[str] = collections.Counter()  # by session_state.PIN_KINDS kind
         self.accepted: collections.Counter[str] = collections.Counter()  # clients accepted since start, by transport
+        self.connected: collections.Counter[str] = collections.Counter()  # live clients, by transport
+        self.logins: collections.Counter[str] = collections.Counter()  # successful logins, by transport
+        self.failed_logins_by_transport: collections.Counter[str] = collections.Counter()
+        self._transport: dict[ClientT, str] = {}  # a live client's transport
         self.http = HttpStats()  # HTTP /sql requests (proxy/http/sql.py)
         self.draining = False  # shutdown has begun: new logins are refused
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -83,6 +87,8 @@ class Registry(Generic[ClientT]):
     def add(self, client: ClientT, transport: str = TCP) -> None:
         """A client connected (``transport``: TRANSPORTS): it counts as logging in until login_finished."""
         self.accepted[transport] += 1
+        self.connected[transport] += 1
+        self._transport[client] = transport
         self.clients.add(client)
         self.logging_in[client] = None
 
@@ -107,20 +113,29 @@ class Registry(Generic[ClientT]):
     def login_finished(self, client: ClientT) -> None:
         """The client has authenticated: it no longer counts against max_login_clients."""
         self.logging_in.pop(client, None)
+        self.logins[self.transport_of(client)] += 1
 
     def forget_client(self, client: ClientT) -> None:
         """The connection ended."""
         self.clients.discard(client)
         self.logging_in.pop(client, None)
+        transport = self._transport.pop(client, None)
+        if transport is not None:
+            self.connected[transport] -= 1
+
+    def transport_of(self, client: ClientT) -> str:
+        return self._transport.get(client, TCP)
 
     # ---- counters -----------------------------------------------------------------------------
 
     def count_rejection(self, reason: str) -> None:
         self.rejections[reason] += 1
 
-    def count_auth_failure(self, kind: str) -> None:
-        """A login failed (a wrong password, an unknown user...) or was refused for the failures before it."""
+    def count_auth_failure(self, kind: str, transport: str) -> None:
+        """A login over ``transport`` failed (a wrong password, an unknown user...) or was refused for the
+        failures before it."""
         self.auth_failures[kind] += 1
+        self.failed_logins_by_transport[transport] += 1
 
     def count_tls_failure(self, reason: str) -> None:
         """A client's TLS handshake (or a record after it) failed for ``reason``."""

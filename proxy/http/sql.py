@@ -34,7 +34,7 @@ from proxy.protocol import messages as m
 from proxy.protocol.errors import PgError, SqlState
 from proxy.protocol.messages import TransactionStatus
 from proxy.protocol.sql_words import LOAD, session_effects
-from proxy.registry import Registry
+from proxy.registry import HTTP, Registry
 from proxy.results import ResultCollector, StatementResult
 from proxy.routing import Router
 from proxy.server import InternalQueryFailed, ServerConnection
@@ -100,6 +100,7 @@ class SqlEndpoint:
 
     async def __call__(self, request: HttpRequest) -> HttpResponse:
         started = time.monotonic()
+        self.registry.accepted[HTTP] += 1  # each request is a client of its own
         login: list[_Login] = []  # filled once the connection string is read: the log line names who asked
         try:
             response = await self._answer(request, login)
@@ -162,7 +163,7 @@ class SqlEndpoint:
             retry_in = registry.failed_logins.blocked_for(address, now, settings.auth_failure_limit,
                                                           settings.auth_failure_window)
             if retry_in:
-                registry.count_auth_failure("rate_limited")
+                registry.count_auth_failure("rate_limited", HTTP)
                 raise dataclasses.replace(errors.too_many_failed_logins(address, retry_in),
                                           reason="auth_rate_limited")
         refusal = router.admission.refusal(login.database, login.user)
@@ -173,16 +174,17 @@ class SqlEndpoint:
             secret = await router.looked_up_secret(login.database, login.user)
         ok, keys = self.checks.check(secret, login.user, login.password)
         if ok:
+            registry.logins[HTTP] += 1
             return keys
         if address:
             registry.failed_logins.failed(address, now, settings.auth_failure_window)
         if not router.serves_database(login.database):
-            registry.count_auth_failure("unknown_database")
+            registry.count_auth_failure("unknown_database", HTTP)
             reason = "unknown_database"
             log.warning("HTTP login refused: database %r does not exist in pgmux (the client is told: wrong "
                         "password)", login.database)
         else:
-            registry.count_auth_failure("wrong_password" if secret is not None else "unknown_user")
+            registry.count_auth_failure("wrong_password" if secret is not None else "unknown_user", HTTP)
             reason = "auth_failed"
             log.warning("HTTP authentication failed for user %r from %s", login.user, address or "a Unix socket")
         raise dataclasses.replace(errors.password_authentication_failed(login.user), reason=reason)

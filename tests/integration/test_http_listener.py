@@ -109,6 +109,27 @@ def test_a_pipelined_cleartext_login_runs_the_query_sent_with_it(pgmux) -> None:
     assert value(text, "pgmux_client_connections_accepted_total", transport="tcp") == 0
 
 
+def test_connections_logins_and_failed_logins_are_counted_by_transport(pgmux) -> None:
+    proxy = pgmux(listeners=[HTTP_LISTENER], metrics_listen="127.0.0.1:0")
+    websocket, _welcome = _login(proxy.port(1))
+    refused = WebSocketClient(proxy.port(1))
+    refused.send(build_startup_message({"user": APP.name, "database": APP_DATABASE})
+                 + m.message(m.PASSWORD, b"wrong\x00"))
+    assert refused.read_until(b"E")[-1][0] == b"E"
+    refused.wait_closed()
+    with psycopg.connect(host=proxy.host, port=proxy.port(), user=APP.name, password=APP.password,
+                         dbname=APP_DATABASE, connect_timeout=10) as tcp:
+        tcp.execute("SELECT 1")
+        text = scrape(proxy)
+    assert value(text, "pgmux_client_connections_by_transport", transport="websocket") == 1
+    assert value(text, "pgmux_client_connections_by_transport", transport="tcp") == 1
+    assert value(text, "pgmux_logins_total", transport="websocket") == 1
+    assert value(text, "pgmux_logins_total", transport="tcp") == 1
+    assert value(text, "pgmux_login_failures_total", transport="websocket") == 1
+    assert value(text, "pgmux_login_failures_total", transport="tcp") == 0
+    websocket.close()
+
+
 def test_a_password_sent_unasked_in_a_later_frame_is_still_taken_in_cleartext(pgmux) -> None:
     proxy = pgmux(listeners=[HTTP_LISTENER])
     client = WebSocketClient(proxy.port(1))

@@ -193,6 +193,12 @@ def test_a_wrong_password_is_400_28p01_and_counted(pgmux) -> None:
     status, refused = _post(proxy, {"query": "SELECT 1", "params": []})
     assert status == 400 and refused["code"] == "28000", refused
     assert proxy.call(lambda p: p.registry.http.by_status["400"]) == 4
+    # Each request counts as an http client; those with wrong credentials (and the refused one) as failed logins.
+    assert proxy.call(lambda p: (p.registry.accepted["http"], p.registry.logins["http"],
+                                 p.registry.failed_logins_by_transport["http"])) == (4, 0, 4)
+    fresh = pgmux()
+    status, _ = _post(fresh, {"query": "SELECT 1", "params": []})
+    assert status == 200 and fresh.call(lambda p: p.registry.logins["http"]) == 1
 
 
 def test_a_refusal_for_a_full_pool_is_400_53300(pgmux) -> None:
