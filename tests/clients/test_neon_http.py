@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import psycopg
+
 from clientsupport import client_env, run
 from npmcache import node_and_npm, node_cache, npm_install
 from pgusers import APP, APP_DATABASE
@@ -27,11 +29,15 @@ def _neon_modules() -> Path:
     return npm_install(node_cache().parent / "neon-http", PACKAGES, required=PACKAGE_NAMES)
 
 
-def _run_scenario(proxy: Any, modules: Path) -> dict[str, Any]:
+HTTP_LISTENERS = [{"address": "127.0.0.1:0"},
+                  {"address": "127.0.0.1:0", "protocol": "http", "allow_plaintext_http": True}]
+
+
+def _run_scenario(proxy: Any, modules: Path, scenario: str = "workload") -> dict[str, Any]:
     http_port = proxy.port(1)
     url = f"postgresql://{APP.name}:{quote(APP.password, safe='')}@127.0.0.1:{http_port}/{APP_DATABASE}"
     env = client_env(NODE_PATH=str(modules), DATABASE_URL=url, SQL_ENDPOINT=f"http://127.0.0.1:{http_port}/sql",
-                     SCENARIO_TIMEOUT_MS="60000")
+                     SCENARIO_TIMEOUT_MS="60000", SCENARIO=scenario)
     result = run([shutil.which("node") or "node", JS_DIR / "neon_http.js"], env=env, timeout=90, cwd=JS_DIR)
     lines = result.stdout.strip().splitlines()
     assert lines, f"neon_http.js printed nothing; stderr:\n{result.stderr}"
@@ -40,9 +46,7 @@ def _run_scenario(proxy: Any, modules: Path) -> dict[str, Any]:
 
 def test_neon_http_driver_and_drizzle_run_their_workload_through_pgmux(pgmux) -> None:
     modules = _neon_modules()
-    proxy = pgmux(listen=None, listeners=[{"address": "127.0.0.1:0"},
-                                          {"address": "127.0.0.1:0", "protocol": "http",
-                                           "allow_plaintext_http": True}])
+    proxy = pgmux(listen=None, listeners=HTTP_LISTENERS, http_max_response_size="1MiB")
     result = _run_scenario(proxy, modules)
     assert result["types"] == {
         "i": 42, "n": "12345678901234567890.5", "t": "grüße ✓ 日本語", "ts": "2024-05-06T07:08:09.123Z",
@@ -56,7 +60,19 @@ def test_neon_http_driver_and_drizzle_run_their_workload_through_pgmux(pgmux) ->
     assert result["writeInReadOnly"]["code"] == "25006"
     assert result["divisionByZero"]["code"] == "22012"
     assert result["divisionByZero"]["message"] == "division by zero"
+    assert "507" in result["oversized"]["message"]  # the driver keeps no code for a status other than 400
     assert result["wrongPassword"]["code"] == "28P01"
     assert result["drizzle"] == {"selected": [{"id": 1, "name": "one"}, {"id": 2, "name": "TWO"}], "counted": 2,
                                  "batched": [{"id": 3, "name": "three"}]}
     assert proxy.call(lambda p: p.registry.http.by_status.get("200", 0)) >= 10
+
+
+def test_a_pool_refusal_reaches_neon_as_53300(pgmux) -> None:
+    modules = _neon_modules()
+    proxy = pgmux(listen=None, listeners=HTTP_LISTENERS, default_pool_size=1, query_wait_timeout=0.3)
+    with psycopg.connect(host=proxy.host, port=proxy.port(), user=APP.name, password=APP.password,
+                         dbname=APP_DATABASE, connect_timeout=10) as holder:
+        holder.execute("SELECT 1")  # a transaction is open (psycopg's default): the only backend is held
+        refused = _run_scenario(proxy, modules, "refusal")["refused"]
+    assert refused["code"] == "53300", refused
+    assert "query_wait_timeout" in refused["message"], refused

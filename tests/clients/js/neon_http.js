@@ -57,6 +57,8 @@ async function scenario() {
   ], { isolationLevel: 'Serializable', readOnly: true }));
 
   const divisionByZero = await errorOf(sql`SELECT 1/0`);
+  // About 3 MB of rows, past the response limit the test gives pgmux (1 MiB): a 507 the driver reports.
+  const oversized = await errorOf(sql`SELECT repeat('x', 1024) FROM generate_series(1, 3000)`);
   const wrongPassword = await errorOf(neon(url.replace(/:[^:@/]*@/, ':not-the-password@'))`SELECT 1`);
 
   // drizzle-orm/neon-http on the same neon() client.
@@ -72,9 +74,16 @@ async function scenario() {
   ]);
   await sql`DROP TABLE neon_http_items`;
   return {
-    types, queried: queried[0].next, fullResults, transaction, writeInReadOnly, divisionByZero, wrongPassword,
+    types, queried: queried[0].next, fullResults, transaction, writeInReadOnly, divisionByZero, oversized,
+    wrongPassword,
     drizzle: { selected, counted: counted.rows[0].n, batched: batched[1] },
   };
 }
 
-runMain(scenario, 60000);
+// One query while the test holds the pool's only backend: pgmux's 53300 must reach the driver as err.code.
+async function refusal() {
+  neonConfig.fetchEndpoint = process.env.SQL_ENDPOINT;
+  return { refused: await errorOf(neon(process.env.DATABASE_URL)`SELECT 1`) };
+}
+
+runMain(process.env.SCENARIO === 'refusal' ? refusal : scenario, 60000);
