@@ -17,6 +17,10 @@ class FailedLogins:
     def __init__(self) -> None:
         self._windows: dict[str, tuple[float, int]] = {}  # address -> (window start, failures in it)
 
+    def __bool__(self) -> bool:
+        """Whether any address has failures on record (a login's first, cheapest question)."""
+        return bool(self._windows)
+
     def blocked_for(self, address: str, now: float, limit: int, window: float) -> float:
         """Seconds until ``address`` may try again; 0 when it may now (or limits are off: limit 0)."""
         entry = self._windows.get(address)

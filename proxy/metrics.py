@@ -298,7 +298,8 @@ class PgmuxExposition:
             _sample("pgmux_max_client_conn", "", self.router.settings.max_client_conn),
         ]
         out.extend(_by_label("pgmux_client_connections_accepted_total", "transport", registry.accepted, TRANSPORTS))
-        out.extend(_by_label("pgmux_client_connections_by_transport", "transport", registry.connected, TRANSPORTS))
+        out.extend(_by_label("pgmux_client_connections_by_transport", "transport",
+                             collections.Counter(registry.connected_by_transport()), TRANSPORTS))
         out.extend(_by_label("pgmux_logins_total", "transport", registry.logins, TRANSPORTS))
         out.extend(_by_label("pgmux_login_failures_total", "transport", registry.failed_logins_by_transport,
                              TRANSPORTS))

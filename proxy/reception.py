@@ -90,6 +90,8 @@ class Reception(Login):
 
     def _failed_too_often(self) -> PgError | None:
         """The refusal for an address past auth_failure_limit failed logins: no password work is done for it."""
+        if not self.registry.failed_logins:
+            return None  # the usual case: no failures on record, nothing to look up
         settings = self.router.settings
         address = self._address()
         if not address:

@@ -60,10 +60,12 @@ class Registry(Generic[ClientT]):
         self.failed_logins = FailedLogins()
         self.session_refusals: collections.Counter[str] = collections.Counter()  # by session_state.PIN_KINDS kind
         self.accepted: collections.Counter[str] = collections.Counter()  # clients accepted since start, by transport
-        self.connected: collections.Counter[str] = collections.Counter()  # live clients, by transport
+        # Clients over other transports than TCP, by transport, and each one's transport (TCP, the usual case,
+        # costs a login no bookkeeping: its count is what remains of ``clients``).
+        self.connected: collections.Counter[str] = collections.Counter()
         self.logins: collections.Counter[str] = collections.Counter()  # successful logins, by transport
         self.failed_logins_by_transport: collections.Counter[str] = collections.Counter()
-        self._transport: dict[ClientT, str] = {}  # a live client's transport
+        self._transport: dict[ClientT, str] = {}
         self.http = HttpStats()  # HTTP /sql requests (proxy/http/sql.py)
         self.draining = False  # shutdown has begun: new logins are refused
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -87,8 +89,9 @@ class Registry(Generic[ClientT]):
     def add(self, client: ClientT, transport: str = TCP) -> None:
         """A client connected (``transport``: TRANSPORTS): it counts as logging in until login_finished."""
         self.accepted[transport] += 1
-        self.connected[transport] += 1
-        self._transport[client] = transport
+        if transport != TCP:
+            self.connected[transport] += 1
+            self._transport[client] = transport
         self.clients.add(client)
         self.logging_in[client] = None
 
@@ -119,12 +122,17 @@ class Registry(Generic[ClientT]):
         """The connection ended."""
         self.clients.discard(client)
         self.logging_in.pop(client, None)
-        transport = self._transport.pop(client, None)
-        if transport is not None:
-            self.connected[transport] -= 1
+        if self._transport:
+            transport = self._transport.pop(client, None)
+            if transport is not None:
+                self.connected[transport] -= 1
 
     def transport_of(self, client: ClientT) -> str:
-        return self._transport.get(client, TCP)
+        return self._transport.get(client, TCP) if self._transport else TCP
+
+    def connected_by_transport(self) -> dict[str, int]:
+        """Live clients by transport (TCP's: all the others)."""
+        return {**self.connected, TCP: len(self.clients) - sum(self.connected.values())}
 
     # ---- counters -----------------------------------------------------------------------------
 

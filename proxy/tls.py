@@ -60,7 +60,8 @@ class ClientTls:
     Built once per listener and again on reload (SIGHUP); connections keep the context they started with.
     """
 
-    __slots__ = ("mode", "context", "end_point", "required_alpn")
+    __slots__ = ("mode", "context", "end_point", "required_alpn", "offered", "required",
+                 "user_must_match_certificate")
 
     def __init__(self, mode: SslMode, context: ssl.SSLContext | None, end_point: bytes,
                  required_alpn: str | None = ALPN_POSTGRESQL) -> None:
@@ -70,20 +71,11 @@ class ClientTls:
         self.end_point = end_point
         # The ALPN protocol a direct-TLS client must ask for (None: any, or none).
         self.required_alpn = required_alpn
-
-    @property
-    def offered(self) -> bool:
-        return self.context is not None
-
-    @property
-    def required(self) -> bool:
-        """A plaintext login is refused (require and stricter)."""
-        return self.mode in _REQUIRED_MODES
-
-    @property
-    def user_must_match_certificate(self) -> bool:
-        """verify-full: the client certificate's common name must be the login's user name."""
-        return self.mode is SslMode.VERIFY_FULL
+        # Plain attributes, not properties: every login reads them.
+        self.offered = context is not None
+        self.required = mode in _REQUIRED_MODES  # a plaintext login is refused (require and stricter)
+        # verify-full: the client certificate's common name must be the login's user name.
+        self.user_must_match_certificate = mode is SslMode.VERIFY_FULL
 
     def wrap(self, raw: asyncio.Transport, direct: bool) -> TlsTransport:
         """A connection's TLS over its socket's transport ``raw``; ``direct``: it began with a ClientHello."""
