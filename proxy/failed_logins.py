@@ -8,6 +8,11 @@ from typing import Final
 _MAX_ADDRESSES: Final = 65536  # the table's bound: the oldest address is forgotten to make room
 
 
+def source_address(peer: str) -> str:
+    """The address failures are counted by, from a client's "ip:port" ('' for a Unix socket: not limited)."""
+    return "" if peer == "unix" else peer.rpartition(":")[0]
+
+
 class FailedLogins:
     """Per address: failures within the current window. An address that reached the limit is refused before
     any authentication work until its window ends (auth_failure_limit, auth_failure_window)."""

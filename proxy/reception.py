@@ -12,6 +12,7 @@ from proxy.auth.cleartext import CleartextChecks
 from proxy.auth.secrets import UserSecret
 from proxy.cancel import CancelKeys
 from proxy.client import ClientConnection, Login
+from proxy.failed_logins import source_address
 from proxy.logs import get_logger
 from proxy.login import (
     AuthFailed,
@@ -85,8 +86,7 @@ class Reception(Login):
 
     def _address(self) -> str:
         """The client's IP address ('' for a Unix socket: not limited)."""
-        peer = self.client.peer
-        return "" if peer == "unix" else peer.rpartition(":")[0]
+        return source_address(self.client.peer)
 
     def _failed_too_often(self) -> PgError | None:
         """The refusal for an address past auth_failure_limit failed logins: no password work is done for it."""

@@ -47,6 +47,7 @@ _COLLECTING_FLAGS: Final = kind_flags(_RELAY_CAPTURE | COLLECTED_KINDS, frozense
 _COPY_FAIL: Final = m.message(m.COPY_FAIL, m.cstring("COPY FROM STDIN is not supported over HTTP"))
 _TX_STATUS: Final = m.TRANSACTION_STATUS_BY_BYTE
 _SYNC: Final = m.message(m.SYNC)
+_FETCHED_LIMIT: Final = 1 << 20  # row bytes kept of fetch_internal's answer (pgmux's own small queries)
 
 
 def _relayed_as_read(segments: list) -> bool:
@@ -247,7 +248,6 @@ class ServerConnection:
         self._login_frames: asyncio.Queue[Frame | None] | None = asyncio.Queue()
         self._ssl_reply: asyncio.Future[bytes] | None = None
         self._internal_done: asyncio.Future[None] | None = None
-        self._fetched: list[list[str | None]] | None = None  # the rows of fetch_internal's request, while it runs
         self._internal_error: dict[str, str] | None = None  # ErrorResponse fields of pgmux's own query
         self._collector: ResultCollector | None = None  # the answer to send_statements' request, while it runs
         self._sync: ParameterSync | None = None  # a parameter sync sent and not yet answered
@@ -457,8 +457,6 @@ class ServerConnection:
         elif kind == m.DATA_ROW:
             if self._inspection is not None and self._inspection_replies_left == 1:
                 self._inspection.append(parse_data_row(frame.data[5:]))
-            elif self._fetched is not None:
-                self._fetched.append(parse_data_row(frame.data[5:]))
         elif kind == m.PARAMETER_STATUS:
             self._take_parameter(frame.data[5:])
         elif kind == m.ERROR_RESPONSE:
@@ -729,19 +727,21 @@ class ServerConnection:
     async def fetch_internal(self, request: bytes, what: str, timeout: float = 10.0) -> list[list[str | None]]:
         """Send ``request`` (messages ending in one Sync or Query) for pgmux itself and return the rows it is
         answered with (text format); raises InternalQueryFailed on any error. ``what`` names it in errors."""
-        self._fetched = []
-        self._scanner.set_flags(_INSPECTING_FLAGS)
+        collector = ResultCollector(_FETCHED_LIMIT)
+        done = self.send_statements(request, 1, collector)
         try:
-            await self._run_internal(request, what, timeout)
-            return self._take_fetched()
+            async with asyncio.timeout(timeout):
+                await done
+        except TimeoutError:
+            raise InternalQueryFailed(f"{what} timed out") from None
         finally:
-            self._fetched = None
-            if self.state is not ServerState.CLOSED:
-                self._scanner.set_flags(_RELAY_FLAGS)
-
-    def _take_fetched(self) -> list[list[str | None]]:
-        rows, self._fetched = self._fetched, None
-        return rows or []
+            self.stop_collecting()
+        result = collector.results[0]
+        if collector.overflow:
+            raise InternalQueryFailed(f"{what} answered more than {_FETCHED_LIMIT} bytes of rows")
+        if result.error is not None:
+            raise InternalQueryFailed(f"{result.error.get('C', '')} {result.error.get('M', '')}", result.error)
+        return result.rows
 
     async def apply_parameters(self, sync: ParameterSync, timeout: float = 10.0) -> None:
         """Give the backend ``sync``'s values for pgmux's own use (no client is linked) and wait for them; raises

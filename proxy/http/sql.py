@@ -21,10 +21,10 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import orjson
 
-from proxy.auth.cleartext import CleartextChecks
 from proxy.auth.secrets import ScramKeys
 from proxy.http.exchange import HttpRequest, HttpResponse
 from proxy.http.neon_json import error_json, param_to_text, result_json
+from proxy.failed_logins import source_address
 from proxy.logs import get_logger
 from proxy.parameters import SYNCED_PARAMETERS, parameter_sync, parse_startup_parameters
 from proxy.pool import Pool
@@ -96,7 +96,7 @@ class SqlEndpoint:
     def __init__(self, router: Router, registry: Registry[Any]) -> None:
         self.router = router
         self.registry = registry
-        self.checks = CleartextChecks()
+        self.checks = router.cleartext  # one per process: WebSocket logins and requests share what was checked
 
     async def __call__(self, request: HttpRequest) -> HttpResponse:
         started = time.monotonic()
@@ -155,7 +155,7 @@ class SqlEndpoint:
         log a looked-up user in upstream as itself, when its secret is a SCRAM verifier."""
         registry, router = self.registry, self.router
         settings = router.settings
-        address = "" if peer == "unix" else peer.rpartition(":")[0]
+        address = source_address(peer)
         now = time.monotonic()
         if registry.draining:
             raise dataclasses.replace(errors.shutting_down(), reason="shutdown")
