@@ -27,7 +27,14 @@ from proxy.protocol.framing import (
     Segment,
     is_whole,
 )
-from proxy.protocol.sql_words import LOAD, custom_setting_names, mentions_reset, mentions_session_state, session_effects
+from proxy.protocol.sql_words import (
+    LOAD,
+    PREPARED_STATEMENT,
+    custom_setting_names,
+    mentions_reset,
+    mentions_session_state,
+    session_effects,
+)
 from proxy.registry import Console, Registry
 from proxy.routing import Router
 from proxy.server import ClientPeer, ServerConnection
@@ -381,6 +388,12 @@ class ClientConnection(ClientPeer, Cancellable):
         # Staying (pinned, or requests came meanwhile): this client's values first where the session lost
         # them (a RESET ALL), then what waited.
         self._resync = False
+        if (self.statements is not None and server.prepared.discard_all and server.tx_status is _IDLE
+                and PREPARED_STATEMENT not in self.pins):
+            # A DEALLOCATE/DISCARD ran: what waited may prepare statements again, which a survivor of a false
+            # alarm would fail with 42P05 (the release that would have dropped them all does not come). Not
+            # while the client holds SQL-level prepared statements of its own: DEALLOCATE ALL would drop them.
+            self._discard_statements(server)
         self._held_for_sync = self._sync_parameters(server, in_transaction=server.tx_status is not _IDLE)
         self._forward_queued()
 
