@@ -6,7 +6,9 @@ the install warns and pgmux runs the very same code from source (proxy/compiled.
 PGMUX_PURE_PYTHON=1 forces it; CI runs tests both ways).
 
 - proxy.protocol._scanner: hand-written C, the frame walk inside FrameScanner.feed and the
-  RESET/DISCARD word test on each simple Query.
+  word tests on each simple Query and Parse (proxy/protocol/_words.h).
+- proxy._relay: hand-written C, the socket transport whose steady state relays whole messages from
+  socket to socket without a Python object (proxy/sockets.py uses it; asyncio's transports without it).
 - HOT_MODULES: the relay, pool and protocol code every transaction and every login runs, compiled
   from their type-annotated Python by mypyc. Measured with the benchmarks: roughly a third less
   pooler CPU per transaction than the same code interpreted.
@@ -43,8 +45,11 @@ HOT_MODULES = [
     "proxy/auth/client_auth.py",
     "proxy/login.py",
     "proxy/reception.py",
+    "proxy/sockets.py",
 ]
 SCANNER_SOURCE = "proxy/protocol/_scanner.c"
+RELAY_SOURCE = "proxy/_relay.c"
+WORDS_HEADER = "proxy/protocol/_words.h"  # included by both C sources
 # What was compiled, by content: proxy/compiled.py refuses a build whose sources have changed since.
 MANIFEST = Path("proxy/_compiled_sources.txt")
 # The setuptools commands that produce an installable build (pip runs editable_wheel or bdist_wheel).
@@ -73,11 +78,12 @@ def compiled_extensions() -> list[Extension]:
 
     # mypycify type-checks the modules first: a type error fails the build rather than quietly
     # shipping the slow path. optional=True: a failing C compiler leaves the pure-Python install.
-    extensions = [Extension("proxy.protocol._scanner", [SCANNER_SOURCE])]
+    extensions = [Extension("proxy.protocol._scanner", [SCANNER_SOURCE], depends=[WORDS_HEADER]),
+                  Extension("proxy._relay", [RELAY_SOURCE], depends=[WORDS_HEADER])]
     extensions += mypycify(HOT_MODULES, opt_level="3", group_name="pgmux_hot")
     for extension in extensions:
         extension.optional = True
-    _record_sources([*HOT_MODULES, SCANNER_SOURCE])
+    _record_sources([*HOT_MODULES, SCANNER_SOURCE, RELAY_SOURCE, WORDS_HEADER])
     return extensions
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import signal
-import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from proxy import BUILD, __version__
@@ -25,6 +24,7 @@ from proxy.reception import Reception
 from proxy.registry import TCP, WEBSOCKET, Registry
 from proxy.routing import Router
 from proxy.settings import ListenerSettings, Settings, split_address
+from proxy.sockets import Listening, listen
 from proxy.states import ClientState
 from proxy.stats import StatsWindow, stats_log_line
 from proxy.tls import NO_TLS, ClientTls, client_tls_options, load_client_tls
@@ -50,7 +50,7 @@ class Proxy:
         # What each listener offers clients (client_tls_*), in listener order; a bad file refuses the start.
         self.client_tls: list[ClientTls] = [_load_client_tls(settings, listener)
                                             for listener in settings.all_listeners()]
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[Listening] = []
         self._janitor: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self.reload_settings: Callable[[], Settings] | None = None  # where RELOAD / SIGHUP read settings from
@@ -84,12 +84,11 @@ class Proxy:
                 accept: Callable[[], Any] = functools.partial(self._accept_http, listener, index)
             else:
                 accept = functools.partial(self._accept, listener, index)
-            server = await loop.create_server(accept, host, port, reuse_address=True, backlog=4096)
+            # PostgreSQL listeners accept through pgmux's compiled transport where it is built; HTTP ones
+            # through asyncio (h11 reads whole requests: nothing to relay).
+            server = await listen(loop, host, port, accept, compiled=listener.protocol != "http")
             self._servers.append(server)
-            # getattr: uvloop's Server.sockets is a list where the stub says tuple, and compiled code
-            # checks declared types.
-            sockets: Sequence[socket.socket] = getattr(server, "sockets")
-            bound = sockets[0].getsockname()
+            bound = server.sockets[0].getsockname()
             self.addresses.append((bound[0], bound[1]))
             log.info("listening on %s:%d (%s, %s pooling, %s auth, client TLS %s)", bound[0], bound[1],
                      listener.protocol, listener.pool_mode.value, listener.auth_type.value,

@@ -40,6 +40,7 @@ from proxy.routing import Router
 from proxy.server import ClientPeer, ServerConnection
 from proxy.session_state import SessionReport, refuse_session_only
 from proxy.settings import ListenerSettings, PoolMode, SessionStatePolicy
+from proxy.sockets import BATCH_END, CLIENT_EDGE, NEUTRAL, QUERY, UNNAMED, WORDS, relay_edge, relay_table
 from proxy.states import ClientState, ServerState
 from proxy.tls import TlsError, TlsTransport
 
@@ -61,6 +62,16 @@ _RELAY_COUNTED = frozenset({m.SYNC, m.QUERY, m.FUNCTION_CALL})  # each earns exa
 _RELAY_NEUTRAL = frozenset({m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL, m.TERMINATE, m.FLUSH})
 _FLUSH: Final = m.message(m.FLUSH)
 _BATCH_ENDS_AND_TERMINATE = _RELAY_COUNTED | {m.TERMINATE}
+# What the compiled relay may send on to the server itself (proxy/_relay.c; ClientConnection.relay_request):
+# the types pgmux does not capture, and a Query or Parse whose text mentions no session state, which is all
+# _note_query and _note_parse would find out about it. Where statements are renamed, the messages that name
+# one pass when they name the unnamed statement: ClientStatements.rewrite sends those as they are.
+_RELAY_BITS: Final = {**{kind: BATCH_END for kind in _RELAY_COUNTED}, **{kind: NEUTRAL for kind in _RELAY_NEUTRAL},
+                      m.QUERY: BATCH_END | WORDS | QUERY, m.PARSE: WORDS}
+_RELAY_TABLE: Final = relay_table(frozenset(range(256)) - _RELAY_CAPTURE | {m.QUERY, m.PARSE}, _RELAY_BITS)
+_PREPARED_RELAY_TABLE: Final = relay_table(
+    frozenset(range(256)) - _PREPARED_CAPTURE | {m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE, m.SYNC, m.FUNCTION_CALL},
+    {**_RELAY_BITS, m.PARSE: WORDS | UNNAMED, m.BIND: UNNAMED, m.DESCRIBE: UNNAMED, m.CLOSE: UNNAMED})
 _IDLE: Final = m.TransactionStatus.IDLE
 _IN_TRANSACTION: Final = m.TransactionStatus.IN_TRANSACTION
 _QUEUE_HIGH_WATER = 1 << 20  # bytes queued while waiting for a server before we stop reading
@@ -116,7 +127,7 @@ class ClientConnection(ClientPeer, Cancellable):
         "pool", "query_started", "replay", "server", "state", "statements", "transaction_mode", "transport",
         "unreported", "startup_unreported", "pins", "_session_touched", "_custom_names", "_inspecting", "_loaded",
         "user", "wait_started",
-        "_stall_mark", "_stalled_since", "tls",
+        "_stall_mark", "_stalled_since", "tls", "relay_transport", "_relay_table",
     )
 
     def __init__(self, router: Router, registry: Registry[ClientConnection], cancel_keys: CancelKeys,
@@ -130,6 +141,8 @@ class ClientConnection(ClientPeer, Cancellable):
         self.state = ClientState.STARTUP
         self.transport: asyncio.Transport | None = None
         self.tls: TlsTransport | None = None  # the client's TLS, once begun (then also its ``transport``)
+        self.relay_transport: object | None = None  # the transport, once logged in, if the compiled relay drives it
+        self._relay_table = _RELAY_TABLE  # what that relay may send on itself
         self.flow = FlowControl()
         self.peer = ""
         self.user = ""
@@ -467,6 +480,7 @@ class ClientConnection(ClientPeer, Cancellable):
             self.statements = ClientStatements(self.router.statement_names, pool.stats.prepared)
             capture = _PREPARED_CAPTURE
             keep_whole = needs_whole
+            self._relay_table = _PREPARED_RELAY_TABLE
         self._scanner = FrameScanner(capture, counted=_RELAY_COUNTED, neutral=_RELAY_NEUTRAL,
                                      head_limit=_CAPTURE_HEAD, keep_whole=keep_whole,
                                      max_whole=self.router.settings.max_client_buffer)
@@ -477,6 +491,8 @@ class ClientConnection(ClientPeer, Cancellable):
         if self.server is None:
             self.state = ClientState.IDLE
         self.login = None
+        if self.tls is None:
+            self.relay_transport = relay_edge(self.transport, CLIENT_EDGE, self._relay_table)
         if self._queued:
             self._relay(b"".join(self._take_queued()))
 
@@ -531,15 +547,7 @@ class ClientConnection(ClientPeer, Cancellable):
         self.replay = None  # a kept batch is not sent again once anything follows it
         try:
             segments = scanner.feed(data)
-            pool = self.pool
-            assert pool is not None
-            stats = pool.stats
-            stats.bytes_received += len(data)
-            if scanner.count != before:
-                if not self.pending:
-                    self.query_started = time.monotonic()
-                self.pending += scanner.count - before
-                stats.queries += scanner.count - before
+            self._count_requests(len(data), scanner.count - before)
             server = self.server
             assert server is not None
             if scanner.verbatim and len(segments) == 1:
@@ -558,6 +566,55 @@ class ClientConnection(ClientPeer, Cancellable):
         except BufferLimitExceeded as too_large:  # not "exc": compiled, one name keeps the first clause's type
             error = errors.client_buffer_exceeded(chr(too_large.kind), too_large.size, too_large.limit)
             self.fail(error, reason=error.reason)
+
+    def _count_requests(self, nbytes: int, batch_ends: int) -> None:
+        """``nbytes`` of requests go to the linked server, ending ``batch_ends`` batches (each earns a ReadyForQuery)."""
+        pool = self.pool
+        assert pool is not None
+        stats = pool.stats
+        stats.bytes_received += nbytes
+        if batch_ends:
+            if not self.pending:
+                self.query_started = time.monotonic()
+            self.pending += batch_ends
+            stats.queries += batch_ends
+
+    def relay_request(self, nbytes: int, batch_ends: int, queries: int, mid_batch: int, parses: int,
+                      binds: int) -> object | None:
+        """The compiled relay read ``nbytes`` of whole messages that need no decision (proxy/_relay.c): the
+        server transport they may go to as they are, counted here as _forward counts them; None when they must
+        go through data_received, which then decides (a server to wait for, a parameter sync first...).
+
+        ``batch_ends``: Syncs, Queries and FunctionCalls among them; ``queries``: Queries; ``mid_batch``: as
+        FrameScanner.passed takes it; ``parses``, ``binds``: Parses and Binds of the unnamed statement (only
+        where statements are renamed, see ClientStatements.relayed). A client between transactions is lent an idle server here, as _relay
+        lends one, when the bytes begin a request.
+        """
+        server = self.server
+        if server is None:
+            if (self.state is not ClientState.IDLE or self._queued or self._skipper is not None
+                    or (not batch_ends and mid_batch <= 0)):
+                return None
+            pool = self.pool
+            assert pool is not None
+            server = pool.take_idle()
+            if server is None:
+                return None
+            self.link(server)
+        target = server.relay_transport
+        statements = self.statements
+        if (target is None or self._held_for_sync or self._inspecting or not self._scanner.at_boundary
+                or (statements is not None and not statements.can_relay(binds, server.prepared))):
+            return None
+        scanner = self._scanner
+        scanner.passed(batch_ends, mid_batch)
+        self.replay = None
+        self._count_requests(nbytes, batch_ends)
+        if queries:
+            self._query_mark = scanner.count  # see _note_query
+        if statements is not None:
+            statements.relayed(parses, batch_ends, server.prepared)
+        return target
 
     def _forward_segments(self, segments: list[Segment], server: ServerConnection, fresh: bool) -> None:
         out: list[bytes | memoryview] = []

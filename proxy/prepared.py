@@ -244,6 +244,20 @@ class ClientStatements:
         except (ValueError, IndexError):
             raise ProtocolViolation(f"malformed {chr(kind)!r} message") from None
 
+    def can_relay(self, binds: int, link: ServerPrepared) -> bool:
+        """Whether messages naming none of the client's statements, ``binds`` Binds among them, may be sent on
+        unread (the compiled relay, proxy/_relay.c): not a Bind of an unnamed statement that may drop statements."""
+        return not binds or link.unnamed_drop is None
+
+    def relayed(self, parses: int, batch_ends: int, link: ServerPrepared) -> None:
+        """The compiled relay sent on messages naming none of the client's statements: ``parses`` unnamed Parses,
+        all before the first of ``batch_ends`` batch ends, whose texts drop no statement. What rewrite notes of them."""
+        for _ in range(parses):
+            link.expect(PendingParse(link.batches_sent + 1, False, None, None))
+        if parses:
+            link.unnamed_drop = None
+        link.batches_sent += batch_ends
+
     def note_query(self, data: bytes | memoryview, link: ServerPrepared) -> None:
         """A simple Query passes unchanged; it ends a batch, and may drop statements (see _note_drop)."""
         link.batches_sent += 1

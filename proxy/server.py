@@ -6,6 +6,7 @@ import asyncio
 import functools
 import itertools
 import os
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from proxy.results import COLLECTED_KINDS, ResultCollector
 from proxy.session_state import SessionReport, inspection_sql, parse_data_row, read_report
 from proxy.protocol.startup import build_cancel_request, build_ssl_request, build_startup_message
 from proxy.settings import SslMode, Upstream
+from proxy.sockets import PARSE_COMPLETE, READY, SERVER_EDGE, connect, open_transport, relay_edge, relay_table
 from proxy.states import ServerState
 from proxy.stats import PoolStats
 
@@ -39,6 +41,10 @@ _RELAY_CAPTURE = frozenset({m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPO
                             m.COPY_IN_RESPONSE, m.PARAMETER_DESCRIPTION, m.NOTIFICATION_RESPONSE})
 _LOGIN_CAPTURE = frozenset(range(256))
 _RELAY_FLAGS: Final = kind_flags(_RELAY_CAPTURE, frozenset(), frozenset())
+# What the compiled relay may send on to the client itself (proxy/_relay.c): all but what pgmux looks at,
+# and of that the ReadyForQuery ending a read and ParseComplete, which it reports (ServerConnection.relayed).
+_RELAY_TABLE: Final = relay_table(frozenset(range(256)) - _RELAY_CAPTURE | {m.READY_FOR_QUERY, m.PARSE_COMPLETE},
+                                  {m.READY_FOR_QUERY: READY, m.PARSE_COMPLETE: PARSE_COMPLETE})
 # While pgmux reads what a session holds (inspect_session), the rows of its answer are looked at too.
 _INSPECTING_FLAGS: Final = kind_flags(_RELAY_CAPTURE | {m.DATA_ROW}, frozenset(), frozenset())
 # While statements run for the HTTP endpoint (send_statements), their whole answer is looked at.
@@ -48,6 +54,14 @@ _COPY_FAIL: Final = m.message(m.COPY_FAIL, m.cstring("COPY FROM STDIN is not sup
 _TX_STATUS: Final = m.TRANSACTION_STATUS_BY_BYTE
 _SYNC: Final = m.message(m.SYNC)
 _FETCHED_LIMIT: Final = 1 << 20  # row bytes kept of fetch_internal's answer (pgmux's own small queries)
+
+
+def _has_more(sock: socket.socket) -> bool:
+    """Whether bytes are waiting on ``sock`` (read without taking them)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except (BlockingIOError, InterruptedError):
+        return False
 
 
 def _relayed_as_read(segments: list) -> bool:
@@ -112,6 +126,7 @@ class ClientPeer:
     statements: ClientStatements | None  # the client's named statements, when pgmux rewrites them
     replay: list[Segment] | None  # the batch in flight, while it may be re-sent (see _hold_for_replay)
     pins: frozenset[str]  # the session-only state that keeps the client on this server (transaction mode)
+    relay_transport: object | None  # its compiled transport, when the relay may write to it itself
 
     def write(self, data: bytes | memoryview) -> None:
         raise NotImplementedError
@@ -228,6 +243,7 @@ class ServerConnection:
         self.stats = stats  # its pool's: what it sends to clients is counted there
         self.state = ServerState.LOGIN
         self.transport: asyncio.Transport | None = None
+        self.relay_transport: object | None = None  # the transport, once logged in, if the compiled relay drives it
         self.flow = FlowControl()
         self.client: ClientPeer | None = None
         self.params: dict[str, str] = {}  # what the server reported with ParameterStatus
@@ -246,7 +262,6 @@ class ServerConnection:
         self._on_lost = on_lost
         self._scanner = FrameScanner(_LOGIN_CAPTURE, max_length=1 << 20)
         self._login_frames: asyncio.Queue[Frame | None] | None = asyncio.Queue()
-        self._ssl_reply: asyncio.Future[bytes] | None = None
         self._internal_done: asyncio.Future[None] | None = None
         self._internal_error: dict[str, str] | None = None  # ErrorResponse fields of pgmux's own query
         self._collector: ResultCollector | None = None  # the answer to send_statements' request, while it runs
@@ -275,9 +290,6 @@ class ServerConnection:
         self.transport = self.flow.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._ssl_reply is not None and not self._ssl_reply.done():
-            self._ssl_reply.set_result(data)
-            return
         try:
             segments = self._scanner.feed(data)
         except ProtocolViolation as exc:
@@ -395,14 +407,38 @@ class ServerConnection:
             client.write(joined)
             self.stats.bytes_sent += len(joined)
 
+    def relay_target(self) -> object | None:
+        """The linked client's compiled transport, when a read of whole messages none of which pgmux needs to
+        look at may go to it as it is (see proxy/_relay.c): exactly when data_received's common case would
+        send it so. None: the read comes to data_received."""
+        client = self.client
+        if (client is None or self.swallow or self.prepared.injected or client.replay is not None
+                or self._login_frames is not None or not self._scanner.at_boundary):
+            return None
+        return client.relay_transport
+
+    def relayed(self, nbytes: int, status: int, parse_completes: int) -> None:
+        """The compiled relay sent the client ``nbytes`` since it last said, holding ``parse_completes``
+        ParseCompletes and ending in a ReadyForQuery with transaction status byte ``status`` (-1: none)."""
+        self.stats.bytes_sent += nbytes
+        for _ in range(parse_completes):
+            self.prepared.on_parse_complete()
+        client = self.client
+        if status >= 0 and client is not None:
+            self._ready(status, client)
+
+    def _ready(self, status_byte: int, client: ClientPeer) -> None:
+        """A ReadyForQuery reached the client: the transaction status, and the client's turn to decide."""
+        self.tx_status = status = _TX_STATUS[status_byte]
+        statements = client.statements
+        if statements is not None:
+            self.prepared.on_ready_for_query(statements)
+        client.on_ready_for_query(status)
+
     def _relay_frame(self, frame: Frame, client: ClientPeer) -> None:
         kind = frame.kind
         if kind == m.READY_FOR_QUERY:
-            self.tx_status = status = _TX_STATUS[frame.data[5]]
-            statements = client.statements
-            if statements is not None:
-                self.prepared.on_ready_for_query(statements)
-            client.on_ready_for_query(status)
+            self._ready(frame.data[5], client)
         elif kind == m.PARSE_COMPLETE:
             # Only reached when none of pgmux's own Parses is in flight: every one is the client's.
             self.prepared.on_parse_complete()
@@ -549,8 +585,6 @@ class ServerConnection:
     def connection_lost(self, exc: Exception | None) -> None:
         if self._login_frames is not None:
             self._login_frames.put_nowait(None)
-        if self._ssl_reply is not None and not self._ssl_reply.done():
-            self._ssl_reply.set_result(b"")
         if self._internal_done is not None and not self._internal_done.done():
             self._internal_done.set_exception(InternalQueryFailed("server connection lost"))
         if self.close_reason is None:
@@ -590,13 +624,12 @@ class ServerConnection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout or None):
-                # type: ignore: a protocol by its methods, not by class (see the class docstring).
-                if upstream.unix_socket:
-                    await loop.create_unix_connection(lambda: self, upstream.unix_socket)  # type: ignore[type-var]
-                else:
-                    await loop.create_connection(lambda: self, upstream.host, upstream.port)  # type: ignore[type-var]
-                if upstream.sslmode is not SslMode.DISABLE and not upstream.unix_socket:
-                    await self._negotiate_tls(loop)
+                sock = await connect(loop, upstream.host, upstream.port, upstream.unix_socket)
+                # With TLS, _start_tls made asyncio's TLS transport; plaintext gets the compiled one (if built).
+                tls = (upstream.sslmode is not SslMode.DISABLE and not upstream.unix_socket
+                       and await self._start_tls(loop, sock))
+                if not tls:
+                    await open_transport(loop, sock, lambda: self)
                 self.write(build_startup_message({"user": upstream.user, "database": upstream.database}))
                 await self._authenticate()
         except TimeoutError:
@@ -619,30 +652,36 @@ class ServerConnection:
             raise ServerLoginError(str(auth_error), shown="authentication with the server failed") from None
         self._login_frames = None
         self._scanner = FrameScanner(_RELAY_CAPTURE)
+        self.relay_transport = relay_edge(self.transport, SERVER_EDGE, _RELAY_TABLE)
         self.reported = frozenset(self.params)
         self.backends.add(self)
 
-    async def _negotiate_tls(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _start_tls(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bool:
+        """Ask for TLS on the connected ``sock`` (per sslmode); True when the connection now speaks it."""
         upstream = self.upstream
-        self._ssl_reply = loop.create_future()
-        self.write(build_ssl_request())
-        reply = await self._ssl_reply
-        self._ssl_reply = None
-        if reply[:1] == b"S":
-            if len(reply) > 1:
+        try:
+            await loop.sock_sendall(sock, build_ssl_request())
+            reply = await loop.sock_recv(sock, 1)
+        except BaseException:
+            sock.close()
+            raise
+        if reply == b"S":
+            if _has_more(sock):
                 # Bytes after 'S' before the handshake could be injected by a man in the middle (CVE-2021-23222).
+                sock.close()
                 raise ServerLoginError("server sent unencrypted data after accepting TLS")
-            assert self.transport is not None
-            self.transport = await loop.start_tls(  # type: ignore[assignment]
-                self.transport, self,  # type: ignore[arg-type]
-                _ssl_context(upstream.sslmode, upstream.sslrootcert),
-                server_hostname=upstream.host)
-            self.flow.transport = self.transport  # reading is paused and resumed on the TLS transport now
-        elif reply[:1] == b"N":
+            # type: ignore: a protocol by its methods, not by class (see the class docstring).
+            await loop.create_connection(lambda: self, sock=sock,  # type: ignore[type-var]
+                                         ssl=_ssl_context(upstream.sslmode, upstream.sslrootcert),
+                                         server_hostname=upstream.host)
+            return True
+        if reply == b"N":
             if upstream.sslmode not in (SslMode.ALLOW, SslMode.PREFER):
+                sock.close()
                 raise ServerLoginError(f"server does not support TLS, but sslmode={upstream.sslmode.value}")
-        else:
-            raise ServerLoginError("server sent an unexpected reply to SSLRequest" if reply else "server closed the connection")
+            return False
+        sock.close()
+        raise ServerLoginError("server sent an unexpected reply to SSLRequest" if reply else "server closed the connection")
 
     async def _next_login_frame(self) -> Frame:
         assert self._login_frames is not None

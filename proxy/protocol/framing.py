@@ -193,6 +193,14 @@ class FrameScanner:
         """True at a batch boundary: no message begun since the last batch end, none half-fed."""
         return not self.mid_batch and self.at_boundary
 
+    def passed(self, batch_ends: int, mid_batch: int) -> None:
+        """Whole messages went by without being fed (the compiled relay sent them on, see proxy/_relay.c):
+        count them as feed would. ``mid_batch``: as walk returns it (-1: only neutral messages)."""
+        self.count += batch_ends
+        if mid_batch >= 0:
+            self.mid_batch = mid_batch == 1
+        self.verbatim = True
+
     def _check(self, kind: int, length: int) -> None:
         if length < 4 or length > self._max_length:
             raise ProtocolViolation(f"invalid length {length} for message type {chr(kind)!r}")

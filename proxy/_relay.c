@@ -1,0 +1,971 @@
+/*
+ * SocketTransport: pgmux's compiled data plane for plaintext sockets.
+ *
+ * An asyncio transport over one non-blocking socket whose steady state never builds a Python object: once the connection is a relay (relay(...), after
+ * login), a read that holds only whole messages of the kinds its table lets pass is written straight to
+ * the peer's socket from one static buffer, and Python hears of it in one call to its protocol:
+ *
+ * - a client's read: protocol.relay_request(nbytes, batch_ends, queries, mid_batch, parses, binds) returns the linked
+ *   server's SocketTransport (taking a server from the pool first when the client has none), or None;
+ * - a server's read: protocol.relay_target() returns the linked client's SocketTransport, or None; a read
+ *   that ends in ReadyForQuery, or holds ParseCompletes, is then reported with
+ *   protocol.relayed(nbytes, status, parse_completes).
+ *
+ * None, any message the table does not let pass (Python decides those: ErrorResponse, ParameterStatus,
+ * a Parse or Query whose text may change the session...), a message split across reads, or a connection
+ * that is not a relay: the read goes to protocol.data_received(bytes), as from any asyncio transport.
+ * The two paths see the same bytes in the same order: a fast read always begins and ends at a message
+ * boundary (the transport tracks boundaries over every read, and Python confirms its own), so Python's
+ * FrameScanner never loses its place.
+ *
+ * Readiness: the transports of one event loop share a Poller, an epoll set of their own that the loop watches
+ * as one reader (loop.add_reader(poller.fileno(), poller._ready)). Not a reader per socket: uvloop's
+ * add_reader drops its callback when a socket reports an error (a reset peer), and the transport would
+ * never hear of it; here an error wakes the read, whose recv() then says what happened. One wake also
+ * serves every ready socket.
+ *
+ * Writes go straight to the socket while nothing is queued; what the kernel does not take is queued and
+ * sent when the socket is writable, with pause_writing/resume_writing at the limits asyncio uses.
+ * close() sends what is queued first; abort() does not. connection_lost comes through loop.call_soon,
+ * as from asyncio's transports.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "protocol/_words.h"
+
+/* Bits of the relay table, one byte per message type (built by proxy/relay.py: relay_table). */
+#define PASS 1           /* may be relayed in the steady state */
+#define BATCH_END 2      /* Sync, Query, FunctionCall: each earns one ReadyForQuery */
+#define NEUTRAL 4        /* neither begins nor ends a batch (Flush, CopyData...) */
+#define WORDS 8          /* passes only when its text mentions no session state (Query, Parse) */
+#define QUERY 16         /* a simple Query */
+#define READY 32         /* ReadyForQuery: only as the read's last message */
+#define PARSE_COMPLETE 64
+#define UNNAMED 128      /* passes only when the statement it names is the unnamed one (Parse, Bind, Describe, Close) */
+
+#define READ_SIZE (256 * 1024)
+#define DEFAULT_HIGH (64 * 1024)
+
+enum { ROLE_NONE = 0, ROLE_CLIENT = 1, ROLE_SERVER = 2 };
+
+/* Per thread: a thread runs one event loop, whose reads run one at a time; another thread's loop (tests run
+   pgmux in threads) has its own. */
+static _Thread_local unsigned char read_buffer[READ_SIZE];
+
+static PyObject *str_call_soon, *str_call_exception_handler;
+static PyObject *str_data_received, *str_eof_received, *str_connection_lost, *str_pause_writing;
+static PyObject *str_resume_writing, *str_relay_request, *str_relay_target, *str_relayed, *str_close;
+
+#define POLL_BATCH 256
+
+typedef struct {
+    PyObject_HEAD
+    int epfd;
+    PyObject *loop_ref; /* a weak reference: the loop holds the poller (its reader), not the other way round */
+} Poller;
+
+static PyTypeObject PollerType;
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    Poller *poller;
+    uint32_t interest;    /* what the poller watches for: EPOLLIN, EPOLLOUT (0: not registered) */
+    PyObject *loop;
+    PyObject *protocol;
+    PyObject *sock;       /* the socket object: it owns the fd, and closes it */
+    PyObject *extra;      /* get_extra_info's dict */
+    char *wbuf;           /* queued output: wbuf[wstart:wend] */
+    Py_ssize_t wstart, wend, wcap;
+    Py_ssize_t high, low;
+    char reading;         /* watched for reading */
+    char paused;          /* pause_reading() in force */
+    char writing;         /* watched for writing (something is queued) */
+    char closing;
+    char closed;          /* the socket is closed; connection_lost is scheduled */
+    char protocol_paused; /* pause_writing() was called, resume_writing() not yet */
+    char role;
+    unsigned char table[256];
+    /* Where the last read left the message stream: header bytes of the next message held, or body bytes
+       still to come. Only kept for a relay. */
+    unsigned char head[5];
+    int head_len;
+    Py_ssize_t body_left;
+    Py_ssize_t unreported; /* a server's relayed bytes not yet given to Python (with the next ReadyForQuery) */
+} Transport;
+
+static PyTypeObject TransportType;
+
+#define Transport_Check(op) (Py_TYPE(op) == &TransportType)
+
+/* ---- readiness ---------------------------------------------------------------------------------- */
+
+/* Tell the poller what to watch for now. A registration holds a reference: a registered transport stays
+   alive until it is taken out, which may free it, so callers hold their own reference. */
+static int
+watch(Transport *t)
+{
+    uint32_t interest = (t->reading ? EPOLLIN : 0) | (t->writing ? EPOLLOUT : 0);
+    if (interest == t->interest)
+        return 0;
+    struct epoll_event event = {.events = interest, .data.ptr = t};
+    int op = !t->interest ? EPOLL_CTL_ADD : !interest ? EPOLL_CTL_DEL : EPOLL_CTL_MOD;
+    if (epoll_ctl(t->poller->epfd, op, t->fd, &event) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    t->interest = interest;
+    if (op == EPOLL_CTL_ADD)
+        Py_INCREF(t);
+    else if (op == EPOLL_CTL_DEL)
+        Py_DECREF(t);
+    return 0;
+}
+
+static int
+start_reading(Transport *t)
+{
+    if (t->reading || t->paused || t->closing || t->closed)
+        return 0;
+    t->reading = 1;
+    return watch(t);
+}
+
+static int
+stop_reading(Transport *t)
+{
+    if (!t->reading)
+        return 0;
+    t->reading = 0;
+    return watch(t);
+}
+
+/* ---- closing ------------------------------------------------------------------------------------ */
+
+/* Close the socket now and tell the protocol on the loop's next turn; ``exc`` (may be NULL) is why. */
+static int
+finish(Transport *t, PyObject *exc)
+{
+    if (t->closed)
+        return 0;
+    t->closed = 1;
+    t->closing = 1;
+    int status = 0;
+    Py_INCREF(t);  /* taking it out of the poller may drop the last other reference */
+    t->reading = t->writing = 0;
+    if (watch(t) < 0)
+        status = -1;
+    t->wstart = t->wend = 0;
+    PyObject *result = PyObject_CallMethodNoArgs(t->sock, str_close);
+    if (result == NULL)
+        status = -1;
+    Py_XDECREF(result);
+    PyObject *lost = PyObject_GetAttr(t->protocol, str_connection_lost);
+    if (lost != NULL) {
+        result = PyObject_CallMethodObjArgs(t->loop, str_call_soon, lost, exc != NULL ? exc : Py_None, NULL);
+        Py_DECREF(lost);
+        Py_XDECREF(result);
+    }
+    Py_DECREF(t);
+    return lost == NULL || result == NULL ? -1 : status;
+}
+
+/* A socket error: drop the connection, queued bytes and all, with the OSError for errno ``code``. */
+static int
+fail_with_errno(Transport *t, int code)
+{
+    PyObject *args = Py_BuildValue("(is)", code, strerror(code));
+    if (args == NULL)
+        return -1;
+    PyObject *exc = PyObject_Call(PyExc_OSError, args, NULL);  /* ConnectionResetError etc., by errno */
+    Py_DECREF(args);
+    if (exc == NULL)
+        return -1;
+    int status = finish(t, exc);
+    Py_DECREF(exc);
+    return status;
+}
+
+/* ---- writing ------------------------------------------------------------------------------------ */
+
+static int
+call_protocol(Transport *t, PyObject *name)
+{
+    PyObject *result = PyObject_CallMethodNoArgs(t->protocol, name);
+    if (result == NULL)
+        return -1;
+    Py_DECREF(result);
+    return 0;
+}
+
+static int
+queue_bytes(Transport *t, const char *data, Py_ssize_t len)
+{
+    Py_ssize_t queued = t->wend - t->wstart;
+    if (t->wstart > 0 && t->wend + len > t->wcap) {
+        memmove(t->wbuf, t->wbuf + t->wstart, queued);
+        t->wstart = 0;
+        t->wend = queued;
+    }
+    if (t->wend + len > t->wcap) {
+        Py_ssize_t cap = t->wcap ? t->wcap : 4096;
+        while (cap < t->wend + len)
+            cap *= 2;
+        char *grown = PyMem_Realloc(t->wbuf, cap);
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        t->wbuf = grown;
+        t->wcap = cap;
+    }
+    memcpy(t->wbuf + t->wend, data, len);
+    t->wend += len;
+    return 0;
+}
+
+/* Send ``data`` now, queueing what the kernel does not take; 0 also when the connection failed. */
+static int
+write_bytes(Transport *t, const char *data, Py_ssize_t len)
+{
+    if (t->closed || len == 0)
+        return 0;
+    if (t->wend == t->wstart) {
+        Py_ssize_t sent = send(t->fd, data, len, MSG_NOSIGNAL);
+        if (sent < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+                return fail_with_errno(t, errno);
+            sent = 0;
+        }
+        if (sent == len)
+            return 0;
+        data += sent;
+        len -= sent;
+    }
+    if (queue_bytes(t, data, len) < 0)
+        return -1;
+    if (!t->writing) {
+        t->writing = 1;
+        if (watch(t) < 0)
+            return -1;
+    }
+    if (!t->protocol_paused && t->wend - t->wstart > t->high) {
+        t->protocol_paused = 1;
+        return call_protocol(t, str_pause_writing);
+    }
+    return 0;
+}
+
+/* The socket is writable: send what is queued. */
+static int
+write_ready(Transport *t)
+{
+    if (t->closed)
+        return 0;
+    while (t->wend > t->wstart) {
+        Py_ssize_t sent = send(t->fd, t->wbuf + t->wstart, t->wend - t->wstart, MSG_NOSIGNAL);
+        if (sent < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            return fail_with_errno(t, errno);
+        }
+        t->wstart += sent;
+    }
+    if (t->wend == t->wstart) {
+        t->wstart = t->wend = 0;
+        t->writing = 0;
+        if (watch(t) < 0)
+            return -1;
+    }
+    if (t->protocol_paused && t->wend - t->wstart <= t->low) {
+        t->protocol_paused = 0;
+        if (call_protocol(t, str_resume_writing) < 0)
+            return -1;
+    }
+    if (t->closing && t->wend == t->wstart)
+        return finish(t, NULL);
+    return 0;
+}
+
+/* ---- reading ------------------------------------------------------------------------------------ */
+
+static inline Py_ssize_t
+message_length(const unsigned char *p)
+{
+    return ((Py_ssize_t)p[1] << 24) | ((Py_ssize_t)p[2] << 16) | ((Py_ssize_t)p[3] << 8) | (Py_ssize_t)p[4];
+}
+
+/* Follow message boundaries through a read the relay did not take, so the next read's start is known. */
+static void
+track(Transport *t, const unsigned char *data, Py_ssize_t n)
+{
+    Py_ssize_t pos = 0;
+    while (pos < n) {
+        if (t->body_left) {
+            Py_ssize_t take = n - pos < t->body_left ? n - pos : t->body_left;
+            t->body_left -= take;
+            pos += take;
+            continue;
+        }
+        while (t->head_len < 5 && pos < n)
+            t->head[t->head_len++] = data[pos++];
+        if (t->head_len < 5)
+            return;
+        Py_ssize_t length = message_length(t->head);
+        t->head_len = 0;
+        t->body_left = length > 4 ? length - 4 : 0;  /* an invalid length: Python refuses it */
+    }
+}
+
+static PyObject *
+small_int(Py_ssize_t value)
+{
+    return PyLong_FromSsize_t(value);
+}
+
+/* Whether the message at ``p`` (``length`` bytes in all) names the unnamed statement (or a portal, which
+   keeps its name): only Parse, Bind, Describe and Close name statements. */
+static int
+names_unnamed_statement(const unsigned char *p, Py_ssize_t length)
+{
+    switch (p[0]) {
+    case 'P':  /* Parse: the statement's name first */
+        return length > 5 && p[5] == 0;
+    case 'B': {  /* Bind: the portal's name, then the statement's */
+        const unsigned char *nul = memchr(p + 5, 0, length - 5);
+        return nul != NULL && nul + 1 < p + length && nul[1] == 0;
+    }
+    case 'D':  /* Describe, Close: 'S' or 'P', then the name */
+    case 'C':
+        return length > 6 && (p[5] == 'P' || p[6] == 0);
+    default:
+        return 1;
+    }
+}
+
+/* A client's read of whole messages that may pass: 1 when it went to the server, 0 when Python takes it. */
+static int
+relay_from_client(Transport *t, const unsigned char *data, Py_ssize_t n)
+{
+    Py_ssize_t pos = 0, batch_ends = 0, queries = 0, parses = 0, binds = 0;
+    int mid_batch = -1;
+    while (pos < n) {
+        if (n - pos < 5)
+            return 0;
+        unsigned char bits = t->table[data[pos]];
+        Py_ssize_t length = message_length(data + pos);
+        if (!(bits & PASS) || length < 4 || length > n - pos - 1)
+            return 0;
+        Py_ssize_t end = pos + 1 + length;
+        if ((bits & WORDS) && session_state_in(data + pos, end - pos))
+            return 0;
+        if (bits & UNNAMED) {
+            if (!names_unnamed_statement(data + pos, end - pos))
+                return 0;
+            if (data[pos] == 'P') {
+                if (batch_ends)
+                    return 0;  /* Python numbers each Parse by its batch: one batch's worth here */
+                parses++;
+            }
+            else if (data[pos] == 'B')
+                binds++;
+        }
+        if (bits & BATCH_END) {
+            batch_ends++;
+            mid_batch = 0;
+        }
+        else if (!(bits & NEUTRAL))
+            mid_batch = 1;
+        if (bits & QUERY)
+            queries++;
+        pos = end;
+    }
+    PyObject *args[7] = {t->protocol, small_int(n), small_int(batch_ends), small_int(queries),
+                         small_int(mid_batch), small_int(parses), small_int(binds)};
+    PyObject *server = NULL;
+    if (args[1] && args[2] && args[3] && args[4] && args[5] && args[6])
+        server = PyObject_VectorcallMethod(str_relay_request, args, 7 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    for (int i = 1; i < 7; i++)
+        Py_XDECREF(args[i]);
+    if (server == NULL)
+        return -1;
+    if (!Transport_Check(server)) {
+        Py_DECREF(server);
+        return 0;
+    }
+    int status = write_bytes((Transport *)server, (const char *)data, n);
+    Py_DECREF(server);
+    return status < 0 ? -1 : 1;
+}
+
+/* A server's read of whole messages that may pass: 1 when it went to the client, 0 when Python takes it. */
+static int
+relay_from_server(Transport *t, const unsigned char *data, Py_ssize_t n)
+{
+    Py_ssize_t pos = 0, parse_completes = 0;
+    int status = -1;
+    while (pos < n) {
+        if (n - pos < 5)
+            return 0;
+        unsigned char bits = t->table[data[pos]];
+        Py_ssize_t length = message_length(data + pos);
+        if (!(bits & PASS) || length < 4 || length > n - pos - 1)
+            return 0;
+        Py_ssize_t end = pos + 1 + length;
+        if (bits & READY) {
+            if (end != n || length != 5)
+                return 0;  /* the link may end here: what follows is nobody's yet */
+            status = data[pos + 5];
+        }
+        if (bits & PARSE_COMPLETE)
+            parse_completes++;
+        pos = end;
+    }
+    PyObject *client = PyObject_CallMethodNoArgs(t->protocol, str_relay_target);
+    if (client == NULL)
+        return -1;
+    if (!Transport_Check(client)) {
+        Py_DECREF(client);
+        return 0;
+    }
+    int written = write_bytes((Transport *)client, (const char *)data, n);
+    Py_DECREF(client);
+    if (written < 0)
+        return -1;
+    t->unreported += n;
+    if (status < 0 && !parse_completes)
+        return 1;
+    PyObject *args[4] = {t->protocol, small_int(t->unreported), small_int(status), small_int(parse_completes)};
+    t->unreported = 0;
+    PyObject *result = NULL;
+    if (args[1] && args[2] && args[3])
+        result = PyObject_VectorcallMethod(str_relayed, args, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    for (int i = 1; i < 4; i++)
+        Py_XDECREF(args[i]);
+    if (result == NULL)
+        return -1;
+    Py_DECREF(result);
+    return 1;
+}
+
+static int
+received_eof(Transport *t)
+{
+    if (stop_reading(t) < 0)
+        return -1;
+    PyObject *keep_open = PyObject_CallMethodNoArgs(t->protocol, str_eof_received);
+    if (keep_open == NULL)
+        return -1;
+    int half_open = PyObject_IsTrue(keep_open);
+    Py_DECREF(keep_open);
+    if (half_open < 0)
+        return -1;
+    if (half_open || t->closing)
+        return 0;
+    t->closing = 1;
+    return t->wend == t->wstart ? finish(t, NULL) : 0;
+}
+
+/* The socket is readable (or failed: recv says how). */
+static int
+read_ready(Transport *t)
+{
+    if (t->closed || !t->reading)
+        return 0;
+    Py_ssize_t n = recv(t->fd, read_buffer, READ_SIZE, 0);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+            return 0;
+        return fail_with_errno(t, errno);
+    }
+    if (n == 0)
+        return received_eof(t);
+    if (t->role != ROLE_NONE) {
+        if (t->head_len == 0 && t->body_left == 0) {
+            int relayed = t->role == ROLE_CLIENT ? relay_from_client(t, read_buffer, n)
+                                                 : relay_from_server(t, read_buffer, n);
+            if (relayed != 0)
+                return relayed < 0 ? -1 : 0;
+        }
+        track(t, read_buffer, n);
+    }
+    PyObject *data = PyBytes_FromStringAndSize((const char *)read_buffer, n);
+    if (data == NULL)
+        return -1;
+    PyObject *result = PyObject_CallMethodOneArg(t->protocol, str_data_received, data);
+    Py_DECREF(data);
+    if (result == NULL)
+        return -1;
+    Py_DECREF(result);
+    return 0;
+}
+
+/* ---- the poller ---------------------------------------------------------------------------------- */
+
+/* An exception from a protocol callback: the loop's exception handler reports it, as for any callback. */
+static void
+report_exception(Poller *poller, Transport *t)
+{
+    PyObject *type, *exc, *traceback;
+    PyErr_Fetch(&type, &exc, &traceback);
+    PyErr_NormalizeException(&type, &exc, &traceback);
+    if (traceback != NULL)
+        PyException_SetTraceback(exc, traceback);
+    PyObject *loop = poller->loop_ref != NULL ? PyWeakref_GetObject(poller->loop_ref) : NULL;
+    PyObject *context = Py_BuildValue("{s:s,s:O,s:O}", "message", "Exception in a pgmux socket callback",
+                                      "exception", exc, "transport", (PyObject *)t);
+    PyObject *result = NULL;
+    if (context != NULL && loop != NULL && loop != Py_None)
+        result = PyObject_CallMethodOneArg(loop, str_call_exception_handler, context);
+    Py_XDECREF(context);
+    if (result == NULL) {
+        PyErr_Clear();
+        PyErr_Restore(type, exc, traceback);  /* no handler to report it: at least it is printed */
+        PyErr_WriteUnraisable((PyObject *)t);
+        return;
+    }
+    Py_DECREF(result);
+    Py_XDECREF(type);
+    Py_XDECREF(exc);
+    Py_XDECREF(traceback);
+}
+
+static PyObject *
+Poller_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *loop;
+    if (!PyArg_ParseTuple(args, "O", &loop))
+        return NULL;
+    Poller *poller = (Poller *)type->tp_alloc(type, 0);
+    if (poller == NULL)
+        return NULL;
+    poller->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (poller->epfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(poller);
+        return NULL;
+    }
+    poller->loop_ref = PyWeakref_NewRef(loop, NULL);
+    if (poller->loop_ref == NULL) {
+        Py_DECREF(poller);
+        return NULL;
+    }
+    return (PyObject *)poller;
+}
+
+static void
+Poller_dealloc(Poller *poller)
+{
+    if (poller->epfd >= 0)
+        close(poller->epfd);
+    Py_XDECREF(poller->loop_ref);
+    Py_TYPE(poller)->tp_free((PyObject *)poller);
+}
+
+static PyObject *
+Poller_fileno(Poller *poller, PyObject *unused)
+{
+    return PyLong_FromLong(poller->epfd);
+}
+
+/* The epoll set is readable: serve every ready socket (level-triggered: what is left wakes us again). */
+static PyObject *
+Poller_ready(Poller *poller, PyObject *unused)
+{
+    struct epoll_event events[POLL_BATCH];
+    int count = epoll_wait(poller->epfd, events, POLL_BATCH, 0);
+    if (count < 0) {
+        if (errno == EINTR)
+            Py_RETURN_NONE;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    /* Held for the whole batch: a transport the first events close stays valid for its own later ones. */
+    for (int i = 0; i < count; i++)
+        Py_INCREF((PyObject *)events[i].data.ptr);
+    for (int i = 0; i < count; i++) {
+        Transport *t = events[i].data.ptr;
+        uint32_t ready = events[i].events;
+        if ((ready & (EPOLLIN | EPOLLERR | EPOLLHUP)) && read_ready(t) < 0)
+            report_exception(poller, t);
+        if ((ready & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && t->writing && write_ready(t) < 0)
+            report_exception(poller, t);
+    }
+    for (int i = 0; i < count; i++)
+        Py_DECREF((PyObject *)events[i].data.ptr);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Poller_methods[] = {
+    {"_ready", (PyCFunction)Poller_ready, METH_NOARGS, "The epoll set is readable (the loop calls this)."},
+    {"fileno", (PyCFunction)Poller_fileno, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject PollerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxy._relay.Poller",
+    .tp_basicsize = sizeof(Poller),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The sockets of one event loop's SocketTransports, watched as one reader of that loop.",
+    .tp_new = Poller_new,
+    .tp_dealloc = (destructor)Poller_dealloc,
+    .tp_methods = Poller_methods,
+};
+
+/* ---- the asyncio.Transport interface ------------------------------------------------------------ */
+
+static PyObject *
+Transport_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *keywords[] = {"loop", "poller", "sock", "protocol", "extra", NULL};
+    PyObject *loop, *poller, *sock, *protocol, *extra;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OOO!", keywords, &loop, &PollerType, &poller, &sock, &protocol,
+                                     &PyDict_Type, &extra))
+        return NULL;
+    PyObject *fileno = PyObject_CallMethod(sock, "fileno", NULL);
+    if (fileno == NULL)
+        return NULL;
+    long fd = PyLong_AsLong(fileno);
+    Py_DECREF(fileno);
+    if (fd < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "the socket is closed");
+        return NULL;
+    }
+    Transport *t = (Transport *)type->tp_alloc(type, 0);
+    if (t == NULL)
+        return NULL;
+    t->fd = (int)fd;
+    t->poller = (Poller *)Py_NewRef(poller);
+    t->loop = Py_NewRef(loop);
+    t->sock = Py_NewRef(sock);
+    t->protocol = Py_NewRef(protocol);
+    t->extra = Py_NewRef(extra);
+    t->high = DEFAULT_HIGH;
+    t->low = DEFAULT_HIGH / 4;
+    return (PyObject *)t;
+}
+
+static int
+Transport_traverse(Transport *t, visitproc visit, void *arg)
+{
+    Py_VISIT(t->loop);
+    Py_VISIT(t->protocol);
+    Py_VISIT(t->sock);
+    Py_VISIT(t->extra);
+    Py_VISIT(t->poller);
+    return 0;
+}
+
+static int
+Transport_clear(Transport *t)
+{
+    Py_CLEAR(t->loop);
+    Py_CLEAR(t->protocol);
+    Py_CLEAR(t->extra);
+    Py_CLEAR(t->poller);
+    Py_CLEAR(t->sock);  /* a socket object closes its fd when collected */
+    return 0;
+}
+
+static void
+Transport_dealloc(Transport *t)
+{
+    PyObject_GC_UnTrack(t);
+    Transport_clear(t);
+    PyMem_Free(t->wbuf);
+    Py_TYPE(t)->tp_free((PyObject *)t);
+}
+
+static PyObject *
+Transport_start(Transport *t, PyObject *unused)
+{
+    if (start_reading(t) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Transport_write(Transport *t, PyObject *data)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int status = write_bytes(t, view.buf, view.len);
+    PyBuffer_Release(&view);
+    if (status < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Transport_writelines(Transport *t, PyObject *lines)
+{
+    PyObject *iterator = PyObject_GetIter(lines);
+    if (iterator == NULL)
+        return NULL;
+    PyObject *line;
+    while ((line = PyIter_Next(iterator)) != NULL) {
+        PyObject *result = Transport_write(t, line);
+        Py_DECREF(line);
+        if (result == NULL) {
+            Py_DECREF(iterator);
+            return NULL;
+        }
+        Py_DECREF(result);
+    }
+    Py_DECREF(iterator);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Transport_close(Transport *t, PyObject *unused)
+{
+    if (t->closing)
+        Py_RETURN_NONE;
+    t->closing = 1;
+    if (stop_reading(t) < 0)
+        return NULL;
+    if (t->wend == t->wstart && finish(t, NULL) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Transport_abort(Transport *t, PyObject *unused)
+{
+    if (finish(t, NULL) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Transport_is_closing(Transport *t, PyObject *unused)
+{
+    return PyBool_FromLong(t->closing);
+}
+
+static PyObject *
+Transport_pause_reading(Transport *t, PyObject *unused)
+{
+    if (t->closing || t->paused)
+        Py_RETURN_NONE;
+    t->paused = 1;
+    if (stop_reading(t) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Transport_resume_reading(Transport *t, PyObject *unused)
+{
+    if (t->closing || !t->paused)
+        Py_RETURN_NONE;
+    t->paused = 0;
+    if (start_reading(t) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Transport_is_reading(Transport *t, PyObject *unused)
+{
+    return PyBool_FromLong(!t->paused && !t->closing);
+}
+
+static PyObject *
+Transport_get_extra_info(Transport *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "get_extra_info(name, default=None)");
+        return NULL;
+    }
+    PyObject *value = PyDict_GetItemWithError(t->extra, args[0]);
+    if (value == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        value = nargs == 2 ? args[1] : Py_None;
+    }
+    return Py_NewRef(value);
+}
+
+static PyObject *
+Transport_set_write_buffer_limits(Transport *t, PyObject *args, PyObject *kwds)
+{
+    static char *keywords[] = {"high", "low", NULL};
+    PyObject *high = Py_None, *low = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|OO", keywords, &high, &low))
+        return NULL;
+    /* asyncio's rule: high defaults to 64 KiB, or 4 × low; low to high / 4. */
+    Py_ssize_t h = high == Py_None ? -1 : PyLong_AsSsize_t(high);
+    Py_ssize_t l = low == Py_None ? -1 : PyLong_AsSsize_t(low);
+    if (PyErr_Occurred())
+        return NULL;
+    if (h < 0)
+        h = l < 0 ? DEFAULT_HIGH : 4 * l;
+    if (l < 0)
+        l = h / 4;
+    if (!(h >= l && l >= 0)) {
+        PyErr_Format(PyExc_ValueError, "high (%zd) must be >= low (%zd) must be >= 0", h, l);
+        return NULL;
+    }
+    t->high = h;
+    t->low = l;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Transport_get_write_buffer_size(Transport *t, PyObject *unused)
+{
+    return PyLong_FromSsize_t(t->wend - t->wstart);
+}
+
+static PyObject *
+Transport_get_write_buffer_limits(Transport *t, PyObject *unused)
+{
+    return Py_BuildValue("(nn)", t->low, t->high);
+}
+
+static PyObject *
+Transport_get_protocol(Transport *t, PyObject *unused)
+{
+    return Py_NewRef(t->protocol);
+}
+
+static PyObject *
+Transport_set_protocol(Transport *t, PyObject *protocol)
+{
+    Py_SETREF(t->protocol, Py_NewRef(protocol));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Transport_can_write_eof(Transport *t, PyObject *unused)
+{
+    Py_RETURN_FALSE;
+}
+
+/* relay(role, table): from now on this connection is a relay's client (1) or server (2) edge; ``table``
+   (256 bytes) says which message types may pass in the steady state. The stream must be at a message
+   boundary: the login's messages are behind it. */
+static PyObject *
+Transport_relay(Transport *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer table;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "relay(role, table)");
+        return NULL;
+    }
+    long role = PyLong_AsLong(args[0]);
+    if (role == -1 && PyErr_Occurred())
+        return NULL;
+    if (role != ROLE_CLIENT && role != ROLE_SERVER) {
+        PyErr_SetString(PyExc_ValueError, "role: 1 (client) or 2 (server)");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[1], &table, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (table.len != 256) {
+        PyBuffer_Release(&table);
+        PyErr_SetString(PyExc_ValueError, "the relay table has one byte per message type (256)");
+        return NULL;
+    }
+    memcpy(t->table, table.buf, 256);
+    PyBuffer_Release(&table);
+    t->role = (char)role;
+    t->head_len = 0;
+    t->body_left = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Transport_repr(Transport *t)
+{
+    return PyUnicode_FromFormat("<SocketTransport fd=%d%s%s>", t->fd, t->closing ? " closing" : "",
+                                t->closed ? " closed" : "");
+}
+
+static PyMethodDef Transport_methods[] = {
+    {"start", (PyCFunction)Transport_start, METH_NOARGS, "Begin reading: after the protocol's connection_made."},
+    {"relay", (PyCFunction)(void (*)(void))Transport_relay, METH_FASTCALL, "Become a relay edge (see the module)."},
+    {"write", (PyCFunction)Transport_write, METH_O, NULL},
+    {"writelines", (PyCFunction)Transport_writelines, METH_O, NULL},
+    {"close", (PyCFunction)Transport_close, METH_NOARGS, NULL},
+    {"abort", (PyCFunction)Transport_abort, METH_NOARGS, NULL},
+    {"is_closing", (PyCFunction)Transport_is_closing, METH_NOARGS, NULL},
+    {"pause_reading", (PyCFunction)Transport_pause_reading, METH_NOARGS, NULL},
+    {"resume_reading", (PyCFunction)Transport_resume_reading, METH_NOARGS, NULL},
+    {"is_reading", (PyCFunction)Transport_is_reading, METH_NOARGS, NULL},
+    {"get_extra_info", (PyCFunction)(void (*)(void))Transport_get_extra_info, METH_FASTCALL, NULL},
+    {"set_write_buffer_limits", (PyCFunction)(void (*)(void))Transport_set_write_buffer_limits,
+     METH_VARARGS | METH_KEYWORDS, NULL},
+    {"get_write_buffer_size", (PyCFunction)Transport_get_write_buffer_size, METH_NOARGS, NULL},
+    {"get_write_buffer_limits", (PyCFunction)Transport_get_write_buffer_limits, METH_NOARGS, NULL},
+    {"get_protocol", (PyCFunction)Transport_get_protocol, METH_NOARGS, NULL},
+    {"set_protocol", (PyCFunction)Transport_set_protocol, METH_O, NULL},
+    {"can_write_eof", (PyCFunction)Transport_can_write_eof, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject TransportType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "proxy._relay.SocketTransport",
+    .tp_basicsize = sizeof(Transport),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "An asyncio transport over a non-blocking socket that relays the steady state itself.",
+    .tp_new = Transport_new,
+    .tp_dealloc = (destructor)Transport_dealloc,
+    .tp_traverse = (traverseproc)Transport_traverse,
+    .tp_clear = (inquiry)Transport_clear,
+    .tp_methods = Transport_methods,
+    .tp_repr = (reprfunc)Transport_repr,
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_relay", NULL, -1, NULL};
+
+#define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
+
+PyMODINIT_FUNC
+PyInit__relay(void)
+{
+    INTERN(str_call_soon, "call_soon");
+    INTERN(str_call_exception_handler, "call_exception_handler");
+    INTERN(str_data_received, "data_received");
+    INTERN(str_eof_received, "eof_received");
+    INTERN(str_connection_lost, "connection_lost");
+    INTERN(str_pause_writing, "pause_writing");
+    INTERN(str_resume_writing, "resume_writing");
+    INTERN(str_relay_request, "relay_request");
+    INTERN(str_relay_target, "relay_target");
+    INTERN(str_relayed, "relayed");
+    INTERN(str_close, "close");
+    if (PyType_Ready(&TransportType) < 0 || PyType_Ready(&PollerType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "SocketTransport", (PyObject *)&TransportType) < 0
+        || PyModule_AddObjectRef(m, "Poller", (PyObject *)&PollerType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "PASS", PASS) < 0 || PyModule_AddIntConstant(m, "BATCH_END", BATCH_END) < 0
+        || PyModule_AddIntConstant(m, "NEUTRAL", NEUTRAL) < 0 || PyModule_AddIntConstant(m, "WORDS", WORDS) < 0
+        || PyModule_AddIntConstant(m, "QUERY", QUERY) < 0 || PyModule_AddIntConstant(m, "READY", READY) < 0
+        || PyModule_AddIntConstant(m, "PARSE_COMPLETE", PARSE_COMPLETE) < 0
+        || PyModule_AddIntConstant(m, "UNNAMED", UNNAMED) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

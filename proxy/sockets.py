@@ -1,0 +1,231 @@
+"""The plaintext socket edge: listening, accepting, connecting, and the transport over each socket.
+
+With the compiled build a socket is driven by ``proxy._relay.SocketTransport`` (see ``_relay.c``): asyncio's
+transport interface, plus the relay's steady state in C, where a read of whole messages that need no
+decision goes from one socket to the other without a Python object being made. Without it (the pure-Python
+build), asyncio's own transports do the same job and every read goes through the protocol's
+``data_received``: the relay's decisions are the same Python code either way.
+
+TLS connections to PostgreSQL keep asyncio's TLS transport; TLS and WebSocket clients are layered over the
+socket transport (proxy/layered.py) and never take the compiled relay's shortcut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import weakref
+from collections.abc import Callable
+from typing import Any, Final
+
+from proxy.logs import get_logger
+
+log = get_logger("sockets")
+
+
+def _compiled(name: str) -> Any:
+    try:
+        from proxy import _relay  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:  # the pure-Python build (proxy/compiled.py): asyncio's transports instead
+        return None
+    return getattr(_relay, name)
+
+
+SocketTransport: Final[Any] = _compiled("SocketTransport")
+_Poller: Final[Any] = _compiled("Poller")
+# Each event loop's Poller (see _relay.c): the epoll set its SocketTransports share, watched as one reader.
+_pollers: Final[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]] = weakref.WeakKeyDictionary()
+
+
+def _poller(loop: asyncio.AbstractEventLoop) -> Any:
+    poller = _pollers.get(loop)
+    if poller is None:
+        poller = _pollers[loop] = _Poller(loop)
+        loop.add_reader(poller.fileno(), poller._ready)
+    return poller
+CLIENT_EDGE: Final = 1
+SERVER_EDGE: Final = 2
+
+# Bits of a relay table (one byte per message type; keep in step with _relay.c).
+PASS: Final = 1  # may be relayed in the steady state
+BATCH_END: Final = 2  # Sync, Query, FunctionCall: each earns one ReadyForQuery
+NEUTRAL: Final = 4  # neither begins nor ends a batch
+WORDS: Final = 8  # passes only when its text mentions no session state (Query, Parse)
+QUERY: Final = 16  # a simple Query
+READY: Final = 32  # ReadyForQuery: only as a read's last message
+PARSE_COMPLETE: Final = 64
+UNNAMED: Final = 128  # passes only when the statement it names is the unnamed one (or a portal)
+
+_ACCEPTS_PER_WAKE: Final = 64  # connections accepted per readiness: a storm does not starve the relay
+_LISTEN_BACKLOG: Final = 4096
+_ACCEPT_RETRY_DELAY: Final = 1.0
+
+
+def relay_table(passing: frozenset[int], bits: dict[int, int]) -> bytes:
+    """A 256-byte relay table: PASS for the types in ``passing``, plus the extra ``bits`` per type."""
+    return bytes((PASS if kind in passing else 0) | bits.get(kind, 0) for kind in range(256))
+
+
+def relay_edge(transport: object, role: int, table: bytes) -> object | None:
+    """Make ``transport`` a relay edge (CLIENT_EDGE or SERVER_EDGE; ``table``: relay_table's) when it is the
+    compiled one, which then relays the steady state itself: return it; None for any other transport."""
+    if SocketTransport is None or type(transport) is not SocketTransport:
+        return None
+    relaying: Any = transport
+    relaying.relay(role, table)
+    return transport
+
+
+def _socket_extra(sock: socket.socket) -> dict[str, Any]:
+    extra: dict[str, Any] = {"socket": sock}
+    try:
+        extra["sockname"] = sock.getsockname()
+        extra["peername"] = sock.getpeername()
+    except OSError:
+        pass
+    return extra
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio's transports do
+
+
+def adopt(loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: Any) -> Any:
+    """Drive a connected socket with the compiled transport: the protocol's connection_made, then reading."""
+    assert SocketTransport is not None
+    _tune(sock)
+    transport = SocketTransport(loop, _poller(loop), sock, protocol, _socket_extra(sock))
+    protocol.connection_made(transport)
+    transport.start()
+    return transport
+
+
+async def connect(loop: asyncio.AbstractEventLoop, host: str, port: int, unix_socket: str | None) -> socket.socket:
+    """A connected non-blocking socket to ``host``:``port`` (each address in turn), or to ``unix_socket``."""
+    if unix_socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, unix_socket)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    failure: OSError | None = None
+    for family, kind, proto, _, address in await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            failure = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise failure or OSError(errno.EHOSTUNREACH, f"no address for {host}")
+
+
+async def open_transport(loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                         protocol_factory: Callable[[], Any]) -> Any:
+    """The transport for a connected plaintext socket: the compiled one, or asyncio's."""
+    if SocketTransport is not None:
+        return adopt(loop, sock, protocol_factory())
+    transport, _ = await loop.create_connection(protocol_factory, sock=sock)
+    return transport
+
+
+class Listening:
+    """One listener's bound sockets, accepted by pgmux itself (compiled) or by an asyncio server."""
+
+    def __init__(self, sockets: list[socket.socket], server: asyncio.Server | None) -> None:
+        self.sockets = sockets
+        self._server = server
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            return
+        # Any: typeshed says remove_reader returns bool, and uvloop's returns None; compiled code checks.
+        loop: Any = self._loop
+        for sock in self.sockets:
+            if loop is not None and sock.fileno() >= 0:
+                loop.remove_reader(sock.fileno())
+            sock.close()
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+async def listen(loop: asyncio.AbstractEventLoop, host: str, port: int,
+                 protocol_factory: Callable[[], Any], compiled: bool) -> Listening:
+    """Listen on ``host``:``port``; each connection gets a protocol from ``protocol_factory``.
+
+    ``compiled``: accept with pgmux's own loop and drive sockets with the compiled transport (only where
+    it is built); otherwise an asyncio server does both.
+    """
+    if not compiled or SocketTransport is None:
+        server = await loop.create_server(protocol_factory, host, port, reuse_address=True, backlog=_LISTEN_BACKLOG)
+        return Listening(list(getattr(server, "sockets")), server)
+    bound: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in await loop.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+            sock = socket.socket(family, kind, proto)
+            bound.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio: one socket per family
+            sock.bind(address)
+            sock.listen(_LISTEN_BACKLOG)
+            sock.setblocking(False)
+            if port == 0:
+                port = sock.getsockname()[1]  # every address on the port the first one was given
+    except BaseException:
+        for sock in bound:
+            sock.close()
+        raise
+    listening = Listening(bound, None)
+    listening._loop = loop
+    for sock in bound:
+        loop.add_reader(sock.fileno(), _accept_ready, loop, sock, protocol_factory)
+    return listening
+
+
+def _accept_ready(loop: asyncio.AbstractEventLoop, listening: socket.socket,
+                  protocol_factory: Callable[[], Any]) -> None:
+    for _ in range(_ACCEPTS_PER_WAKE):
+        try:
+            sock, _address = listening.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            # Out of file descriptors and the like: the connection waits in the backlog, and the listener
+            # rests a moment (as asyncio's does) rather than spin on a socket that stays readable.
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.warning("cannot accept a connection: %s; retrying in %gs", exc, _ACCEPT_RETRY_DELAY)
+                any_loop: Any = loop  # see Listening.close
+                any_loop.remove_reader(listening.fileno())
+                loop.call_later(_ACCEPT_RETRY_DELAY, _resume_accepting, loop, listening, protocol_factory)
+                return
+            if exc.errno == errno.ECONNABORTED:
+                continue
+            raise
+        try:
+            adopt(loop, sock, protocol_factory())
+        except Exception:
+            log.exception("a new connection could not be set up")
+            sock.close()
+
+
+def _resume_accepting(loop: asyncio.AbstractEventLoop, listening: socket.socket,
+                      protocol_factory: Callable[[], Any]) -> None:
+    if listening.fileno() >= 0:  # not closed meanwhile
+        loop.add_reader(listening.fileno(), _accept_ready, loop, listening, protocol_factory)
