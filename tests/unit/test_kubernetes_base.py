@@ -1,9 +1,9 @@
 """The Kubernetes base (deploy/kubernetes) renders, validates against the Kubernetes schemas, and agrees with pgmux.
 
-Rendering is `kubectl kustomize deploy/kubernetes` when kubectl is on PATH. Without it, ``load_base`` stands in for
-it: the base is plain resources (no generators, transformers or patches, which the loader refuses), and kustomize
-renders such a base as the objects of its `resources` files, unchanged. Where kubectl exists a test checks that the
-two give the same objects. No cluster is involved either way.
+Rendering is `kubectl kustomize deploy/kubernetes` when kubectl is on PATH. Without it, ``deploy_files.load_base``
+stands in for it: the base is plain resources (no generators, transformers or patches, which the loader refuses), and
+kustomize renders such a base as the objects of its `resources` files, unchanged. Where kubectl exists a test checks
+that the two give the same objects. No cluster is involved either way.
 
 What pgmux runs with in a pod is computed with pgmux's own settings loader from the ConfigMap's pgmux.toml and the
 environment the pod gets: the image's ENV (Dockerfile), overridden by the Secret (envFrom), overridden by the
@@ -13,12 +13,9 @@ container's env, as Kubernetes and Docker layer them.
 from __future__ import annotations
 
 import asyncio
-import copy
-import functools
 import os
 import re
 import shutil
-import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -27,80 +24,18 @@ import kubernetes_validate
 import kubernetes_validate.utils
 import pytest
 import yaml
-from test_deploy_files import dockerfile_env, final_stage
+from deploy_files import (container, container_port, final_stage, kubectl_kustomize, load_base, pgmux_toml,
+                          pod_environment, pod_spec, rendered, the)
 
 from proxy.metrics import MetricsServer
 from proxy.settings import Settings, load_settings, split_address
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE = ROOT / "deploy" / "kubernetes"
 KINDS = {"ConfigMap", "Secret", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler",
          "ServiceMonitor"}
 # The README's worked example: PostgreSQL's default max_connections (100), less its default
 # superuser_reserved_connections (3), less 10 for migrations, monitoring and admin sessions.
 EXAMPLE_DATABASE_BUDGET = 100 - 3 - 10
-
-
-def load_base() -> list[dict[str, Any]]:
-    """What `kubectl kustomize` renders for a base of plain resources: each resource file's objects, in order."""
-    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
-    assert set(kustomization) <= {"apiVersion", "kind", "resources"}, \
-        "the base uses more than plain resources: this loader would no longer render what kustomize renders"
-    objects = []
-    for name in kustomization["resources"]:
-        objects.extend(obj for obj in yaml.safe_load_all((BASE / name).read_text()) if obj is not None)
-    return objects
-
-
-def kubectl_kustomize(kubectl: str) -> list[dict[str, Any]]:
-    result = subprocess.run([kubectl, "kustomize", str(BASE)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return [obj for obj in yaml.safe_load_all(result.stdout) if obj is not None]
-
-
-@functools.cache
-def rendered() -> tuple[dict[str, Any], ...]:
-    kubectl = shutil.which("kubectl")
-    return tuple(kubectl_kustomize(kubectl) if kubectl else load_base())
-
-
-def the(kind: str) -> dict[str, Any]:
-    """The one object of ``kind`` in the rendered base (a copy: tests may not change what others read)."""
-    matches = [obj for obj in rendered() if obj["kind"] == kind]
-    assert len(matches) == 1, f"expected one {kind}, found {len(matches)}"
-    return copy.deepcopy(matches[0])
-
-
-def pod_spec() -> dict[str, Any]:
-    return the("Deployment")["spec"]["template"]["spec"]
-
-
-def container() -> dict[str, Any]:
-    containers = pod_spec()["containers"]
-    assert len(containers) == 1
-    return containers[0]
-
-
-def container_port(name_or_number: str | int) -> int:
-    """A port the container declares, by its name (as probes and Services name it) or number."""
-    for port in container()["ports"]:
-        if name_or_number in (port["name"], port["containerPort"]):
-            return int(port["containerPort"])
-    raise AssertionError(f"the container declares no port {name_or_number!r}")
-
-
-def pgmux_toml() -> str:
-    return the("ConfigMap")["data"]["pgmux.toml"]
-
-
-def pod_environment() -> dict[str, str]:
-    """PGMUX_* variables in the pod: the image's ENV < the Secret (envFrom) < the container's env."""
-    env = {key: value for key, value in dockerfile_env().items() if key.startswith("PGMUX_")}
-    secrets = {the("Secret")["metadata"]["name"]: the("Secret")["stringData"]}
-    for source in container().get("envFrom", []):
-        env.update(secrets[source["secretRef"]["name"]])
-    env.update({item["name"]: item["value"] for item in container().get("env", [])})
-    return env
 
 
 @pytest.fixture
