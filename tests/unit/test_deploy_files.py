@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from deploy_files import dockerfile_env, dockerfile_instructions, final_stage
 
 from proxy.metrics import METRICS, exposition_names
 from proxy.settings import Settings, load_settings, split_address
@@ -28,34 +29,6 @@ EXPORTED = {sample for name in METRICS for sample in exposition_names(name)} | P
 
 def compose() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-
-
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """Every (INSTRUCTION, arguments) of the Dockerfile, continuation lines joined."""
-    text = re.sub(r"\\\n\s*", " ", (ROOT / "Dockerfile").read_text())
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
-
-
-def final_stage() -> list[tuple[str, str]]:
-    instructions = dockerfile_instructions()
-    last_from = max(i for i, (word, _) in enumerate(instructions) if word == "FROM")
-    return instructions[last_from:]
-
-
-def dockerfile_env() -> dict[str, str]:
-    env: dict[str, str] = {}
-    for word, rest in final_stage():
-        if word == "ENV":
-            for item in shlex.split(rest):
-                key, _, value = item.partition("=")
-                env[key] = value
-    return env
 
 
 def settings_from_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
