@@ -37,6 +37,7 @@ HOT_MODULES = [
     "proxy/protocol/startup.py",
     "proxy/app.py",
     "proxy/admission.py",
+    "proxy/failed_logins.py",
     "proxy/registry.py",
     "proxy/cancel.py",
     "proxy/routing.py",

@@ -305,6 +305,42 @@ def welcome(parameters: Mapping[str, str], process_id: int, secret_key: bytes) -
 
     The admin console's cancel key is (0, b""): it has no query to cancel.
     """
-    return (m.authentication_ok() + m.parameter_statuses(parameters)
-            + m.backend_key_data(process_id, int.from_bytes(secret_key, "big", signed=True))
-            + m.ready_for_query())
+    return _welcome_head(parameters) + _welcome_tail(process_id, secret_key)
+
+
+class Welcome:
+    """``welcome()`` for the logins into one pool, its head (AuthenticationOk and the ParameterStatus set) built
+    once: nearly every login is told the same parameters, the server's defaults with the same few of its own.
+    Only the cancel key differs from one welcome to the next."""
+
+    __slots__ = ("_defaults", "_own", "_head")
+
+    def __init__(self) -> None:
+        self._defaults: dict[str, str] | None = None  # copies of what the head was built from
+        self._own: dict[str, str] = {}
+        self._head = b""
+
+    def message(self, defaults: Mapping[str, str], own: Mapping[str, str], process_id: int,
+                secret_key: bytes) -> bytes:
+        """The welcome with ``defaults`` (the server's parameters) and ``own`` (the client's) over them."""
+        if own != self._own or defaults != self._defaults:  # dict equality: C, and mostly identical strings
+            parameters = dict(defaults)
+            parameters.update(own)
+            self._head = _welcome_head(parameters)
+            self._defaults, self._own = dict(defaults), dict(own)
+        return self._head + _welcome_tail(process_id, secret_key)
+
+
+def _welcome_head(parameters: Mapping[str, str]) -> bytes:
+    return m.authentication_ok() + m.parameter_statuses(parameters)
+
+
+_BACKEND_KEY_DATA_HEADER: Final = bytes((m.BACKEND_KEY_DATA, 0, 0, 0, 12))
+_NO_SECRET: Final = bytes(4)  # the admin console's: it has no query to cancel
+_READY: Final = m.ready_for_query()
+
+
+def _welcome_tail(process_id: int, secret_key: bytes) -> bytes:
+    """BackendKeyData (pgmux's keys are 4 bytes, the console's none) and ReadyForQuery(I)."""
+    return (_BACKEND_KEY_DATA_HEADER + process_id.to_bytes(4, "big", signed=True) + (secret_key or _NO_SECRET)
+            + _READY)

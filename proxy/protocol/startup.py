@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from proxy.protocol.framing import ProtocolViolation
 
@@ -65,6 +66,11 @@ class StartupMessage:
 
 StartupPacket = SSLRequest | GSSENCRequest | CancelRequest | StartupMessage
 
+# Immutable and alike: one of each serves every connection (a dataclass's __init__ runs interpreted, and
+# libpq sends an SSLRequest first by default, so one would be made per login).
+_SSL_REQUEST: Final = SSLRequest()
+_GSSENC_REQUEST: Final = GSSENCRequest()
+
 
 def read_startup_packet(buffer: bytes | bytearray) -> tuple[StartupPacket, int] | None:
     """Parse one startup-phase packet from the front of ``buffer``.
@@ -79,11 +85,11 @@ def read_startup_packet(buffer: bytes | bytearray) -> tuple[StartupPacket, int] 
     _check_length(length)
     if len(buffer) < length:
         return None
-    body = bytes(buffer[8:length])
     if code == SSL_REQUEST_CODE and length == 8:
-        return SSLRequest(), length
+        return _SSL_REQUEST, length
     if code == GSSENC_REQUEST_CODE and length == 8:
-        return GSSENCRequest(), length
+        return _GSSENC_REQUEST, length
+    body = bytes(buffer[8:length])
     if code == CANCEL_REQUEST_CODE and length >= 16:
         (process_id,) = struct.unpack_from("!i", body, 0)
         return CancelRequest(process_id, body[4:]), length
@@ -108,9 +114,14 @@ def _parse_parameters(body: bytes) -> dict[str, str]:
         parts = body[:-2].decode("utf-8").split("\x00")  # NUL is never part of a UTF-8 sequence
     except UnicodeDecodeError as exc:
         raise ProtocolViolation("startup packet is not valid UTF-8") from exc
-    if len(parts) % 2:
+    count = len(parts)
+    if count % 2:
         raise ProtocolViolation("startup packet has a parameter name without a value")
-    return dict(zip(parts[::2], parts[1::2]))
+    # An indexed loop, not dict(zip(...)): compiled, it is native code, where the slices and zip are not.
+    parameters: dict[str, str] = {}
+    for i in range(0, count, 2):
+        parameters[parts[i]] = parts[i + 1]
+    return parameters
 
 
 def build_startup_message(parameters: dict[str, str], minor: int = 0) -> bytes:
