@@ -38,6 +38,7 @@ HOT_MODULES = [
     "proxy/app.py",
     "proxy/admission.py",
     "proxy/failed_logins.py",
+    "proxy/log_levels.py",
     "proxy/registry.py",
     "proxy/cancel.py",
     "proxy/routing.py",

@@ -12,6 +12,7 @@ from mypy_extensions import trait
 
 from proxy.cancel import CancelKeys, Cancellable
 from proxy.flow import FlowControl
+from proxy.log_levels import enabled_for
 from proxy.logs import get_logger
 from proxy.parameters import SYNCED_PARAMETERS, parameter_sync
 from proxy.prepared import ClientStatements, deallocate_sql, needs_whole, resets_all_statements
@@ -959,8 +960,9 @@ class ClientConnection(ClientPeer, Cancellable):
         if server is not None and self.pool is not None:
             self._return_server(server, self.pool)
         # Asked first: with INFO off (the usual setting under load) the call and its ``extra`` dict would
-        # still cost ~0.15 µs, paid by every connection (pgbench -C: every transaction).
-        if was_logged_in and log.isEnabledFor(logging.INFO):
+        # still cost ~0.15 µs, paid by every connection (pgbench -C: every transaction); asked through
+        # enabled_for, as isEnabledFor itself is an interpreted call.
+        if was_logged_in and enabled_for(log, logging.INFO):
             log.info("client gone: %s", reason, extra={"conn": self.id})
 
     def _return_server(self, server: ServerConnection, pool: Pool) -> None:

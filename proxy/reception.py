@@ -13,6 +13,7 @@ from proxy.auth.secrets import UserSecret
 from proxy.cancel import CancelKeys
 from proxy.client import ClientConnection, Login
 from proxy.failed_logins import source_address
+from proxy.log_levels import enabled_for
 from proxy.logs import get_logger
 from proxy.login import (
     AuthFailed,
@@ -398,7 +399,7 @@ class Reception(Login):
         client = self.client
         process_id, secret = client.cancel_key
         client.write(pool.welcome.message(pool.server_params or {}, client.params, process_id, secret))
-        if log.isEnabledFor(logging.INFO):  # asked first, as in ClientConnection._finish
+        if enabled_for(log, logging.INFO):  # asked first, as in ClientConnection._finish
             log.info("login ok: %s@%s from %s (%s mode)", client.user, client.database, client.peer,
                      "transaction" if client.transaction_mode else "session", extra={"conn": client.id})
         pool.stats.client_logins += 1
