@@ -16,9 +16,10 @@ def enabled_for(logger: logging.Logger, level: int) -> bool:
     logging clears that cache whenever a level changes anywhere (``Manager._clear_cache``), so it is
     never stale; on a miss, ``isEnabledFor`` itself answers and fills it.
     """
-    if logger.disabled:
+    attributes = logger.__dict__  # one attribute lookup, then dict lookups (both are instance attributes)
+    if attributes.get("disabled"):
         return False
-    cache: dict[int, bool] | None = logger.__dict__.get("_cache")
+    cache: dict[int, bool] | None = attributes.get("_cache")
     if cache is not None:
         answer = cache.get(level)
         if answer is not None:

@@ -8,16 +8,15 @@ from typing import Final
 
 from proxy.protocol.framing import ProtocolViolation
 
-PROTOCOL_3_0 = 3 << 16
-SSL_REQUEST_CODE = 80877103
-GSSENC_REQUEST_CODE = 80877104
-CANCEL_REQUEST_CODE = 80877102
+PROTOCOL_3_0: Final = 3 << 16
+SSL_REQUEST_CODE: Final = 80877103
+GSSENC_REQUEST_CODE: Final = 80877104
+CANCEL_REQUEST_CODE: Final = 80877102
 
 # PostgreSQL's MAX_STARTUP_PACKET_LENGTH: a longer startup packet is an attack or a bug.
-MAX_STARTUP_PACKET_LENGTH = 10000
+MAX_STARTUP_PACKET_LENGTH: Final = 10000
 
-_LENGTH_AND_CODE = struct.Struct("!ii")
-_CANCEL = struct.Struct("!iii")
+_LENGTH_AND_CODE: Final = struct.Struct("!ii")
 
 
 @dataclass(frozen=True)
@@ -81,6 +80,8 @@ def read_startup_packet(buffer: bytes | bytearray) -> tuple[StartupPacket, int] 
         if len(buffer) >= 4:
             _check_length(struct.unpack_from("!i", buffer, 0)[0])
         return None
+    length: int  # declared: compiled, the comparisons and shifts below are then native
+    code: int
     length, code = _LENGTH_AND_CODE.unpack_from(buffer, 0)
     _check_length(length)
     if len(buffer) < length:
