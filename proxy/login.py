@@ -14,7 +14,7 @@ from proxy.protocol import errors
 from proxy.protocol import messages as m
 from proxy.protocol.errors import PgError
 from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation
-from proxy.protocol.startup import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, read_startup_packet
+from proxy.protocol.startup import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, startup_packet_at
 
 _CAPTURE_ALL: Final = frozenset(range(256))
 _MAX_AUTH_MESSAGE: Final = 1 << 16  # a password or SASL message is far smaller
@@ -203,8 +203,7 @@ class LoginMachine:
         phase = self._phase
         try:
             if phase is _Phase.STARTUP:
-                self._buffer += data
-                self._read_startup(events)
+                self._read_startup(data, events)
             elif phase is _Phase.AUTH:
                 self._read_auth(data, events)
             elif phase is _Phase.IDENTIFIED:
@@ -216,27 +215,35 @@ class LoginMachine:
             self._phase = _Phase.DONE
             events.append(Refused(error, None))
 
-    def _read_startup(self, events: list[LoginEvent]) -> None:
+    def _read_startup(self, data: bytes, events: list[LoginEvent]) -> None:
+        # Parsed from bytes, not from the buffer: each packet usually comes in a read of its own, and over bytes
+        # the compiled parse is native. The buffer keeps what is left unread.
         buffer = self._buffer
+        if buffer:
+            buffer += data
+            data = bytes(buffer)
+            buffer.clear()
+        start = 0
         while True:
-            if buffer and buffer[0] == _TLS_HANDSHAKE_RECORD and not self.encrypted:
+            if start < len(data) and data[start] == _TLS_HANDSHAKE_RECORD and not self.encrypted:
                 if not self._tls_offered:
                     raise ProtocolViolation("the client began TLS directly, but this listener offers no TLS")
-                self._start_tls(False, events)
+                self._start_tls(data[start:], False, events)
                 return
-            parsed = read_startup_packet(buffer)
+            parsed = startup_packet_at(data, start)
             if parsed is None:
+                buffer += data[start:]
                 return
             packet, used = parsed
-            del buffer[:used]
+            start += used
             if isinstance(packet, SSLRequest) and self._tls_offered:
                 if self.encrypted:
                     raise ProtocolViolation("SSLRequest on a connection that is already encrypted")
                 events.append(_TLS_ACCEPTED)
-                self._start_tls(True, events)  # what follows (a pipelined ClientHello) is TLS
+                self._start_tls(data[start:], True, events)  # what follows (a pipelined ClientHello) is TLS
                 return
             if isinstance(packet, (SSLRequest, GSSENCRequest)):
-                if buffer:
+                if start < len(data):
                     raise ProtocolViolation("data after SSLRequest/GSSENCRequest before the reply")
                 events.append(_NO_ENCRYPTION)
             elif isinstance(packet, CancelRequest):
@@ -244,13 +251,13 @@ class LoginMachine:
                 events.append(CancelRequested(packet.process_id, packet.secret_key))
                 return
             else:
+                buffer += data[start:]  # what came behind it (a password sent unasked): read by authenticate()
                 self._identify(packet, events)
                 return
 
-    def _start_tls(self, requested: bool, events: list[LoginEvent]) -> None:
+    def _start_tls(self, initial: bytes, requested: bool, events: list[LoginEvent]) -> None:
         self.encrypted = True
-        events.append(StartTls(bytes(self._buffer), direct=not requested))
-        self._buffer.clear()
+        events.append(StartTls(initial, direct=not requested))
 
     def _identify(self, startup: StartupMessage, events: list[LoginEvent]) -> None:
         if self._tls_required and not self.encrypted:

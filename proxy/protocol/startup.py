@@ -76,28 +76,39 @@ def read_startup_packet(buffer: bytes | bytearray) -> tuple[StartupPacket, int] 
 
     Returns the packet and how many bytes it used, or None when more bytes are needed.
     """
-    if len(buffer) < 8:
-        if len(buffer) >= 4:
-            _check_length(struct.unpack_from("!i", buffer, 0)[0])
+    return startup_packet_at(buffer if isinstance(buffer, bytes) else bytes(buffer), 0)
+
+
+def startup_packet_at(data: bytes, start: int) -> tuple[StartupPacket, int] | None:
+    """``read_startup_packet`` for the packet at ``start`` in ``data``: as ``data`` is bytes, compiled, every
+    length, index and slice here is native code (no struct call, no copy of the bytes before ``start``)."""
+    available = len(data) - start
+    if available < 8:
+        if available >= 4:
+            _check_length(_int32(data, start))
         return None
-    length: int  # declared: compiled, the comparisons and shifts below are then native
-    code: int
-    length, code = _LENGTH_AND_CODE.unpack_from(buffer, 0)
+    length = _int32(data, start)
     _check_length(length)
-    if len(buffer) < length:
+    if available < length:
         return None
+    code = _int32(data, start + 4)
     if code == SSL_REQUEST_CODE and length == 8:
         return _SSL_REQUEST, length
     if code == GSSENC_REQUEST_CODE and length == 8:
         return _GSSENC_REQUEST, length
-    body = bytes(buffer[8:length])
+    end = start + length
     if code == CANCEL_REQUEST_CODE and length >= 16:
-        (process_id,) = struct.unpack_from("!i", body, 0)
-        return CancelRequest(process_id, body[4:]), length
+        return CancelRequest(_int32(data, start + 8), data[start + 12:end]), length
     major, minor = code >> 16, code & 0xFFFF
     if major != 3:
         raise ProtocolViolation(f"unsupported frontend protocol {major}.{minor}: server supports 3.0")
-    return StartupMessage(major, minor, _parse_parameters(body)), length
+    return StartupMessage(major, minor, _parse_parameters(data, start + 8, end)), length
+
+
+def _int32(data: bytes, at: int) -> int:
+    """The signed big-endian 32-bit integer at ``at``."""
+    value = data[at] << 24 | data[at + 1] << 16 | data[at + 2] << 8 | data[at + 3]
+    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 def _check_length(length: int) -> None:
@@ -105,14 +116,15 @@ def _check_length(length: int) -> None:
         raise ProtocolViolation(f"invalid length of startup packet: {length}")
 
 
-def _parse_parameters(body: bytes) -> dict[str, str]:
-    # name\0value\0 ... \0: the list ends with an empty name.
-    if body == b"\x00":
+def _parse_parameters(data: bytes, start: int, end: int) -> dict[str, str]:
+    """The parameters in ``data[start:end]``: NUL-terminated names and values, the list ending with an empty name."""
+    size = end - start
+    if size == 1 and data[start] == 0:
         return {}
-    if not body.endswith(b"\x00\x00"):
+    if size < 2 or data[end - 2] != 0 or data[end - 1] != 0:
         raise ProtocolViolation("startup packet parameters are not NUL-terminated")
     try:
-        parts = body[:-2].decode("utf-8").split("\x00")  # NUL is never part of a UTF-8 sequence
+        parts = data[start:end - 2].decode("utf-8").split("\x00")  # NUL is never part of a UTF-8 sequence
     except UnicodeDecodeError as exc:
         raise ProtocolViolation("startup packet is not valid UTF-8") from exc
     count = len(parts)
