@@ -185,7 +185,7 @@ class LoginMachine:
         first = auth.start()
         if first:
             events.append(Reply(first))
-        rest = bytes(self._buffer)
+        rest = bytes(self._buffer) if self._buffer else b""  # usually nothing came unasked: no bytes() call
         self._buffer.clear()
         if auth.done:
             self._phase = _Phase.DONE
