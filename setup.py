@@ -39,6 +39,8 @@ HOT_MODULES = [
     "proxy/protocol/startup.py",
     "proxy/app.py",
     "proxy/admission.py",
+    "proxy/failed_logins.py",
+    "proxy/log_levels.py",
     "proxy/registry.py",
     "proxy/cancel.py",
     "proxy/routing.py",

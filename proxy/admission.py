@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import collections
-
 from proxy.protocol import errors
 from proxy.protocol.errors import PgError
 
@@ -22,8 +20,9 @@ class Admission:
         self.max_db_client_connections = max_db_client_connections
         self.max_user_client_connections = max_user_client_connections
         self.db_overrides = db_overrides or {}
-        self.per_database: collections.Counter[str] = collections.Counter()
-        self.per_user: collections.Counter[str] = collections.Counter()
+        # Plain dicts, not Counters: compiled, their lookups are native calls (each login adds and removes one).
+        self.per_database: dict[str, int] = {}
+        self.per_user: dict[str, int] = {}
 
     def check_connection(self, connected: int) -> PgError | None:
         """For a login, ``connected`` logged-in clients counting it: the max_client_conn refusal, if any."""
@@ -46,14 +45,19 @@ class Admission:
         refused = self.refusal(database, user)
         if refused is not None:
             return refused
-        self.per_database[database] += 1
-        self.per_user[user] += 1
+        _add(self.per_database, database, 1)
+        _add(self.per_user, user, 1)
         return None
 
     def leave(self, database: str, user: str) -> None:
-        self.per_database[database] -= 1
-        if self.per_database[database] <= 0:
-            del self.per_database[database]
-        self.per_user[user] -= 1
-        if self.per_user[user] <= 0:
-            del self.per_user[user]
+        _add(self.per_database, database, -1)
+        _add(self.per_user, user, -1)
+
+
+def _add(counts: dict[str, int], key: str, change: int) -> None:
+    """Change ``key``'s count; a count that reaches 0 is removed (names alone must leave no state behind)."""
+    count = counts.get(key, 0) + change
+    if count > 0:
+        counts[key] = count
+    else:
+        counts.pop(key, None)

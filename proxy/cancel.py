@@ -17,6 +17,8 @@ CANCEL_LOG_INTERVAL: Final = 10.0  # CancelRequests with unknown keys: one log l
 # never equals a real backend's pid, which session-mode clients are given (see CancelKeys.register).
 _FIRST_MADE_UP: Final = 1 << 22
 _MADE_UP_COUNT: Final = (1 << 31) - _FIRST_MADE_UP
+_KEY_SIZE: Final = 8  # four bytes for a made-up process id, four for the secret
+_RANDOM_BATCH: Final = 512 * _KEY_SIZE  # one getrandom() call per this many bytes of keys
 
 
 @trait
@@ -34,7 +36,8 @@ class Cancellable:
 
 def _made_up(key: bytes) -> int:
     """A process id from the first four random bytes of ``key``, in the range no real pid reaches."""
-    return _FIRST_MADE_UP + int.from_bytes(key[:4], "big") % _MADE_UP_COUNT
+    # Indexing, not int.from_bytes(key[:4]): compiled, these are native byte reads and shifts.
+    return _FIRST_MADE_UP + (key[0] << 24 | key[1] << 16 | key[2] << 8 | key[3]) % _MADE_UP_COUNT
 
 
 class CancelKeys:
@@ -42,6 +45,10 @@ class CancelKeys:
 
     def __init__(self) -> None:
         self._clients: dict[int, Cancellable] = {}
+        # Random bytes for keys, drawn from os.urandom a batch at a time: one getrandom() call per login was
+        # most of what issuing a key cost (the bytes are as random; each is handed out once).
+        self._random = b""
+        self._random_used = 0
         self._unknown = LogSummary(log, "cancel request with an unknown key ignored", CANCEL_LOG_INTERVAL)
 
     def register(self, client: Cancellable, backend_pid: int = 0) -> tuple[int, bytes]:
@@ -53,14 +60,21 @@ class CancelKeys:
         live client holds it already (two upstream hosts can both have a backend 1234): then, as for
         everyone else, a made-up id, from a range no real pid reaches.
         """
-        # One getrandom() for both halves: this runs on every login.
-        key = os.urandom(8)
+        # One key's bytes for both halves: this runs on every login.
+        key = self._random_key()
         process_id = backend_pid if backend_pid and backend_pid not in self._clients else _made_up(key)
         while process_id in self._clients:
-            key = os.urandom(8)
+            key = self._random_key()
             process_id = _made_up(key)
         self._clients[process_id] = client
         return process_id, key[4:]
+
+    def _random_key(self) -> bytes:
+        used = self._random_used
+        if used + _KEY_SIZE > len(self._random):
+            self._random, used = os.urandom(_RANDOM_BATCH), 0
+        self._random_used = used + _KEY_SIZE
+        return self._random[used:used + _KEY_SIZE]
 
     def cancel(self, process_id: int, secret: bytes) -> None:
         """Hand a CancelRequest to the client whose key it carries; drop it silently otherwise."""

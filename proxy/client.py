@@ -12,6 +12,7 @@ from mypy_extensions import trait
 
 from proxy.cancel import CancelKeys, Cancellable
 from proxy.flow import FlowControl
+from proxy.log_levels import enabled_for
 from proxy.logs import get_logger
 from proxy.parameters import SYNCED_PARAMETERS, parameter_sync
 from proxy.prepared import ClientStatements, deallocate_sql, needs_whole, resets_all_statements
@@ -85,6 +86,9 @@ _REPLAY_LIMIT: Final = _CAPTURE_HEAD
 
 # The relay's scanner is made once the login has a pool; until then this one stands in, and is never fed.
 _BEFORE_SESSION: Final = FrameScanner(frozenset())
+# Read by every new connection: as Final, C statics (an enum member is otherwise an attribute lookup on its class).
+_TRANSACTION_MODE: Final = PoolMode.TRANSACTION
+_NO_PINS: Final[frozenset[str]] = frozenset()
 
 
 @trait
@@ -137,7 +141,7 @@ class ClientConnection(ClientPeer, Cancellable):
         self.registry = registry
         self.cancel_keys = cancel_keys
         self.listener = listener
-        self.transaction_mode = listener.pool_mode is PoolMode.TRANSACTION
+        self.transaction_mode = listener.pool_mode is _TRANSACTION_MODE
         self.state = ClientState.STARTUP
         self.transport: asyncio.Transport | None = None
         self.tls: TlsTransport | None = None  # the client's TLS, once begun (then also its ``transport``)
@@ -174,7 +178,7 @@ class ClientConnection(ClientPeer, Cancellable):
         self.startup_params: dict[str, str] = {}  # synced parameters the client set at startup
         self.startup_unreported: dict[str, str] = {}  # other settings the client set at startup
         # Transaction mode: the session-only state this client holds on its server (it keeps that server).
-        self.pins: frozenset[str] = frozenset()
+        self.pins = _NO_PINS
         self._session_touched = False  # the linked server's session may have changed: ask it before release
         self._custom_names: set[str] = set()  # custom settings the statements since then may have set
         self._inspecting = False  # the linked server is being asked what its session holds: requests wait
@@ -1016,8 +1020,9 @@ class ClientConnection(ClientPeer, Cancellable):
         if server is not None and self.pool is not None:
             self._return_server(server, self.pool)
         # Asked first: with INFO off (the usual setting under load) the call and its ``extra`` dict would
-        # still cost ~0.15 µs, paid by every connection (pgbench -C: every transaction).
-        if was_logged_in and log.isEnabledFor(logging.INFO):
+        # still cost ~0.15 µs, paid by every connection (pgbench -C: every transaction); asked through
+        # enabled_for, as isEnabledFor itself is an interpreted call.
+        if was_logged_in and enabled_for(log, logging.INFO):
             log.info("client gone: %s", reason, extra={"conn": self.id})
 
     def _return_server(self, server: ServerConnection, pool: Pool) -> None:

@@ -14,7 +14,7 @@ from proxy.protocol import errors
 from proxy.protocol import messages as m
 from proxy.protocol.errors import PgError
 from proxy.protocol.framing import Frame, FrameScanner, ProtocolViolation
-from proxy.protocol.startup import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, read_startup_packet
+from proxy.protocol.startup import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, startup_packet_at
 
 _CAPTURE_ALL: Final = frozenset(range(256))
 _MAX_AUTH_MESSAGE: Final = 1 << 16  # a password or SASL message is far smaller
@@ -185,7 +185,7 @@ class LoginMachine:
         first = auth.start()
         if first:
             events.append(Reply(first))
-        rest = bytes(self._buffer)
+        rest = bytes(self._buffer) if self._buffer else b""  # usually nothing came unasked: no bytes() call
         self._buffer.clear()
         if auth.done:
             self._phase = _Phase.DONE
@@ -203,8 +203,7 @@ class LoginMachine:
         phase = self._phase
         try:
             if phase is _Phase.STARTUP:
-                self._buffer += data
-                self._read_startup(events)
+                self._read_startup(data, events)
             elif phase is _Phase.AUTH:
                 self._read_auth(data, events)
             elif phase is _Phase.IDENTIFIED:
@@ -216,27 +215,35 @@ class LoginMachine:
             self._phase = _Phase.DONE
             events.append(Refused(error, None))
 
-    def _read_startup(self, events: list[LoginEvent]) -> None:
+    def _read_startup(self, data: bytes, events: list[LoginEvent]) -> None:
+        # Parsed from bytes, not from the buffer: each packet usually comes in a read of its own, and over bytes
+        # the compiled parse is native. The buffer keeps what is left unread.
         buffer = self._buffer
+        if buffer:
+            buffer += data
+            data = bytes(buffer)
+            buffer.clear()
+        start = 0
         while True:
-            if buffer and buffer[0] == _TLS_HANDSHAKE_RECORD and not self.encrypted:
+            if start < len(data) and data[start] == _TLS_HANDSHAKE_RECORD and not self.encrypted:
                 if not self._tls_offered:
                     raise ProtocolViolation("the client began TLS directly, but this listener offers no TLS")
-                self._start_tls(False, events)
+                self._start_tls(data[start:], False, events)
                 return
-            parsed = read_startup_packet(buffer)
+            parsed = startup_packet_at(data, start)
             if parsed is None:
+                buffer += data[start:]
                 return
             packet, used = parsed
-            del buffer[:used]
+            start += used
             if isinstance(packet, SSLRequest) and self._tls_offered:
                 if self.encrypted:
                     raise ProtocolViolation("SSLRequest on a connection that is already encrypted")
                 events.append(_TLS_ACCEPTED)
-                self._start_tls(True, events)  # what follows (a pipelined ClientHello) is TLS
+                self._start_tls(data[start:], True, events)  # what follows (a pipelined ClientHello) is TLS
                 return
             if isinstance(packet, (SSLRequest, GSSENCRequest)):
-                if buffer:
+                if start < len(data):
                     raise ProtocolViolation("data after SSLRequest/GSSENCRequest before the reply")
                 events.append(_NO_ENCRYPTION)
             elif isinstance(packet, CancelRequest):
@@ -244,13 +251,13 @@ class LoginMachine:
                 events.append(CancelRequested(packet.process_id, packet.secret_key))
                 return
             else:
+                buffer += data[start:]  # what came behind it (a password sent unasked): read by authenticate()
                 self._identify(packet, events)
                 return
 
-    def _start_tls(self, requested: bool, events: list[LoginEvent]) -> None:
+    def _start_tls(self, initial: bytes, requested: bool, events: list[LoginEvent]) -> None:
         self.encrypted = True
-        events.append(StartTls(bytes(self._buffer), direct=not requested))
-        self._buffer.clear()
+        events.append(StartTls(initial, direct=not requested))
 
     def _identify(self, startup: StartupMessage, events: list[LoginEvent]) -> None:
         if self._tls_required and not self.encrypted:
@@ -305,6 +312,42 @@ def welcome(parameters: Mapping[str, str], process_id: int, secret_key: bytes) -
 
     The admin console's cancel key is (0, b""): it has no query to cancel.
     """
-    return (m.authentication_ok() + m.parameter_statuses(parameters)
-            + m.backend_key_data(process_id, int.from_bytes(secret_key, "big", signed=True))
-            + m.ready_for_query())
+    return _welcome_head(parameters) + _welcome_tail(process_id, secret_key)
+
+
+class Welcome:
+    """``welcome()`` for the logins into one pool, its head (AuthenticationOk and the ParameterStatus set) built
+    once: nearly every login is told the same parameters, the server's defaults with the same few of its own.
+    Only the cancel key differs from one welcome to the next."""
+
+    __slots__ = ("_defaults", "_own", "_head")
+
+    def __init__(self) -> None:
+        self._defaults: dict[str, str] | None = None  # copies of what the head was built from
+        self._own: dict[str, str] = {}
+        self._head = b""
+
+    def message(self, defaults: Mapping[str, str], own: Mapping[str, str], process_id: int,
+                secret_key: bytes) -> bytes:
+        """The welcome with ``defaults`` (the server's parameters) and ``own`` (the client's) over them."""
+        if own != self._own or defaults != self._defaults:  # dict equality: C, and mostly identical strings
+            parameters = dict(defaults)
+            parameters.update(own)
+            self._head = _welcome_head(parameters)
+            self._defaults, self._own = dict(defaults), dict(own)
+        return self._head + _welcome_tail(process_id, secret_key)
+
+
+def _welcome_head(parameters: Mapping[str, str]) -> bytes:
+    return m.authentication_ok() + m.parameter_statuses(parameters)
+
+
+_BACKEND_KEY_DATA_HEADER: Final = bytes((m.BACKEND_KEY_DATA, 0, 0, 0, 12))
+_NO_SECRET: Final = bytes(4)  # the admin console's: it has no query to cancel
+_READY: Final = m.ready_for_query()
+
+
+def _welcome_tail(process_id: int, secret_key: bytes) -> bytes:
+    """BackendKeyData (pgmux's keys are 4 bytes, the console's none) and ReadyForQuery(I)."""
+    return (_BACKEND_KEY_DATA_HEADER + process_id.to_bytes(4, "big", signed=True) + (secret_key or _NO_SECRET)
+            + _READY)

@@ -7,7 +7,7 @@ import collections
 import functools
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -186,7 +186,7 @@ def _header(name: str) -> str:
     return f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n"
 
 
-def _by_label(name: str, label: str, counts: collections.Counter[str], known: Iterable[str]) -> list[str]:
+def _by_label(name: str, label: str, counts: Mapping[str, int], known: Iterable[str]) -> list[str]:
     """A labelled family: every known label value (0 when nothing was counted under it), then any other."""
     totals = collections.Counter(dict.fromkeys(known, 0))
     totals.update(counts)

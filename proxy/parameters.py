@@ -10,7 +10,7 @@ from proxy.protocol import errors
 
 # Parameters the server reports with ParameterStatus and a client may set: pgmux tracks them per
 # client. Other startup parameters are remembered as pgmux SET them on each backend.
-SYNCED_PARAMETERS = frozenset({
+SYNCED_PARAMETERS: Final = frozenset({
     "client_encoding", "DateStyle", "IntervalStyle", "TimeZone", "standard_conforming_strings",
     "application_name", "search_path",
 })
@@ -147,16 +147,20 @@ def parameter_sync(wanted: dict[str, str], wanted_unreported: dict[str, str],
 
 # Parameters PostgreSQL accepts with any value (application_name is only cleaned of non-ASCII):
 # checking them would cost a login a round trip for nothing, and their values vary per connection.
-_ANY_VALUE_ACCEPTED = frozenset({"application_name"})
+_ANY_VALUE_ACCEPTED: Final = frozenset({"application_name"})
 
 
 def settings_to_check(startup_synced: dict[str, str], unreported: dict[str, str],
                       server_defaults: dict[str, str], accepted: Container[tuple[str, str]]) -> dict[str, str]:
     """The startup settings PostgreSQL has yet to accept for this pool (server defaults need no check)."""
-    unchecked = {name: value for name, value in startup_synced.items()
-                 if server_defaults.get(name) != value and name not in _ANY_VALUE_ACCEPTED
-                 and (name, value) not in accepted}
-    unchecked.update((name, value) for name, value in unreported.items() if (name, value) not in accepted)
+    # Loops, not a comprehension and update(generator): every login asks, and compiled, these are native.
+    unchecked: dict[str, str] = {}
+    for name, value in startup_synced.items():
+        if server_defaults.get(name) != value and name not in _ANY_VALUE_ACCEPTED and (name, value) not in accepted:
+            unchecked[name] = value
+    for name, value in unreported.items():
+        if (name, value) not in accepted:
+            unchecked[name] = value
     return unchecked
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Final
 
+from proxy.login import Welcome
 from proxy.logs import get_logger
 from proxy.parameters import check_sql
 from proxy.protocol import errors
@@ -129,6 +130,7 @@ class Pool:
         # using only these needs no check. Cleared whenever a sync fails or the upstream changes, so it is
         # never trusted across a failure.
         self.accepted_settings: dict[tuple[str, str], str] = {}
+        self.welcome = Welcome()  # what ends its clients' logins, prebuilt
         self._budgets = budgets
         for budget in budgets:
             budget.pools.append(self)

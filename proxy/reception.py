@@ -13,6 +13,7 @@ from proxy.auth.secrets import UserSecret
 from proxy.cancel import CancelKeys
 from proxy.client import ClientConnection, Login
 from proxy.failed_logins import source_address
+from proxy.log_levels import enabled_for
 from proxy.logs import get_logger
 from proxy.login import (
     AuthFailed,
@@ -25,7 +26,6 @@ from proxy.login import (
     Refused,
     Reply,
     StartTls,
-    welcome,
 )
 from proxy.parameters import SYNCED_PARAMETERS, settings_to_check
 from proxy.protocol import errors
@@ -334,11 +334,14 @@ class Reception(Login):
         client = self.client
         # The client is told, and its backends given, each startup value as PostgreSQL spells it: the
         # welcome says what PostgreSQL would, and a backend's report then matches what the client wants.
-        client.startup_params = {name: pool.spelled(name, value) for name, value in client.startup_params.items()}
-        client.params.update(client.startup_params)
-        params = dict(pool.server_params or {})
+        if client.startup_params:
+            client.startup_params = {name: pool.spelled(name, value)
+                                     for name, value in client.startup_params.items()}
+            client.params.update(client.startup_params)
+        # The server's synced parameters with the client's over them (its own keys only after the server's).
+        params = {k: v for k, v in (pool.server_params or {}).items() if k in SYNCED_PARAMETERS}
         params.update(client.params)
-        client.params = {k: v for k, v in params.items() if k in SYNCED_PARAMETERS}
+        client.params = params
         if client.transaction_mode:
             client.cancel_key = self.cancel_keys.register(client)
             self._greet(pool)
@@ -394,11 +397,9 @@ class Reception(Login):
     def _greet(self, pool: Pool) -> None:
         """The welcome: the server's parameters with the client's own over them, and its cancel key."""
         client = self.client
-        params = dict(pool.server_params or {})
-        params.update(client.params)
         process_id, secret = client.cancel_key
-        client.write(welcome(params, process_id, secret))
-        if log.isEnabledFor(logging.INFO):  # asked first, as in ClientConnection._finish
+        client.write(pool.welcome.message(pool.server_params or {}, client.params, process_id, secret))
+        if enabled_for(log, logging.INFO):  # asked first, as in ClientConnection._finish
             log.info("login ok: %s@%s from %s (%s mode)", client.user, client.database, client.peer,
                      "transaction" if client.transaction_mode else "session", extra={"conn": client.id})
         pool.stats.client_logins += 1

@@ -7,6 +7,8 @@ import collections
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, Generic, Protocol, TypeVar
 
+from mypy_extensions import mypyc_attr
+
 from proxy.admission import Admission
 from proxy.failed_logins import FailedLogins
 from proxy.logs import get_logger
@@ -39,6 +41,16 @@ class Console(Protocol):
         ...
 
 
+@mypyc_attr(native_class=False)  # a dict subclass cannot be a native class
+class Tally(dict[str, int]):
+    """Counts by name, a name not counted yet reading as 0, as in a Counter: for the counts every connection and
+    login adds to. A Counter defines __delitem__ in Python, which sends even its item assignments through an
+    interpreted slot; this class leaves dict's own."""
+
+    def __missing__(self, key: str) -> int:
+        return 0
+
+
 class Registry(Generic[ClientT]):
     """What every connection shares that is not routing: who is connected, what runs, what was refused.
 
@@ -59,11 +71,11 @@ class Registry(Generic[ClientT]):
         self.auth_failures: collections.Counter[str] = collections.Counter()  # failed logins, by kind
         self.failed_logins = FailedLogins()
         self.session_refusals: collections.Counter[str] = collections.Counter()  # by session_state.PIN_KINDS kind
-        self.accepted: collections.Counter[str] = collections.Counter()  # clients accepted since start, by transport
+        self.accepted = Tally()  # clients accepted since start, by transport
         # Clients over other transports than TCP, by transport, and each one's transport (TCP, the usual case,
         # costs a login no bookkeeping: its count is what remains of ``clients``).
         self.connected: collections.Counter[str] = collections.Counter()
-        self.logins: collections.Counter[str] = collections.Counter()  # successful logins, by transport
+        self.logins = Tally()  # successful logins, by transport
         self.failed_logins_by_transport: collections.Counter[str] = collections.Counter()
         self._transport: dict[ClientT, str] = {}
         self.http = HttpStats()  # HTTP /sql requests (proxy/http/sql.py)

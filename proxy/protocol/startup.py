@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from proxy.protocol.framing import ProtocolViolation
 
-PROTOCOL_3_0 = 3 << 16
-SSL_REQUEST_CODE = 80877103
-GSSENC_REQUEST_CODE = 80877104
-CANCEL_REQUEST_CODE = 80877102
+PROTOCOL_3_0: Final = 3 << 16
+SSL_REQUEST_CODE: Final = 80877103
+GSSENC_REQUEST_CODE: Final = 80877104
+CANCEL_REQUEST_CODE: Final = 80877102
 
 # PostgreSQL's MAX_STARTUP_PACKET_LENGTH: a longer startup packet is an attack or a bug.
-MAX_STARTUP_PACKET_LENGTH = 10000
+MAX_STARTUP_PACKET_LENGTH: Final = 10000
 
-_LENGTH_AND_CODE = struct.Struct("!ii")
-_CANCEL = struct.Struct("!iii")
+_LENGTH_AND_CODE: Final = struct.Struct("!ii")
 
 
 @dataclass(frozen=True)
@@ -65,32 +65,50 @@ class StartupMessage:
 
 StartupPacket = SSLRequest | GSSENCRequest | CancelRequest | StartupMessage
 
+# Immutable and alike: one of each serves every connection (a dataclass's __init__ runs interpreted, and
+# libpq sends an SSLRequest first by default, so one would be made per login).
+_SSL_REQUEST: Final = SSLRequest()
+_GSSENC_REQUEST: Final = GSSENCRequest()
+
 
 def read_startup_packet(buffer: bytes | bytearray) -> tuple[StartupPacket, int] | None:
     """Parse one startup-phase packet from the front of ``buffer``.
 
     Returns the packet and how many bytes it used, or None when more bytes are needed.
     """
-    if len(buffer) < 8:
-        if len(buffer) >= 4:
-            _check_length(struct.unpack_from("!i", buffer, 0)[0])
+    return startup_packet_at(buffer if isinstance(buffer, bytes) else bytes(buffer), 0)
+
+
+def startup_packet_at(data: bytes, start: int) -> tuple[StartupPacket, int] | None:
+    """``read_startup_packet`` for the packet at ``start`` in ``data``: as ``data`` is bytes, compiled, every
+    length, index and slice here is native code (no struct call, no copy of the bytes before ``start``)."""
+    available = len(data) - start
+    if available < 8:
+        if available >= 4:
+            _check_length(_int32(data, start))
         return None
-    length, code = _LENGTH_AND_CODE.unpack_from(buffer, 0)
+    length = _int32(data, start)
     _check_length(length)
-    if len(buffer) < length:
+    if available < length:
         return None
-    body = bytes(buffer[8:length])
+    code = _int32(data, start + 4)
     if code == SSL_REQUEST_CODE and length == 8:
-        return SSLRequest(), length
+        return _SSL_REQUEST, length
     if code == GSSENC_REQUEST_CODE and length == 8:
-        return GSSENCRequest(), length
+        return _GSSENC_REQUEST, length
+    end = start + length
     if code == CANCEL_REQUEST_CODE and length >= 16:
-        (process_id,) = struct.unpack_from("!i", body, 0)
-        return CancelRequest(process_id, body[4:]), length
+        return CancelRequest(_int32(data, start + 8), data[start + 12:end]), length
     major, minor = code >> 16, code & 0xFFFF
     if major != 3:
         raise ProtocolViolation(f"unsupported frontend protocol {major}.{minor}: server supports 3.0")
-    return StartupMessage(major, minor, _parse_parameters(body)), length
+    return StartupMessage(major, minor, _parse_parameters(data, start + 8, end)), length
+
+
+def _int32(data: bytes, at: int) -> int:
+    """The signed big-endian 32-bit integer at ``at``."""
+    value = data[at] << 24 | data[at + 1] << 16 | data[at + 2] << 8 | data[at + 3]
+    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 def _check_length(length: int) -> None:
@@ -98,19 +116,25 @@ def _check_length(length: int) -> None:
         raise ProtocolViolation(f"invalid length of startup packet: {length}")
 
 
-def _parse_parameters(body: bytes) -> dict[str, str]:
-    # name\0value\0 ... \0: the list ends with an empty name.
-    if body == b"\x00":
+def _parse_parameters(data: bytes, start: int, end: int) -> dict[str, str]:
+    """The parameters in ``data[start:end]``: NUL-terminated names and values, the list ending with an empty name."""
+    size = end - start
+    if size == 1 and data[start] == 0:
         return {}
-    if not body.endswith(b"\x00\x00"):
+    if size < 2 or data[end - 2] != 0 or data[end - 1] != 0:
         raise ProtocolViolation("startup packet parameters are not NUL-terminated")
     try:
-        parts = body[:-2].decode("utf-8").split("\x00")  # NUL is never part of a UTF-8 sequence
+        parts = data[start:end - 2].decode("utf-8").split("\x00")  # NUL is never part of a UTF-8 sequence
     except UnicodeDecodeError as exc:
         raise ProtocolViolation("startup packet is not valid UTF-8") from exc
-    if len(parts) % 2:
+    count = len(parts)
+    if count % 2:
         raise ProtocolViolation("startup packet has a parameter name without a value")
-    return dict(zip(parts[::2], parts[1::2]))
+    # An indexed loop, not dict(zip(...)): compiled, it is native code, where the slices and zip are not.
+    parameters: dict[str, str] = {}
+    for i in range(0, count, 2):
+        parameters[parts[i]] = parts[i + 1]
+    return parameters
 
 
 def build_startup_message(parameters: dict[str, str], minor: int = 0) -> bytes:

@@ -27,6 +27,7 @@ from proxy.login import (
     Refused,
     Reply,
     StartTls,
+    Welcome,
     welcome,
 )
 from proxy.protocol import errors
@@ -423,6 +424,16 @@ def test_welcome_is_authentication_ok_parameters_cancel_key_and_ready_for_query(
 
 def test_the_admin_consoles_welcome_has_a_zero_cancel_key() -> None:
     assert welcome({}, 0, b"") == m.authentication_ok() + m.backend_key_data(0, 0) + m.ready_for_query()
+
+
+def test_a_pools_prebuilt_welcome_says_what_welcome_would_as_the_parameters_change() -> None:
+    prebuilt = Welcome()
+    defaults = {"server_version": "16.4", "TimeZone": "UTC", "application_name": ""}
+    logins = [(defaults, {"application_name": "pgbench"}, 7), (defaults, {"application_name": "pgbench"}, 8),
+              (defaults, {"application_name": "psql"}, 9), ({**defaults, "TimeZone": "CET"}, {}, 10)]
+    for server, own, process_id in logins:
+        assert prebuilt.message(server, own, process_id, b"\x00\x00\x00\x01") == welcome(
+            {**server, **own}, process_id, b"\x00\x00\x00\x01")
 
 
 # ---- TLS offered (client_tls_sslmode): the machine says when TLS begins; the edge runs it ----------

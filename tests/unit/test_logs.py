@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from proxy.log_levels import enabled_for
 from proxy.logs import LOGGER_NAME, LogSummary, get_logger, redact, setup_logging
 
 
@@ -165,3 +166,17 @@ def test_log_summary_logs_a_flood_once_then_counts_it_per_interval(caplog) -> No
         "cancel request with an unknown key ignored: 10 more in the last 0.2s",
         "cancel request with an unknown key ignored",
     ]
+
+
+def test_enabled_for_answers_as_is_enabled_for_across_level_changes(pgmux_log: None) -> None:
+    parent, log = logging.getLogger(LOGGER_NAME), get_logger("client")
+    answers = []
+    for level in (logging.WARNING, logging.INFO, logging.WARNING):
+        parent.setLevel(level)  # after an answer was cached for the previous level
+        answers.append((enabled_for(log, logging.INFO), enabled_for(log, logging.INFO), log.isEnabledFor(logging.INFO)))
+    log.disabled = True
+    try:
+        answers.append((enabled_for(log, logging.WARNING), log.isEnabledFor(logging.WARNING)))
+    finally:
+        log.disabled = False
+    assert answers == [(False, False, False), (True, True, True), (False, False, False), (False, False)]

@@ -26,6 +26,7 @@ from proxy.protocol.startup import (
     build_ssl_request,
     build_startup_message,
     read_startup_packet,
+    startup_packet_at,
 )
 
 # Property tests share a budget: together they run well over 10,000 generated cases.
@@ -63,6 +64,15 @@ def test_ssl_gssenc_and_cancel_requests() -> None:
     # Protocol 3.2 allows longer cancel keys (up to 256 bytes).
     long_key = bytes(range(32))
     assert read_startup_packet(build_cancel_request(-7, long_key)) == (CancelRequest(-7, long_key), 44)
+
+
+def test_a_startup_packet_is_read_at_an_offset_as_from_the_front() -> None:
+    startup = build_startup_message({"user": "app", "application_name": "x"}, minor=2)
+    data = build_ssl_request() + startup + b"Q"
+    expected = (StartupMessage(3, 2, {"user": "app", "application_name": "x"}), len(startup))
+    assert startup_packet_at(data, 8) == read_startup_packet(startup) == expected
+    assert startup_packet_at(data, 0) == (SSLRequest(), 8)
+    assert startup_packet_at(data[:-2], 8) is None  # incomplete
 
 
 def test_ssl_request_followed_by_startup_is_read_one_packet_at_a_time() -> None:
