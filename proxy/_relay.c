@@ -61,6 +61,7 @@ static _Thread_local unsigned char read_buffer[READ_SIZE];
 static PyObject *str_call_soon, *str_call_exception_handler;
 static PyObject *str_data_received, *str_eof_received, *str_connection_lost, *str_pause_writing;
 static PyObject *str_resume_writing, *str_relay_request, *str_relay_target, *str_relayed, *str_close;
+static PyObject *str_socket, *str_peername, *str_sockname, *str_getpeername, *str_getsockname;
 
 #define POLL_BATCH 256
 
@@ -79,8 +80,7 @@ typedef struct {
     uint32_t interest;    /* what the poller watches for: EPOLLIN, EPOLLOUT (0: not registered) */
     PyObject *loop;
     PyObject *protocol;
-    PyObject *sock;       /* the socket object: it owns the fd, and closes it */
-    PyObject *extra;      /* get_extra_info's dict */
+    PyObject *sock;       /* the socket object: it owns the fd, and closes it; get_extra_info asks it */
     char *wbuf;           /* queued output: wbuf[wstart:wend] */
     Py_ssize_t wstart, wend, wcap;
     Py_ssize_t high, low;
@@ -91,7 +91,8 @@ typedef struct {
     char closed;          /* the socket is closed; connection_lost is scheduled */
     char protocol_paused; /* pause_writing() was called, resume_writing() not yet */
     char role;
-    unsigned char table[256];
+    PyObject *table_owner; /* the relay table's bytes object (shared by every edge of a kind) */
+    const unsigned char *table;
     /* Where the last read left the message stream: header bytes of the next message held, or body bytes
        still to come. Only kept for a relay. */
     unsigned char head[5];
@@ -625,10 +626,9 @@ static PyTypeObject PollerType = {
 static PyObject *
 Transport_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *keywords[] = {"loop", "poller", "sock", "protocol", "extra", NULL};
-    PyObject *loop, *poller, *sock, *protocol, *extra;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OOO!", keywords, &loop, &PollerType, &poller, &sock, &protocol,
-                                     &PyDict_Type, &extra))
+    static char *keywords[] = {"loop", "poller", "sock", "protocol", NULL};
+    PyObject *loop, *poller, *sock, *protocol;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OO", keywords, &loop, &PollerType, &poller, &sock, &protocol))
         return NULL;
     PyObject *fileno = PyObject_CallMethod(sock, "fileno", NULL);
     if (fileno == NULL)
@@ -648,7 +648,6 @@ Transport_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     t->loop = Py_NewRef(loop);
     t->sock = Py_NewRef(sock);
     t->protocol = Py_NewRef(protocol);
-    t->extra = Py_NewRef(extra);
     t->high = DEFAULT_HIGH;
     t->low = DEFAULT_HIGH / 4;
     return (PyObject *)t;
@@ -660,7 +659,6 @@ Transport_traverse(Transport *t, visitproc visit, void *arg)
     Py_VISIT(t->loop);
     Py_VISIT(t->protocol);
     Py_VISIT(t->sock);
-    Py_VISIT(t->extra);
     Py_VISIT(t->poller);
     return 0;
 }
@@ -670,7 +668,7 @@ Transport_clear(Transport *t)
 {
     Py_CLEAR(t->loop);
     Py_CLEAR(t->protocol);
-    Py_CLEAR(t->extra);
+    Py_CLEAR(t->table_owner);
     Py_CLEAR(t->poller);
     Py_CLEAR(t->sock);  /* a socket object closes its fd when collected */
     return 0;
@@ -790,13 +788,24 @@ Transport_get_extra_info(Transport *t, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "get_extra_info(name, default=None)");
         return NULL;
     }
-    PyObject *value = PyDict_GetItemWithError(t->extra, args[0]);
-    if (value == NULL) {
-        if (PyErr_Occurred())
-            return NULL;
-        value = nargs == 2 ? args[1] : Py_None;
+    /* Asked of the socket when asked (the admin console, a login's log line): kept, two addresses per
+       connection would cost more memory than the rest of an idle client's transport. */
+    PyObject *fallback = nargs == 2 ? args[1] : Py_None;
+    PyObject *name = args[0];
+    if (!PyUnicode_Check(name))
+        return Py_NewRef(fallback);
+    if (PyUnicode_Compare(name, str_socket) == 0)
+        return Py_NewRef(t->closed ? fallback : t->sock);
+    PyObject *method = PyUnicode_Compare(name, str_peername) == 0 ? str_getpeername
+                       : PyUnicode_Compare(name, str_sockname) == 0 ? str_getsockname : NULL;
+    if (method == NULL || t->closed)
+        return Py_NewRef(fallback);
+    PyObject *address = PyObject_CallMethodNoArgs(t->sock, method);
+    if (address == NULL && PyErr_ExceptionMatches(PyExc_OSError)) {
+        PyErr_Clear();  /* not connected any more */
+        return Py_NewRef(fallback);
     }
-    return Py_NewRef(value);
+    return address;
 }
 
 static PyObject *
@@ -875,13 +884,14 @@ Transport_relay(Transport *t, PyObject *const *args, Py_ssize_t nargs)
     }
     if (PyObject_GetBuffer(args[1], &table, PyBUF_SIMPLE) < 0)
         return NULL;
-    if (table.len != 256) {
-        PyBuffer_Release(&table);
-        PyErr_SetString(PyExc_ValueError, "the relay table has one byte per message type (256)");
+    Py_ssize_t length = table.len;
+    PyBuffer_Release(&table);
+    if (length != 256 || !PyBytes_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_ValueError, "the relay table is bytes, one per message type (256)");
         return NULL;
     }
-    memcpy(t->table, table.buf, 256);
-    PyBuffer_Release(&table);
+    Py_XSETREF(t->table_owner, Py_NewRef(args[1]));  /* immutable: its buffer stays put while held */
+    t->table = (const unsigned char *)PyBytes_AS_STRING(args[1]);
     t->role = (char)role;
     t->head_len = 0;
     t->body_left = 0;
@@ -949,6 +959,11 @@ PyInit__relay(void)
     INTERN(str_relay_target, "relay_target");
     INTERN(str_relayed, "relayed");
     INTERN(str_close, "close");
+    INTERN(str_socket, "socket");
+    INTERN(str_peername, "peername");
+    INTERN(str_sockname, "sockname");
+    INTERN(str_getpeername, "getpeername");
+    INTERN(str_getsockname, "getsockname");
     if (PyType_Ready(&TransportType) < 0 || PyType_Ready(&PollerType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);

@@ -77,16 +77,6 @@ def relay_edge(transport: object, role: int, table: bytes) -> object | None:
     return transport
 
 
-def _socket_extra(sock: socket.socket) -> dict[str, Any]:
-    extra: dict[str, Any] = {"socket": sock}
-    try:
-        extra["sockname"] = sock.getsockname()
-        extra["peername"] = sock.getpeername()
-    except OSError:
-        pass
-    return extra
-
-
 def _tune(sock: socket.socket) -> None:
     sock.setblocking(False)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -97,7 +87,7 @@ def adopt(loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: Any) -
     """Drive a connected socket with the compiled transport: the protocol's connection_made, then reading."""
     assert SocketTransport is not None
     _tune(sock)
-    transport = SocketTransport(loop, _poller(loop), sock, protocol, _socket_extra(sock))
+    transport = SocketTransport(loop, _poller(loop), sock, protocol)
     protocol.connection_made(transport)
     transport.start()
     return transport
