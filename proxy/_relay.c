@@ -173,6 +173,9 @@ finish(Transport *t, PyObject *exc)
         Py_DECREF(lost);
         Py_XDECREF(result);
     }
+    /* The protocol holds its transport: let go of it, so that the pair is freed by reference counting rather
+       than left to the cycle collector (one such cycle per connection otherwise). */
+    Py_SETREF(t->protocol, Py_NewRef(Py_None));
     Py_DECREF(t);
     return lost == NULL || result == NULL ? -1 : status;
 }

@@ -12,6 +12,7 @@ socket transport (proxy/layered.py) and never take the compiled relay's shortcut
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import socket
@@ -77,17 +78,17 @@ def relay_edge(transport: object, role: int, table: bytes) -> object | None:
     return transport
 
 
-def _tune(sock: socket.socket) -> None:
+def _tune(sock: _socket.socket) -> None:
     sock.setblocking(False)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio's transports do
 
 
-def adopt(loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: Any) -> Any:
+def adopt(loop: asyncio.AbstractEventLoop, sock: _socket.socket, protocol: Any, poller: Any = None) -> Any:
     """Drive a connected socket with the compiled transport: the protocol's connection_made, then reading."""
     assert SocketTransport is not None
     _tune(sock)
-    transport = SocketTransport(loop, _poller(loop), sock, protocol)
+    transport = SocketTransport(loop, poller if poller is not None else _poller(loop), sock, protocol)
     protocol.connection_made(transport)
     transport.start()
     return transport
@@ -184,16 +185,20 @@ async def listen(loop: asyncio.AbstractEventLoop, host: str, port: int,
         raise
     listening = Listening(bound, None)
     listening._loop = loop
+    poller = _poller(loop)
     for sock in bound:
-        loop.add_reader(sock.fileno(), _accept_ready, loop, sock, protocol_factory)
+        loop.add_reader(sock.fileno(), _accept_ready, loop, poller, sock, protocol_factory)
     return listening
 
 
-def _accept_ready(loop: asyncio.AbstractEventLoop, listening: socket.socket,
+def _accept_ready(loop: asyncio.AbstractEventLoop, poller: Any, listening: socket.socket,
                   protocol_factory: Callable[[], Any]) -> None:
     for _ in range(_ACCEPTS_PER_WAKE):
         try:
-            sock, _address = listening.accept()
+            # The C accept and the C socket type: socket.socket's accept() and __init__ are interpreted
+            # Python, which cost a login more than the rest of its accept.
+            fd, _address = listening._accept()  # type: ignore[attr-defined]
+            sock = _socket.socket(fileno=fd)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -203,19 +208,19 @@ def _accept_ready(loop: asyncio.AbstractEventLoop, listening: socket.socket,
                 log.warning("cannot accept a connection: %s; retrying in %gs", exc, _ACCEPT_RETRY_DELAY)
                 any_loop: Any = loop  # see Listening.close
                 any_loop.remove_reader(listening.fileno())
-                loop.call_later(_ACCEPT_RETRY_DELAY, _resume_accepting, loop, listening, protocol_factory)
+                loop.call_later(_ACCEPT_RETRY_DELAY, _resume_accepting, loop, poller, listening, protocol_factory)
                 return
             if exc.errno == errno.ECONNABORTED:
                 continue
             raise
         try:
-            adopt(loop, sock, protocol_factory())
+            adopt(loop, sock, protocol_factory(), poller)
         except Exception:
             log.exception("a new connection could not be set up")
             sock.close()
 
 
-def _resume_accepting(loop: asyncio.AbstractEventLoop, listening: socket.socket,
+def _resume_accepting(loop: asyncio.AbstractEventLoop, poller: Any, listening: socket.socket,
                       protocol_factory: Callable[[], Any]) -> None:
     if listening.fileno() >= 0:  # not closed meanwhile
-        loop.add_reader(listening.fileno(), _accept_ready, loop, listening, protocol_factory)
+        loop.add_reader(listening.fileno(), _accept_ready, loop, poller, listening, protocol_factory)
