@@ -335,6 +335,36 @@ small_int(Py_ssize_t value)
     return PyLong_FromSsize_t(value);
 }
 
+/* The end of the whole message at data[pos] when its type may pass (its table bits in ``bits``), else -1:
+   a header or body cut by the read's end, an invalid length, a type the table stops. */
+static inline Py_ssize_t
+passing_message(Transport *t, const unsigned char *data, Py_ssize_t pos, Py_ssize_t n, unsigned char *bits)
+{
+    if (n - pos < 5)
+        return -1;
+    *bits = t->table[data[pos]];
+    Py_ssize_t length = message_length(data + pos);
+    if (!(*bits & PASS) || length < 4 || length > n - pos - 1)
+        return -1;
+    return pos + 1 + length;
+}
+
+/* Send a whole read to the peer transport Python named (``peer``: a new reference, or NULL when Python
+   failed): 1 when sent, 0 when Python named none (it takes the read), -1 on an error. */
+static int
+relay_to(PyObject *peer, const unsigned char *data, Py_ssize_t n)
+{
+    if (peer == NULL)
+        return -1;
+    if (!Transport_Check(peer)) {
+        Py_DECREF(peer);
+        return 0;
+    }
+    int status = write_bytes((Transport *)peer, (const char *)data, n);
+    Py_DECREF(peer);
+    return status < 0 ? -1 : 1;
+}
+
 /* Whether the message at ``p`` (``length`` bytes in all) names the unnamed statement (or a portal, which
    keeps its name): only Parse, Bind, Describe and Close name statements. */
 static int
@@ -362,13 +392,10 @@ relay_from_client(Transport *t, const unsigned char *data, Py_ssize_t n)
     Py_ssize_t pos = 0, batch_ends = 0, queries = 0, parses = 0, binds = 0;
     int mid_batch = -1;
     while (pos < n) {
-        if (n - pos < 5)
+        unsigned char bits;
+        Py_ssize_t end = passing_message(t, data, pos, n, &bits);
+        if (end < 0)
             return 0;
-        unsigned char bits = t->table[data[pos]];
-        Py_ssize_t length = message_length(data + pos);
-        if (!(bits & PASS) || length < 4 || length > n - pos - 1)
-            return 0;
-        Py_ssize_t end = pos + 1 + length;
         if ((bits & WORDS) && session_state_in(data + pos, end - pos))
             return 0;
         if (bits & UNNAMED) {
@@ -399,15 +426,7 @@ relay_from_client(Transport *t, const unsigned char *data, Py_ssize_t n)
         server = PyObject_VectorcallMethod(str_relay_request, args, 7 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     for (int i = 1; i < 7; i++)
         Py_XDECREF(args[i]);
-    if (server == NULL)
-        return -1;
-    if (!Transport_Check(server)) {
-        Py_DECREF(server);
-        return 0;
-    }
-    int status = write_bytes((Transport *)server, (const char *)data, n);
-    Py_DECREF(server);
-    return status < 0 ? -1 : 1;
+    return relay_to(server, data, n);
 }
 
 /* A server's read of whole messages that may pass: 1 when it went to the client, 0 when Python takes it. */
@@ -417,15 +436,12 @@ relay_from_server(Transport *t, const unsigned char *data, Py_ssize_t n)
     Py_ssize_t pos = 0, parse_completes = 0;
     int status = -1;
     while (pos < n) {
-        if (n - pos < 5)
+        unsigned char bits;
+        Py_ssize_t end = passing_message(t, data, pos, n, &bits);
+        if (end < 0)
             return 0;
-        unsigned char bits = t->table[data[pos]];
-        Py_ssize_t length = message_length(data + pos);
-        if (!(bits & PASS) || length < 4 || length > n - pos - 1)
-            return 0;
-        Py_ssize_t end = pos + 1 + length;
         if (bits & READY) {
-            if (end != n || length != 5)
+            if (end != n || end - pos != 6)
                 return 0;  /* the link may end here: what follows is nobody's yet */
             status = data[pos + 5];
         }
@@ -433,17 +449,9 @@ relay_from_server(Transport *t, const unsigned char *data, Py_ssize_t n)
             parse_completes++;
         pos = end;
     }
-    PyObject *client = PyObject_CallMethodNoArgs(t->protocol, str_relay_target);
-    if (client == NULL)
-        return -1;
-    if (!Transport_Check(client)) {
-        Py_DECREF(client);
-        return 0;
-    }
-    int written = write_bytes((Transport *)client, (const char *)data, n);
-    Py_DECREF(client);
-    if (written < 0)
-        return -1;
+    int relayed = relay_to(PyObject_CallMethodNoArgs(t->protocol, str_relay_target), data, n);
+    if (relayed <= 0)
+        return relayed;
     t->unreported += n;
     if (status < 0 && !parse_completes)
         return 1;
