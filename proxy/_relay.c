@@ -1,9 +1,10 @@
 /*
  * SocketTransport: pgmux's compiled data plane for plaintext sockets.
  *
- * An asyncio transport over one non-blocking socket whose steady state never builds a Python object: once the connection is a relay (relay(...), after
- * login), a read that holds only whole messages of the kinds its table lets pass is written straight to
- * the peer's socket from one static buffer, and Python hears of it in one call to its protocol:
+ * An asyncio transport over one non-blocking socket whose steady state never builds a Python object: once the
+ * connection is a relay (relay(...), after login), a read that holds only whole messages of the kinds its table
+ * lets pass is written straight to the peer's socket from one static buffer,
+ * and Python hears of it in one call to its protocol:
  *
  * - a client's read: protocol.relay_request(nbytes, batch_ends, queries, mid_batch, parses, binds) returns the linked
  *   server's SocketTransport (taking a server from the pool first when the client has none), or None;
@@ -329,12 +330,6 @@ track(Transport *t, const unsigned char *data, Py_ssize_t n)
     }
 }
 
-static PyObject *
-small_int(Py_ssize_t value)
-{
-    return PyLong_FromSsize_t(value);
-}
-
 /* The end of the whole message at data[pos] when its type may pass (its table bits in ``bits``), else -1:
    a header or body cut by the read's end, an invalid length, a type the table stops. */
 static inline Py_ssize_t
@@ -419,8 +414,9 @@ relay_from_client(Transport *t, const unsigned char *data, Py_ssize_t n)
             queries++;
         pos = end;
     }
-    PyObject *args[7] = {t->protocol, small_int(n), small_int(batch_ends), small_int(queries),
-                         small_int(mid_batch), small_int(parses), small_int(binds)};
+    PyObject *args[7] = {t->protocol, PyLong_FromSsize_t(n), PyLong_FromSsize_t(batch_ends),
+                         PyLong_FromSsize_t(queries), PyLong_FromSsize_t(mid_batch), PyLong_FromSsize_t(parses),
+                         PyLong_FromSsize_t(binds)};
     PyObject *server = NULL;
     if (args[1] && args[2] && args[3] && args[4] && args[5] && args[6])
         server = PyObject_VectorcallMethod(str_relay_request, args, 7 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
@@ -455,7 +451,8 @@ relay_from_server(Transport *t, const unsigned char *data, Py_ssize_t n)
     t->unreported += n;
     if (status < 0 && !parse_completes)
         return 1;
-    PyObject *args[4] = {t->protocol, small_int(t->unreported), small_int(status), small_int(parse_completes)};
+    PyObject *args[4] = {t->protocol, PyLong_FromSsize_t(t->unreported), PyLong_FromSsize_t(status),
+                         PyLong_FromSsize_t(parse_completes)};
     t->unreported = 0;
     PyObject *result = NULL;
     if (args[1] && args[2] && args[3])

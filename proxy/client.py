@@ -528,11 +528,8 @@ class ClientConnection(ClientPeer, Cancellable):
                 # Nothing is in flight, so there is nothing to flush; a server taken for it would stay
                 # linked with no answer to come (psycopg's Flush can arrive after the last ReadyForQuery).
                 return
-            pool = self.pool
-            assert pool is not None
-            server = pool.take_idle()
+            server = self._link_idle_server()
             if server is not None:  # the fast path: a warm server and nobody in line
-                self.link(server)
                 if self._held_for_sync:
                     self._queue(data)
                 else:
@@ -571,6 +568,15 @@ class ClientConnection(ClientPeer, Cancellable):
             error = errors.client_buffer_exceeded(chr(too_large.kind), too_large.size, too_large.limit)
             self.fail(error, reason=error.reason)
 
+    def _link_idle_server(self) -> ServerConnection | None:
+        """Link an idle server at once when one is warm and nobody is ahead in line (Pool.take_idle)."""
+        pool = self.pool
+        assert pool is not None
+        server = pool.take_idle()
+        if server is not None:
+            self.link(server)
+        return server
+
     def _count_requests(self, nbytes: int, batch_ends: int) -> None:
         """``nbytes`` of requests go to the linked server, ending ``batch_ends`` batches (each earns a ReadyForQuery)."""
         pool = self.pool
@@ -591,20 +597,17 @@ class ClientConnection(ClientPeer, Cancellable):
 
         ``batch_ends``: Syncs, Queries and FunctionCalls among them; ``queries``: Queries; ``mid_batch``: as
         FrameScanner.passed takes it; ``parses``, ``binds``: Parses and Binds of the unnamed statement (only
-        where statements are renamed, see ClientStatements.relayed). A client between transactions is lent an idle server here, as _relay
-        lends one, when the bytes begin a request.
+        where statements are renamed, see ClientStatements.relayed). A client between transactions is lent an
+        idle server here, as _relay lends one, when the bytes begin a request.
         """
         server = self.server
         if server is None:
             if (self.state is not ClientState.IDLE or self._queued or self._skipper is not None
                     or (not batch_ends and mid_batch <= 0)):
                 return None
-            pool = self.pool
-            assert pool is not None
-            server = pool.take_idle()
+            server = self._link_idle_server()
             if server is None:
                 return None
-            self.link(server)
         target = server.relay_transport
         statements = self.statements
         if (target is None or self._held_for_sync or self._inspecting or not self._scanner.at_boundary

@@ -26,7 +26,16 @@ from proxy.results import COLLECTED_KINDS, ResultCollector
 from proxy.session_state import SessionReport, inspection_sql, parse_data_row, read_report
 from proxy.protocol.startup import build_cancel_request, build_ssl_request, build_startup_message
 from proxy.settings import SslMode, Upstream
-from proxy.sockets import PARSE_COMPLETE, READY, SERVER_EDGE, connect, open_transport, relay_edge, relay_table
+from proxy.sockets import (
+    PARSE_COMPLETE,
+    READY,
+    SERVER_EDGE,
+    bytes_waiting,
+    connect,
+    open_transport,
+    relay_edge,
+    relay_table,
+)
 from proxy.states import ServerState
 from proxy.stats import PoolStats
 
@@ -54,14 +63,6 @@ _COPY_FAIL: Final = m.message(m.COPY_FAIL, m.cstring("COPY FROM STDIN is not sup
 _TX_STATUS: Final = m.TRANSACTION_STATUS_BY_BYTE
 _SYNC: Final = m.message(m.SYNC)
 _FETCHED_LIMIT: Final = 1 << 20  # row bytes kept of fetch_internal's answer (pgmux's own small queries)
-
-
-def _has_more(sock: socket.socket) -> bool:
-    """Whether bytes are waiting on ``sock`` (read without taking them)."""
-    try:
-        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except (BlockingIOError, InterruptedError):
-        return False
 
 
 def _relayed_as_read(segments: list) -> bool:
@@ -666,7 +667,7 @@ class ServerConnection:
             sock.close()
             raise
         if reply == b"S":
-            if _has_more(sock):
+            if bytes_waiting(sock):
                 # Bytes after 'S' before the handshake could be injected by a man in the middle (CVE-2021-23222).
                 sock.close()
                 raise ServerLoginError("server sent unencrypted data after accepting TLS")

@@ -122,6 +122,14 @@ async def connect(loop: asyncio.AbstractEventLoop, host: str, port: int, unix_so
     raise failure or OSError(errno.EHOSTUNREACH, f"no address for {host}")
 
 
+def bytes_waiting(sock: socket.socket) -> bool:
+    """Whether bytes are waiting on ``sock`` (read without taking them)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except (BlockingIOError, InterruptedError):
+        return False
+
+
 async def open_transport(loop: asyncio.AbstractEventLoop, sock: socket.socket,
                          protocol_factory: Callable[[], Any]) -> Any:
     """The transport for a connected plaintext socket: the compiled one, or asyncio's."""
@@ -134,10 +142,11 @@ async def open_transport(loop: asyncio.AbstractEventLoop, sock: socket.socket,
 class Listening:
     """One listener's bound sockets, accepted by pgmux itself (compiled) or by an asyncio server."""
 
-    def __init__(self, sockets: list[socket.socket], server: asyncio.Server | None) -> None:
+    def __init__(self, sockets: list[socket.socket], server: asyncio.Server | None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.sockets = sockets
         self._server = server
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop = loop  # the loop pgmux's own accepting is registered with (no asyncio server)
 
     def close(self) -> None:
         if self._server is not None:
@@ -183,12 +192,10 @@ async def listen(loop: asyncio.AbstractEventLoop, host: str, port: int,
         for sock in bound:
             sock.close()
         raise
-    listening = Listening(bound, None)
-    listening._loop = loop
     poller = _poller(loop)
     for sock in bound:
-        loop.add_reader(sock.fileno(), _accept_ready, loop, poller, sock, protocol_factory)
-    return listening
+        _accept_on(loop, poller, sock, protocol_factory)
+    return Listening(bound, None, loop)
 
 
 def _accept_ready(loop: asyncio.AbstractEventLoop, poller: Any, listening: socket.socket,
@@ -208,7 +215,7 @@ def _accept_ready(loop: asyncio.AbstractEventLoop, poller: Any, listening: socke
                 log.warning("cannot accept a connection: %s; retrying in %gs", exc, _ACCEPT_RETRY_DELAY)
                 any_loop: Any = loop  # see Listening.close
                 any_loop.remove_reader(listening.fileno())
-                loop.call_later(_ACCEPT_RETRY_DELAY, _resume_accepting, loop, poller, listening, protocol_factory)
+                loop.call_later(_ACCEPT_RETRY_DELAY, _accept_on, loop, poller, listening, protocol_factory)
                 return
             if exc.errno == errno.ECONNABORTED:
                 continue
@@ -220,7 +227,8 @@ def _accept_ready(loop: asyncio.AbstractEventLoop, poller: Any, listening: socke
             sock.close()
 
 
-def _resume_accepting(loop: asyncio.AbstractEventLoop, poller: Any, listening: socket.socket,
-                      protocol_factory: Callable[[], Any]) -> None:
+def _accept_on(loop: asyncio.AbstractEventLoop, poller: Any, listening: socket.socket,
+               protocol_factory: Callable[[], Any]) -> None:
+    """Accept connections on ``listening`` as it becomes readable (again, after a rest)."""
     if listening.fileno() >= 0:  # not closed meanwhile
         loop.add_reader(listening.fileno(), _accept_ready, loop, poller, listening, protocol_factory)
