@@ -275,6 +275,9 @@ def test_show_clients_and_servers_show_the_pin(pgmux, postgres, state_role) -> N
     with _pooled(proxy) as client:
         client.execute("LISTEN pgmux_channel")
         client.execute("SELECT pg_advisory_lock(5)")
+        # pgmux reads what the lock left after its ReadyForQuery reached the client; the client's next request
+        # waits for that reading, so once it is answered the pin is recorded (SHOW CLIENTS could race it).
+        client.execute("SELECT 1")
         with psycopg.connect(host=proxy.host, port=proxy.port(), user=APP.name, password=APP.password,
                              dbname="pgmux", autocommit=True) as admin:
             clients = admin.execute("SHOW CLIENTS")
