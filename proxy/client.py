@@ -91,6 +91,22 @@ _TRANSACTION_MODE: Final = PoolMode.TRANSACTION
 _NO_PINS: Final[frozenset[str]] = frozenset()
 
 
+class WholeRequest:
+    """What the compiled relay counted in a read it walked whole and found passable, kept with those bytes while
+    the client waits for a server: at the hand-over they go to the server as relay_request would have sent them,
+    without a second walk (ClientConnection._forward_queued)."""
+
+    __slots__ = ("nbytes", "batch_ends", "queries", "mid_batch", "parses", "binds")
+
+    def __init__(self, nbytes: int, batch_ends: int, queries: int, mid_batch: int, parses: int, binds: int) -> None:
+        self.nbytes = nbytes
+        self.batch_ends = batch_ends
+        self.queries = queries
+        self.mid_batch = mid_batch
+        self.parses = parses
+        self.binds = binds
+
+
 @trait
 class Login:
     """A login under way, as the connection sees it (proxy/reception.py drives one for the pooler).
@@ -131,7 +147,7 @@ class ClientConnection(ClientPeer, Cancellable):
         "pool", "query_started", "replay", "server", "state", "statements", "transaction_mode", "transport",
         "unreported", "startup_unreported", "pins", "_session_touched", "_custom_names", "_inspecting", "_loaded",
         "user", "wait_started",
-        "_stall_mark", "_stalled_since", "tls", "relay_transport", "_relay_table",
+        "_stall_mark", "_stalled_since", "tls", "relay_transport", "_relay_table", "_whole_request",
     )
 
     def __init__(self, router: Router, registry: Registry[ClientConnection], cancel_keys: CancelKeys,
@@ -167,6 +183,9 @@ class ClientConnection(ClientPeer, Cancellable):
         self._scanner = _BEFORE_SESSION
         self._queued: list[bytes] = []
         self._queued_bytes = 0
+        # Set by relay_request for the read it found passable but had no server for, and kept while that read
+        # is the only thing queued: the relay's counts of it.
+        self._whole_request: WholeRequest | None = None
         self._skipper: BatchSkipper | None = None  # answering a refused request: skipping to its batch end
         self.admitted = False  # counted by Admission until the connection ends
         self._admin: Console | None = None
@@ -510,6 +529,8 @@ class ClientConnection(ClientPeer, Cancellable):
 
     def _relay(self, data: bytes) -> None:
         """Client bytes after login: to the linked server, or queued until the pool lends one."""
+        whole = self._whole_request  # relay_request's counts of these very bytes, if it walked them
+        self._whole_request = None
         if self.server is not None:
             if self._held_for_sync or self._inspecting:
                 self._queue(data)
@@ -536,6 +557,8 @@ class ClientConnection(ClientPeer, Cancellable):
                     self._forward(data)
                 return
         self._queue(data)
+        if whole is not None and len(self._queued) == 1 and whole.nbytes == len(data):
+            self._whole_request = whole
         if self.state is ClientState.IDLE:
             self._wait_for_server()
 
@@ -607,13 +630,24 @@ class ClientConnection(ClientPeer, Cancellable):
                 return None
             server = self._link_idle_server()
             if server is None:
+                # The bytes come to data_received next, to wait for a server: what was counted goes with them.
+                self._whole_request = WholeRequest(nbytes, batch_ends, queries, mid_batch, parses, binds)
                 return None
         target = server.relay_transport
-        statements = self.statements
-        if (target is None or self._held_for_sync or self._inspecting or not self._scanner.at_boundary
-                or (statements is not None and not statements.can_relay(binds, server.prepared))):
+        if target is None or self._held_for_sync or self._inspecting:
             return None
+        if not self._pass_whole(server, nbytes, batch_ends, queries, mid_batch, parses, binds):
+            return None
+        return target
+
+    def _pass_whole(self, server: ServerConnection, nbytes: int, batch_ends: int, queries: int, mid_batch: int,
+                    parses: int, binds: int) -> bool:
+        """Whether a request the compiled relay walked whole may go to ``server`` as it is; if so, counted here as
+        _forward counts what it sends (the caller sends the bytes)."""
         scanner = self._scanner
+        statements = self.statements
+        if not scanner.at_boundary or (statements is not None and not statements.can_relay(binds, server.prepared)):
+            return False
         scanner.passed(batch_ends, mid_batch)
         self.replay = None
         self._count_requests(nbytes, batch_ends)
@@ -621,7 +655,7 @@ class ClientConnection(ClientPeer, Cancellable):
             self._query_mark = scanner.count  # see _note_query
         if statements is not None:
             statements.relayed(parses, batch_ends, server.prepared)
-        return target
+        return True
 
     def _forward_segments(self, segments: list[Segment], server: ServerConnection, fresh: bool) -> None:
         out: list[bytes | memoryview] = []
@@ -754,12 +788,20 @@ class ClientConnection(ClientPeer, Cancellable):
     def _forward_queued(self) -> None:
         if self._held_for_sync or self._inspecting:
             return  # sent once the server has confirmed this client's parameters, or said what it holds
+        whole = self._whole_request
+        server = self.server
+        if (whole is not None and server is not None and server.relay_transport is not None
+                and self._pass_whole(server, whole.nbytes, whole.batch_ends, whole.queries, whole.mid_batch,
+                                     whole.parses, whole.binds)):
+            server.write(self._take_queued()[0])  # a waiting client's request, as the relay would have sent it
+            return
         for chunk in self._take_queued():
             if self.server is None:
                 return
             self._forward(chunk)
 
     def _queue(self, data: bytes) -> None:
+        self._whole_request = None  # counts of one read, valid while it is all that is queued
         self._queued.append(data)
         self._queued_bytes += len(data)
         if self._queued_bytes > min(_QUEUE_HIGH_WATER, self.router.settings.max_client_buffer):
@@ -767,6 +809,7 @@ class ClientConnection(ClientPeer, Cancellable):
 
     def _take_queued(self) -> list[bytes]:
         queued, self._queued, self._queued_bytes = self._queued, [], 0
+        self._whole_request = None
         self.flow.resume_for_queue()
         return queued
 

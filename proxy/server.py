@@ -273,6 +273,9 @@ class ServerConnection:
         self.fatal_relayed = False  # the backend sent its client a FATAL: the client needs no other error
         self.being_canceled = 0  # cancels sent to this backend whose connection PostgreSQL has not closed yet
         self.cancel_failed = False  # a cancel was not confirmed: its signal may still come, so never lend it again
+        # True while the compiled relay reports a read that ended with a ReadyForQuery: nothing of that read
+        # is left to deliver, so a waiting client may be given this server at once (Pool._hand_over).
+        self.read_delivered = False
         # While the client keeps its batch to re-send (ClientConnection.replay): the answer's first replies,
         # held until they show whether the statements were lost (then they never reach the client).
         self._held_answer: list[bytes | memoryview] = []
@@ -426,7 +429,11 @@ class ServerConnection:
             self.prepared.on_parse_complete()
         client = self.client
         if status >= 0 and client is not None:
-            self._ready(status, client)
+            self.read_delivered = True
+            try:
+                self._ready(status, client)
+            finally:
+                self.read_delivered = False
 
     def _ready(self, status_byte: int, client: ClientPeer) -> None:
         """A ReadyForQuery reached the client: the transaction status, and the client's turn to decide."""

@@ -251,3 +251,40 @@ def test_server_killed_mid_query_gives_that_client_an_error_and_the_pool_recover
         await other.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+def test_requests_that_wait_for_the_only_server_are_each_answered_and_counted_once(pgmux, protocol) -> None:
+    # 12 clients on one backend: almost every request arrives while the server is lent, waits in the queue and
+    # is handed the server as the previous client's ReadyForQuery passes (the compiled relay sends such a waiting
+    # request whole). Each client must get its own answers, and SHOW STATS must count every query exactly once.
+    proxy = pgmux(default_pool_size=1, admin_users=[APP.name])
+    clients, rounds = 12, 40
+
+    async def client(n: int) -> None:
+        # psycopg sends a query without parameters as a simple Query, one with them as Parse/Bind/Describe/
+        # Execute/Sync of the unnamed statement (no prepared statements here)
+        async with await psycopg.AsyncConnection.connect(proxy.dsn(APP.name, APP.password, APP_DATABASE),
+                                                         autocommit=True, prepare_threshold=None) as conn:
+            for i in range(rounds):
+                value = n * 1000 + i
+                if protocol == "simple":
+                    cursor = await conn.execute(f"SELECT {value}")
+                else:
+                    cursor = await conn.execute("SELECT %s::int", (value,))
+                assert await cursor.fetchone() == (value,)
+
+    async def run() -> None:
+        await asyncio.gather(*(client(n) for n in range(clients)))
+
+    def query_count() -> int:
+        with psycopg.connect(proxy.dsn(APP.name, APP.password, "pgmux"), autocommit=True) as console:
+            cursor = console.execute("SHOW STATS")
+            names = [c.name for c in cursor.description]
+            stats = next(dict(zip(names, row)) for row in cursor.fetchall() if row[0] == APP_DATABASE)
+            return stats["total_query_count"]
+
+    asyncio.run(client(0))  # the pool's first login, outside the count
+    before = query_count()
+    asyncio.run(run())
+    assert query_count() - before == clients * rounds
