@@ -150,6 +150,16 @@ stop_reading(Transport *t)
 
 /* ---- closing ------------------------------------------------------------------------------------ */
 
+/* Nothing is queued (any more): let the buffer go. It grew to the largest backlog the connection ever had (a
+   slow reader of a large result), and an idle connection has no use for it. */
+static void
+drop_write_buffer(Transport *t)
+{
+    PyMem_Free(t->wbuf);
+    t->wbuf = NULL;
+    t->wstart = t->wend = t->wcap = 0;
+}
+
 /* Close the socket now and tell the protocol on the loop's next turn; ``exc`` (may be NULL) is why. */
 static int
 finish(Transport *t, PyObject *exc)
@@ -163,7 +173,7 @@ finish(Transport *t, PyObject *exc)
     t->reading = t->writing = 0;
     if (watch(t) < 0)
         status = -1;
-    t->wstart = t->wend = 0;
+    drop_write_buffer(t);
     PyObject *result = PyObject_CallMethodNoArgs(t->sock, str_close);
     if (result == NULL)
         status = -1;
@@ -285,7 +295,7 @@ write_ready(Transport *t)
         t->wstart += sent;
     }
     if (t->wend == t->wstart) {
-        t->wstart = t->wend = 0;
+        drop_write_buffer(t);
         t->writing = 0;
         if (watch(t) < 0)
             return -1;

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 import time
 from typing import TYPE_CHECKING, Final, cast
 
@@ -89,6 +90,9 @@ _BEFORE_SESSION: Final = FrameScanner(frozenset())
 # Read by every new connection: as Final, C statics (an enum member is otherwise an attribute lookup on its class).
 _TRANSACTION_MODE: Final = PoolMode.TRANSACTION
 _NO_PINS: Final[frozenset[str]] = frozenset()
+_NO_NAMES: Final[frozenset[str]] = frozenset()
+# Every client's parameters until its login sets them (then the pool's shared ones): never changed in place.
+_NO_PARAMETERS: Final[dict[str, str]] = {}
 
 
 class WholeRequest:
@@ -157,7 +161,6 @@ class ClientConnection(ClientPeer, Cancellable):
         self.registry = registry
         self.cancel_keys = cancel_keys
         self.listener = listener
-        self.transaction_mode = listener.pool_mode is _TRANSACTION_MODE
         self.state = ClientState.STARTUP
         self.transport: asyncio.Transport | None = None
         self.tls: TlsTransport | None = None  # the client's TLS, once begun (then also its ``transport``)
@@ -169,49 +172,53 @@ class ClientConnection(ClientPeer, Cancellable):
         self.database = ""
         self.pool: Pool | None = None
         self.server: ServerConnection | None = None
-        self.params: dict[str, str] = {}  # the reported parameters as this client believes them
-        self.unreported: dict[str, str] = {}  # other startup parameters, SET on each server
+        # The parameter dicts below are shared with other clients of the pool from the welcome on
+        # (Pool.parameter_sets): a change replaces the dict, never changes it in place.
+        self.params: dict[str, str] = _NO_PARAMETERS  # the reported parameters as this client believes them
+        self.unreported: dict[str, str] = _NO_PARAMETERS  # other startup parameters, SET on each server
+        self.startup_params: dict[str, str] = _NO_PARAMETERS  # synced parameters the client set at startup
+        self.startup_unreported: dict[str, str] = _NO_PARAMETERS  # other settings the client set at startup
         self.pending = 0  # Sync/Query/FunctionCall sent to the server and not yet answered
         self._query_mark = 0  # the scanner's count at the end of the read that held the last Query
-        self._copy_in = False  # the server began a COPY FROM STDIN whose ReadyForQuery has not come
-        self._held_for_sync = False  # the linked server is taking this client's parameters: requests wait
         self._copy_ignored = 0  # Syncs counted in ``pending`` that the server ignores during that COPY
-        self._copy_done_early = False  # a CopyDone/CopyFail went out while no COPY IN was known to run
         self.cancel_key = (0, b"")
         self.connected_at = time.monotonic()
         self.login: Login | None = None  # set by whoever accepts the connection; None once logged in
         self._scanner = _BEFORE_SESSION
-        self._queued: list[bytes] = []
+        self._queued: list[bytes] | None = None  # requests waiting for a server; None when none wait
         self._queued_bytes = 0
         # Set by relay_request for the read it found passable but had no server for, and kept while that read
         # is the only thing queued: the relay's counts of it.
         self._whole_request: WholeRequest | None = None
         self._skipper: BatchSkipper | None = None  # answering a refused request: skipping to its batch end
-        self.admitted = False  # counted by Admission until the connection ends
         self._admin: Console | None = None
         self.statements: ClientStatements | None = None  # named statements, when pgmux rewrites them
         # The batch in flight, kept while its answer may yet show that the server lost pgmux's statements:
         # then nothing of it has run, and it is sent again (resend_batch). Only a batch that relied on
         # statements the server held, sent with nothing else in flight outside a transaction.
         self.replay: list[Segment] | None = None
-        self.startup_params: dict[str, str] = {}  # synced parameters the client set at startup
-        self.startup_unreported: dict[str, str] = {}  # other settings the client set at startup
         # Transaction mode: the session-only state this client holds on its server (it keeps that server).
         self.pins = _NO_PINS
-        self._session_touched = False  # the linked server's session may have changed: ask it before release
-        self._custom_names: set[str] = set()  # custom settings the statements since then may have set
-        self._inspecting = False  # the linked server is being asked what its session holds: requests wait
-        self._loaded = False  # the client ran LOAD: no reset unloads a library, so its backend is closed after it
-        self._reset_seen = False  # the current request batch contains RESET or DISCARD
-        self._resync = False  # the linked server must get this client's parameters again
+        self._custom_names = _NO_NAMES  # custom settings the statements since the last inspection may have set
         self.last_active = self.connected_at  # the last time a request or an answer passed
         self.query_started = 0.0  # when the oldest unanswered request was sent, 0 when none
-        self._cancel_sent = False
         self._linked_at = 0.0
         self.wait_started = 0.0  # when the client last joined the line for a server
         self._waiter: Waiter | None = None  # our place in the pool's line
         self._stall_mark = 0  # the scanner's progress when the janitor last saw a message unfinished
         self._stalled_since = 0.0  # since when that progress has not changed (0: no unfinished message)
+        # The flags last and together: compiled, each is one byte, and a byte between two pointers takes eight.
+        self.transaction_mode = listener.pool_mode is _TRANSACTION_MODE
+        self._copy_in = False  # the server began a COPY FROM STDIN whose ReadyForQuery has not come
+        self._held_for_sync = False  # the linked server is taking this client's parameters: requests wait
+        self._copy_done_early = False  # a CopyDone/CopyFail went out while no COPY IN was known to run
+        self.admitted = False  # counted by Admission until the connection ends
+        self._session_touched = False  # the linked server's session may have changed: ask it before release
+        self._inspecting = False  # the linked server is being asked what its session holds: requests wait
+        self._loaded = False  # the client ran LOAD: no reset unloads a library, so its backend is closed after it
+        self._reset_seen = False  # the current request batch contains RESET or DISCARD
+        self._resync = False  # the linked server must get this client's parameters again
+        self._cancel_sent = False
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.id} {self.state.value} {self.user}@{self.database}>"
@@ -388,7 +395,8 @@ class ClientConnection(ClientPeer, Cancellable):
             # value, not the default of the backend it happens to use: keep the client's view.
             self._resync = True
             return
-        self.params[name] = value
+        if self.params.get(name) != value:
+            self.params = {**self.params, name: value}  # a copy: the dict may be shared (see __init__)
 
     def _inspect_session(self) -> None:
         """Ask the linked server what the session holds now: the client keeps it until the answer is in."""
@@ -396,7 +404,7 @@ class ClientConnection(ClientPeer, Cancellable):
         assert server is not None
         self._session_touched = False
         self._inspecting = True
-        names, self._custom_names = self._custom_names, set()
+        names, self._custom_names = self._custom_names, _NO_NAMES
         server.inspect_session(names | {name for name in self.unreported if "." in name})
 
     def on_session_inspected(self, report: SessionReport | None) -> None:
@@ -440,7 +448,7 @@ class ClientConnection(ClientPeer, Cancellable):
             self._loaded = True  # in every mode
         if kinds and self.transaction_mode:
             self._session_touched = True
-            self._custom_names |= custom_setting_names(sql)
+            self._custom_names = self._custom_names | custom_setting_names(sql)
             for kind in kinds:
                 self.registry.count_session_change(kind)
 
@@ -497,6 +505,9 @@ class ClientConnection(ClientPeer, Cancellable):
         """Logged in to ``pool``, about to be welcomed: set up the relay's scanner and statement names."""
         self.pool = pool
         self.state = ClientState.LOGIN
+        # One copy of each name for all the pool's clients, not one per client. Only now: interned before
+        # authentication, any name a StartupMessage sends would be kept.
+        self.user, self.database = sys.intern(self.user), sys.intern(self.database)
         capture = _RELAY_CAPTURE
         keep_whole = None  # a simple Query's head is enough: a huge one counts as mentioning RESET
         if self.transaction_mode and self.router.settings.max_prepared_statements:
@@ -557,7 +568,7 @@ class ClientConnection(ClientPeer, Cancellable):
                     self._forward(data)
                 return
         self._queue(data)
-        if whole is not None and len(self._queued) == 1 and whole.nbytes == len(data):
+        if whole is not None and self._queued is not None and len(self._queued) == 1 and whole.nbytes == len(data):
             self._whole_request = whole
         if self.state is ClientState.IDLE:
             self._wait_for_server()
@@ -802,16 +813,19 @@ class ClientConnection(ClientPeer, Cancellable):
 
     def _queue(self, data: bytes) -> None:
         self._whole_request = None  # counts of one read, valid while it is all that is queued
-        self._queued.append(data)
+        if self._queued is None:
+            self._queued = [data]
+        else:
+            self._queued.append(data)
         self._queued_bytes += len(data)
         if self._queued_bytes > min(_QUEUE_HIGH_WATER, self.router.settings.max_client_buffer):
             self.flow.pause_for_queue()
 
     def _take_queued(self) -> list[bytes]:
-        queued, self._queued, self._queued_bytes = self._queued, [], 0
+        queued, self._queued, self._queued_bytes = self._queued, None, 0
         self._whole_request = None
         self.flow.resume_for_queue()
-        return queued
+        return queued if queued is not None else []
 
     def _wait_for_server(self) -> None:
         assert self.pool is not None

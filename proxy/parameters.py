@@ -83,6 +83,37 @@ def set_search_path_sql(value: str, is_local: bool) -> str:
     return f"SELECT {_set_config_calls([('search_path', value)], is_local)}"
 
 
+class ParameterSets:
+    """Equal parameter dicts kept once: nearly every client of a pool holds the same few (the server's
+    defaults with the same startup values), and ten thousand idle clients need not hold ten thousand copies.
+
+    A dict given out here is shared by every client that holds it: they replace it, never change it in place.
+    """
+
+    __slots__ = ("_known", "_last")
+
+    def __init__(self) -> None:
+        self._known: dict[frozenset[tuple[str, str]], dict[str, str]] = {}
+        self._last: dict[str, str] = {}
+
+    def shared(self, parameters: dict[str, str]) -> dict[str, str]:
+        """A dict equal to ``parameters`` (it, when none is kept yet), to hold from now on instead of it."""
+        last = self._last
+        if parameters == last:  # the usual case, one dict comparison in C
+            return last
+        key = frozenset(parameters.items())
+        known = self._known.get(key)
+        if known is None:
+            if len(self._known) >= _SETS_KEPT:
+                self._known.clear()  # logins with ever new values (an application_name per process...)
+            known = self._known[key] = parameters
+        self._last = known
+        return known
+
+
+_SETS_KEPT: Final = 32
+
+
 class ParameterSync:
     """SQL that gives a backend a client's parameters, and what the backend holds once PostgreSQL confirms it.
 

@@ -12,7 +12,7 @@ from typing import Final
 
 from proxy.login import Welcome
 from proxy.logs import get_logger
-from proxy.parameters import check_sql
+from proxy.parameters import ParameterSets, check_sql
 from proxy.protocol import errors
 from proxy.protocol.errors import PgError
 from proxy.protocol.messages import TransactionStatus
@@ -131,6 +131,7 @@ class Pool:
         # never trusted across a failure.
         self.accepted_settings: dict[tuple[str, str], str] = {}
         self.welcome = Welcome()  # what ends its clients' logins, prebuilt
+        self.parameter_sets = ParameterSets()  # its clients' parameter dicts, shared
         self._budgets = budgets
         for budget in budgets:
             budget.pools.append(self)

@@ -15,6 +15,7 @@ import hashlib
 import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Final
 
 from proxy.protocol import messages as m
 from proxy.protocol.framing import Frame, ProtocolViolation, Segment, is_whole
@@ -27,6 +28,7 @@ _TYPED_HEADER = struct.Struct("!BI")
 _WHITESPACE = b" \t\n\r\x0b\x0c"
 # The most non-whitespace bytes of a statement that drops_all_statements recognises without comments.
 _RESET_ALL_LONGEST = len(b"DEALLOCATEPREPAREALL;")
+_NO_PATHS: Final[frozenset[str]] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +219,8 @@ class ClientStatements:
 
     def __init__(self, registry: StatementNames, counters: PreparedCounters) -> None:
         self.names: dict[bytes, Statement] = {}  # client name (NUL-terminated) -> server statement
-        self._paths: set[str] = set()  # the search_paths its statements were made under (kept, not pruned)
+        # The search_paths its statements were made under (kept, not pruned): nearly always one, often none.
+        self._paths = _NO_PATHS
         # The text of the statement the last Bind ran, when it may change the session (the client reads it).
         self.bound_session_sql: bytes | None = None
         self._registry = registry
@@ -325,7 +328,8 @@ class ClientStatements:
         statement = self._registry.statement(body[end:], link.search_path())
         self.names[name] = statement
         self._registry.hold(statement.server_name)
-        self._paths.add(statement.search_path)
+        if statement.search_path not in self._paths:
+            self._paths = self._paths | {statement.search_path}
         if statement.server_name in link.statements:
             link.statements.touch(statement.server_name)
             link.trusted += 1

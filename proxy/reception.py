@@ -173,11 +173,9 @@ class Reception(Login):
                         extra={"conn": client.id})
             client.fail(errors.certificate_user_mismatch(event.user))
             return b""
-        synced = event.parameters.synced
-        client.params.update(synced)
-        client.startup_params = dict(synced)
-        client.unreported = event.parameters.unreported
-        client.startup_unreported = dict(event.parameters.unreported)
+        # Never changed in place (see ClientConnection.__init__): each may name the same dict as another.
+        client.params = client.startup_params = event.parameters.synced
+        client.unreported = client.startup_unreported = event.parameters.unreported
         if client.database in ADMIN_DATABASES:
             secret = self.router.admin_secret(event.user)
         else:
@@ -334,14 +332,17 @@ class Reception(Login):
         client = self.client
         # The client is told, and its backends given, each startup value as PostgreSQL spells it: the
         # welcome says what PostgreSQL would, and a backend's report then matches what the client wants.
+        sets = pool.parameter_sets
         if client.startup_params:
             client.startup_params = {name: pool.spelled(name, value)
                                      for name, value in client.startup_params.items()}
-            client.params.update(client.startup_params)
         # The server's synced parameters with the client's over them (its own keys only after the server's).
         params = {k: v for k, v in (pool.server_params or {}).items() if k in SYNCED_PARAMETERS}
-        params.update(client.params)
-        client.params = params
+        params.update(client.startup_params)
+        # Held from now on as the pool's shared copies: idle clients are many, their parameters mostly alike.
+        client.params = sets.shared(params)
+        client.startup_params = sets.shared(client.startup_params)
+        client.unreported = client.startup_unreported = sets.shared(client.unreported)
         if client.transaction_mode:
             client.cancel_key = self.cancel_keys.register(client)
             self._greet(pool)

@@ -534,7 +534,7 @@ class ServerConnection:
             self.client.on_parameter_sync_failed(error)
         self.close(f"parameter sync failed: {error.get('C', '')} {error.get('M', '')}")
 
-    def inspect_session(self, custom_names: set[str]) -> None:
+    def inspect_session(self, custom_names: frozenset[str]) -> None:
         """Ask the backend what its session holds now (see proxy/session_state.py); the answer is consumed
         here and given to the linked client (on_session_inspected). ``custom_names``: custom settings to read.
         """

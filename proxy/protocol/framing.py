@@ -150,7 +150,9 @@ class FrameScanner:
         self._flags = kind_flags(capture, counted, neutral)
         self._max_length = max_length
         self._remaining = 0  # body bytes still to stream through for a message not held
-        self._partial = bytearray()  # an incomplete header, or an incomplete captured message or head
+        # An incomplete header, or an incomplete captured message or head; None, not an empty buffer, when
+        # there is none: a scanner at a boundary (an idle client's) holds no buffer.
+        self._partial: bytearray | None = None
         self._partial_total = 0  # bytes to hold of the captured message being assembled; 0 while assembling a header
         self._message_total = 0  # size of that whole message: more than _partial_total while holding only its head
         self._head_limit = head_limit  # 0: captured messages always come back whole
@@ -168,25 +170,24 @@ class FrameScanner:
     def holding(self) -> bool:
         """True while bytes fed are held back (a split header or captured message): the segments
         returned are then not the bytes fed, and a caller must forward segments, not raw reads."""
-        return bool(self._partial)
+        return self._partial is not None
 
     @property
     def at_boundary(self) -> bool:
         """True when the bytes fed so far end exactly at a message boundary."""
-        return not self._remaining and not self._partial
+        return not self._remaining and self._partial is None
 
     def release_held(self) -> bytes:
         """Hand back the bytes held for an incomplete message (another scanner takes over the stream)."""
-        held = bytes(self._partial)
-        self._partial.clear()
+        held, self._partial = self._partial, None
         self._partial_total = self._message_total = 0
-        return held
+        return bytes(held) if held is not None else b""
 
     @property
     def progress(self) -> int:
         """Grows as more of an unfinished message arrives: lets a timer tell a stalled sender from a
         slow one without the relay keeping a clock."""
-        return len(self._partial) - self._remaining
+        return (len(self._partial) if self._partial is not None else 0) - self._remaining
 
     @property
     def at_rest(self) -> bool:
@@ -214,7 +215,7 @@ class FrameScanner:
 
     def feed(self, data: bytes) -> list[Segment]:
         end = len(data)
-        if end >= HEADER_SIZE and not self._remaining and not self._partial:
+        if end >= HEADER_SIZE and not self._remaining and self._partial is None:
             # The common case first: a read that holds exactly one whole message.
             kind, length = _HEADER.unpack_from(data, 0)
             if length + 1 == end and 4 <= length <= self._max_length:
@@ -226,7 +227,7 @@ class FrameScanner:
         out: list[Segment] = []
         view = memoryview(data)
         pos = run_start = 0
-        intact = not self._partial
+        intact = self._partial is None
         if self._remaining:
             # The rest of a streamed body opens this chunk's pass-through run.
             pos = min(self._remaining, end)
@@ -251,7 +252,7 @@ class FrameScanner:
         if run_start < pos:
             out.append(view[run_start:pos])
         if status == WALK_HEADER_SPLIT:
-            self._partial += view[pos:]
+            self._partial = bytearray(view[pos:])
         else:  # a captured message to assemble, or the head of one
             self._start_capture(total)
             self._collect(view, pos, out)
@@ -260,6 +261,7 @@ class FrameScanner:
     def _continue_partial(self, view: memoryview, out: list[Segment]) -> int:
         """Complete a header or captured message split across reads; return how much of ``view`` it used."""
         partial = self._partial
+        assert partial is not None
         pos = 0
         if not self._partial_total:
             pos = min(HEADER_SIZE - len(partial), len(view))
@@ -274,7 +276,7 @@ class FrameScanner:
             if not flag & CAPTURE:
                 # Stream this message: its header goes out now, its body as it arrives.
                 out.append(bytes(partial))
-                partial.clear()
+                self._partial = None
                 body = total - HEADER_SIZE
                 take = min(body, len(view) - pos)
                 if take:
@@ -293,6 +295,8 @@ class FrameScanner:
         """Hold the captured message's bytes from ``view[pos:]``; pass it on once whole, or its head once
         that is here (then stream its rest through). Return how far into ``view`` it went."""
         partial = self._partial
+        if partial is None:
+            partial = self._partial = bytearray()
         take = min(self._partial_total - len(partial), len(view) - pos)
         partial += view[pos:pos + take]
         pos += take
@@ -300,7 +304,7 @@ class FrameScanner:
             return pos
         if self._partial_total == self._message_total:
             out.append(Frame(partial[0], bytes(partial)))
-            partial.clear()
+            self._partial = None
             self._partial_total = self._message_total = 0
             return pos
         head = Frame(partial[0], bytes(partial))
@@ -310,7 +314,7 @@ class FrameScanner:
             self._partial_total = self._message_total
             return self._collect(view, pos, out)
         out.append(head)
-        partial.clear()
+        self._partial = None
         body = self._message_total - self._partial_total  # the rest streams through as it arrives
         self._partial_total = self._message_total = 0
         take = min(body, len(view) - pos)

@@ -178,6 +178,32 @@ def test_a_query_mentioning_reset_never_leaves_another_clients_settings_on_the_b
     assert seen_by_plain == [f"{APP.name} 4MB"] * 2
 
 
+def test_a_setting_one_client_changes_never_reaches_clients_that_logged_in_with_the_same_parameters(pgmux) -> None:
+    # Clients with equal parameters share one copy of them (idle clients are many): a SET by one of them must
+    # change its own view only, neither another client's nor that of a client logging in afterwards.
+    proxy = pgmux(default_pool_size=1)
+
+    async def scenario() -> tuple[list[str], list[str], str, str]:
+        changer = await _connect(proxy, application_name="same-app")
+        other = await _connect(proxy, application_name="same-app")
+        await changer.execute("SET application_name = 'changed'")
+        seen_by_changer, seen_by_other = [], []
+        for _ in range(2):  # the one backend goes back and forth between them
+            seen_by_changer.append(await changer.fetchval("SHOW application_name"))
+            seen_by_other.append(await other.fetchval("SHOW application_name"))
+        newcomer = await _connect(proxy, application_name="same-app")
+        welcomed_with = newcomer.get_settings().application_name
+        shown_to_newcomer = await newcomer.fetchval("SHOW application_name")
+        for conn in (changer, other, newcomer):
+            await conn.close()
+        return seen_by_changer, seen_by_other, welcomed_with, shown_to_newcomer
+
+    seen_by_changer, seen_by_other, welcomed_with, shown_to_newcomer = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert seen_by_changer == ["changed"] * 2
+    assert seen_by_other == ["same-app"] * 2
+    assert (welcomed_with, shown_to_newcomer) == ("same-app", "same-app")
+
+
 def test_a_request_behind_a_failed_sync_never_runs_even_if_it_begins_with_rollback(pgmux, postgres, tenants) -> None:
     # Sent right behind a failed sync, a request beginning with ROLLBACK would end the aborted block the
     # sync leaves and run the rest under the previous client's search_path: it must wait for the sync.

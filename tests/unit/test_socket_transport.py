@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import struct
+import tracemalloc
 
 import pytest
 
@@ -203,6 +204,34 @@ async def test_a_write_the_kernel_cannot_take_is_queued_and_pauses_then_resumes_
     assert bytes(got) == payload
     await settle(lambda: "resume_writing" in one.protocol.events)
     assert one.transport.get_write_buffer_size() == 0
+
+
+@in_loop
+async def test_the_write_queue_lets_its_memory_go_once_drained() -> None:
+    # A slow reader of a large result makes the queue grow to the backlog; kept afterwards, that buffer would
+    # stay with an idle connection for good (thousands of them). tracemalloc sees the transport's PyMem buffer.
+    one = edge()
+    payload = os.urandom(4 * 1024 * 1024)
+    got = bytearray(len(payload))  # read into memory taken before measuring
+    tracemalloc.start()
+    try:
+        one.transport.write(payload)
+        queued = one.transport.get_write_buffer_size()
+        assert queued > 2 * 1024 * 1024  # a socket pair takes a few hundred KiB: the rest waits in the transport
+        while_queued = tracemalloc.get_traced_memory()[0]
+        view, received = memoryview(got), 0
+        one.app.setblocking(False)
+        while received < len(payload):
+            try:
+                received += one.app.recv_into(view[received:])
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+        await settle(lambda: one.transport.get_write_buffer_size() == 0)
+        drained = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert bytes(got) == payload
+    assert while_queued - drained >= queued
 
 
 @in_loop
