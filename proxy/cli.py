@@ -76,7 +76,42 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = N
           on_ready: Callable[[Any], None] | None = None) -> None:
     from proxy.app import run
 
-    run_until_stopped(run(settings, on_ready=on_ready, reload_settings=reload_settings))
+    workers = settings.worker_count()
+    if workers == 1:
+        run_until_stopped(run(settings, on_ready=on_ready, reload_settings=reload_settings))
+        return
+    serve_workers(settings, workers, reload_settings, on_ready)
+
+
+def serve_workers(settings: Settings, workers: int, reload_settings: Callable[[], Settings] | None,
+                  on_ready: Callable[[Any], None] | None) -> None:
+    """Serve with ``workers`` processes, each by its share of the limits (proxy/workers.py)."""
+    from proxy.app import run
+    from proxy.workers import Supervisor, check_shares, reserve_listeners, worker_settings
+
+    try:
+        check_shares(settings, workers)
+        settings, reserved = reserve_listeners(settings)
+    except (ValueError, OSError) as exc:
+        print(f"pgmux: cannot start {workers} workers: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    listeners = settings.listeners  # the concrete addresses: a reload keeps them (listeners need a restart)
+
+    def run_worker(index: int) -> None:
+        def reload_share() -> Settings:
+            assert reload_settings is not None
+            reloaded = reload_settings().model_copy(update={"listen": None, "listeners": listeners})
+            check_shares(reloaded, workers)
+            return worker_settings(reloaded, workers, index)
+
+        run_until_stopped(run(worker_settings(settings, workers, index), on_ready=on_ready if index == 0 else None,
+                              reload_settings=reload_share if reload_settings is not None else None, worker=index))
+
+    log.info("pgmux %s: %d workers", __version__, workers)
+    status = Supervisor(workers, run_worker).run()
+    for sock in reserved:
+        sock.close()
+    raise SystemExit(status)
 
 
 def run_until_stopped(main: Coroutine[Any, Any, None]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -312,6 +313,10 @@ class Settings(BaseSettings):
     # HTTP listeners: the largest request body read (larger ones get 413, nothing of them is buffered).
     http_max_request_size: Annotated[ByteSize, Field(ge=1)] = ByteSize(10 * 1024 * 1024)
 
+    # Worker processes sharing each listener (SO_REUSEPORT) under a supervisor; "auto": one per core. The
+    # limits above hold for the whole pgmux: each worker gets its share of them (see proxy/workers.py).
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+
     metrics_listen: Address | None = None
     log_format: Literal["plain", "json"] = "plain"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -369,6 +374,10 @@ class Settings(BaseSettings):
         if sslmode is SslMode.VERIFY_FULL:
             raise ValueError(f"listener {listener.address} (protocol http): client_tls_sslmode = verify-full "
                              "matches certificates to PostgreSQL users, which an HTTP listener cannot; use verify-ca")
+
+    def worker_count(self) -> int:
+        """How many worker processes serve: ``workers``, with "auto" the machine's cores."""
+        return self.workers if isinstance(self.workers, int) else os.cpu_count() or 1
 
     def all_databases(self) -> dict[str, DatabaseSettings]:
         """The [databases] sections plus the one the upstream_url shorthand names."""

@@ -1,0 +1,193 @@
+"""Workers: N pgmux processes sharing each listener (SO_REUSEPORT), their shares of the limits, and their supervisor.
+
+Each worker is today's single-process pgmux (its own event loop, pools and clients) serving one share of
+every limit: the shares add up to the configured limit, so PostgreSQL never sees more backends, nor pgmux
+more clients, than configured, whatever the number of workers. The supervisor binds each listener first
+(a busy port fails the start at once, and port 0 is chosen once for all), forks the workers, replaces a
+worker that dies (its clients are lost, nobody else's), passes SIGHUP, SIGTERM and SIGINT to every worker,
+and exits when all have stopped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from proxy.logs import get_logger
+from proxy.settings import DatabaseSettings, ListenerSettings, Settings, split_address
+
+log = get_logger("workers")
+
+_RESTART_DELAY: Final = 1.0  # a worker that died within this long of its start is restarted after this long
+_FORWARDED: Final = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def share(limit: int, workers: int, worker: int) -> int:
+    """Worker ``worker``'s part of ``limit`` (0: unlimited stays unlimited); the parts add up to ``limit``."""
+    if not limit:
+        return 0
+    return limit // workers + (1 if worker < limit % workers else 0)
+
+
+def check_shares(settings: Settings, workers: int) -> None:
+    """Refuse a configuration where some worker's share of a pool size would be 0 (its clients could never run)."""
+    sizes = {"default_pool_size": settings.default_pool_size}
+    sizes.update({f"databases.{name}.pool_size": db.pool_size for name, db in settings.all_databases().items()
+                  if db.pool_size})
+    for name, size in sizes.items():
+        if size < workers:
+            raise ValueError(f"{name} = {size} is smaller than workers = {workers}: each worker needs a backend "
+                             "of its own (the pool size is shared among the workers)")
+
+
+def worker_settings(settings: Settings, workers: int, worker: int) -> Settings:
+    """The settings worker ``worker`` of ``workers`` runs by: every pool size and limit replaced by its share."""
+    if workers == 1:
+        return settings
+
+    def part(limit: int) -> int:
+        return share(limit, workers, worker)
+
+    def database(db: DatabaseSettings) -> DatabaseSettings:
+        return db.model_copy(update={
+            name: part(getattr(db, name)) for name in
+            ("pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections", "max_db_client_connections")
+            if getattr(db, name)})
+
+    return settings.model_copy(update={
+        "default_pool_size": part(settings.default_pool_size),
+        "min_pool_size": part(settings.min_pool_size),
+        "reserve_pool_size": part(settings.reserve_pool_size),
+        "max_client_conn": max(1, part(settings.max_client_conn)),
+        "max_login_clients": part(settings.max_login_clients),
+        "max_db_connections": part(settings.max_db_connections),
+        "max_user_connections": part(settings.max_user_connections),
+        "max_db_client_connections": part(settings.max_db_client_connections),
+        "max_user_client_connections": part(settings.max_user_client_connections),
+        "max_wait_clients": part(settings.max_wait_clients),
+        "databases": {name: database(db) for name, db in settings.databases.items()},
+        # The upstream_url shorthand's database has no overrides: the global shares above apply to it.
+        # Only the first worker serves /metrics (a second bind of its port would fail).
+        "metrics_listen": settings.metrics_listen if worker == 0 else None,
+    })
+
+
+def reserve_listeners(settings: Settings) -> tuple[Settings, list[socket.socket]]:
+    """Bind every listener's address in the supervisor (not listening: workers accept on their own sockets).
+
+    A busy port fails here, before any worker starts; a port 0 is chosen here, once, for every worker.
+    Returns the settings with each listener's address made concrete and the sockets holding the ports.
+    """
+    reserved: list[socket.socket] = []
+    listeners: list[ListenerSettings] = []
+    try:
+        for listener in settings.all_listeners():
+            host, port = split_address(listener.address)
+            family, kind, proto, _, address = socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            sock = socket.socket(family, kind, proto)
+            reserved.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+            if port == 0:
+                listener = listener.model_copy(update={"address": f"{host}:{sock.getsockname()[1]}"})
+            listeners.append(listener)
+    except BaseException:
+        for sock in reserved:
+            sock.close()
+        raise
+    return settings.model_copy(update={"listen": None, "listeners": listeners}), reserved
+
+
+class Supervisor:
+    """Forks ``count`` workers (``run_worker(index)`` in each), replaces dead ones, fans signals out."""
+
+    def __init__(self, count: int, run_worker: Callable[[int], None]) -> None:
+        self.count = count
+        self._run_worker = run_worker
+        self.pids: dict[int, int] = {}  # pid -> worker index
+        self._started: dict[int, float] = {}  # worker index -> when its current process started
+        self._stopping = False
+
+    def run(self) -> int:
+        """Serve until every worker has stopped after SIGTERM or SIGINT; returns the exit status."""
+        waited = {signal.SIGCHLD, *_FORWARDED}
+        signal.pthread_sigmask(signal.SIG_BLOCK, waited)
+        try:
+            for index in range(self.count):
+                self._start(index)
+            while self.pids:
+                signum = signal.sigwaitinfo(waited).si_signo
+                if signum == signal.SIGCHLD:
+                    self._reap()
+                else:
+                    self._forward(signum)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, waited)
+        log.info("all workers stopped")
+        return 0
+
+    def _start(self, index: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker: its own signals, and it ends with its supervisor
+            status = 1
+            try:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD, *_FORWARDED})
+                _die_with_parent()
+                self._run_worker(index)
+                status = 0
+            except BaseException:
+                log.exception("worker %d failed", index)
+            finally:
+                os._exit(status)
+        self.pids[pid] = index
+        self._started[index] = time.monotonic()
+        log.info("worker %d started (pid %d)", index, pid)
+
+    def _reap(self) -> None:
+        while self.pids:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return
+            index = self.pids.pop(pid, None)
+            if index is None:
+                continue
+            if self._stopping:
+                log.info("worker %d (pid %d) stopped", index, pid)
+                continue
+            log.error("worker %d (pid %d) died (%s); starting a new one", index, pid, _describe(status))
+            if time.monotonic() - self._started[index] < _RESTART_DELAY:
+                time.sleep(_RESTART_DELAY)  # a worker that cannot start must not be forked in a tight loop
+            self._start(index)
+
+    def _forward(self, signum: int) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self._stopping = True
+        log.info("%s: passing it to %d worker(s)", signal.Signals(signum).name, len(self.pids))
+        for pid in self.pids:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass  # died meanwhile: reaped at its SIGCHLD
+
+
+def _die_with_parent() -> None:
+    """Have Linux send this worker SIGTERM when its supervisor dies (even by SIGKILL): no orphaned workers."""
+    try:
+        libc: Any = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the supervisor's own exit still stops them
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
