@@ -1,0 +1,54 @@
+"""Each worker's share of the limits: the shares add up to what is configured, and unlimited stays unlimited."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.settings import load_settings
+from proxy.workers import check_shares, share, worker_settings
+
+UPSTREAM = "postgresql://app:secret@db.example.com/app"
+
+
+@pytest.mark.parametrize("limit", [0, 1, 2, 3, 7, 20, 1000])
+@pytest.mark.parametrize("workers", [1, 2, 3, 8])
+def test_the_shares_of_a_limit_add_up_to_the_limit_and_differ_by_at_most_one(limit: int, workers: int) -> None:
+    parts = [share(limit, workers, worker) for worker in range(workers)]
+    if limit == 0:
+        assert parts == [0] * workers  # 0 means unlimited: every worker is unlimited
+    else:
+        assert sum(parts) == limit
+        assert max(parts) - min(parts) <= 1
+
+
+def test_every_pool_size_and_limit_is_split_among_the_workers() -> None:
+    settings = load_settings(None, [], upstream_url=UPSTREAM, default_pool_size=5, max_client_conn=101,
+                             max_db_connections=9, max_user_connections=0,
+                             databases={"other": {"url": "postgresql://o:p@db.example.com/other", "pool_size": 4}})
+    first, second = (worker_settings(settings, 2, worker) for worker in (0, 1))
+    assert (first.default_pool_size, second.default_pool_size) == (3, 2)
+    assert (first.max_client_conn, second.max_client_conn) == (51, 50)
+    assert (first.max_db_connections, second.max_db_connections) == (5, 4)
+    assert first.max_user_connections == second.max_user_connections == 0
+    assert first.databases["other"].pool_size == second.databases["other"].pool_size == 2
+    assert worker_settings(settings, 1, 0) is settings
+
+
+def test_only_the_first_worker_serves_metrics() -> None:
+    settings = load_settings(None, [], upstream_url=UPSTREAM, metrics_listen="127.0.0.1:9127")
+    assert worker_settings(settings, 2, 0).metrics_listen == "127.0.0.1:9127"
+    assert worker_settings(settings, 2, 1).metrics_listen is None
+
+
+def test_a_pool_smaller_than_the_number_of_workers_is_refused_naming_the_setting() -> None:
+    settings = load_settings(None, [], upstream_url=UPSTREAM, default_pool_size=2)
+    check_shares(settings, 2)
+    with pytest.raises(ValueError, match="default_pool_size = 2 is smaller than workers = 3"):
+        check_shares(settings, 3)
+
+
+def test_workers_auto_is_the_number_of_cores() -> None:
+    import os
+
+    assert load_settings(None, ["--workers", "auto"], upstream_url=UPSTREAM).worker_count() == (os.cpu_count() or 1)
+    assert load_settings(None, [], upstream_url=UPSTREAM).worker_count() == 1
