@@ -87,7 +87,8 @@ def serve_workers(settings: Settings, workers: int, reload_settings: Callable[[]
                   on_ready: Callable[[Any], None] | None) -> None:
     """Serve with ``workers`` processes, each by its share of the limits (proxy/workers.py)."""
     from proxy.app import run
-    from proxy.workers import Supervisor, check_shares, reserve_listeners, worker_settings
+    from proxy.workers import Supervisor, WorkerViews, check_shares, report_metrics_port, reserve_listeners, \
+        worker_settings
 
     try:
         check_shares(settings, workers)
@@ -97,20 +98,33 @@ def serve_workers(settings: Settings, workers: int, reload_settings: Callable[[]
         raise SystemExit(2) from None
     listeners = settings.listeners  # the concrete addresses: a reload keeps them (listeners need a restart)
 
-    def run_worker(index: int) -> None:
+    def run_worker(index: int, report: int | None) -> None:
         def reload_share() -> Settings:
             assert reload_settings is not None
             reloaded = reload_settings().model_copy(update={"listen": None, "listeners": listeners})
             check_shares(reloaded, workers)
             return worker_settings(reloaded, workers, index)
 
-        run_until_stopped(run(worker_settings(settings, workers, index), on_ready=on_ready if index == 0 else None,
+        def ready(proxy: Any) -> None:
+            if report is not None and proxy.metrics is not None and proxy.metrics.address is not None:
+                report_metrics_port(report, proxy.metrics.address[1])
+            if on_ready is not None and index == 0:
+                on_ready(proxy)
+
+        run_until_stopped(run(worker_settings(settings, workers, index), on_ready=ready,
                               reload_settings=reload_share if reload_settings is not None else None, worker=index))
 
     log.info("pgmux %s: %d workers", __version__, workers)
-    status = Supervisor(workers, run_worker).run()
-    for sock in reserved:
-        sock.close()
+    views = WorkerViews(workers) if settings.metrics_listen else None
+    try:
+        if views is not None and settings.metrics_listen is not None:
+            views.start(settings.metrics_listen)
+        status = Supervisor(workers, run_worker, views).run()
+    finally:
+        if views is not None:
+            views.close()
+        for sock in reserved:
+            sock.close()
     raise SystemExit(status)
 
 

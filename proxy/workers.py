@@ -5,17 +5,23 @@ every limit: the shares add up to the configured limit, so PostgreSQL never sees
 more clients, than configured, whatever the number of workers. The supervisor binds each listener first
 (a busy port fails the start at once, and port 0 is chosen once for all), forks the workers, replaces a
 worker that dies (its clients are lost, nobody else's), passes SIGHUP, SIGTERM and SIGINT to every worker,
-and exits when all have stopped.
+and exits when all have stopped. With ``metrics_listen`` the supervisor serves /metrics, /healthz and /readyz
+for the whole pgmux: each worker serves its own on a private loopback port, and the supervisor asks them all.
 """
 
 from __future__ import annotations
 
 import ctypes
+import http.server
 import os
+import re
 import signal
 import socket
+import threading
 import time
-from collections.abc import Callable
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from proxy.logs import get_logger
@@ -26,6 +32,9 @@ log = get_logger("workers")
 _RESTART_DELAY: Final = 1.0  # a worker that died within this long of its start is restarted after this long
 _FORWARDED: Final = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 _PR_SET_PDEATHSIG: Final = 1
+_PRIVATE_METRICS: Final = "127.0.0.1:0"  # where each worker serves its own metrics for the supervisor
+_SCRAPE_TIMEOUT: Final = 5.0
+_SAMPLE: Final = re.compile(r"([^\s{]+)(?:\{(.*)\})?(\s.*)")
 
 
 def share(limit: int, workers: int, worker: int) -> int:
@@ -73,8 +82,8 @@ def worker_settings(settings: Settings, workers: int, worker: int) -> Settings:
         "max_wait_clients": part(settings.max_wait_clients),
         "databases": {name: database(db) for name, db in settings.databases.items()},
         # The upstream_url shorthand's database has no overrides: the global shares above apply to it.
-        # Only the first worker serves /metrics (a second bind of its port would fail).
-        "metrics_listen": settings.metrics_listen if worker == 0 else None,
+        # The supervisor serves metrics_listen; each worker answers it on a private port (WorkerViews).
+        "metrics_listen": _PRIVATE_METRICS if settings.metrics_listen else None,
     })
 
 
@@ -106,12 +115,150 @@ def reserve_listeners(settings: Settings) -> tuple[Settings, list[socket.socket]
     return settings.model_copy(update={"listen": None, "listeners": listeners}), reserved
 
 
-class Supervisor:
-    """Forks ``count`` workers (``run_worker(index)`` in each), replaces dead ones, fans signals out."""
+def merge_expositions(texts: Mapping[int, str]) -> str:
+    """One Prometheus text from each worker's (by worker index): every sample labelled ``worker="N"``, each
+    metric family's HELP and TYPE once, its samples from all workers together (as the format requires)."""
+    families: dict[str, list[str]] = {}  # family -> its HELP/TYPE lines, then its samples; in first-seen order
+    for worker, text in sorted(texts.items()):
+        family = ""
+        for line in text.splitlines():
+            if line.startswith("# "):
+                words = line.split(" ", 3)
+                if len(words) >= 3 and words[1] in ("HELP", "TYPE"):
+                    family = words[2]
+                    lines = families.setdefault(family, [])
+                    if line not in lines:
+                        lines.append(line)
+                continue
+            match = _SAMPLE.fullmatch(line)
+            if match is None:
+                continue
+            name, labels, rest = match.groups()
+            labelled = f'worker="{worker}"' + (f",{labels}" if labels else "")
+            families.setdefault(family or name, []).append(f"{name}{{{labelled}}}{rest}")
+    return "".join(line + "\n" for lines in families.values() for line in lines)
 
-    def __init__(self, count: int, run_worker: Callable[[int], None]) -> None:
+
+class WorkerViews:
+    """The whole pgmux's /metrics, /healthz and /readyz, served by the supervisor from its workers' own.
+
+    Each worker tells its private metrics port through a pipe once it listens; a scrape asks every worker
+    (in a thread of the supervisor: the supervisor has no event loop, and a scrape must not wait on signals).
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._lock = threading.Lock()
+        self._pipes: dict[int, int] = {}  # worker index -> the read end its current process reports on
+        self._ports: dict[int, int] = {}  # worker index -> its private metrics port, once reported
+        self._server: http.server.ThreadingHTTPServer | None = None
+
+    def new_worker(self, index: int) -> int:
+        """A pipe for worker ``index``'s next process: returns the write end it reports its port on."""
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        with self._lock:
+            old = self._pipes.pop(index, None)
+            if old is not None:
+                os.close(old)
+            self._ports.pop(index, None)
+            self._pipes[index] = read
+        return write
+
+    def _ports_now(self) -> dict[int, int]:
+        with self._lock:
+            for index, read in self._pipes.items():
+                if index not in self._ports:
+                    try:
+                        reported = os.read(read, 64)
+                    except BlockingIOError:
+                        continue
+                    if reported.strip().isdigit():
+                        self._ports[index] = int(reported)
+            return dict(self._ports)
+
+    def _ask(self, port: int, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=_SCRAPE_TIMEOUT) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as refused:
+            return refused.code, refused.read().decode()
+        except OSError as exc:
+            return 503, f"unreachable: {exc}\n"
+
+    def respond(self, path: str) -> tuple[int, str]:
+        """(status, body) for ``path`` on behalf of the whole pgmux."""
+        ports = self._ports_now()
+        missing = [index for index in range(self.count) if index not in ports]
+        if path == "/metrics":
+            texts = {}
+            for index, port in ports.items():
+                status, text = self._ask(port, path)
+                if status == 200:
+                    texts[index] = text
+            return 200, merge_expositions(texts)
+        if path == "/healthz":
+            return 200, "ok\n"
+        if path == "/readyz":
+            reasons = [f"worker {index}: starting" for index in missing]
+            for index, port in sorted(ports.items()):
+                status, text = self._ask(port, path)
+                if status != 200:
+                    reasons += [f"worker {index}: {line}" for line in text.splitlines() if line != "not ready"]
+            if reasons:
+                return 503, "not ready\n" + "".join(reason + "\n" for reason in reasons)
+            return 200, "ready\n"
+        if path == "/":
+            return 200, "pgmux: /metrics /healthz /readyz\n"
+        return 404, "not found\n"
+
+    def start(self, address: str) -> None:
+        host, port = split_address(address)
+        views = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                status, body = views.respond(self.path.split("?", 1)[0])
+                data = body.encode()
+                self.send_response(status)
+                kind = "text/plain; version=0.0.4; charset=utf-8" if self.path.startswith("/metrics") else \
+                    "text/plain; charset=utf-8"
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # probes every few seconds would flood the log
+
+        self._server = http.server.ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        bound = self._server.server_address
+        log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz), for all %d workers", bound[0],
+                 bound[1], self.count)
+        threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True).start()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+def report_metrics_port(write: int, port: int) -> None:
+    """In a worker: tell the supervisor where its own metrics are served."""
+    os.write(write, f"{port}\n".encode())
+    os.close(write)
+
+
+class Supervisor:
+    """Forks ``count`` workers (``run_worker(index, report)`` in each: ``report`` a pipe's write end for its
+    metrics port, or None), replaces dead ones, fans signals out."""
+
+    def __init__(self, count: int, run_worker: Callable[[int, int | None], None],
+                 views: WorkerViews | None = None) -> None:
         self.count = count
         self._run_worker = run_worker
+        self._views = views
         self.pids: dict[int, int] = {}  # pid -> worker index
         self._started: dict[int, float] = {}  # worker index -> when its current process started
         self._stopping = False
@@ -135,18 +282,21 @@ class Supervisor:
         return 0
 
     def _start(self, index: int) -> None:
+        report = self._views.new_worker(index) if self._views is not None else None
         pid = os.fork()
         if pid == 0:  # the worker: its own signals, and it ends with its supervisor
             status = 1
             try:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD, *_FORWARDED})
                 _die_with_parent()
-                self._run_worker(index)
+                self._run_worker(index, report)
                 status = 0
             except BaseException:
                 log.exception("worker %d failed", index)
             finally:
                 os._exit(status)
+        if report is not None:
+            os.close(report)
         self.pids[pid] = index
         self._started[index] = time.monotonic()
         log.info("worker %d started (pid %d)", index, pid)

@@ -7,9 +7,11 @@ import asyncio
 import re
 import signal
 import time
+import urllib.error
 
 import asyncpg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pgusers import APP, APP_DATABASE
 
@@ -158,3 +160,45 @@ def test_sighup_reloads_every_worker_and_sigterm_drains_them_and_ends_the_superv
     assert process.process.returncode == 0
     log = process.log_path.read_text()
     assert log.count("pgmux stopped") == 2 and "all workers stopped" in log
+
+
+def test_metrics_and_readiness_answer_for_every_worker(pgmux_process) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:  # a free loopback port for the supervisor's metrics listener
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    process = pgmux_process(PGMUX_WORKERS="2", PGMUX_METRICS_LISTEN=f"127.0.0.1:{metrics_port}")
+    _wait_for_listeners(process, 2)
+    port = process.ports()[0]
+
+    async def clients() -> list[asyncpg.Connection]:
+        return [await _connect(port) for _ in range(8)]
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}{path}", timeout=10) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as refused:
+            return refused.code, refused.read().decode()
+
+    loop = asyncio.new_event_loop()
+    try:
+        held = loop.run_until_complete(clients())
+        deadline = time.monotonic() + 20
+        while get("/readyz")[0] != 200:  # each worker ready once its upstream check has passed
+            assert time.monotonic() < deadline, get("/readyz")
+            time.sleep(0.2)
+        status, text = get("/metrics")
+        assert status == 200
+        connected = {int(worker): float(value) for worker, value in re.findall(
+            r'^pgmux_client_connections\{worker="(\d)"[^}]*\} (\S+)$', text, re.M)}
+        assert set(connected) == {0, 1} and sum(connected.values()) == 8
+        assert text.count("# TYPE pgmux_client_connections gauge") == 1
+        families = list(text_string_to_metric_families(text))  # valid Prometheus text, as a whole
+        assert len({family.name for family in families}) == len(families)
+        for conn in held:
+            loop.run_until_complete(conn.close())
+    finally:
+        loop.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.settings import load_settings
-from proxy.workers import check_shares, share, worker_settings
+from proxy.workers import check_shares, merge_expositions, share, worker_settings
 
 UPSTREAM = "postgresql://app:secret@db.example.com/app"
 
@@ -34,10 +34,23 @@ def test_every_pool_size_and_limit_is_split_among_the_workers() -> None:
     assert worker_settings(settings, 1, 0) is settings
 
 
-def test_only_the_first_worker_serves_metrics() -> None:
-    settings = load_settings(None, [], upstream_url=UPSTREAM, metrics_listen="127.0.0.1:9127")
-    assert worker_settings(settings, 2, 0).metrics_listen == "127.0.0.1:9127"
-    assert worker_settings(settings, 2, 1).metrics_listen is None
+def test_each_worker_serves_its_metrics_on_a_private_loopback_port_for_the_supervisor() -> None:
+    settings = load_settings(None, [], upstream_url=UPSTREAM, metrics_listen="0.0.0.0:9127")
+    assert worker_settings(settings, 2, 0).metrics_listen == worker_settings(settings, 2, 1).metrics_listen \
+        == "127.0.0.1:0"
+    assert worker_settings(load_settings(None, [], upstream_url=UPSTREAM), 2, 1).metrics_listen is None
+
+
+def test_merged_metrics_label_every_sample_with_its_worker_and_keep_each_family_together() -> None:
+    first = ('# HELP pgmux_clients Clients.\n# TYPE pgmux_clients gauge\npgmux_clients{state="active"} 3.0\n'
+             '# HELP pgmux_up Up.\n# TYPE pgmux_up gauge\npgmux_up 1.0\n')
+    second = ('# HELP pgmux_clients Clients.\n# TYPE pgmux_clients gauge\npgmux_clients{state="active"} 4.0\n'
+              '# HELP pgmux_up Up.\n# TYPE pgmux_up gauge\npgmux_up 1.0\n')
+    assert merge_expositions({1: second, 0: first}).splitlines() == [
+        "# HELP pgmux_clients Clients.", "# TYPE pgmux_clients gauge",
+        'pgmux_clients{worker="0",state="active"} 3.0', 'pgmux_clients{worker="1",state="active"} 4.0',
+        "# HELP pgmux_up Up.", "# TYPE pgmux_up gauge", 'pgmux_up{worker="0"} 1.0', 'pgmux_up{worker="1"} 1.0',
+    ]
 
 
 def test_a_pool_smaller_than_the_number_of_workers_is_refused_naming_the_setting() -> None:
