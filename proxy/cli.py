@@ -87,13 +87,11 @@ def serve_workers(settings: Settings, workers: int, reload_settings: Callable[[]
                   on_ready: Callable[[Any], None] | None) -> None:
     """Serve with ``workers`` processes, each by its share of the limits (proxy/workers.py)."""
     from proxy.app import run
-    from proxy.workers import Supervisor, WorkerViews, check_shares, report_metrics_port, reserve_listeners, \
-        worker_settings
+    from proxy.workers import Supervisor, WorkerViews, report_metrics_port, reserve_listeners, worker_settings
 
     try:
-        check_shares(settings, workers)
         settings, reserved = reserve_listeners(settings)
-    except (ValueError, OSError) as exc:
+    except OSError as exc:
         print(f"pgmux: cannot start {workers} workers: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     listeners = settings.listeners  # the concrete addresses: a reload keeps them (listeners need a restart)
@@ -102,7 +100,6 @@ def serve_workers(settings: Settings, workers: int, reload_settings: Callable[[]
         def reload_share() -> Settings:
             assert reload_settings is not None
             reloaded = reload_settings().model_copy(update={"listen": None, "listeners": listeners})
-            check_shares(reloaded, workers)
             return worker_settings(reloaded, workers, index)
 
         def ready(proxy: Any) -> None:

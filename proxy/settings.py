@@ -351,6 +351,7 @@ class Settings(BaseSettings):
             raise ValueError(f"two listeners share an address: {addresses}")
         for listener in self.all_listeners():
             self._check_http_listener(listener)
+        self._check_worker_shares()
         for name, user in self.users.items():
             _check_user_secret(name, user.password.get_secret_value())
         seen: dict[str, str] = {}
@@ -361,6 +362,17 @@ class Settings(BaseSettings):
                                      f"[databases.{name}]")
                 seen[host.lower()] = name
         return self
+
+    def _check_worker_shares(self) -> None:
+        """Each worker serves a share of every pool size (proxy/workers.py): none may be left without a backend."""
+        workers = self.worker_count()
+        sizes = {"default_pool_size": self.default_pool_size}
+        sizes.update({f"databases.{name}.pool_size": db.pool_size for name, db in self.databases.items()
+                      if db.pool_size})
+        for name, size in sizes.items():
+            if size < workers:
+                raise ValueError(f"{name} = {size} is smaller than workers = {workers}: each worker needs a backend "
+                                 "of its own (the pool size is shared among the workers)")
 
     def _check_http_listener(self, listener: ListenerSettings) -> None:
         if listener.protocol != "http":

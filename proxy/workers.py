@@ -44,17 +44,6 @@ def share(limit: int, workers: int, worker: int) -> int:
     return limit // workers + (1 if worker < limit % workers else 0)
 
 
-def check_shares(settings: Settings, workers: int) -> None:
-    """Refuse a configuration where some worker's share of a pool size would be 0 (its clients could never run)."""
-    sizes = {"default_pool_size": settings.default_pool_size}
-    sizes.update({f"databases.{name}.pool_size": db.pool_size for name, db in settings.all_databases().items()
-                  if db.pool_size})
-    for name, size in sizes.items():
-        if size < workers:
-            raise ValueError(f"{name} = {size} is smaller than workers = {workers}: each worker needs a backend "
-                             "of its own (the pool size is shared among the workers)")
-
-
 def worker_settings(settings: Settings, workers: int, worker: int) -> Settings:
     """The settings worker ``worker`` of ``workers`` runs by: every pool size and limit replaced by its share."""
     if workers == 1:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from proxy.settings import load_settings
-from proxy.workers import check_shares, merge_expositions, share, worker_settings
+from proxy.workers import merge_expositions, share, worker_settings
 
 UPSTREAM = "postgresql://app:secret@db.example.com/app"
 
@@ -54,10 +55,12 @@ def test_merged_metrics_label_every_sample_with_its_worker_and_keep_each_family_
 
 
 def test_a_pool_smaller_than_the_number_of_workers_is_refused_naming_the_setting() -> None:
-    settings = load_settings(None, [], upstream_url=UPSTREAM, default_pool_size=2)
-    check_shares(settings, 2)
-    with pytest.raises(ValueError, match="default_pool_size = 2 is smaller than workers = 3"):
-        check_shares(settings, 3)
+    load_settings(None, [], upstream_url=UPSTREAM, default_pool_size=2, workers=2)
+    with pytest.raises(ValidationError, match="default_pool_size = 2 is smaller than workers = 3"):
+        load_settings(None, [], upstream_url=UPSTREAM, default_pool_size=2, workers=3)
+    with pytest.raises(ValidationError, match="databases.other.pool_size = 1 is smaller than workers = 2"):
+        load_settings(None, [], upstream_url=UPSTREAM, workers=2,
+                      databases={"other": {"url": "postgresql://o:p@db.example.com/other", "pool_size": 1}})
 
 
 def test_workers_auto_is_the_number_of_cores() -> None:
