@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from proxy import BUILD, __version__
-from proxy.logs import get_logger, setup_logging
+from proxy.logs import get_logger, label_worker, setup_logging
 from proxy.settings import Settings, load_settings
 
 log = get_logger("cli")
@@ -97,6 +97,7 @@ def serve_workers(settings: Settings, workers: int, reload_settings: Callable[[]
     listeners = settings.listeners  # the concrete addresses: a reload keeps them (listeners need a restart)
 
     def run_worker(index: int, report: int | None) -> None:
+        label_worker(index)
         def reload_share() -> Settings:
             assert reload_settings is not None
             reloaded = reload_settings().model_copy(update={"listen": None, "listeners": listeners})
