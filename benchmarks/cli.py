@@ -230,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
 def _availability(scenario: Scenario, env: BenchEnv, target_name: str) -> tuple[bool, str | None]:
     """Whether ``target_name`` can take part in ``scenario`` here, and if not why (the report says it)."""
     available, reason = env.available(target_name, scenario.auth, scenario.client_tls, scenario.http_listener)
+    if available and scenario.pgmux_only and target_name != "pgmux":
+        return False, scenario.pgmux_only
     if available:
         reason = scenario.missing(env)
     return reason is None, reason

@@ -188,11 +188,10 @@ class ConnectPerTransactionWorkers(ConnectPerTransactionTrust):
                    "second worker mostly competes with them: the row shows whether it costs or gains anything here, "
                    "not how pgmux scales on a machine with cores to spare.")
     interleaved = False
+    pgmux_only = "compares pgmux's worker counts: pgmux only"
     WORKERS = (1, 2)
 
     def run(self, cfg: RunConfig, env: BenchEnv, target: Target, params: dict[str, Any]) -> Result:
-        if target.name != "pgmux":
-            return {"status": "unavailable", "reason": "compares pgmux's worker counts: pgmux only"}
         if target.process is not None:
             target.process.stop()  # each worker count gets a pgmux of its own
         runs: dict[str, Result] = {}
