@@ -98,6 +98,7 @@ def serve_workers(settings: Settings, workers: int, reload_settings: Callable[[]
 
     def run_worker(index: int, report: int | None) -> None:
         label_worker(index)
+
         def reload_share() -> Settings:
             assert reload_settings is not None
             reloaded = reload_settings().model_copy(update={"listen": None, "listeners": listeners})

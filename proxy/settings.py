@@ -364,15 +364,22 @@ class Settings(BaseSettings):
         return self
 
     def _check_worker_shares(self) -> None:
-        """Each worker serves a share of every pool size (proxy/workers.py): none may be left without a backend."""
+        """Each worker serves a share of every pool size and limit (proxy/workers.py): a share of 0 would leave a
+        worker without a backend, or (0 meaning no limit) unlimited."""
         workers = self.worker_count()
-        sizes = {"default_pool_size": self.default_pool_size}
-        sizes.update({f"databases.{name}.pool_size": db.pool_size for name, db in self.databases.items()
-                      if db.pool_size})
-        for name, size in sizes.items():
-            if size < workers:
-                raise ValueError(f"{name} = {size} is smaller than workers = {workers}: each worker needs a backend "
-                                 "of its own (the pool size is shared among the workers)")
+        if workers == 1:
+            return
+        shared = ("default_pool_size", "max_client_conn", "max_login_clients", "max_db_connections",
+                  "max_user_connections", "max_db_client_connections", "max_user_client_connections",
+                  "max_wait_clients")
+        limits = {name: getattr(self, name) for name in shared}
+        for database, db in self.databases.items():
+            limits.update({f"databases.{database}.{name}": getattr(db, name)
+                           for name in ("pool_size", "max_db_connections", "max_db_client_connections")})
+        for name, limit in limits.items():
+            if limit and limit < workers:
+                raise ValueError(f"{name} = {limit} is smaller than workers = {workers}: each worker serves a share "
+                                 "of it, and every share must be at least 1")
 
     def _check_http_listener(self, listener: ListenerSettings) -> None:
         if listener.protocol != "http":

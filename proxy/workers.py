@@ -62,7 +62,7 @@ def worker_settings(settings: Settings, workers: int, worker: int) -> Settings:
         "default_pool_size": part(settings.default_pool_size),
         "min_pool_size": part(settings.min_pool_size),
         "reserve_pool_size": part(settings.reserve_pool_size),
-        "max_client_conn": max(1, part(settings.max_client_conn)),
+        "max_client_conn": part(settings.max_client_conn),
         "max_login_clients": part(settings.max_login_clients),
         "max_db_connections": part(settings.max_db_connections),
         "max_user_connections": part(settings.max_user_connections),

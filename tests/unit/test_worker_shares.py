@@ -54,10 +54,13 @@ def test_merged_metrics_label_every_sample_with_its_worker_and_keep_each_family_
     ]
 
 
-def test_a_pool_smaller_than_the_number_of_workers_is_refused_naming_the_setting() -> None:
+def test_a_pool_or_limit_smaller_than_the_number_of_workers_is_refused_naming_the_setting() -> None:
     load_settings(None, [], upstream_url=UPSTREAM, default_pool_size=2, workers=2)
     with pytest.raises(ValidationError, match="default_pool_size = 2 is smaller than workers = 3"):
         load_settings(None, [], upstream_url=UPSTREAM, default_pool_size=2, workers=3)
+    # A share of 0 would mean no limit at all for that worker.
+    with pytest.raises(ValidationError, match="max_user_connections = 1 is smaller than workers = 2"):
+        load_settings(None, [], upstream_url=UPSTREAM, max_user_connections=1, workers=2)
     with pytest.raises(ValidationError, match="databases.other.pool_size = 1 is smaller than workers = 2"):
         load_settings(None, [], upstream_url=UPSTREAM, workers=2,
                       databases={"other": {"url": "postgresql://o:p@db.example.com/other", "pool_size": 1}})
