@@ -37,7 +37,9 @@ JANITOR_PERIOD = 0.25  # how often timeouts are checked: their resolution
 class Proxy:
     """One running pgmux: owns every connection, pool and task it starts."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker: int | None = None) -> None:
+        # Which worker process this is (0..workers-1; see proxy/workers.py), None when pgmux runs as one process.
+        self.worker = worker
         admission = Admission(
             settings.max_client_conn, settings.max_db_client_connections, settings.max_user_client_connections,
             {name: db.max_db_client_connections for name, db in settings.all_databases().items()
@@ -86,7 +88,8 @@ class Proxy:
                 accept = functools.partial(self._accept, listener, index)
             # PostgreSQL listeners accept through pgmux's compiled transport where it is built; HTTP ones
             # through asyncio (h11 reads whole requests: nothing to relay).
-            server = await listen(loop, host, port, accept, compiled=listener.protocol != "http")
+            server = await listen(loop, host, port, accept, compiled=listener.protocol != "http",
+                                  reuse_port=self.worker is not None)
             self._servers.append(server)
             bound = server.sockets[0].getsockname()
             self.addresses.append((bound[0], bound[1]))
@@ -246,9 +249,13 @@ def _load_client_tls(settings: Settings, listener: ListenerSettings) -> ClientTl
     return load_client_tls(client_tls_options(settings, listener), http=listener.protocol == "http")
 
 
-async def run(settings: Settings, on_ready: Any = None, reload_settings: Callable[[], Settings] | None = None) -> None:
-    """Serve until SIGTERM (drain) or SIGINT (fast stop); SIGHUP reloads via ``reload_settings``."""
-    proxy = Proxy(settings)
+async def run(settings: Settings, on_ready: Any = None, reload_settings: Callable[[], Settings] | None = None,
+              worker: int | None = None) -> None:
+    """Serve until SIGTERM (drain) or SIGINT (fast stop); SIGHUP reloads via ``reload_settings``.
+
+    ``worker``: this process's index among the workers (its settings already its share), or None.
+    """
+    proxy = Proxy(settings, worker)
     proxy.reload_settings = reload_settings
     await proxy.start()
     loop = asyncio.get_running_loop()

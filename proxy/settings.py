@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -312,6 +313,10 @@ class Settings(BaseSettings):
     # HTTP listeners: the largest request body read (larger ones get 413, nothing of them is buffered).
     http_max_request_size: Annotated[ByteSize, Field(ge=1)] = ByteSize(10 * 1024 * 1024)
 
+    # Worker processes sharing each listener (SO_REUSEPORT) under a supervisor; "auto": one per core. The
+    # limits above hold for the whole pgmux: each worker gets its share of them (see proxy/workers.py).
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+
     metrics_listen: Address | None = None
     log_format: Literal["plain", "json"] = "plain"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -346,6 +351,7 @@ class Settings(BaseSettings):
             raise ValueError(f"two listeners share an address: {addresses}")
         for listener in self.all_listeners():
             self._check_http_listener(listener)
+        self._check_worker_shares()
         for name, user in self.users.items():
             _check_user_secret(name, user.password.get_secret_value())
         seen: dict[str, str] = {}
@@ -356,6 +362,24 @@ class Settings(BaseSettings):
                                      f"[databases.{name}]")
                 seen[host.lower()] = name
         return self
+
+    def _check_worker_shares(self) -> None:
+        """Each worker serves a share of every pool size and limit (proxy/workers.py): a share of 0 would leave a
+        worker without a backend, or (0 meaning no limit) unlimited."""
+        workers = self.worker_count()
+        if workers == 1:
+            return
+        shared = ("default_pool_size", "max_client_conn", "max_login_clients", "max_db_connections",
+                  "max_user_connections", "max_db_client_connections", "max_user_client_connections",
+                  "max_wait_clients")
+        limits = {name: getattr(self, name) for name in shared}
+        for database, db in self.databases.items():
+            limits.update({f"databases.{database}.{name}": getattr(db, name)
+                           for name in ("pool_size", "max_db_connections", "max_db_client_connections")})
+        for name, limit in limits.items():
+            if limit and limit < workers:
+                raise ValueError(f"{name} = {limit} is smaller than workers = {workers}: each worker serves a share "
+                                 "of it, and every share must be at least 1")
 
     def _check_http_listener(self, listener: ListenerSettings) -> None:
         if listener.protocol != "http":
@@ -369,6 +393,10 @@ class Settings(BaseSettings):
         if sslmode is SslMode.VERIFY_FULL:
             raise ValueError(f"listener {listener.address} (protocol http): client_tls_sslmode = verify-full "
                              "matches certificates to PostgreSQL users, which an HTTP listener cannot; use verify-ca")
+
+    def worker_count(self) -> int:
+        """How many worker processes serve: ``workers``, with "auto" the machine's cores."""
+        return self.workers if isinstance(self.workers, int) else os.cpu_count() or 1
 
     def all_databases(self) -> dict[str, DatabaseSettings]:
         """The [databases] sections plus the one the upstream_url shorthand names."""

@@ -117,6 +117,13 @@ class PgmuxProcess:
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
 
+    def signal_pid(self, pid: int, signum: int) -> None:
+        """Signal one of pgmux's own processes (a worker), checked to be a child of this one."""
+        with open(f"/proc/{pid}/stat") as stat:
+            parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        assert parent == self.process.pid, f"pid {pid} is not a worker of pgmux {self.process.pid}"
+        os.kill(pid, signum)
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
