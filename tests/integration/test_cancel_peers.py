@@ -56,14 +56,16 @@ async def _cancels_landing(owner_port: int, other_port: int, count: int) -> int:
 
 @pytest.fixture
 def peers(pgmux_process):
-    """Two pgmux processes as peers 1 and 2, each with both in [peers]; returns their ports."""
+    """Two pgmux processes as peers 1 and 2, each with both in [peers]; returns their ports (and keeps the
+    processes in ``start.processes``)."""
     def start(pool_mode: str) -> tuple[int, int]:
         ports = [_free_port(), _free_port()]
         table = '{"1": "host=127.0.0.1 port=%d", "2": "host=127.0.0.1 port=%d"}' % tuple(ports)
         for peer_id, port in ((1, ports[0]), (2, ports[1])):
-            pgmux_process("--listen", f"127.0.0.1:{port}", PGMUX_PEER_ID=str(peer_id), PGMUX_PEERS=table,
-                          PGMUX_POOL_MODE=pool_mode, PGMUX_DEFAULT_POOL_SIZE="120", PGMUX_MAX_CLIENT_CONN="500")
+            start.processes.append(pgmux_process("--listen", f"127.0.0.1:{port}", PGMUX_PEER_ID=str(peer_id), PGMUX_PEERS=table,
+                          PGMUX_POOL_MODE=pool_mode, PGMUX_DEFAULT_POOL_SIZE="120", PGMUX_MAX_CLIENT_CONN="500"))
         return ports[0], ports[1]
+    start.processes = []
     return start
 
 
@@ -90,6 +92,8 @@ def test_a_wrong_secret_forwarded_is_refused_by_its_owner_and_an_unknown_peer_is
         await conn.close()
 
     asyncio.run(scenario())
+    peers.processes[0].wait_for_log("cancel request with an unknown key ignored")  # the wrong secret, at its owner
+    peers.processes[1].wait_for_log("cancel request with an unknown key ignored")  # peer 3's key, at peer 2
 
 
 def test_forwarding_to_a_peer_that_is_down_does_not_hold_up_the_listener(pgmux) -> None:
