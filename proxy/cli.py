@@ -87,6 +87,7 @@ def serve_workers(settings: Settings, workers: int, reload_settings: Callable[[]
                   on_ready: Callable[[Any], None] | None) -> None:
     """Serve with ``workers`` processes, each by its share of the limits (proxy/workers.py)."""
     from proxy.app import run
+    from proxy.peering import WorkerRole
     from proxy.workers import Supervisor, WorkerViews, report_metrics_port, reserve_listeners, worker_settings
 
     try:
@@ -111,7 +112,8 @@ def serve_workers(settings: Settings, workers: int, reload_settings: Callable[[]
                 on_ready(proxy)
 
         run_until_stopped(run(worker_settings(settings, workers, index), on_ready=ready,
-                              reload_settings=reload_share if reload_settings is not None else None, worker=index))
+                              reload_settings=reload_share if reload_settings is not None else None,
+                              worker=WorkerRole(index, workers)))
 
     log.info("pgmux %s: %d workers", __version__, workers)
     views = WorkerViews(workers) if settings.metrics_listen else None

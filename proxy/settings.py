@@ -206,6 +206,46 @@ class ListenerSettings(_Section):
     client_tls_ciphers: str | None = None
 
 
+# PgBouncer's bound: a peer id travels in the cancel keys pgmux hands out (see proxy/cancel.py's KeyLayout).
+MAX_PEER_ID = 16383
+_PEER_KEYS = ("host", "port")
+
+
+def _peer_connection_string(value: Any) -> Any:
+    """A [peers] entry as PgBouncer writes it, "host=10.0.0.2 port=6432", read into its fields (a table passes)."""
+    if not isinstance(value, str):
+        return value
+    fields: dict[str, str] = {}
+    for pair in value.split():
+        key, equals, setting = pair.partition("=")
+        if not equals or not setting:
+            raise ValueError(f"{pair!r} is not key=value (a peer is \"host=HOST port=PORT\")")
+        if key not in _PEER_KEYS:
+            raise ValueError(f"unknown peer setting {key!r}; use {' and '.join(_PEER_KEYS)}")
+        fields[key] = setting
+    return fields
+
+
+class PeerAddress(_Section):
+    """Where a pgmux takes CancelRequests: a `[peers]` entry (another pgmux of the fleet), or a worker's private
+    cancel address. A host that begins with / is a directory holding the Unix socket .s.PGSQL.PORT, as libpq and
+    PgBouncer read it."""
+
+    host: Annotated[str, Field(min_length=1)]
+    port: Annotated[int, Field(ge=1, le=65535)] = 6432
+
+    @property
+    def unix_socket(self) -> str | None:
+        return f"{self.host}/.s.PGSQL.{self.port}" if self.host.startswith("/") else None
+
+    def __str__(self) -> str:
+        return self.unix_socket or (f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}")
+
+
+Peer = Annotated[PeerAddress, BeforeValidator(_peer_connection_string)]
+PeerId = Annotated[int, Field(ge=1, le=MAX_PEER_ID)]
+
+
 class UserSettings(_Section):
     """One `[users.NAME]` entry: a plaintext password, an md5 hash (md5...) or a SCRAM verifier (SCRAM-SHA-256$...)."""
 
@@ -317,6 +357,14 @@ class Settings(BaseSettings):
     # limits above hold for the whole pgmux: each worker gets its share of them (see proxy/workers.py).
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
 
+    # Peering, as PgBouncer names it: each pgmux of a fleet behind one address (a load balancer, a Kubernetes
+    # Service) has its own peer_id (1..16383; 0: no peering), and [peers] says where each other one takes
+    # CancelRequests ("host=10.0.0.2 port=6432", or a table with host and port). A CancelRequest carrying another
+    # peer's key is forwarded there once (proxy/cancel.py: KeyLayout). Every peer should list the same ids: the
+    # largest decides how many bits of the key carry it.
+    peer_id: Annotated[int, Field(ge=0, le=MAX_PEER_ID)] = 0
+    peers: dict[PeerId, Peer] = {}
+
     metrics_listen: Address | None = None
     log_format: Literal["plain", "json"] = "plain"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -354,6 +402,8 @@ class Settings(BaseSettings):
         self._check_worker_shares()
         for name, user in self.users.items():
             _check_user_secret(name, user.password.get_secret_value())
+        if self.peers and not self.peer_id:
+            raise ValueError("[peers] is set but peer_id is not: give this pgmux its own peer_id (1..16383)")
         seen: dict[str, str] = {}
         for name, database in self.databases.items():
             for host in database.server_names:

@@ -122,6 +122,21 @@ async def connect(loop: asyncio.AbstractEventLoop, host: str, port: int, unix_so
     raise failure or OSError(errno.EHOSTUNREACH, f"no address for {host}")
 
 
+async def deliver_cancel_request(loop: asyncio.AbstractEventLoop, host: str, port: int, unix_socket: str | None,
+                                 request: bytes, timeout: float) -> None:
+    """Send a CancelRequest over a connection of its own and wait until the other end closes it, as libpq does:
+    PostgreSQL closes it once the backend is signalled, a pgmux once it has handed the request on. Raises
+    TimeoutError past ``timeout``, OSError when the other end cannot be reached."""
+    async with asyncio.timeout(timeout):
+        sock = await connect(loop, host, port, unix_socket)
+        try:
+            await loop.sock_sendall(sock, request)
+            while await loop.sock_recv(sock, 256):
+                pass  # nothing is answered; read to the close
+        finally:
+            sock.close()
+
+
 def bytes_waiting(sock: socket.socket) -> bool:
     """Whether bytes are waiting on ``sock`` (read without taking them)."""
     try:
