@@ -7,25 +7,32 @@ more clients, than configured, whatever the number of workers. The supervisor bi
 worker that dies (its clients are lost, nobody else's), passes SIGHUP, SIGTERM and SIGINT to every worker,
 and exits when all have stopped. With ``metrics_listen`` the supervisor serves /metrics, /healthz and /readyz
 for the whole pgmux: each worker serves its own on a private loopback port, and the supervisor asks them all.
+A CancelRequest the kernel hands to another worker than the one that issued its key is forwarded to that one's
+private cancel address (proxy/peering.py), a Unix socket the supervisor names before forking: a replacement
+worker takes over the same address.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import http.server
 import os
 import re
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
 from proxy.logs import get_logger
-from proxy.settings import DatabaseSettings, ListenerSettings, Settings, split_address
+from proxy.settings import DatabaseSettings, ListenerSettings, PeerAddress, Settings, split_address
 
 log = get_logger("workers")
 
@@ -34,6 +41,7 @@ _FORWARDED: Final = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 _PR_SET_PDEATHSIG: Final = 1
 _PRIVATE_METRICS: Final = "127.0.0.1:0"  # where each worker serves its own metrics for the supervisor
 _SCRAPE_TIMEOUT: Final = 5.0
+_UNIX_PATH_MAX: Final = 107  # bytes of a Unix socket's path (sun_path holds 108, with the closing NUL)
 _SAMPLE: Final = re.compile(r"([^\s{]+)(?:\{(.*)\})?(\s.*)")
 
 
@@ -102,6 +110,23 @@ def reserve_listeners(settings: Settings) -> tuple[Settings, list[socket.socket]
             sock.close()
         raise
     return settings.model_copy(update={"listen": None, "listeners": listeners}), reserved
+
+
+@contextlib.contextmanager
+def private_cancel_addresses(count: int) -> Iterator[dict[int, PeerAddress]]:
+    """Where each of ``count`` workers takes the CancelRequests its siblings forward (by worker index): a Unix
+    socket per worker (.s.PGSQL.<index + 1>, a port cannot be 0) in a directory only this user may enter, made
+    before any worker starts and removed, with whatever sockets are left in it, when the supervisor is done."""
+    directory = tempfile.mkdtemp(prefix="pgmux-cancel-")  # mode 0700; each worker makes its socket 0600 as well
+    try:
+        addresses = {index: PeerAddress(host=directory, port=index + 1) for index in range(count)}
+        longest = str(addresses[count - 1])
+        if len(os.fsencode(longest)) > _UNIX_PATH_MAX:  # refused now, not by every worker in turn as it starts
+            raise OSError(errno.ENAMETOOLONG, f"{longest} is too long for a Unix socket; set TMPDIR to a "
+                          "shorter directory")
+        yield addresses
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def merge_expositions(texts: Mapping[int, str]) -> str:
