@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -109,10 +110,13 @@ class PgmuxProcess:
 
     def ports(self) -> list[int]:
         """The ports pgmux reported listening on, in listener order."""
-        import re
-
         output = self.wait_for_log("listening on")
         return [int(port) for port in re.findall(r"listening on [^ ]+:(\d+) ", output)]
+
+    def worker_pids(self) -> dict[int, int]:
+        """Each worker's current pid (``workers`` > 1), from the supervisor's log: the latest start of each index."""
+        text = self.log_path.read_text()
+        return {int(index): int(pid) for index, pid in re.findall(r"worker (\d+) started \(pid (\d+)\)", text)}
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)

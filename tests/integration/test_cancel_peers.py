@@ -184,12 +184,6 @@ def _wait_for_workers(process, count: int) -> None:
         time.sleep(0.05)
 
 
-def _worker_pids(process) -> dict[int, int]:
-    """Each worker's current pid, from the supervisor's log (the latest start of each index)."""
-    text = process.log_path.read_text()
-    return {int(index): int(pid) for index, pid in re.findall(r"worker (\d+) started \(pid (\d+)\)", text)}
-
-
 def _per_worker(metrics_port: int, sample: str) -> dict[int, float]:
     """``sample`` (a metric name with its labels after worker's, as pgmux exposes them) by worker, from the
     supervisor's /metrics."""
@@ -253,7 +247,7 @@ def test_cancels_for_a_killed_workers_sessions_are_dropped_and_its_replacement_t
         dead_keys = [_key(conn) for conn in first if worker_of(conn) == 1]
         survivors = [conn for conn in first if worker_of(conn) == 0]
         assert dead_keys and survivors  # the kernel spread them over both workers
-        process.signal_pid(_worker_pids(process)[1], signal.SIGKILL)
+        process.signal_pid(process.worker_pids()[1], signal.SIGKILL)
         _wait_for_workers(process, 3)  # worker 1 again, on the address its predecessor had
         later = [await connect() for _ in range(20)]
         assert {worker_of(conn) for conn in later} == {0, 1}

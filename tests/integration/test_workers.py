@@ -21,12 +21,6 @@ async def _connect(port: int) -> asyncpg.Connection:
                                  database=APP_DATABASE, statement_cache_size=0, ssl=False)
 
 
-def _worker_pids(process) -> dict[int, int]:
-    """Each worker's current pid, from the supervisor's log (the latest start of each index)."""
-    text = process.log_path.read_text()
-    return {int(index): int(pid) for index, pid in re.findall(r"worker (\d+) started \(pid (\d+)\)", text)}
-
-
 def _wait_for_listeners(process, count: int) -> None:
     deadline = time.monotonic() + 20
     while process.log_path.read_text().count("listening on") < count:
@@ -73,7 +67,7 @@ def test_two_workers_keep_postgres_backends_within_the_pool_size_for_1000_client
 
     asyncio.run(scenario())
     assert 0 < most <= 4
-    assert len(set(_worker_pids(process).values())) == 2
+    assert len(set(process.worker_pids().values())) == 2
 
 
 def test_a_client_storm_is_refused_with_53300_within_the_global_client_limit(pgmux_process) -> None:
@@ -100,7 +94,7 @@ def test_a_worker_killed_with_sigkill_is_replaced_and_the_other_workers_clients_
     process = pgmux_process(PGMUX_WORKERS="2")
     _wait_for_listeners(process, 2)
     port = process.ports()[0]
-    victim = _worker_pids(process)[1]
+    victim = process.worker_pids()[1]
 
     async def scenario() -> None:
         clients = [await _connect(port) for _ in range(12)]
@@ -118,7 +112,7 @@ def test_a_worker_killed_with_sigkill_is_replaced_and_the_other_workers_clients_
         assert 0 < survivors < len(clients)  # the kernel spread 12 clients over both workers
         process.wait_for_log(f"worker 1 (pid {victim}) died (killed by SIGKILL)")
         deadline = time.monotonic() + 20
-        while _worker_pids(process)[1] == victim:
+        while process.worker_pids()[1] == victim:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         _wait_for_listeners(process, 3)
