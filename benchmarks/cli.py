@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="the pgbouncer binary (default: from PATH or /usr/sbin); 'none' leaves PgBouncer out")
     parser.add_argument("--pgmux-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for `python -m proxy serve` (repeatable), e.g. --pgmux-arg=--x=1")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="pgmux's worker processes (default 1; connect_workers compares 1 and 2 whatever this is)")
     parser.add_argument("--steady-clients", default=None, help="override steady client counts, e.g. 10,50")
     parser.add_argument("--steady-repeats", type=int, default=None,
                         help="times each pgbench configuration runs per target; the median-tps run is reported "
@@ -174,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"quick": quick, "duration": duration, "pool_size": args.pool_size, "pool_mode": args.pool_mode,
                    "query_wait_timeout": wait_timeout, "scenarios": cfg.scenarios, "targets": cfg.targets,
                    "scale": args.scale, "time_budget_s": budget, "pgmux_args": args.pgmux_arg,
+                   "workers": args.workers,
                    "partial": (cfg.scenarios != list(SCENARIOS) or cfg.targets != list(TARGETS) or bool(extra)
                                or args.direct_url is not None),
                    "harness_nofile": list(nofile), "harness_loop": loop_impl, "overrides": extra},
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": {},
     }
     settings = PoolerSettings(pool_size=args.pool_size, pool_mode=args.pool_mode, query_wait_timeout=wait_timeout,
-                              pgmux_args=list(args.pgmux_arg))
+                              pgmux_args=list(args.pgmux_arg), workers=args.workers)
     interrupted = False
     started_processes: list[dict[str, Any]] = []
     try:
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["targets"][name] = {"available": available, "reason": reason}
             results["targets"]["direct"] = {**results["targets"].get("direct", {"available": True, "reason": None}),
                                             "url": redact(env.upstream_url())}
-            results["pgmux_command"] = " ".join(env.pgmux_argv(0)[1:]).replace(":0 ", ":PORT ")
+            results["pgmux_command"] = " ".join(env.pgmux_argv(0, workers=args.workers)[1:]).replace(":0 ", ":PORT ")
             for scenario_name in cfg.scenarios:
                 scenario = SCENARIOS[scenario_name]
                 params = scenario.params(cfg, env)
@@ -227,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
 def _availability(scenario: Scenario, env: BenchEnv, target_name: str) -> tuple[bool, str | None]:
     """Whether ``target_name`` can take part in ``scenario`` here, and if not why (the report says it)."""
     available, reason = env.available(target_name, scenario.auth, scenario.client_tls, scenario.http_listener)
+    if available and scenario.pgmux_only and target_name != "pgmux":
+        return False, scenario.pgmux_only
     if available:
         reason = scenario.missing(env)
     return reason is None, reason

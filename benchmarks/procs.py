@@ -151,14 +151,22 @@ def run_bounded(argv: Sequence[str], *, env: Mapping[str, str], timeout: float,
 
 
 def process_cpu_times(pid: int | None) -> tuple[float, float] | None:
-    """(user, system) CPU seconds of one process (not its children), or None if it is gone/unknown."""
+    """(user, system) CPU seconds of one process and its live children (pgmux's workers: one process
+    with workers = 1), or None if it is gone/unknown."""
     if pid is None:
         return None
     try:
-        times = psutil.Process(pid).cpu_times()
+        process = psutil.Process(pid)
+        user, system = process.cpu_times()[:2]
+        for child in process.children(recursive=True):
+            try:
+                times = child.cpu_times()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            user, system = user + times.user, system + times.system
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-    return times.user, times.system
+    return user, system
 
 
 def tree_cpu_seconds(pid: int | None) -> float | None:

@@ -119,6 +119,11 @@ def metrics(results: Results) -> list[Metric]:
     if "connect_trust" in scenarios:
         rows.append(Metric("connect_trust.tps", "pgbench -S -C, trust login (tps)", "higher", "tps",
                            _plain("connect_trust", "tps")))
+    if "connect_workers" in scenarios:
+        for workers in ("1", "2"):
+            rows.append(Metric(f"connect_workers.tps.{workers}", f"pgbench -S -C, trust, pgmux with {workers} "
+                               f"worker{'s' if workers != '1' else ''} (tps)", "higher", "tps",
+                               _plain("connect_workers", "workers", workers, "tps")))
     if "connect_tls" in scenarios:
         rows.append(Metric("connect_tls.tps", "pgbench -S -C over TLS, trust login (tps)", "higher", "tps",
                            _plain("connect_tls", "tps")))
@@ -596,6 +601,10 @@ def _key_figures(name: str, result: dict[str, Any]) -> str:
                 "max backends": result.get("max_backends"),
                 "pooler CPU µs/txn": result.get("pooler_cpu_us_per_txn"),
                 "pgbench CPU s": _dig(result, "cpu", "client_programs_s"), "wall s": _dig(result, "cpu", "wall_s")}
+    elif name == "connect_workers":
+        pick = {f"{workers} worker(s)": {"tps": run.get("tps"), "max backends": run.get("max_backends"),
+                                         "pooler CPU µs/txn": run.get("pooler_cpu_us_per_txn")}
+                for workers, run in result.get("workers", {}).items()}
     elif name == "latency":
         pick = {f"{placement} {mode}": {
                     "µs": {k: v for k, v in data.get("latency_us", {}).items() if k in ("p50", "p99", "p99.9")},

@@ -159,6 +159,7 @@ class PoolerSettings:
     pool_mode: str
     query_wait_timeout: float
     pgmux_args: list[str] = field(default_factory=list)
+    workers: int = 1  # pgmux's worker processes (--workers)
 
 
 class BenchEnv:
@@ -335,9 +336,11 @@ class BenchEnv:
         return self.user, self.password
 
     @contextlib.contextmanager
-    def target(self, name: str, auth: str = "scram", tls: bool = False, http: bool = False) -> Iterator[Target]:
+    def target(self, name: str, auth: str = "scram", tls: bool = False, http: bool = False,
+               workers: int | None = None) -> Iterator[Target]:
         """Start ``name`` (nothing for direct) for clients logging in with ``auth``, over TLS (sslmode=require)
-        when ``tls``, with an HTTP listener too when ``http`` (pgmux only); stop it by pid afterwards."""
+        when ``tls``, with an HTTP listener too when ``http`` (pgmux only), pgmux with ``workers`` processes
+        (default: --workers); stop it by pid afterwards."""
         user, password = self.login(auth)
         if http and name != "pgmux":
             raise RuntimeError(NO_HTTP_FRONT_END)
@@ -348,7 +351,7 @@ class BenchEnv:
             yield Target("direct", self.host, self.port, user, password, self.database)
             return
         if name == "pgmux":
-            process, port = self._start_pgmux(auth, tls, http_port)
+            process, port = self._start_pgmux(auth, tls, http_port, workers or self.settings.workers)
         elif name == "pgbouncer":
             process, port = self._start_pgbouncer(auth, tls)
         else:
@@ -366,7 +369,7 @@ class BenchEnv:
                 f"{quote(self.database, safe='')}?sslmode=disable")
 
     def pgmux_argv(self, port: int, auth: str = "scram", tls: bool = False,
-                   http_port: int | None = None) -> list[str]:
+                   http_port: int | None = None, workers: int = 1) -> list[str]:
         s = self.settings
         return [sys.executable, "-m", "proxy", "serve", "--listen", f"{HOST}:{port}",
                 "--default-pool-size", str(s.pool_size), "--pool-mode", s.pool_mode,
@@ -374,6 +377,7 @@ class BenchEnv:
                 *(["--auth-type", "trust"] if auth == "trust" else []),
                 *(f"--{key.replace('_', '-')}={value}" for key, value in self._client_tls_settings(tls)),
                 *([f"--listeners={json.dumps([self._http_listener(http_port)])}"] if http_port is not None else []),
+                *(["--workers", str(workers)] if workers != 1 else []),
                 "--log-level", "warning", *s.pgmux_args]
 
     @staticmethod
@@ -389,7 +393,8 @@ class BenchEnv:
         return [("client_tls_sslmode", "require"), ("client_tls_cert_file", str(cert)),
                 ("client_tls_key_file", str(key))]
 
-    def _start_pgmux(self, auth: str, tls: bool, http_port: int | None) -> tuple[ManagedProcess, int]:
+    def _start_pgmux(self, auth: str, tls: bool, http_port: int | None,
+                     workers: int) -> tuple[ManagedProcess, int]:
         port = free_port()
         run_dir = Path(tempfile.mkdtemp(prefix="pgmux-", dir=self.workdir))
         # No inherited settings; the build choice (PGMUX_PURE_PYTHON) is kept: versions() reports it.
@@ -398,7 +403,7 @@ class BenchEnv:
         env["PGMUX_UPSTREAM_URL"] = self.upstream_url(auth)
         env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         # cwd is an empty directory, so no stray ./pgmux.toml is picked up.
-        process = ManagedProcess("pgmux", self.pgmux_argv(port, auth, tls, http_port), env=env, cwd=run_dir,
+        process = ManagedProcess("pgmux", self.pgmux_argv(port, auth, tls, http_port, workers), env=env, cwd=run_dir,
                                  log_path=run_dir / "pgmux.log", nofile=POOLER_NOFILE, stop_signal=signal.SIGINT)
         try:
             process.wait_for_port(HOST, port)

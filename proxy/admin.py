@@ -95,7 +95,7 @@ _POOL_COUNTS = ("cl_active", "cl_waiting", "cl_active_cancel_req", "cl_waiting_c
                 "sv_active_cancel", "sv_being_canceled", "sv_idle", "sv_used", "sv_tested", "sv_login")
 # Settings a RELOAD cannot change: they are bound at start.
 _NOT_RELOADABLE = frozenset({"listen", "listeners", "pool_mode", "auth_type", "metrics_listen", "log_format",
-                             "log_level"})
+                             "log_level", "workers", "peer_id", "peers"})
 
 
 def result(columns: Columns, rows: list[list[Any]], tag: str = "SHOW") -> bytes:

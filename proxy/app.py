@@ -12,13 +12,14 @@ from typing import Any
 from proxy import BUILD, __version__
 from proxy.admin import AdminSession, Lifecycle
 from proxy.admission import Admission
-from proxy.cancel import CancelKeys
+from proxy.cancel import ANY_WORKER, CancelKeys, KeyLayout
 from proxy.http.exchange import Endpoint
 from proxy.http.listener import HttpConnection, HttpRoutes
 from proxy.http.sql import SqlEndpoint
 from proxy.client import ClientConnection
 from proxy.logs import get_logger
 from proxy.metrics import MetricsServer, Readiness
+from proxy.peering import CancelForwarder, WorkerRole, listen_for_siblings
 from proxy.protocol import errors
 from proxy.reception import Reception
 from proxy.registry import TCP, WEBSOCKET, Registry
@@ -37,14 +38,26 @@ JANITOR_PERIOD = 0.25  # how often timeouts are checked: their resolution
 class Proxy:
     """One running pgmux: owns every connection, pool and task it starts."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker: WorkerRole = WorkerRole()) -> None:
         admission = Admission(
             settings.max_client_conn, settings.max_db_client_connections, settings.max_user_client_connections,
             {name: db.max_db_client_connections for name, db in settings.all_databases().items()
              if db.max_db_client_connections is not None})
         self.registry: Registry[ClientConnection] = Registry(admission, self._open_console)
         self.router = Router(settings, admission, self.registry.spawn, self.registry.count_rejection)
-        self.cancel_keys = CancelKeys()
+        # Cancel routing: keys name this (peer_id, worker); other peers' and sibling workers' keys are forwarded.
+        self.worker = worker
+        self.cancel_forwarder = CancelForwarder(self.registry.spawn, self.registry.cancels_forwarded,
+                                                self.registry.cancel_forward_failures)
+        for peer_id, address in settings.peers.items():
+            if peer_id != settings.peer_id:  # an entry for itself is allowed (one [peers] for all) and ignored
+                self.cancel_forwarder.add_route(peer_id, ANY_WORKER, address)
+        for index, address in worker.siblings.items():
+            if index != worker.index:
+                self.cancel_forwarder.add_route(settings.peer_id, index, address)
+        layout = KeyLayout(settings.peer_id, max([settings.peer_id, *settings.peers]), worker.index, worker.count)
+        self.cancel_keys = CancelKeys(layout, self.cancel_forwarder.forward)
+        self._sibling_listener: asyncio.AbstractServer | None = None
         self.sql_endpoint: Endpoint = SqlEndpoint(self.router, self.registry)  # what HTTP listeners answer /sql with
         self.addresses: list[tuple[str, int]] = []  # where the listeners are bound, in listener order
         # What each listener offers clients (client_tls_*), in listener order; a bad file refuses the start.
@@ -86,13 +99,19 @@ class Proxy:
                 accept = functools.partial(self._accept, listener, index)
             # PostgreSQL listeners accept through pgmux's compiled transport where it is built; HTTP ones
             # through asyncio (h11 reads whole requests: nothing to relay).
-            server = await listen(loop, host, port, accept, compiled=listener.protocol != "http")
+            server = await listen(loop, host, port, accept, compiled=listener.protocol != "http",
+                                  reuse_port=self.worker.count > 1)
             self._servers.append(server)
             bound = server.sockets[0].getsockname()
             self.addresses.append((bound[0], bound[1]))
             log.info("listening on %s:%d (%s, %s pooling, %s auth, client TLS %s)", bound[0], bound[1],
                      listener.protocol, listener.pool_mode.value, listener.auth_type.value,
                      self.client_tls[index].mode.value)
+        if self.worker.cancel_address is not None:
+            self._sibling_listener = await listen_for_siblings(self.worker.cancel_address, self.cancel_keys)
+        if self.cancel_keys.layout.routing_bits:
+            log.info("cancel keys carry peer %d, worker %d (%d routing bits, %d random)", self.settings.peer_id,
+                     self.worker.index, self.cancel_keys.layout.routing_bits, self.cancel_keys.layout.random_bits)
         self._janitor = self.registry.spawn(self._run_janitor(), name="janitor")
         self.registry.spawn(self._run_stats(), name="stats")
         if self.settings.metrics_listen:
@@ -150,6 +169,8 @@ class Proxy:
         registry.draining = True
         for server in self._servers:
             server.close()
+        if self._sibling_listener is not None:
+            self._sibling_listener.close()
         if graceful:
             deadline = time.monotonic() + self.settings.shutdown_timeout
             while time.monotonic() < deadline:
@@ -246,9 +267,11 @@ def _load_client_tls(settings: Settings, listener: ListenerSettings) -> ClientTl
     return load_client_tls(client_tls_options(settings, listener), http=listener.protocol == "http")
 
 
-async def run(settings: Settings, on_ready: Any = None, reload_settings: Callable[[], Settings] | None = None) -> None:
-    """Serve until SIGTERM (drain) or SIGINT (fast stop); SIGHUP reloads via ``reload_settings``."""
-    proxy = Proxy(settings)
+async def run(settings: Settings, on_ready: Any = None, reload_settings: Callable[[], Settings] | None = None,
+              worker: WorkerRole = WorkerRole()) -> None:
+    """Serve until SIGTERM (drain) or SIGINT (fast stop); SIGHUP reloads via ``reload_settings``. ``worker``: this
+    process's place among a pgmux's workers (the default: the only one)."""
+    proxy = Proxy(settings, worker)
     proxy.reload_settings = reload_settings
     await proxy.start()
     loop = asyncio.get_running_loop()

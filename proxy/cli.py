@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Coroutine
@@ -13,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from proxy import BUILD, __version__
-from proxy.logs import get_logger, setup_logging
+from proxy.logs import get_logger, label_worker, setup_logging
 from proxy.settings import Settings, load_settings
 
 log = get_logger("cli")
@@ -76,7 +77,64 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = N
           on_ready: Callable[[Any], None] | None = None) -> None:
     from proxy.app import run
 
-    run_until_stopped(run(settings, on_ready=on_ready, reload_settings=reload_settings))
+    workers = settings.worker_count()
+    if workers == 1:
+        run_until_stopped(run(settings, on_ready=on_ready, reload_settings=reload_settings))
+        return
+    serve_workers(settings, workers, reload_settings, on_ready)
+
+
+def serve_workers(settings: Settings, workers: int, reload_settings: Callable[[], Settings] | None,
+                  on_ready: Callable[[Any], None] | None) -> None:
+    """Serve with ``workers`` processes, each by its share of the limits (proxy/workers.py)."""
+    from proxy.app import run
+    from proxy.peering import WorkerRole
+    from proxy.workers import (
+        Supervisor,
+        WorkerViews,
+        private_cancel_addresses,
+        report_metrics_port,
+        reserve_listeners,
+        worker_settings,
+    )
+
+    with contextlib.ExitStack() as held:  # what the supervisor holds for its workers, released when it is done
+        try:
+            settings, reserved = reserve_listeners(settings)
+            for sock in reserved:
+                held.callback(sock.close)
+            # Decided before any worker forks: a replacement worker takes the address of the one it replaces.
+            cancel_addresses = held.enter_context(private_cancel_addresses(workers))
+        except OSError as exc:
+            print(f"pgmux: cannot start {workers} workers: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        listeners = settings.listeners  # the concrete addresses: a reload keeps them (listeners need a restart)
+
+        def run_worker(index: int, report: int | None) -> None:
+            label_worker(index)
+
+            def reload_share() -> Settings:
+                assert reload_settings is not None
+                reloaded = reload_settings().model_copy(update={"listen": None, "listeners": listeners})
+                return worker_settings(reloaded, workers, index)
+
+            def ready(proxy: Any) -> None:
+                if report is not None and proxy.metrics is not None and proxy.metrics.address is not None:
+                    report_metrics_port(report, proxy.metrics.address[1])
+                if on_ready is not None and index == 0:
+                    on_ready(proxy)
+
+            role = WorkerRole(index, workers, cancel_addresses[index], cancel_addresses)
+            run_until_stopped(run(worker_settings(settings, workers, index), on_ready=ready,
+                                  reload_settings=reload_share if reload_settings is not None else None, worker=role))
+
+        log.info("pgmux %s: %d workers", __version__, workers)
+        views = WorkerViews(workers) if settings.metrics_listen else None
+        if views is not None and settings.metrics_listen is not None:
+            held.callback(views.close)
+            views.start(settings.metrics_listen)
+        status = Supervisor(workers, run_worker, views).run()
+    raise SystemExit(status)
 
 
 def run_until_stopped(main: Coroutine[Any, Any, None]) -> None:

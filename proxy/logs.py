@@ -48,6 +48,9 @@ class _JsonFormatter(logging.Formatter):
         conn = getattr(record, "conn", None)
         if conn:
             entry["conn"] = conn
+        worker = getattr(record, "worker", None)
+        if worker is not None:
+            entry["worker"] = worker
         if record.exc_info:
             entry["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry)
@@ -60,6 +63,25 @@ class _ConnIdFilter(logging.Filter):
         conn = getattr(record, "conn", None)
         record.conn_prefix = f"{conn} " if conn else ""
         return True
+
+
+class _WorkerFilter(logging.Filter):
+    """Names the worker process on every line (``w1 c42 ...``): connection ids repeat across workers."""
+
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        record.conn_prefix = f"w{self.worker} {getattr(record, 'conn_prefix', '')}"
+        return True
+
+
+def label_worker(worker: int) -> None:
+    """In a worker process (proxy/workers.py): tag every line it logs with its index."""
+    for handler in logging.getLogger(LOGGER_NAME).handlers:
+        handler.addFilter(_WorkerFilter(worker))
 
 
 def setup_logging(log_format: str = "plain", level: str = "info", stream: object = None) -> None:

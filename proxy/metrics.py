@@ -58,6 +58,8 @@ POOL_LABELS = ("database", "user")
 # The statuses POST /sql answers with (exported at 0 from the start, as the rejection reasons are).
 HTTP_STATUSES = ("200", "400", "405", "500", "507")
 
+CANCEL_ROUTES = ("peer", "worker")  # where a forwarded CancelRequest went
+
 # The catalogue of pgmux's own metrics: name -> (type, help, labels). The collector emits exactly
 # these (plus process_* and python_* from prometheus-client); the dashboard and the tests read it.
 METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -114,6 +116,10 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "pgmux_received_bytes_total": ("counter", "Bytes received from clients", POOL_LABELS),
     "pgmux_sent_bytes_total": ("counter", "Bytes sent to clients", POOL_LABELS),
     "pgmux_cancels_forwarded_total": ("counter", "Cancel requests forwarded to a server", POOL_LABELS),
+    "pgmux_cancel_requests_forwarded_total": ("counter", "Cancel requests sent on to the pgmux that issued their key, "
+                                              "by to: peer ([peers]), worker (a sibling worker)", ("to",)),
+    "pgmux_cancel_request_forward_failures_total": ("counter", "Cancel requests that could not be sent on (owner "
+                                                    "unreachable, timed out, too many in flight), by to", ("to",)),
     "pgmux_prepared_statement_hits_total": ("counter", "Prepared statements the linked server already had",
                                             POOL_LABELS),
     "pgmux_prepared_statement_misses_total": ("counter", "Prepared statements pgmux had to Parse on the server",
@@ -317,6 +323,10 @@ class PgmuxExposition:
         out.append(_sample("pgmux_clients_tls", "", sum(1 for client in registry.clients if client.tls is not None)))
         out.extend(_by_label("pgmux_tls_handshake_failures_total", "reason", registry.tls_failures,
                              TLS_FAILURE_REASONS))
+        out.extend(_by_label("pgmux_cancel_requests_forwarded_total", "to", registry.cancels_forwarded,
+                             CANCEL_ROUTES))
+        out.extend(_by_label("pgmux_cancel_request_forward_failures_total", "to", registry.cancel_forward_failures,
+                             CANCEL_ROUTES))
         return "".join(out)
 
     def _http_requests(self) -> str:

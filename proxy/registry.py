@@ -78,6 +78,9 @@ class Registry(Generic[ClientT]):
         self.logins = Tally()  # successful logins, by transport
         self.failed_logins_by_transport: collections.Counter[str] = collections.Counter()
         self._transport: dict[ClientT, str] = {}
+        # CancelRequests sent on to the pgmux that issued their key (proxy/peering.py), by "peer" / "worker".
+        self.cancels_forwarded: collections.Counter[str] = collections.Counter()
+        self.cancel_forward_failures: collections.Counter[str] = collections.Counter()
         self.http = HttpStats()  # HTTP /sql requests (proxy/http/sql.py)
         self.draining = False  # shutdown has begun: new logins are refused
         self.tasks: set[asyncio.Task[Any]] = set()

@@ -32,6 +32,7 @@ from proxy.sockets import (
     SERVER_EDGE,
     bytes_waiting,
     connect,
+    deliver_cancel_request,
     open_transport,
     relay_edge,
     relay_table,
@@ -890,16 +891,8 @@ class ServerConnection:
 
 async def send_cancel_request(upstream: Upstream, process_id: int, secret: bytes, timeout: float) -> bool:
     try:
-        async with asyncio.timeout(timeout):
-            if upstream.unix_socket:
-                reader, writer = await asyncio.open_unix_connection(upstream.unix_socket)
-            else:
-                reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
-            writer.write(build_cancel_request(process_id, secret))
-            # PostgreSQL answers nothing: it closes the connection once the backend has been signalled.
-            await reader.read()
-            writer.close()
-            await writer.wait_closed()
+        await deliver_cancel_request(asyncio.get_running_loop(), upstream.host, upstream.port, upstream.unix_socket,
+                                     build_cancel_request(process_id, secret), timeout)
     except TimeoutError:
         log.warning("cancel request to %s not completed within %gs", upstream.redacted(), timeout)
         return False

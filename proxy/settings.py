@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -205,6 +206,46 @@ class ListenerSettings(_Section):
     client_tls_ciphers: str | None = None
 
 
+# PgBouncer's bound: a peer id travels in the cancel keys pgmux hands out (see proxy/cancel.py's KeyLayout).
+MAX_PEER_ID = 16383
+_PEER_KEYS = ("host", "port")
+
+
+def _peer_connection_string(value: Any) -> Any:
+    """A [peers] entry as PgBouncer writes it, "host=10.0.0.2 port=6432", read into its fields (a table passes)."""
+    if not isinstance(value, str):
+        return value
+    fields: dict[str, str] = {}
+    for pair in value.split():
+        key, equals, setting = pair.partition("=")
+        if not equals or not setting:
+            raise ValueError(f"{pair!r} is not key=value (a peer is \"host=HOST port=PORT\")")
+        if key not in _PEER_KEYS:
+            raise ValueError(f"unknown peer setting {key!r}; use {' and '.join(_PEER_KEYS)}")
+        fields[key] = setting
+    return fields
+
+
+class PeerAddress(_Section):
+    """Where a pgmux takes CancelRequests: a `[peers]` entry (another pgmux of the fleet), or a worker's private
+    cancel address. A host that begins with / is a directory holding the Unix socket .s.PGSQL.PORT, as libpq and
+    PgBouncer read it."""
+
+    host: Annotated[str, Field(min_length=1)]
+    port: Annotated[int, Field(ge=1, le=65535)] = 6432
+
+    @property
+    def unix_socket(self) -> str | None:
+        return f"{self.host}/.s.PGSQL.{self.port}" if self.host.startswith("/") else None
+
+    def __str__(self) -> str:
+        return self.unix_socket or (f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}")
+
+
+Peer = Annotated[PeerAddress, BeforeValidator(_peer_connection_string)]
+PeerId = Annotated[int, Field(ge=1, le=MAX_PEER_ID)]
+
+
 class UserSettings(_Section):
     """One `[users.NAME]` entry: a plaintext password, an md5 hash (md5...) or a SCRAM verifier (SCRAM-SHA-256$...)."""
 
@@ -312,6 +353,18 @@ class Settings(BaseSettings):
     # HTTP listeners: the largest request body read (larger ones get 413, nothing of them is buffered).
     http_max_request_size: Annotated[ByteSize, Field(ge=1)] = ByteSize(10 * 1024 * 1024)
 
+    # Worker processes sharing each listener (SO_REUSEPORT) under a supervisor; "auto": one per core. The
+    # limits above hold for the whole pgmux: each worker gets its share of them (see proxy/workers.py).
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+
+    # Peering, as PgBouncer names it: each pgmux of a fleet behind one address (a load balancer, a Kubernetes
+    # Service) has its own peer_id (1..16383; 0: no peering), and [peers] says where each other one takes
+    # CancelRequests ("host=10.0.0.2 port=6432", or a table with host and port). A CancelRequest carrying another
+    # peer's key is forwarded there once (proxy/cancel.py: KeyLayout). Every peer should list the same ids: the
+    # largest decides how many bits of the key carry it.
+    peer_id: Annotated[int, Field(ge=0, le=MAX_PEER_ID)] = 0
+    peers: dict[PeerId, Peer] = {}
+
     metrics_listen: Address | None = None
     log_format: Literal["plain", "json"] = "plain"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -346,8 +399,11 @@ class Settings(BaseSettings):
             raise ValueError(f"two listeners share an address: {addresses}")
         for listener in self.all_listeners():
             self._check_http_listener(listener)
+        self._check_worker_shares()
         for name, user in self.users.items():
             _check_user_secret(name, user.password.get_secret_value())
+        if self.peers and not self.peer_id:
+            raise ValueError("[peers] is set but peer_id is not: give this pgmux its own peer_id (1..16383)")
         seen: dict[str, str] = {}
         for name, database in self.databases.items():
             for host in database.server_names:
@@ -356,6 +412,24 @@ class Settings(BaseSettings):
                                      f"[databases.{name}]")
                 seen[host.lower()] = name
         return self
+
+    def _check_worker_shares(self) -> None:
+        """Each worker serves a share of every pool size and limit (proxy/workers.py): a share of 0 would leave a
+        worker without a backend, or (0 meaning no limit) unlimited."""
+        workers = self.worker_count()
+        if workers == 1:
+            return
+        shared = ("default_pool_size", "max_client_conn", "max_login_clients", "max_db_connections",
+                  "max_user_connections", "max_db_client_connections", "max_user_client_connections",
+                  "max_wait_clients")
+        limits = {name: getattr(self, name) for name in shared}
+        for database, db in self.databases.items():
+            limits.update({f"databases.{database}.{name}": getattr(db, name)
+                           for name in ("pool_size", "max_db_connections", "max_db_client_connections")})
+        for name, limit in limits.items():
+            if limit and limit < workers:
+                raise ValueError(f"{name} = {limit} is smaller than workers = {workers}: each worker serves a share "
+                                 "of it, and every share must be at least 1")
 
     def _check_http_listener(self, listener: ListenerSettings) -> None:
         if listener.protocol != "http":
@@ -369,6 +443,10 @@ class Settings(BaseSettings):
         if sslmode is SslMode.VERIFY_FULL:
             raise ValueError(f"listener {listener.address} (protocol http): client_tls_sslmode = verify-full "
                              "matches certificates to PostgreSQL users, which an HTTP listener cannot; use verify-ca")
+
+    def worker_count(self) -> int:
+        """How many worker processes serve: ``workers``, with "auto" the machine's cores."""
+        return self.workers if isinstance(self.workers, int) else os.cpu_count() or 1
 
     def all_databases(self) -> dict[str, DatabaseSettings]:
         """The [databases] sections plus the one the upstream_url shorthand names."""

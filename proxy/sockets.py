@@ -122,6 +122,21 @@ async def connect(loop: asyncio.AbstractEventLoop, host: str, port: int, unix_so
     raise failure or OSError(errno.EHOSTUNREACH, f"no address for {host}")
 
 
+async def deliver_cancel_request(loop: asyncio.AbstractEventLoop, host: str, port: int, unix_socket: str | None,
+                                 request: bytes, timeout: float) -> None:
+    """Send a CancelRequest over a connection of its own and wait until the other end closes it, as libpq does:
+    PostgreSQL closes it once the backend is signalled, a pgmux once it has handed the request on. Raises
+    TimeoutError past ``timeout``, OSError when the other end cannot be reached."""
+    async with asyncio.timeout(timeout):
+        sock = await connect(loop, host, port, unix_socket)
+        try:
+            await loop.sock_sendall(sock, request)
+            while await loop.sock_recv(sock, 256):
+                pass  # nothing is answered; read to the close
+        finally:
+            sock.close()
+
+
 def bytes_waiting(sock: socket.socket) -> bool:
     """Whether bytes are waiting on ``sock`` (read without taking them)."""
     try:
@@ -165,14 +180,16 @@ class Listening:
 
 
 async def listen(loop: asyncio.AbstractEventLoop, host: str, port: int,
-                 protocol_factory: Callable[[], Any], compiled: bool) -> Listening:
+                 protocol_factory: Callable[[], Any], compiled: bool, reuse_port: bool = False) -> Listening:
     """Listen on ``host``:``port``; each connection gets a protocol from ``protocol_factory``.
 
     ``compiled``: accept with pgmux's own loop and drive sockets with the compiled transport (only where
-    it is built); otherwise an asyncio server does both.
+    it is built); otherwise an asyncio server does both. ``reuse_port``: share the port with other
+    processes' sockets (SO_REUSEPORT: the kernel spreads new connections over them).
     """
     if not compiled or SocketTransport is None:
-        server = await loop.create_server(protocol_factory, host, port, reuse_address=True, backlog=_LISTEN_BACKLOG)
+        server = await loop.create_server(protocol_factory, host, port, reuse_address=True, reuse_port=reuse_port,
+                                          backlog=_LISTEN_BACKLOG)
         return Listening(list(getattr(server, "sockets")), server)
     bound: list[socket.socket] = []
     try:
@@ -181,6 +198,8 @@ async def listen(loop: asyncio.AbstractEventLoop, host: str, port: int,
             sock = socket.socket(family, kind, proto)
             bound.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio: one socket per family
             sock.bind(address)

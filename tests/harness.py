@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -109,13 +110,23 @@ class PgmuxProcess:
 
     def ports(self) -> list[int]:
         """The ports pgmux reported listening on, in listener order."""
-        import re
-
         output = self.wait_for_log("listening on")
         return [int(port) for port in re.findall(r"listening on [^ ]+:(\d+) ", output)]
 
+    def worker_pids(self) -> dict[int, int]:
+        """Each worker's current pid (``workers`` > 1), from the supervisor's log: the latest start of each index."""
+        text = self.log_path.read_text()
+        return {int(index): int(pid) for index, pid in re.findall(r"worker (\d+) started \(pid (\d+)\)", text)}
+
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
+
+    def signal_pid(self, pid: int, signum: int) -> None:
+        """Signal one of pgmux's own processes (a worker), checked to be a child of this one."""
+        with open(f"/proc/{pid}/stat") as stat:
+            parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        assert parent == self.process.pid, f"pid {pid} is not a worker of pgmux {self.process.pid}"
+        os.kill(pid, signum)
 
     def stop(self) -> int:
         if self.process.poll() is None:

@@ -8,14 +8,14 @@ from benchmarks.scenarios.idle import IdleFleet
 from benchmarks.scenarios.latency import Latency
 from benchmarks.scenarios.serverless import Serverless, ServerlessTrust
 from benchmarks.scenarios.steady import (
-    ConnectPerTransaction, ConnectPerTransactionTls, ConnectPerTransactionTrust, Steady,
+    ConnectPerTransaction, ConnectPerTransactionTls, ConnectPerTransactionTrust, ConnectPerTransactionWorkers, Steady,
 )
 from benchmarks.scenarios.storm import Storm
 
 SCENARIOS: dict[str, Scenario] = {
     scenario.name: scenario
     for scenario in (Serverless(), ServerlessTrust(), Steady(), ConnectPerTransaction(), ConnectPerTransactionTrust(),
-                     ConnectPerTransactionTls(), Latency(), Edge(), Storm(), IdleFleet())
+                     ConnectPerTransactionTls(), ConnectPerTransactionWorkers(), Latency(), Edge(), Storm(), IdleFleet())
 }
 
 __all__ = ["SCENARIOS", "RunConfig", "Scenario"]

@@ -52,6 +52,7 @@ class Scenario:
     auth = "scram"  # how clients log in: "scram" (everyone's default) or "trust" (see BenchEnv.target)
     client_tls = False  # clients connect with sslmode=require (the poolers terminate TLS; direct cannot)
     http_listener = False  # the target also serves HTTP/WebSocket (pgmux only: the others are unavailable)
+    pgmux_only = ""  # why only pgmux takes part (the others are reported unavailable with it); "": everyone does
 
     def missing(self, env: BenchEnv) -> str | None:
         """Why this scenario cannot run on this machine at all (e.g. a client program not installed), or None."""

@@ -176,3 +176,27 @@ class ConnectPerTransactionTls(ConnectPerTransactionTrust):
         pgbench = env.tls_pgbench()
         return {**super().params(cfg, env), "sslmode": "require", "certificate": TLS_CERTIFICATE,
                 "pgbench": version_line([pgbench, "--version"]) if pgbench else None}
+
+
+class ConnectPerTransactionWorkers(ConnectPerTransactionTrust):
+    name = "connect_workers"
+    title = "Connection per transaction with 1 and 2 pgmux workers: pgbench -S -C (trust)"
+    description = ("`connect_trust` against pgmux started with `workers = 1`, then with `workers = 2` (the pool size "
+                   "shared by both: PostgreSQL sees at most pool_size backends either way). Logins are what one "
+                   "process's core limits, so this is the scenario where a second worker can help. **pgmux only.** "
+                   "On a 2-core machine pgbench and PostgreSQL's forked backends share the same two cores, so the "
+                   "second worker mostly competes with them: the row shows whether it costs or gains anything here, "
+                   "not how pgmux scales on a machine with cores to spare.")
+    interleaved = False
+    pgmux_only = "compares pgmux's worker counts: pgmux only"
+    WORKERS = (1, 2)
+
+    def run(self, cfg: RunConfig, env: BenchEnv, target: Target, params: dict[str, Any]) -> Result:
+        if target.process is not None:
+            target.process.stop()  # each worker count gets a pgmux of its own
+        runs: dict[str, Result] = {}
+        for workers in self.WORKERS:
+            with env.target("pgmux", self.auth, workers=workers) as started:
+                cfg.log(f"  pgmux, {workers} worker(s):")
+                runs[str(workers)] = self.run_unit(cfg, env, started, params, "-C")
+        return {"status": _status_of(list(runs.values())), "workers": runs}

@@ -17,12 +17,14 @@ import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = ["serverless", "serverless_trust", "steady", "connect", "connect_trust", "connect_tls", "latency", "edge",
-             "storm", "idle"]
+SCENARIOS = ["serverless", "serverless_trust", "steady", "connect", "connect_trust", "connect_tls", "connect_workers",
+             "latency", "edge", "storm", "idle"]
 # Scenarios direct PostgreSQL cannot take part in: the embedded build has no OpenSSL.
 TLS_SCENARIOS = {"connect_tls"}
 # Only pgmux has an HTTP/WebSocket front end; the scenario needs node and the driver's npm packages.
 EDGE_SCENARIOS = {"edge"}
+# Scenarios that compare pgmux with itself (1 and 2 workers): the other targets are left out, and say why.
+PGMUX_ONLY_SCENARIOS = {"connect_workers"}
 TARGETS = ["direct", "pgmux", "pgbouncer"]
 STATUSES = {"ok", "partial", "error", "timeout", "unavailable", "skipped"}
 HARNESS_TIMEOUT_S = 240  # --quick takes ~30 s on 2 cores; generous for a loaded CI machine
@@ -109,6 +111,9 @@ def test_quick_benchmark_writes_a_report_with_every_scenario_and_target(tmp_path
                 other_result = entry["results"][other]
                 assert other_result["status"] == "unavailable", (name, other, other_result)
                 assert "no HTTP/WebSocket front end" in other_result["reason"], (name, other, other_result)
+        elif name in PGMUX_ONLY_SCENARIOS:
+            assert direct["status"] == "unavailable" and "pgmux only" in direct["reason"], (name, direct)
+            assert set(entry["results"]["pgmux"]["workers"]) == {"1", "2"}, entry["results"]["pgmux"]
         else:  # the harness itself works: every other scenario measures PostgreSQL directly
             assert direct["status"] in {"ok", "partial"}, (name, direct)
         pgmux = entry["results"]["pgmux"]

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from proxy.log_levels import enabled_for
-from proxy.logs import LOGGER_NAME, LogSummary, get_logger, redact, setup_logging
+from proxy.logs import LOGGER_NAME, LogSummary, get_logger, label_worker, redact, setup_logging
 
 
 @pytest.fixture
@@ -97,6 +97,21 @@ def test_plain_lines_carry_the_connection_id_and_are_redacted(pgmux_log) -> None
     assert " WARNING s7 could not log in to postgresql://app:***@db/app" in lines[1]
     assert lines[2].endswith(" INFO no connection here")
     assert "s3cret" not in stream.getvalue()
+
+
+@pytest.mark.parametrize("log_format", ["plain", "json"])
+def test_a_worker_process_names_itself_on_every_line(pgmux_log, log_format: str) -> None:
+    stream = io.StringIO()
+    setup_logging(log_format, "info", stream=stream)
+    label_worker(1)
+    log = get_logger("client")
+    log.info("login ok", extra={"conn": "c42"})
+    log.info("listening")
+    lines = stream.getvalue().splitlines()
+    if log_format == "plain":
+        assert lines[0].endswith(" INFO w1 c42 login ok") and lines[1].endswith(" INFO w1 listening")
+    else:
+        assert [(json.loads(line)["worker"], json.loads(line).get("conn")) for line in lines] == [(1, "c42"), (1, None)]
 
 
 def test_json_output_is_one_object_per_line_with_conn_ids(pgmux_log) -> None:

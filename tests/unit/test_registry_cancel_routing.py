@@ -212,3 +212,44 @@ def test_pause_and_resume_of_one_database(router: Router) -> None:
     assert router.is_paused("app") and not router.paused_all
     router.resume("app")
     assert not router.is_paused("app")
+
+
+# ---- KeyLayout: the route to a key's owner in its secret -------------------------------------------
+
+def test_a_single_pgmux_without_peers_spends_no_bit_of_the_secret_on_routing() -> None:
+    from proxy.cancel import NO_ROUTES
+    assert NO_ROUTES.routing_bits == 0 and NO_ROUTES.issue(b"\xff\xff\xff\xff") == b"\xff\xff\xff\xff"
+
+
+def test_a_key_names_its_peer_and_worker_and_spends_only_the_bits_they_need() -> None:
+    from proxy.cancel import KeyLayout
+    layout = KeyLayout(peer_id=2, largest_peer_id=3, worker=1, workers=2)
+    assert (layout.routing_bits, layout.random_bits) == (4, 28)  # forwarded bit, 2 peer bits, 1 worker bit
+    other = KeyLayout(peer_id=3, largest_peer_id=3)  # another peer reads the peer field alike
+    for _ in range(100):
+        value = int.from_bytes(layout.issue(os.urandom(4)), "big")
+        assert (layout.peer_of(value), layout.worker_of(value), layout.forwarded(value)) == (2, 1, False)
+        assert other.peer_of(value) == 2
+        forwarded = int.from_bytes(other.mark_forwarded(value), "big")
+        assert layout.forwarded(forwarded) and layout.as_issued(forwarded) == value.to_bytes(4, "big")
+
+
+def test_a_cancel_for_another_peer_is_forwarded_once_and_one_forwarded_here_for_another_is_dropped() -> None:
+    from proxy.cancel import ANY_WORKER, KeyLayout
+    sent: list[tuple[int, int, int, bytes]] = []
+
+    def forward(peer_id: int, worker: int, process_id: int, secret: bytes) -> bool:
+        sent.append((peer_id, worker, process_id, secret))
+        return True
+
+    async def scenario() -> None:
+        issuer = KeyLayout(peer_id=2, largest_peer_id=2)
+        here = CancelKeys(KeyLayout(peer_id=1, largest_peer_id=2), forward)
+        secret = issuer.issue(os.urandom(4))
+        here.cancel(77, secret)
+        assert len(sent) == 1 and sent[0][:3] == (2, ANY_WORKER, 77)
+        assert issuer.forwarded(int.from_bytes(sent[0][3], "big"))
+        here.cancel(77, sent[0][3])  # came back forwarded (a misconfigured peer): never forwarded again
+        assert len(sent) == 1
+
+    asyncio.run(scenario())

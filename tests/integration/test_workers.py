@@ -1,0 +1,198 @@
+"""`workers = 2`: two processes behind one port, one bound on backends and clients, a dead worker replaced,
+signals passed to every worker."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+import urllib.error
+
+import asyncpg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pgusers import APP, APP_DATABASE
+
+
+async def _connect(port: int) -> asyncpg.Connection:
+    return await asyncpg.connect(host="127.0.0.1", port=port, user=APP.name, password=APP.password,
+                                 database=APP_DATABASE, statement_cache_size=0, ssl=False)
+
+
+def _wait_for_listeners(process, count: int) -> None:
+    deadline = time.monotonic() + 20
+    while process.log_path.read_text().count("listening on") < count:
+        assert time.monotonic() < deadline, process.log_path.read_text()
+        time.sleep(0.05)
+
+
+async def _backends(postgres) -> int:
+    conn = await asyncpg.connect(postgres.dsn(postgres.superuser, postgres.password, "postgres", sslmode="disable"))
+    try:
+        return await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND usename = $2",
+                                   APP_DATABASE, APP.name)
+    finally:
+        await conn.close()
+
+
+def test_two_workers_keep_postgres_backends_within_the_pool_size_for_1000_clients(pgmux_process, postgres) -> None:
+    process = pgmux_process(PGMUX_WORKERS="2", PGMUX_DEFAULT_POOL_SIZE="4", PGMUX_MAX_CLIENT_CONN="200")
+    _wait_for_listeners(process, 2)
+    port = process.ports()[0]
+    most = 0
+
+    async def client(gate: asyncio.Semaphore) -> None:
+        async with gate:
+            conn = await _connect(port)
+            try:
+                assert await conn.fetchval("SELECT 1") == 1
+            finally:
+                await conn.close()
+
+    async def watch(done: asyncio.Event) -> None:
+        nonlocal most
+        while not done.is_set():
+            most = max(most, await _backends(postgres))
+            await asyncio.sleep(0.02)
+
+    async def scenario() -> None:
+        gate = asyncio.Semaphore(100)
+        done = asyncio.Event()
+        watcher = asyncio.create_task(watch(done))
+        await asyncio.gather(*(client(gate) for _ in range(1000)))
+        done.set()
+        await watcher
+
+    asyncio.run(scenario())
+    assert 0 < most <= 4
+    assert len(set(process.worker_pids().values())) == 2
+
+
+def test_a_client_storm_is_refused_with_53300_within_the_global_client_limit(pgmux_process) -> None:
+    process = pgmux_process(PGMUX_WORKERS="2", PGMUX_MAX_CLIENT_CONN="4",
+                            PGMUX_MAX_LOGIN_CLIENTS="100")
+    _wait_for_listeners(process, 2)
+    port = process.ports()[0]
+
+    async def scenario() -> tuple[list[asyncpg.Connection], list[BaseException]]:
+        results = await asyncio.gather(*(_connect(port) for _ in range(40)), return_exceptions=True)
+        admitted = [r for r in results if isinstance(r, asyncpg.Connection)]
+        refused = [r for r in results if isinstance(r, BaseException)]
+        for conn in admitted:
+            assert await conn.fetchval("SELECT 1") == 1
+            await conn.close()
+        return admitted, refused
+
+    admitted, refused = asyncio.run(scenario())
+    assert 0 < len(admitted) <= 4
+    assert refused and all(isinstance(r, asyncpg.PostgresError) and r.sqlstate == "53300" for r in refused)
+
+
+def test_a_worker_killed_with_sigkill_is_replaced_and_the_other_workers_clients_keep_working(pgmux_process) -> None:
+    process = pgmux_process(PGMUX_WORKERS="2")
+    _wait_for_listeners(process, 2)
+    port = process.ports()[0]
+    victim = process.worker_pids()[1]
+
+    async def scenario() -> None:
+        clients = [await _connect(port) for _ in range(12)]
+        process.signal_pid(victim, signal.SIGKILL)
+        await asyncio.sleep(0.3)
+        survivors = 0
+        for conn in clients:
+            try:
+                assert await conn.fetchval("SELECT 1") == 1
+            except (asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError, OSError):
+                continue  # it was the dead worker's
+            survivors += 1
+            # Those of the living worker keep working, query after query.
+            assert await conn.fetchval("SELECT 2") == 2
+        assert 0 < survivors < len(clients)  # the kernel spread 12 clients over both workers
+        process.wait_for_log(f"worker 1 (pid {victim}) died (killed by SIGKILL)")
+        deadline = time.monotonic() + 20
+        while process.worker_pids()[1] == victim:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        _wait_for_listeners(process, 3)
+        for _ in range(10):  # both workers answer new clients again
+            conn = await _connect(port)
+            assert await conn.fetchval("SELECT 3") == 3
+            await conn.close()
+        for conn in clients:
+            conn.terminate()
+
+    asyncio.run(scenario())
+
+
+def test_sighup_reloads_every_worker_and_sigterm_drains_them_and_ends_the_supervisor(pgmux_process) -> None:
+    process = pgmux_process(PGMUX_WORKERS="2", PGMUX_SHUTDOWN_TIMEOUT="10")
+    _wait_for_listeners(process, 2)
+    port = process.ports()[0]
+    process.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while process.log_path.read_text().count("configuration reloaded") < 2:
+        assert time.monotonic() < deadline, process.log_path.read_text()
+        time.sleep(0.05)
+
+    async def scenario() -> None:
+        busy = await _connect(port)
+        await busy.execute("BEGIN")
+        process.signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        # The transaction finishes: the drain waits for its boundary.
+        assert await busy.fetchval("SELECT 1") == 1
+        await busy.execute("COMMIT")
+        await asyncio.sleep(0.5)
+        with pytest.raises((asyncpg.AdminShutdownError, asyncpg.InterfaceError,
+                            asyncpg.ConnectionDoesNotExistError, OSError)):
+            await busy.fetchval("SELECT 1")
+
+    asyncio.run(scenario())
+    process.process.wait(15)
+    assert process.process.returncode == 0
+    log = process.log_path.read_text()
+    assert log.count("pgmux stopped") == 2 and "all workers stopped" in log
+
+
+def test_metrics_and_readiness_answer_for_every_worker(pgmux_process) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:  # a free loopback port for the supervisor's metrics listener
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    process = pgmux_process(PGMUX_WORKERS="2", PGMUX_METRICS_LISTEN=f"127.0.0.1:{metrics_port}")
+    _wait_for_listeners(process, 2)
+    port = process.ports()[0]
+
+    async def clients() -> list[asyncpg.Connection]:
+        return [await _connect(port) for _ in range(8)]
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}{path}", timeout=10) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as refused:
+            return refused.code, refused.read().decode()
+
+    loop = asyncio.new_event_loop()
+    try:
+        held = loop.run_until_complete(clients())
+        deadline = time.monotonic() + 20
+        while get("/readyz")[0] != 200:  # each worker ready once its upstream check has passed
+            assert time.monotonic() < deadline, get("/readyz")
+            time.sleep(0.2)
+        status, text = get("/metrics")
+        assert status == 200
+        connected = {int(worker): float(value) for worker, value in re.findall(
+            r'^pgmux_client_connections\{worker="(\d)"[^}]*\} (\S+)$', text, re.M)}
+        assert set(connected) == {0, 1} and sum(connected.values()) == 8
+        assert text.count("# TYPE pgmux_client_connections gauge") == 1
+        families = list(text_string_to_metric_families(text))  # valid Prometheus text, as a whole
+        assert len({family.name for family in families}) == len(families)
+        for conn in held:
+            loop.run_until_complete(conn.close())
+    finally:
+        loop.close()

@@ -1,0 +1,73 @@
+"""Each worker's share of the limits: the shares add up to what is configured, and unlimited stays unlimited."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from proxy.settings import load_settings
+from proxy.workers import merge_expositions, share, worker_settings
+
+UPSTREAM = "postgresql://app:secret@db.example.com/app"
+
+
+@pytest.mark.parametrize("limit", [0, 1, 2, 3, 7, 20, 1000])
+@pytest.mark.parametrize("workers", [1, 2, 3, 8])
+def test_the_shares_of_a_limit_add_up_to_the_limit_and_differ_by_at_most_one(limit: int, workers: int) -> None:
+    parts = [share(limit, workers, worker) for worker in range(workers)]
+    if limit == 0:
+        assert parts == [0] * workers  # 0 means unlimited: every worker is unlimited
+    else:
+        assert sum(parts) == limit
+        assert max(parts) - min(parts) <= 1
+
+
+def test_every_pool_size_and_limit_is_split_among_the_workers() -> None:
+    settings = load_settings(None, [], upstream_url=UPSTREAM, default_pool_size=5, max_client_conn=101,
+                             max_db_connections=9, max_user_connections=0,
+                             databases={"other": {"url": "postgresql://o:p@db.example.com/other", "pool_size": 4}})
+    first, second = (worker_settings(settings, 2, worker) for worker in (0, 1))
+    assert (first.default_pool_size, second.default_pool_size) == (3, 2)
+    assert (first.max_client_conn, second.max_client_conn) == (51, 50)
+    assert (first.max_db_connections, second.max_db_connections) == (5, 4)
+    assert first.max_user_connections == second.max_user_connections == 0
+    assert first.databases["other"].pool_size == second.databases["other"].pool_size == 2
+    assert worker_settings(settings, 1, 0) is settings
+
+
+def test_each_worker_serves_its_metrics_on_a_private_loopback_port_for_the_supervisor() -> None:
+    settings = load_settings(None, [], upstream_url=UPSTREAM, metrics_listen="0.0.0.0:9127")
+    assert worker_settings(settings, 2, 0).metrics_listen == worker_settings(settings, 2, 1).metrics_listen \
+        == "127.0.0.1:0"
+    assert worker_settings(load_settings(None, [], upstream_url=UPSTREAM), 2, 1).metrics_listen is None
+
+
+def test_merged_metrics_label_every_sample_with_its_worker_and_keep_each_family_together() -> None:
+    first = ('# HELP pgmux_clients Clients.\n# TYPE pgmux_clients gauge\npgmux_clients{state="active"} 3.0\n'
+             '# HELP pgmux_up Up.\n# TYPE pgmux_up gauge\npgmux_up 1.0\n')
+    second = ('# HELP pgmux_clients Clients.\n# TYPE pgmux_clients gauge\npgmux_clients{state="active"} 4.0\n'
+              '# HELP pgmux_up Up.\n# TYPE pgmux_up gauge\npgmux_up 1.0\n')
+    assert merge_expositions({1: second, 0: first}).splitlines() == [
+        "# HELP pgmux_clients Clients.", "# TYPE pgmux_clients gauge",
+        'pgmux_clients{worker="0",state="active"} 3.0', 'pgmux_clients{worker="1",state="active"} 4.0',
+        "# HELP pgmux_up Up.", "# TYPE pgmux_up gauge", 'pgmux_up{worker="0"} 1.0', 'pgmux_up{worker="1"} 1.0',
+    ]
+
+
+def test_a_pool_or_limit_smaller_than_the_number_of_workers_is_refused_naming_the_setting() -> None:
+    load_settings(None, [], upstream_url=UPSTREAM, default_pool_size=2, workers=2)
+    with pytest.raises(ValidationError, match="default_pool_size = 2 is smaller than workers = 3"):
+        load_settings(None, [], upstream_url=UPSTREAM, default_pool_size=2, workers=3)
+    # A share of 0 would mean no limit at all for that worker.
+    with pytest.raises(ValidationError, match="max_user_connections = 1 is smaller than workers = 2"):
+        load_settings(None, [], upstream_url=UPSTREAM, max_user_connections=1, workers=2)
+    with pytest.raises(ValidationError, match="databases.other.pool_size = 1 is smaller than workers = 2"):
+        load_settings(None, [], upstream_url=UPSTREAM, workers=2,
+                      databases={"other": {"url": "postgresql://o:p@db.example.com/other", "pool_size": 1}})
+
+
+def test_workers_auto_is_the_number_of_cores() -> None:
+    import os
+
+    assert load_settings(None, ["--workers", "auto"], upstream_url=UPSTREAM).worker_count() == (os.cpu_count() or 1)
+    assert load_settings(None, [], upstream_url=UPSTREAM).worker_count() == 1
