@@ -24,6 +24,7 @@ from proxy.reception import Reception
 from proxy.registry import TCP, WEBSOCKET, Registry
 from proxy.routing import Router
 from proxy.settings import ListenerSettings, Settings, split_address
+from proxy.slots import WorkerLedger
 from proxy.sockets import Listening, listen
 from proxy.states import ClientState
 from proxy.stats import StatsWindow, stats_log_line
@@ -37,15 +38,16 @@ JANITOR_PERIOD = 0.25  # how often timeouts are checked: their resolution
 class Proxy:
     """One running pgmux: owns every connection, pool and task it starts."""
 
-    def __init__(self, settings: Settings, worker: int | None = None) -> None:
+    def __init__(self, settings: Settings, worker: int | None = None, ledger: WorkerLedger | None = None) -> None:
         # Which worker process this is (0..workers-1; see proxy/workers.py), None when pgmux runs as one process.
         self.worker = worker
+        self.ledger = ledger  # with workers: the other workers' backends under the same limits (proxy/slots.py)
         admission = Admission(
             settings.max_client_conn, settings.max_db_client_connections, settings.max_user_client_connections,
             {name: db.max_db_client_connections for name, db in settings.all_databases().items()
              if db.max_db_client_connections is not None})
         self.registry: Registry[ClientConnection] = Registry(admission, self._open_console)
-        self.router = Router(settings, admission, self.registry.spawn, self.registry.count_rejection)
+        self.router = Router(settings, admission, self.registry.spawn, self.registry.count_rejection, ledger)
         self.cancel_keys = CancelKeys()
         self.sql_endpoint: Endpoint = SqlEndpoint(self.router, self.registry)  # what HTTP listeners answer /sql with
         self.addresses: list[tuple[str, int]] = []  # where the listeners are bound, in listener order
@@ -96,6 +98,8 @@ class Proxy:
             log.info("listening on %s:%d (%s, %s pooling, %s auth, client TLS %s)", bound[0], bound[1],
                      listener.protocol, listener.pool_mode.value, listener.auth_type.value,
                      self.client_tls[index].mode.value)
+        if self.ledger is not None:
+            self.ledger.start()
         self._janitor = self.registry.spawn(self._run_janitor(), name="janitor")
         self.registry.spawn(self._run_stats(), name="stats")
         if self.settings.metrics_listen:
@@ -141,6 +145,8 @@ class Proxy:
             now = time.monotonic()
             for pool in list(self.router.pools.values()):
                 pool.maintain(now)
+            if self.ledger is not None:
+                self.ledger.maintain()
             for client in list(self.registry.clients):
                 client.check_timeouts(now)
             self.router.drop_unused_pools(now)
@@ -177,6 +183,8 @@ class Proxy:
         await asyncio.sleep(0)
         if self.metrics is not None:
             self.metrics.close()
+        if self.ledger is not None:
+            self.ledger.stop()
         self._stopped.set()
 
     def reload(self, settings: Settings) -> None:
@@ -250,12 +258,13 @@ def _load_client_tls(settings: Settings, listener: ListenerSettings) -> ClientTl
 
 
 async def run(settings: Settings, on_ready: Any = None, reload_settings: Callable[[], Settings] | None = None,
-              worker: int | None = None) -> None:
+              worker: int | None = None, ledger: WorkerLedger | None = None) -> None:
     """Serve until SIGTERM (drain) or SIGINT (fast stop); SIGHUP reloads via ``reload_settings``.
 
-    ``worker``: this process's index among the workers (its settings already its share), or None.
+    ``worker``: this process's index among the workers (its settings already its share), or None;
+    ``ledger``: its side of the workers' slot table.
     """
-    proxy = Proxy(settings, worker)
+    proxy = Proxy(settings, worker, ledger)
     proxy.reload_settings = reload_settings
     await proxy.start()
     loop = asyncio.get_running_loop()

@@ -85,8 +85,10 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = N
 
 def serve_workers(settings: Settings, workers: int, reload_settings: Callable[[], Settings] | None,
                   on_ready: Callable[[Any], None] | None) -> None:
-    """Serve with ``workers`` processes, each by its share of the limits (proxy/workers.py)."""
+    """Serve with ``workers`` processes sharing the backend limits (proxy/slots.py), each by its share of the
+    others (proxy/workers.py)."""
     from proxy.app import run
+    from proxy.slots import SlotTable, WorkerLedger
     from proxy.workers import Supervisor, WorkerViews, report_metrics_port, reserve_listeners, worker_settings
 
     try:
@@ -95,6 +97,7 @@ def serve_workers(settings: Settings, workers: int, reload_settings: Callable[[]
         print(f"pgmux: cannot start {workers} workers: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     listeners = settings.listeners  # the concrete addresses: a reload keeps them (listeners need a restart)
+    slots = SlotTable(workers)  # every worker's backends under each limit (proxy/slots.py)
 
     def run_worker(index: int, report: int | None) -> None:
         label_worker(index)
@@ -111,17 +114,19 @@ def serve_workers(settings: Settings, workers: int, reload_settings: Callable[[]
                 on_ready(proxy)
 
         run_until_stopped(run(worker_settings(settings, workers, index), on_ready=ready,
-                              reload_settings=reload_share if reload_settings is not None else None, worker=index))
+                              reload_settings=reload_share if reload_settings is not None else None, worker=index,
+                              ledger=WorkerLedger(slots, index)))
 
     log.info("pgmux %s: %d workers", __version__, workers)
     views = WorkerViews(workers) if settings.metrics_listen else None
     try:
         if views is not None and settings.metrics_listen is not None:
             views.start(settings.metrics_listen)
-        status = Supervisor(workers, run_worker, views).run()
+        status = Supervisor(workers, run_worker, views, slots).run()
     finally:
         if views is not None:
             views.close()
+        slots.close()
         for sock in reserved:
             sock.close()
     raise SystemExit(status)
