@@ -25,6 +25,7 @@ from proxy.reception import Reception
 from proxy.registry import TCP, WEBSOCKET, Registry
 from proxy.routing import Router
 from proxy.settings import ListenerSettings, Settings, split_address
+from proxy.slots import WorkerLedger
 from proxy.sockets import Listening, listen
 from proxy.states import ClientState
 from proxy.stats import StatsWindow, stats_log_line
@@ -38,13 +39,15 @@ JANITOR_PERIOD = 0.25  # how often timeouts are checked: their resolution
 class Proxy:
     """One running pgmux: owns every connection, pool and task it starts."""
 
-    def __init__(self, settings: Settings, worker: WorkerRole = WorkerRole()) -> None:
+    def __init__(self, settings: Settings, worker: WorkerRole = WorkerRole(),
+                 ledger: WorkerLedger | None = None) -> None:
+        self.ledger = ledger  # with workers: the other workers' backends under the same limits (proxy/slots.py)
         admission = Admission(
             settings.max_client_conn, settings.max_db_client_connections, settings.max_user_client_connections,
             {name: db.max_db_client_connections for name, db in settings.all_databases().items()
              if db.max_db_client_connections is not None})
         self.registry: Registry[ClientConnection] = Registry(admission, self._open_console)
-        self.router = Router(settings, admission, self.registry.spawn, self.registry.count_rejection)
+        self.router = Router(settings, admission, self.registry.spawn, self.registry.count_rejection, ledger)
         # Cancel routing: keys name this (peer_id, worker); other peers' and sibling workers' keys are forwarded.
         self.worker = worker
         self.cancel_forwarder = CancelForwarder(self.registry.spawn, self.registry.cancels_forwarded,
@@ -112,6 +115,8 @@ class Proxy:
         if self.cancel_keys.layout.routing_bits:
             log.info("cancel keys carry peer %d, worker %d (%d routing bits, %d random)", self.settings.peer_id,
                      self.worker.index, self.cancel_keys.layout.routing_bits, self.cancel_keys.layout.random_bits)
+        if self.ledger is not None:
+            self.ledger.start()
         self._janitor = self.registry.spawn(self._run_janitor(), name="janitor")
         self.registry.spawn(self._run_stats(), name="stats")
         if self.settings.metrics_listen:
@@ -157,6 +162,8 @@ class Proxy:
             now = time.monotonic()
             for pool in list(self.router.pools.values()):
                 pool.maintain(now)
+            if self.ledger is not None:
+                self.ledger.maintain()
             for client in list(self.registry.clients):
                 client.check_timeouts(now)
             self.router.drop_unused_pools(now)
@@ -195,6 +202,8 @@ class Proxy:
         await asyncio.sleep(0)
         if self.metrics is not None:
             self.metrics.close()
+        if self.ledger is not None:
+            self.ledger.stop()
         self._stopped.set()
 
     def reload(self, settings: Settings) -> None:
@@ -268,10 +277,13 @@ def _load_client_tls(settings: Settings, listener: ListenerSettings) -> ClientTl
 
 
 async def run(settings: Settings, on_ready: Any = None, reload_settings: Callable[[], Settings] | None = None,
-              worker: WorkerRole = WorkerRole()) -> None:
-    """Serve until SIGTERM (drain) or SIGINT (fast stop); SIGHUP reloads via ``reload_settings``. ``worker``: this
-    process's place among a pgmux's workers (the default: the only one)."""
-    proxy = Proxy(settings, worker)
+              worker: WorkerRole = WorkerRole(), ledger: WorkerLedger | None = None) -> None:
+    """Serve until SIGTERM (drain) or SIGINT (fast stop); SIGHUP reloads via ``reload_settings``.
+
+    ``worker``: this process's place among a pgmux's workers (the default: the only one);
+    ``ledger``: with workers, its side of the workers' slot table.
+    """
+    proxy = Proxy(settings, worker, ledger)
     proxy.reload_settings = reload_settings
     await proxy.start()
     loop = asyncio.get_running_loop()

@@ -86,9 +86,11 @@ def serve(settings: Settings, reload_settings: Callable[[], Settings] | None = N
 
 def serve_workers(settings: Settings, workers: int, reload_settings: Callable[[], Settings] | None,
                   on_ready: Callable[[Any], None] | None) -> None:
-    """Serve with ``workers`` processes, each by its share of the limits (proxy/workers.py)."""
+    """Serve with ``workers`` processes sharing the backend limits (proxy/slots.py), each by its share of the
+    others (proxy/workers.py)."""
     from proxy.app import run
     from proxy.peering import WorkerRole
+    from proxy.slots import SlotTable, WorkerLedger
     from proxy.workers import (
         Supervisor,
         WorkerViews,
@@ -109,6 +111,8 @@ def serve_workers(settings: Settings, workers: int, reload_settings: Callable[[]
             print(f"pgmux: cannot start {workers} workers: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
         listeners = settings.listeners  # the concrete addresses: a reload keeps them (listeners need a restart)
+        slots = SlotTable(workers)  # every worker's backends under each limit (proxy/slots.py)
+        held.callback(slots.close)
 
         def run_worker(index: int, report: int | None) -> None:
             label_worker(index)
@@ -126,14 +130,15 @@ def serve_workers(settings: Settings, workers: int, reload_settings: Callable[[]
 
             role = WorkerRole(index, workers, cancel_addresses[index], cancel_addresses)
             run_until_stopped(run(worker_settings(settings, workers, index), on_ready=ready,
-                                  reload_settings=reload_share if reload_settings is not None else None, worker=role))
+                                  reload_settings=reload_share if reload_settings is not None else None, worker=role,
+                                  ledger=WorkerLedger(slots, index)))
 
         log.info("pgmux %s: %d workers", __version__, workers)
         views = WorkerViews(workers) if settings.metrics_listen else None
         if views is not None and settings.metrics_listen is not None:
             held.callback(views.close)
             views.start(settings.metrics_listen)
-        status = Supervisor(workers, run_worker, views).run()
+        status = Supervisor(workers, run_worker, views, slots).run()
     raise SystemExit(status)
 
 

@@ -8,7 +8,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from proxy.login import Welcome
 from proxy.logs import get_logger
@@ -60,8 +60,9 @@ class PoolConfig:
 class ServerBudget:
     """Counts backends across the pools that share a limit (max_db_connections / max_user_connections)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, scope: tuple[str, ...]) -> None:
         self.limit = limit  # 0 means unlimited
+        self.scope = scope  # what the limit is on, e.g. ("database", "shop"): its name in a BackendLedger
         self.used = 0
         self.pools: list[Pool] = []
 
@@ -89,6 +90,25 @@ class ServerBudget:
                     return
 
 
+class BackendLedger(Protocol):
+    """The backends other processes open under the same limits (``workers = N``: proxy/slots.py).
+
+    A pool asks it before opening a backend and tells it when one ends, never per transaction; it may ask
+    the pool to let backends go (``Pool.lend``) for another process's waiting clients, and calls ``Pool.grow``
+    again when room appears after a refusal.
+    """
+
+    def claim(self, pool: "Pool") -> bool:
+        """Count one more backend of ``pool`` against each of its limits (``Pool.limits``) if every one has
+        room for the whole pgmux; False: not now."""
+
+    def unclaim(self, pool: "Pool") -> None:
+        """One of ``pool``'s backends has ended."""
+
+    def reconfigured(self, pool: "Pool") -> None:
+        """``pool``'s limits may have changed (reload, PAUSE)."""
+
+
 class Waiter:
     """A client in line for a server. The pool settles it exactly once: a server, or a refusal.
 
@@ -111,7 +131,8 @@ class Pool:
     """Lends servers to clients; never holds more than pool_size (+ reserve) backends."""
 
     def __init__(self, key: PoolKey, config: PoolConfig, budgets: tuple[ServerBudget, ...],
-                 spawn: Callable[..., asyncio.Task[None]], backends: Backends) -> None:
+                 spawn: Callable[..., asyncio.Task[None]], backends: Backends,
+                 ledger: BackendLedger | None = None) -> None:
         self.key = key
         self.config = config
         self._backends = backends  # every pool's, by upstream address and pid (NOTIFY senders)
@@ -135,6 +156,9 @@ class Pool:
         self._budgets = budgets
         for budget in budgets:
             budget.pools.append(self)
+        self._ledger = ledger  # None: this process's backends are all there are
+        # Backends to let go as they come back, for another process's waiting clients (see lend).
+        self.owed = 0
         self._spawn = spawn
         self._loop = asyncio.get_running_loop()  # pools are made inside the loop; looking it up costs a getpid()
         self._reserve_open = False
@@ -171,6 +195,11 @@ class Pool:
     @property
     def limit(self) -> int:
         return self.config.pool_size + (self.config.reserve_pool_size if self._reserve_open else 0)
+
+    def limits(self) -> list[tuple[tuple[str, ...], int]]:
+        """Every limit its backends count against, by scope: the pool's own size, then its budgets' (0: none)."""
+        own: tuple[str, ...] = ("pool", self.key.database, self.key.user)
+        return [(own, self.limit), *((budget.scope, budget.limit) for budget in self._budgets)]
 
     # ---- the one place server states change --------------------------------------------------
 
@@ -343,6 +372,10 @@ class Pool:
         if self.total - len(self.closing) > self.limit:
             self.close_server(server, "pool is over its size (lowered by reload)")
             return
+        if self.owed:
+            self.owed -= 1
+            self.close_server(server, "another worker's clients need the connection")
+            return
         if self.waiters:
             if server.state is not ServerState.ACTIVE:
                 self._move(server, ServerState.ACTIVE)  # before the hand-over: the next client may act on it at once
@@ -436,6 +469,8 @@ class Pool:
             self.idle.remove(server)
         except ValueError:
             pass
+        if self._ledger is not None:
+            self._ledger.unclaim(self)  # first: the budgets' freed() grows pools, which claim
         for budget in self._budgets:
             budget.freed()
         if server.client is not None:
@@ -453,6 +488,14 @@ class Pool:
             log.info("pool %s: opening the reserve pool (%d waiting)", self.key, len(self.waiters))
             self.grow()
 
+    def lend(self, count: int) -> None:
+        """Let ``count`` backends go for another process's waiting clients: idle ones close now, the rest as
+        they come back (instead of going to this pool's next client)."""
+        while count and self.idle:
+            self.close_server(self.idle[0], "another worker's clients need the connection")
+            count -= 1
+        self.owed = count
+
     def grow(self) -> None:
         """Open servers for the clients in line, within every limit."""
         while len(self.waiters) > len(self.login) and self._has_room():
@@ -464,8 +507,9 @@ class Pool:
                     budget.make_room_for(self, wanted)
 
     def _has_room(self) -> bool:
+        """Whether a backend may open now; with a ledger, True has counted it there (the caller opens it)."""
         return (self.total < self.limit and all(budget.has_room() for budget in self._budgets)
-                and not self._in_login_backoff())
+                and not self._in_login_backoff() and (self._ledger is None or self._ledger.claim(self)))
 
     def _in_login_backoff(self) -> bool:
         return time.monotonic() < self._retry_at
@@ -595,6 +639,8 @@ class Pool:
         if config.query_wait_timeout != self.config.query_wait_timeout and self.waiters:
             self._deadlines_unordered = True  # those waiting keep the timeout they joined with
         self.config = config
+        if self._ledger is not None:
+            self._ledger.reconfigured(self)
         self._trim()
         self._arm_wait_timer()
         self.grow()

@@ -13,7 +13,7 @@ from proxy.admission import Admission
 from proxy.auth.cleartext import CleartextChecks
 from proxy.auth.secrets import ScramKeys, UserSecret
 from proxy.logs import get_logger
-from proxy.pool import Pool, PoolConfig, PoolKey, ServerBudget
+from proxy.pool import BackendLedger, Pool, PoolConfig, PoolKey, ServerBudget
 from proxy.prepared import StatementNames
 from proxy.protocol import errors
 from proxy.protocol import messages as m
@@ -49,8 +49,10 @@ class Router:
     """
 
     def __init__(self, settings: Settings, admission: Admission,
-                 spawn: Callable[..., asyncio.Task[None]], count_rejection: Callable[[str], None]) -> None:
+                 spawn: Callable[..., asyncio.Task[None]], count_rejection: Callable[[str], None],
+                 ledger: BackendLedger | None = None) -> None:
         self.settings = settings
+        self._ledger = ledger  # the other workers' backends under the same limits, if any (proxy/slots.py)
         self.admission = admission
         self.pools: dict[PoolKey, Pool] = {}
         self.statement_names = StatementNames()
@@ -62,7 +64,7 @@ class Router:
         self._databases = {
             name: _Database(name, db, parse_upstream_url(db.url.get_secret_value()),
                             ServerBudget(db.max_db_connections if db.max_db_connections is not None
-                                         else settings.max_db_connections))
+                                         else settings.max_db_connections, ("database", name)))
             for name, db in settings.all_databases().items()
         }
         self._user_budgets: dict[str, ServerBudget] = {}
@@ -227,14 +229,14 @@ class Router:
         pool = self.pools.get(key)
         if pool is None:
             pool = Pool(key, self._pool_config(db, upstream), self._budgets(db, upstream.user), self._spawn,
-                        self.backends)
+                        self.backends, self._ledger)
             self.pools[key] = pool
         return pool
 
     def _budgets(self, db: _Database, user: str) -> tuple[ServerBudget, ...]:
         budget = self._user_budgets.get(user)
         if budget is None:
-            budget = self._user_budgets[user] = ServerBudget(self.settings.max_user_connections)
+            budget = self._user_budgets[user] = ServerBudget(self.settings.max_user_connections, ("user", user))
         return db.budget, budget
 
     def _pool_config(self, db: _Database, upstream: Upstream, honour_pause: bool = True) -> PoolConfig:
@@ -304,7 +306,7 @@ class Router:
                      else settings.max_db_connections)
             current = self._databases.get(name)
             if current is None:
-                self._databases[name] = _Database(name, db_settings, upstream, ServerBudget(limit))
+                self._databases[name] = _Database(name, db_settings, upstream, ServerBudget(limit, ("database", name)))
                 log.info("reload: database %s added", name)
                 continue
             current.settings = db_settings

@@ -354,7 +354,8 @@ class Settings(BaseSettings):
     http_max_request_size: Annotated[ByteSize, Field(ge=1)] = ByteSize(10 * 1024 * 1024)
 
     # Worker processes sharing each listener (SO_REUSEPORT) under a supervisor; "auto": one per core. The
-    # limits above hold for the whole pgmux: each worker gets its share of them (see proxy/workers.py).
+    # limits above hold for the whole pgmux: the backend limits through a table the workers share
+    # (proxy/slots.py), the others as each worker's fixed share (proxy/workers.py).
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
 
     # Peering, as PgBouncer names it: each pgmux of a fleet behind one address (a load balancer, a Kubernetes
@@ -414,18 +415,16 @@ class Settings(BaseSettings):
         return self
 
     def _check_worker_shares(self) -> None:
-        """Each worker serves a share of every pool size and limit (proxy/workers.py): a share of 0 would leave a
-        worker without a backend, or (0 meaning no limit) unlimited."""
+        """Each worker serves a share of every client limit (proxy/workers.py): a share of 0 would leave that worker
+        unlimited (0 means no limit). The backend limits are not split: the slot table holds them (proxy/slots.py)."""
         workers = self.worker_count()
         if workers == 1:
             return
-        shared = ("default_pool_size", "max_client_conn", "max_login_clients", "max_db_connections",
-                  "max_user_connections", "max_db_client_connections", "max_user_client_connections",
+        shared = ("max_client_conn", "max_login_clients", "max_db_client_connections", "max_user_client_connections",
                   "max_wait_clients")
         limits = {name: getattr(self, name) for name in shared}
         for database, db in self.databases.items():
-            limits.update({f"databases.{database}.{name}": getattr(db, name)
-                           for name in ("pool_size", "max_db_connections", "max_db_client_connections")})
+            limits[f"databases.{database}.max_db_client_connections"] = db.max_db_client_connections
         for name, limit in limits.items():
             if limit and limit < workers:
                 raise ValueError(f"{name} = {limit} is smaller than workers = {workers}: each worker serves a share "

@@ -1,15 +1,16 @@
 """Workers: N pgmux processes sharing each listener (SO_REUSEPORT), their shares of the limits, and their supervisor.
 
-Each worker is today's single-process pgmux (its own event loop, pools and clients) serving one share of
-every limit: the shares add up to the configured limit, so PostgreSQL never sees more backends, nor pgmux
-more clients, than configured, whatever the number of workers. The supervisor binds each listener first
-(a busy port fails the start at once, and port 0 is chosen once for all), forks the workers, replaces a
-worker that dies (its clients are lost, nobody else's), passes SIGHUP, SIGTERM and SIGINT to every worker,
-and exits when all have stopped. With ``metrics_listen`` the supervisor serves /metrics, /healthz and /readyz
-for the whole pgmux: each worker serves its own on a private loopback port, and the supervisor asks them all.
-A CancelRequest the kernel hands to another worker than the one that issued its key is forwarded to that one's
-private cancel address (proxy/peering.py), a Unix socket the supervisor names before forking: a replacement
-worker takes over the same address.
+Each worker is today's single-process pgmux (its own event loop, pools and clients). The backend limits (pool
+sizes, max_db_connections, max_user_connections) hold for the whole pgmux through the slot table the workers
+share (proxy/slots.py), so PostgreSQL never sees more backends than configured, whatever the number of workers;
+every other limit (clients, min_pool_size) is split into fixed shares that add up to it. The supervisor binds
+each listener first (a busy port fails the start at once, and port 0 is chosen once for all), forks the
+workers, replaces a worker that dies (its clients are lost, nobody else's; its slots are freed), passes
+SIGHUP, SIGTERM and SIGINT to every worker, and exits when all have stopped. With ``metrics_listen`` the
+supervisor serves /metrics, /healthz and /readyz for the whole pgmux: each worker serves its own on a private
+loopback port, and the supervisor asks them all. A CancelRequest the kernel hands to another worker than the
+one that issued its key is forwarded to that one's private cancel address (proxy/peering.py), a Unix socket
+the supervisor names before forking: a replacement worker takes over the same address.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any, Final
 
 from proxy.logs import get_logger
 from proxy.settings import DatabaseSettings, ListenerSettings, PeerAddress, Settings, split_address
+from proxy.slots import SlotTable, share
 
 log = get_logger("workers")
 
@@ -45,15 +47,9 @@ _UNIX_PATH_MAX: Final = 107  # bytes of a Unix socket's path (sun_path holds 108
 _SAMPLE: Final = re.compile(r"([^\s{]+)(?:\{(.*)\})?(\s.*)")
 
 
-def share(limit: int, workers: int, worker: int) -> int:
-    """Worker ``worker``'s part of ``limit`` (0: unlimited stays unlimited); the parts add up to ``limit``."""
-    if not limit:
-        return 0
-    return limit // workers + (1 if worker < limit % workers else 0)
-
-
 def worker_settings(settings: Settings, workers: int, worker: int) -> Settings:
-    """The settings worker ``worker`` of ``workers`` runs by: every pool size and limit replaced by its share."""
+    """The settings worker ``worker`` of ``workers`` runs by: each limit other than the backend limits (which the
+    slot table holds for the whole pgmux) replaced by its share."""
     if workers == 1:
         return settings
 
@@ -63,17 +59,13 @@ def worker_settings(settings: Settings, workers: int, worker: int) -> Settings:
     def database(db: DatabaseSettings) -> DatabaseSettings:
         return db.model_copy(update={
             name: part(getattr(db, name)) for name in
-            ("pool_size", "min_pool_size", "reserve_pool_size", "max_db_connections", "max_db_client_connections")
+            ("min_pool_size", "max_db_client_connections")
             if getattr(db, name)})
 
     return settings.model_copy(update={
-        "default_pool_size": part(settings.default_pool_size),
         "min_pool_size": part(settings.min_pool_size),
-        "reserve_pool_size": part(settings.reserve_pool_size),
         "max_client_conn": part(settings.max_client_conn),
         "max_login_clients": part(settings.max_login_clients),
-        "max_db_connections": part(settings.max_db_connections),
-        "max_user_connections": part(settings.max_user_connections),
         "max_db_client_connections": part(settings.max_db_client_connections),
         "max_user_client_connections": part(settings.max_user_client_connections),
         "max_wait_clients": part(settings.max_wait_clients),
@@ -266,13 +258,14 @@ def report_metrics_port(write: int, port: int) -> None:
 
 class Supervisor:
     """Forks ``count`` workers (``run_worker(index, report)`` in each: ``report`` a pipe's write end for its
-    metrics port, or None), replaces dead ones, fans signals out."""
+    metrics port, or None), replaces dead ones (their column of ``slots`` zeroed first), fans signals out."""
 
     def __init__(self, count: int, run_worker: Callable[[int, int | None], None],
-                 views: WorkerViews | None = None) -> None:
+                 views: WorkerViews | None = None, slots: SlotTable | None = None) -> None:
         self.count = count
         self._run_worker = run_worker
         self._views = views
+        self._slots = slots
         self.pids: dict[int, int] = {}  # pid -> worker index
         self._started: dict[int, float] = {}  # worker index -> when its current process started
         self._stopping = False
@@ -323,6 +316,10 @@ class Supervisor:
             index = self.pids.pop(pid, None)
             if index is None:
                 continue
+            if self._slots is not None:
+                # Its backends died with it (the kernel closed their sockets): their slots go to the others.
+                self._slots.forget_worker(index)
+                self._slots.ring(range(self.count))
             if self._stopping:
                 log.info("worker %d (pid %d) stopped", index, pid)
                 continue

@@ -196,3 +196,174 @@ def test_metrics_and_readiness_answer_for_every_worker(pgmux_process) -> None:
             loop.run_until_complete(conn.close())
     finally:
         loop.close()
+
+
+# ---- the slot table: backends follow the clients across workers (proxy/slots.py) ------------------------------
+
+
+async def _clients_on(process, port: int, worker: int, count: int) -> list[asyncpg.Connection]:
+    """``count`` clients the kernel gave to ``worker`` (others are closed): the log names each login's worker
+    and client address."""
+    kept: list[asyncpg.Connection] = []
+    for _ in range(200):
+        conn = await _connect(port)
+        local = conn._transport.get_extra_info("sockname")[1]
+        line = re.compile(rf"w(\d) c\d+ login ok: \S+ from 127\.0\.0\.1:{local} ")
+        deadline = time.monotonic() + 10
+        while (found := line.search(process.log_path.read_text())) is None:
+            assert time.monotonic() < deadline, f"no login line for client port {local}"
+            await asyncio.sleep(0.02)
+        if int(found.group(1)) == worker:
+            kept.append(conn)
+            if len(kept) == count:
+                return kept
+        else:
+            await conn.close()
+    raise AssertionError(f"the kernel gave worker {worker} only {len(kept)} of 200 clients")
+
+
+async def _begin(clients: list[asyncpg.Connection]) -> list[int]:
+    """Open a transaction on each client at once: each holds a backend until it commits; returns their pids."""
+
+    async def one(conn: asyncpg.Connection) -> int:
+        await conn.execute("BEGIN")
+        return await conn.fetchval("SELECT pg_backend_pid()")
+
+    return list(await asyncio.gather(*(one(conn) for conn in clients)))
+
+
+async def _commit(clients: list[asyncpg.Connection]) -> None:
+    await asyncio.gather(*(conn.execute("COMMIT") for conn in clients))
+
+
+async def _watch_backends(postgres, done: asyncio.Event) -> int:
+    """The most backends of the app's pool PostgreSQL shows, sampled until ``done``."""
+    most = 0
+    while not done.is_set():
+        most = max(most, await _backends(postgres))
+        await asyncio.sleep(0.01)
+    return most
+
+
+def test_the_clients_of_one_worker_get_the_whole_pool_even_the_backends_another_worker_opened(pgmux_process,
+                                                                                              postgres) -> None:
+    process = pgmux_process(PGMUX_WORKERS="2", PGMUX_DEFAULT_POOL_SIZE="4", PGMUX_QUERY_WAIT_TIMEOUT="2")
+    _wait_for_listeners(process, 2)
+    port = process.ports()[0]
+
+    async def scenario() -> None:
+        zero = await _clients_on(process, port, 0, 4)
+        one = await _clients_on(process, port, 1, 5)
+        done = asyncio.Event()
+        watcher = asyncio.create_task(_watch_backends(postgres, done))
+        # Worker 1's clients take the whole pool, then leave its four backends idle.
+        assert len(set(await _begin(one[:4]))) == 4
+        await _commit(one[:4])
+        # Worker 0's clients get all four: worker 1 lets its idle backends go.
+        assert len(set(await asyncio.wait_for(_begin(zero), 15))) == 4
+        # The pool is full for the whole pgmux: a fifth client (worker 1's) waits, and is refused at its timeout.
+        with pytest.raises(asyncpg.PostgresError) as refused:
+            await one[4].fetchval("SELECT 1")
+        assert refused.value.sqlstate == "53300"
+        # And back: once worker 0's clients are done, worker 1's get all four again.
+        await _commit(zero)
+        assert len(set(await asyncio.wait_for(_begin(one[:4]), 15))) == 4
+        await _commit(one[:4])
+        done.set()
+        assert 0 < await watcher <= 4
+        for conn in zero + one:
+            await conn.close()
+
+    asyncio.run(scenario())
+    assert "another worker's clients need the connection" in process.log_path.read_text()
+
+
+def test_a_burst_over_both_workers_stays_within_the_pool_size_and_every_client_is_served(pgmux_process,
+                                                                                        postgres) -> None:
+    process = pgmux_process(PGMUX_WORKERS="2", PGMUX_DEFAULT_POOL_SIZE="4", PGMUX_MAX_CLIENT_CONN="400")
+    _wait_for_listeners(process, 2)
+    port = process.ports()[0]
+
+    async def client() -> str:
+        try:
+            conn = await _connect(port)
+        except asyncpg.PostgresError as refused:
+            return refused.sqlstate or "?"
+        try:
+            async with conn.transaction():  # each holds its backend a while: clients wait on both workers
+                await conn.execute("SELECT pg_sleep(0.02)")
+            return "served"
+        except asyncpg.PostgresError as refused:
+            return refused.sqlstate or "?"
+        finally:
+            await conn.close()
+
+    async def scenario() -> tuple[list[str], int]:
+        done = asyncio.Event()
+        watcher = asyncio.create_task(_watch_backends(postgres, done))
+        outcomes = await asyncio.gather(*(client() for _ in range(200)))
+        done.set()
+        return outcomes, await watcher
+
+    outcomes, most = asyncio.run(scenario())
+    assert set(outcomes) <= {"served", "53300"}
+    assert outcomes.count("served") == 200  # query_wait_timeout (120 s) is far: nobody waits that long
+    assert 0 < most <= 4
+    log = process.log_path.read_text()
+    assert "w0 " in log and "w1 " in log and log.count("login ok") >= 200
+
+
+def test_the_slots_of_a_worker_killed_with_sigkill_go_to_the_other_workers(pgmux_process, postgres) -> None:
+    process = pgmux_process(PGMUX_WORKERS="2", PGMUX_DEFAULT_POOL_SIZE="4", PGMUX_QUERY_WAIT_TIMEOUT="20")
+    _wait_for_listeners(process, 2)
+    port = process.ports()[0]
+    victim = _worker_pids(process)[1]
+
+    async def scenario() -> None:
+        zero = await _clients_on(process, port, 0, 4)
+        one = await _clients_on(process, port, 1, 4)
+        assert len(set(await _begin(one))) == 4  # worker 1 holds the whole pool, in transactions
+        process.signal_pid(victim, signal.SIGKILL)
+        # Worker 0's clients get all four: the dead worker's slots were freed with it.
+        assert len(set(await asyncio.wait_for(_begin(zero), 15))) == 4
+        assert await _backends(postgres) <= 4
+        await _commit(zero)
+        for conn in zero:
+            await conn.close()
+        for conn in one:
+            conn.terminate()
+
+    asyncio.run(scenario())
+    process.wait_for_log(f"worker 1 (pid {victim}) died (killed by SIGKILL)")
+
+
+def test_a_workers_clients_get_their_fair_share_while_another_worker_has_clients_waiting_all_the_time(
+        pgmux_process) -> None:
+    process = pgmux_process(PGMUX_WORKERS="2", PGMUX_DEFAULT_POOL_SIZE="4", PGMUX_QUERY_WAIT_TIMEOUT="5")
+    _wait_for_listeners(process, 2)
+    port = process.ports()[0]
+
+    async def scenario() -> float:
+        busy = await _clients_on(process, port, 0, 8)
+        late = (await _clients_on(process, port, 1, 1))[0]
+        stop = asyncio.Event()
+
+        async def keep_busy(conn: asyncpg.Connection) -> None:
+            while not stop.is_set():  # twice as many clients as backends: some always wait
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_sleep(0.02)")
+
+        load = [asyncio.create_task(keep_busy(conn)) for conn in busy]
+        await asyncio.sleep(1)  # worker 0 holds the whole pool by now
+        started = time.monotonic()
+        try:
+            assert await late.fetchval("SELECT 1") == 1  # not refused at query_wait_timeout
+            return time.monotonic() - started
+        finally:
+            await asyncio.sleep(8 - (time.monotonic() - started))  # the load outlasts the timeout either way
+            stop.set()
+            await asyncio.gather(*load)
+            for conn in busy + [late]:
+                await conn.close()
+
+    assert asyncio.run(scenario()) < 2

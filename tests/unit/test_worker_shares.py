@@ -1,4 +1,5 @@
-"""Each worker's share of the limits: the shares add up to what is configured, and unlimited stays unlimited."""
+"""Each worker's share of the client limits: the shares add up to what is configured, and unlimited stays unlimited;
+the backend limits are not split (the workers' slot table holds them for the whole pgmux)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 from pydantic import ValidationError
 
 from proxy.settings import load_settings
-from proxy.workers import merge_expositions, share, worker_settings
+from proxy.slots import share
+from proxy.workers import merge_expositions, worker_settings
 
 UPSTREAM = "postgresql://app:secret@db.example.com/app"
 
@@ -22,16 +24,21 @@ def test_the_shares_of_a_limit_add_up_to_the_limit_and_differ_by_at_most_one(lim
         assert max(parts) - min(parts) <= 1
 
 
-def test_every_pool_size_and_limit_is_split_among_the_workers() -> None:
-    settings = load_settings(None, [], upstream_url=UPSTREAM, default_pool_size=5, max_client_conn=101,
-                             max_db_connections=9, max_user_connections=0,
-                             databases={"other": {"url": "postgresql://o:p@db.example.com/other", "pool_size": 4}})
+def test_client_limits_and_min_pool_size_are_split_among_the_workers_and_backend_limits_are_not() -> None:
+    settings = load_settings(None, [], upstream_url=UPSTREAM, default_pool_size=5, min_pool_size=3,
+                             max_client_conn=101, max_db_connections=9, max_user_connections=7, reserve_pool_size=3,
+                             max_user_client_connections=10,
+                             databases={"other": {"url": "postgresql://o:p@db.example.com/other", "pool_size": 4,
+                                                  "max_db_client_connections": 6}})
     first, second = (worker_settings(settings, 2, worker) for worker in (0, 1))
-    assert (first.default_pool_size, second.default_pool_size) == (3, 2)
     assert (first.max_client_conn, second.max_client_conn) == (51, 50)
-    assert (first.max_db_connections, second.max_db_connections) == (5, 4)
-    assert first.max_user_connections == second.max_user_connections == 0
-    assert first.databases["other"].pool_size == second.databases["other"].pool_size == 2
+    assert (first.min_pool_size, second.min_pool_size) == (2, 1)
+    assert first.max_user_client_connections == second.max_user_client_connections == 5
+    assert [worker.databases["other"].max_db_client_connections for worker in (first, second)] == [3, 3]
+    for worker in (first, second):  # held for the whole pgmux by the slot table (proxy/slots.py)
+        assert (worker.default_pool_size, worker.reserve_pool_size) == (5, 3)
+        assert (worker.max_db_connections, worker.max_user_connections) == (9, 7)
+        assert worker.databases["other"].pool_size == 4
     assert worker_settings(settings, 1, 0) is settings
 
 
@@ -54,16 +61,24 @@ def test_merged_metrics_label_every_sample_with_its_worker_and_keep_each_family_
     ]
 
 
-def test_a_pool_or_limit_smaller_than_the_number_of_workers_is_refused_naming_the_setting() -> None:
-    load_settings(None, [], upstream_url=UPSTREAM, default_pool_size=2, workers=2)
-    with pytest.raises(ValidationError, match="default_pool_size = 2 is smaller than workers = 3"):
-        load_settings(None, [], upstream_url=UPSTREAM, default_pool_size=2, workers=3)
+def test_a_client_limit_smaller_than_the_number_of_workers_is_refused_naming_the_setting() -> None:
+    load_settings(None, [], upstream_url=UPSTREAM, max_client_conn=2, workers=2)
+    with pytest.raises(ValidationError, match="max_client_conn = 2 is smaller than workers = 3"):
+        load_settings(None, [], upstream_url=UPSTREAM, max_client_conn=2, workers=3)
     # A share of 0 would mean no limit at all for that worker.
-    with pytest.raises(ValidationError, match="max_user_connections = 1 is smaller than workers = 2"):
-        load_settings(None, [], upstream_url=UPSTREAM, max_user_connections=1, workers=2)
-    with pytest.raises(ValidationError, match="databases.other.pool_size = 1 is smaller than workers = 2"):
+    with pytest.raises(ValidationError, match="max_user_client_connections = 1 is smaller than workers = 2"):
+        load_settings(None, [], upstream_url=UPSTREAM, max_user_client_connections=1, workers=2)
+    with pytest.raises(ValidationError, match="databases.other.max_db_client_connections = 1 is smaller than workers"):
         load_settings(None, [], upstream_url=UPSTREAM, workers=2,
-                      databases={"other": {"url": "postgresql://o:p@db.example.com/other", "pool_size": 1}})
+                      databases={"other": {"url": "postgresql://o:p@db.example.com/other",
+                                           "max_db_client_connections": 1}})
+
+
+def test_a_backend_limit_smaller_than_the_number_of_workers_is_fine_the_workers_share_it() -> None:
+    settings = load_settings(None, [], upstream_url=UPSTREAM, default_pool_size=1, max_db_connections=1,
+                             max_user_connections=1, workers=4,
+                             databases={"other": {"url": "postgresql://o:p@db.example.com/other", "pool_size": 1}})
+    assert settings.worker_count() == 4
 
 
 def test_workers_auto_is_the_number_of_cores() -> None:
