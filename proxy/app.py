@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import signal
 import time
 from collections.abc import Callable
 from typing import Any
 
 from proxy import BUILD, __version__
-from proxy.admin import AdminSession, Lifecycle
+from proxy.admin import AdminSession, Lifecycle, WorkerConsole
 from proxy.admission import Admission
 from proxy.cancel import ANY_WORKER, CancelKeys, KeyLayout
 from proxy.http.exchange import Endpoint
@@ -19,7 +20,7 @@ from proxy.http.sql import SqlEndpoint
 from proxy.client import ClientConnection
 from proxy.logs import get_logger
 from proxy.metrics import MetricsServer, Readiness
-from proxy.peering import CancelForwarder, WorkerRole, listen_for_siblings
+from proxy.peering import CancelForwarder, SiblingConsoles, WorkerRole, listen_for_siblings
 from proxy.protocol import errors
 from proxy.reception import Reception
 from proxy.registry import TCP, WEBSOCKET, Registry
@@ -74,7 +75,12 @@ class Proxy:
         self.stats_window = StatsWindow()
         self.readiness = Readiness(self.registry, self.router, self.addresses)
         self.metrics: MetricsServer | None = None
-        self._lifecycle = Lifecycle(shutdown=self.shutdown, reload=self.reload_from_source, kill=self.kill)
+        lifecycle = Lifecycle(shutdown=self._shutdown_all, reload=self.reload_from_source, kill=self.kill)
+        self.console = WorkerConsole(self.registry, self.router, self.stats_window, lifecycle, worker.index,
+                                     worker.count)
+        # With sibling workers, each console connection answers for the whole pgmux (admin.AdminSession).
+        others = {index: address for index, address in worker.siblings.items() if index != worker.index}
+        self.sibling_consoles = SiblingConsoles(others) if others else None
         self.http_connections: set[HttpConnection] = set()
 
     @property
@@ -83,11 +89,19 @@ class Proxy:
         return self.router.settings
 
     def _open_console(self, client: ClientConnection, can_modify: bool) -> AdminSession:
-        return AdminSession(self.registry, self.router, self.stats_window, self._lifecycle, client, can_modify)
+        return AdminSession(self.console, client, can_modify, self.sibling_consoles)
 
     def shutdown(self, graceful: bool) -> None:
         """Begin stopping (see stop), as a task the proxy owns: for signals and the admin console."""
         self.registry.spawn(self.stop(graceful=graceful), name="shutdown")
+
+    def _shutdown_all(self, graceful: bool) -> None:
+        """The console's SHUTDOWN: of the whole pgmux. A worker asks its supervisor, which stops every worker
+        as on SIGTERM (graceful) or SIGINT, and does not replace them."""
+        if self.worker.supervisor:
+            os.kill(self.worker.supervisor, signal.SIGTERM if graceful else signal.SIGINT)
+        else:
+            self.shutdown(graceful)
 
     # ---- listening ----------------------------------------------------------------------------
 
@@ -111,7 +125,8 @@ class Proxy:
                      listener.protocol, listener.pool_mode.value, listener.auth_type.value,
                      self.client_tls[index].mode.value)
         if self.worker.cancel_address is not None:
-            self._sibling_listener = await listen_for_siblings(self.worker.cancel_address, self.cancel_keys)
+            self._sibling_listener = await listen_for_siblings(self.worker.cancel_address, self.cancel_keys,
+                                                               self.console.answer)
         if self.cancel_keys.layout.routing_bits:
             log.info("cancel keys carry peer %d, worker %d (%d routing bits, %d random)", self.settings.peer_id,
                      self.worker.index, self.cancel_keys.layout.routing_bits, self.cancel_keys.layout.random_bits)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -113,6 +114,7 @@ def serve_workers(settings: Settings, workers: int, reload_settings: Callable[[]
         listeners = settings.listeners  # the concrete addresses: a reload keeps them (listeners need a restart)
         slots = SlotTable(workers)  # every worker's backends under each limit (proxy/slots.py)
         held.callback(slots.close)
+        supervisor = os.getpid()  # a console's SHUTDOWN asks it to stop every worker
 
         def run_worker(index: int, report: int | None) -> None:
             label_worker(index)
@@ -128,7 +130,7 @@ def serve_workers(settings: Settings, workers: int, reload_settings: Callable[[]
                 if on_ready is not None and index == 0:
                     on_ready(proxy)
 
-            role = WorkerRole(index, workers, cancel_addresses[index], cancel_addresses)
+            role = WorkerRole(index, workers, cancel_addresses[index], cancel_addresses, supervisor)
             run_until_stopped(run(worker_settings(settings, workers, index), on_ready=ready,
                                   reload_settings=reload_share if reload_settings is not None else None, worker=role,
                                   ledger=WorkerLedger(slots, index)))

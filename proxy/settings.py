@@ -252,6 +252,13 @@ class UserSettings(_Section):
     password: SecretStr
 
 
+# The limits workers = N splits into a share per worker (proxy/workers.py: worker_settings), globally and per
+# database; the backend limits hold for the whole pgmux instead (proxy/slots.py).
+SPLIT_LIMITS: tuple[str, ...] = ("min_pool_size", "max_client_conn", "max_login_clients", "max_db_client_connections",
+                                 "max_user_client_connections", "max_wait_clients")
+SPLIT_DATABASE_LIMITS: tuple[str, ...] = ("min_pool_size", "max_db_client_connections")
+
+
 class Settings(BaseSettings):
     """Everything pgmux can be told; validated once, then frozen."""
 

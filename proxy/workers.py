@@ -33,7 +33,15 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
 from proxy.logs import get_logger
-from proxy.settings import DatabaseSettings, ListenerSettings, PeerAddress, Settings, split_address
+from proxy.settings import (
+    SPLIT_DATABASE_LIMITS,
+    SPLIT_LIMITS,
+    DatabaseSettings,
+    ListenerSettings,
+    PeerAddress,
+    Settings,
+    split_address,
+)
 from proxy.slots import SlotTable, share
 
 log = get_logger("workers")
@@ -57,18 +65,11 @@ def worker_settings(settings: Settings, workers: int, worker: int) -> Settings:
         return share(limit, workers, worker)
 
     def database(db: DatabaseSettings) -> DatabaseSettings:
-        return db.model_copy(update={
-            name: part(getattr(db, name)) for name in
-            ("min_pool_size", "max_db_client_connections")
-            if getattr(db, name)})
+        return db.model_copy(update={name: part(getattr(db, name)) for name in SPLIT_DATABASE_LIMITS
+                                     if getattr(db, name)})
 
     return settings.model_copy(update={
-        "min_pool_size": part(settings.min_pool_size),
-        "max_client_conn": part(settings.max_client_conn),
-        "max_login_clients": part(settings.max_login_clients),
-        "max_db_client_connections": part(settings.max_db_client_connections),
-        "max_user_client_connections": part(settings.max_user_client_connections),
-        "max_wait_clients": part(settings.max_wait_clients),
+        **{name: part(getattr(settings, name)) for name in SPLIT_LIMITS},
         "databases": {name: database(db) for name, db in settings.databases.items()},
         # The upstream_url shorthand's database has no overrides: the global shares above apply to it.
         # The supervisor serves metrics_listen; each worker answers it on a private port (WorkerViews).

@@ -317,7 +317,7 @@ def test_the_slots_of_a_worker_killed_with_sigkill_go_to_the_other_workers(pgmux
     process = pgmux_process(PGMUX_WORKERS="2", PGMUX_DEFAULT_POOL_SIZE="4", PGMUX_QUERY_WAIT_TIMEOUT="20")
     _wait_for_listeners(process, 2)
     port = process.ports()[0]
-    victim = _worker_pids(process)[1]
+    victim = process.worker_pids()[1]
 
     async def scenario() -> None:
         zero = await _clients_on(process, port, 0, 4)

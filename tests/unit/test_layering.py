@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "proxy"
 
 # Modules that must run without an event loop or a socket: fed bytes, they return bytes and events.
-SANS_IO = ("proxy.protocol", "proxy.auth", "proxy.login")
+SANS_IO = ("proxy.protocol", "proxy.auth", "proxy.login", "proxy.fanout")
 IO_MODULES = frozenset({"asyncio", "socket", "ssl", "uvloop", "selectors"})
 # The composition root and the only modules allowed to build it (tests and benchmarks aside).
 ROOT = "proxy.app"
