@@ -645,20 +645,23 @@ class AdminSession:
     async def _everywhere(self, siblings: Siblings, command: str, argument: str, failed: PgError | None) -> bytes:
         answers = await siblings.ask(ConsoleRequest(COMMAND, command, argument))
         notices: list[bytes] = []
+        failed_in: list[bytes] = []  # where it failed: named only if it worked somewhere else
         unsettled: list[int] = []  # the siblings a PAUSE or WAIT_CLOSE waits for: every one that answered
+        if failed is not None:
+            failed_in.append(errors.notice_response(f"worker {self.console.worker}: {failed.message}"))
         for index, answer in sorted(answers.items()):
             if isinstance(answer, str):
                 notices.append(_missing(index, answer))
                 continue
             if command in _SETTLING:
                 unsettled.append(index)
-            if answer.error is not None and failed is None:
-                notices.append(errors.notice_response(f"worker {index}: {answer.error[1]}",
-                                                      sqlstate=answer.error[0]))
-        if failed is not None:
-            if all(isinstance(answer, str) or answer.error is not None for answer in answers.values()):
-                return b"".join(notices) + failure(failed)
-            notices.insert(0, errors.notice_response(f"worker {self.console.worker}: {failed.message}"))
+            if answer.error is not None:
+                failed_in.append(errors.notice_response(f"worker {index}: {answer.error[1]}",
+                                                        sqlstate=answer.error[0]))
+        if failed is not None and \
+                all(isinstance(answer, str) or answer.error is not None for answer in answers.values()):
+            return b"".join(notices) + failure(failed)
+        notices += failed_in
         # The siblings are asked only once this worker has settled: while it has not, there is no answer to give.
         while not self.console.settled(command, argument) or unsettled:
             if self.client.state is ClientState.CLOSED:

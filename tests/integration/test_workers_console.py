@@ -128,33 +128,40 @@ def test_a_sibling_killed_with_sigkill_is_named_in_a_notice_and_never_hangs_the_
                                                                                        tmp_path) -> None:
     process, port = _start(pgmux_process, tmp_path)
     notices: list[str] = []
+
+    def state(console: psycopg.Connection) -> str:
+        return {r["key"]: r["value"] for r in _rows(console, "SHOW STATE")}["paused"]
+
     with _console(port, notices) as console:
         own = int(next(r for r in _rows(console, "SHOW CLIENTS") if r["application_name"] == "console")["ptr"]
                   .split()[0][1:])
         other = 1 - own
+        assert console.execute("PAUSE").statusmessage == "PAUSE"
         victim = process.worker_pids()[other]
         process.signal_pid(victim, signal.SIGKILL)
         started = time.monotonic()
         assert _rows(console, "SHOW DATABASES")
-        assert any(f"worker {other} did not answer" in notice for notice in notices), notices
-        console.execute("PAUSE")
-        console.execute("RESUME")
+        assert state(console) == "yes"  # the worker that answers is paused; the dead one is left out
         assert time.monotonic() - started < 5  # each within the 1.5 s a sibling has to answer
-        # Until its replacement listens, the dead worker is named and left out.
+        assert any(f"worker {other} did not answer" in notice for notice in notices), notices
+        # Its replacement answers again, and starts unpaused: the whole is partly paused.
         deadline = time.monotonic() + 20
         while process.worker_pids()[other] == victim:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         _wait_for_listeners(process, 3)
-        notices.clear()
-        while True:  # the replacement answers again
+        while True:
             assert time.monotonic() < deadline, notices
             notices.clear()
-            clients = _rows(console, "SHOW CLIENTS")
+            paused = state(console)
             if not notices:
                 break
             time.sleep(0.1)
-        assert len(clients) >= 1
+        assert paused == "mixed"
+        # RESUME works where it can, and names the worker that was not paused.
+        assert console.execute("RESUME").statusmessage == "RESUME"
+        assert any(f"worker {other}: pooler is not paused" in notice for notice in notices), notices
+        assert state(console) == "no"
     assert process.process.poll() is None
 
 
