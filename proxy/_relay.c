@@ -34,6 +34,8 @@
 #include <Python.h>
 #include <errno.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -63,6 +65,7 @@ static PyObject *str_call_soon, *str_call_exception_handler;
 static PyObject *str_data_received, *str_eof_received, *str_connection_lost, *str_pause_writing;
 static PyObject *str_resume_writing, *str_relay_request, *str_relay_target, *str_relayed, *str_close;
 static PyObject *str_socket, *str_peername, *str_sockname, *str_getpeername, *str_getsockname;
+static PyObject *socket_type;  /* _socket.socket: what accept_socket makes */
 
 #define POLL_BATCH 256
 
@@ -959,7 +962,52 @@ static PyTypeObject TransportType = {
     .tp_repr = (reprfunc)Transport_repr,
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_relay", NULL, -1, NULL};
+/* ---- accepting ------------------------------------------------------------------------------------ */
+
+/* accept_socket(fd, family): the next connection waiting on the listening socket ``fd``, as a non-blocking
+   socket object ready for a SocketTransport (TCP_NODELAY set on TCP), or None when none waits. A login pays
+   for its accept: socket.accept() raises BlockingIOError on every wake that empties the backlog, builds the
+   peer's address, and leaves the socket blocking (two fcntl calls more); here none of that happens. */
+static PyObject *
+accept_socket(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyLong_Check(args[0]) || !PyLong_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "accept_socket(fd: int, family: int)");
+        return NULL;
+    }
+    int listening = (int)PyLong_AsLong(args[0]);
+    int family = (int)PyLong_AsLong(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    int fd;
+    for (;;) {
+        fd = accept4(listening, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd >= 0)
+            break;
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            Py_RETURN_NONE;
+        if (errno != EINTR && errno != ECONNABORTED)  /* aborted: reset while it waited; take the next */
+            return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (family == AF_INET || family == AF_INET6) {
+        int on = 1;  /* as asyncio's transports do; a failure costs latency, not correctness */
+        (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+    }
+    /* Family, type and protocol given: the socket object asks the kernel nothing; SOCK_NONBLOCK in the type
+       makes it non-blocking in Python's eyes too (timeout 0) without a call. */
+    PyObject *sock = PyObject_CallFunction(socket_type, "iiii", family, SOCK_STREAM | SOCK_NONBLOCK, 0, fd);
+    if (sock == NULL)
+        close(fd);
+    return sock;
+}
+
+static PyMethodDef module_methods[] = {
+    {"accept_socket", (PyCFunction)(void (*)(void))accept_socket, METH_FASTCALL,
+     "The next connection waiting on a listening socket (non-blocking, TCP_NODELAY), or None."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_relay", NULL, -1, module_methods};
 
 #define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
 
@@ -983,6 +1031,13 @@ PyInit__relay(void)
     INTERN(str_getpeername, "getpeername");
     INTERN(str_getsockname, "getsockname");
     if (PyType_Ready(&TransportType) < 0 || PyType_Ready(&PollerType) < 0)
+        return NULL;
+    PyObject *socket_module = PyImport_ImportModule("_socket");
+    if (socket_module == NULL)
+        return NULL;
+    socket_type = PyObject_GetAttrString(socket_module, "socket");
+    Py_DECREF(socket_module);
+    if (socket_type == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

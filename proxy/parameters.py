@@ -90,28 +90,32 @@ class ParameterSets:
     A dict given out here is shared by every client that holds it: they replace it, never change it in place.
     """
 
-    __slots__ = ("_known", "_last")
+    __slots__ = ("_known", "_recent")
 
     def __init__(self) -> None:
         self._known: dict[frozenset[tuple[str, str]], dict[str, str]] = {}
-        self._last: dict[str, str] = {}
+        # The last few given out, latest first: a login asks for several kinds in turn (its parameters, its
+        # startup values, its unreported ones), and the next login asks for the same again.
+        self._recent: list[dict[str, str]] = []
 
     def shared(self, parameters: dict[str, str]) -> dict[str, str]:
         """A dict equal to ``parameters`` (it, when none is kept yet), to hold from now on instead of it."""
-        last = self._last
-        if parameters == last:  # the usual case, one dict comparison in C
-            return last
+        for kept in self._recent:
+            if parameters == kept:  # the usual case: dict comparisons in C, no key built
+                return kept
         key = frozenset(parameters.items())
         known = self._known.get(key)
         if known is None:
             if len(self._known) >= _SETS_KEPT:
                 self._known.clear()  # logins with ever new values (an application_name per process...)
             known = self._known[key] = parameters
-        self._last = known
+        self._recent.insert(0, known)
+        del self._recent[_RECENT_KEPT:]
         return known
 
 
 _SETS_KEPT: Final = 32
+_RECENT_KEPT: Final = 4
 
 
 class ParameterSync:

@@ -34,6 +34,7 @@ def _compiled(name: str) -> Any:
 
 
 SocketTransport: Final[Any] = _compiled("SocketTransport")
+_accept_socket: Final[Any] = _compiled("accept_socket")
 _Poller: Final[Any] = _compiled("Poller")
 # Each event loop's Poller (see _relay.c): the epoll set its SocketTransports share, watched as one reader.
 _pollers: Final[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any]] = weakref.WeakKeyDictionary()
@@ -85,9 +86,9 @@ def _tune(sock: _socket.socket) -> None:
 
 
 def adopt(loop: asyncio.AbstractEventLoop, sock: _socket.socket, protocol: Any, poller: Any = None) -> Any:
-    """Drive a connected socket with the compiled transport: the protocol's connection_made, then reading."""
+    """Drive a connected non-blocking socket with the compiled transport: the protocol's connection_made, then
+    reading."""
     assert SocketTransport is not None
-    _tune(sock)
     transport = SocketTransport(loop, poller if poller is not None else _poller(loop), sock, protocol)
     protocol.connection_made(transport)
     transport.start()
@@ -149,6 +150,7 @@ async def open_transport(loop: asyncio.AbstractEventLoop, sock: socket.socket,
                          protocol_factory: Callable[[], Any]) -> Any:
     """The transport for a connected plaintext socket: the compiled one, or asyncio's."""
     if SocketTransport is not None:
+        _tune(sock)
         return adopt(loop, sock, protocol_factory())
     transport, _ = await loop.create_connection(protocol_factory, sock=sock)
     return transport
@@ -217,28 +219,23 @@ async def listen(loop: asyncio.AbstractEventLoop, host: str, port: int,
     return Listening(bound, None, loop)
 
 
-def _accept_ready(loop: asyncio.AbstractEventLoop, poller: Any, listening: socket.socket,
+def _accept_ready(loop: asyncio.AbstractEventLoop, poller: Any, listening: socket.socket, fd: int, family: int,
                   protocol_factory: Callable[[], Any]) -> None:
     for _ in range(_ACCEPTS_PER_WAKE):
         try:
-            # The C accept and the C socket type: socket.socket's accept() and __init__ are interpreted
-            # Python, which cost a login more than the rest of its accept.
-            fd, _address = listening._accept()  # type: ignore[attr-defined]
-            sock = _socket.socket(fileno=fd)
-        except (BlockingIOError, InterruptedError):
-            return
+            sock = _accept_socket(fd, family)  # see _relay.c: what socket.accept() costs a login more
         except OSError as exc:
             # Out of file descriptors and the like: the connection waits in the backlog, and the listener
             # rests a moment (as asyncio's does) rather than spin on a socket that stays readable.
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 log.warning("cannot accept a connection: %s; retrying in %gs", exc, _ACCEPT_RETRY_DELAY)
                 any_loop: Any = loop  # see Listening.close
-                any_loop.remove_reader(listening.fileno())
+                any_loop.remove_reader(fd)
                 loop.call_later(_ACCEPT_RETRY_DELAY, _accept_on, loop, poller, listening, protocol_factory)
                 return
-            if exc.errno == errno.ECONNABORTED:
-                continue
             raise
+        if sock is None:  # the backlog is empty
+            return
         try:
             adopt(loop, sock, protocol_factory(), poller)
         except Exception:
@@ -249,5 +246,7 @@ def _accept_ready(loop: asyncio.AbstractEventLoop, poller: Any, listening: socke
 def _accept_on(loop: asyncio.AbstractEventLoop, poller: Any, listening: socket.socket,
                protocol_factory: Callable[[], Any]) -> None:
     """Accept connections on ``listening`` as it becomes readable (again, after a rest)."""
-    if listening.fileno() >= 0:  # not closed meanwhile
-        loop.add_reader(listening.fileno(), _accept_ready, loop, poller, listening, protocol_factory)
+    fd = listening.fileno()
+    if fd >= 0:  # not closed meanwhile
+        # The family asked once here: socket.family is a Python property that builds an enum member.
+        loop.add_reader(fd, _accept_ready, loop, poller, listening, fd, int(listening.family), protocol_factory)

@@ -68,6 +68,29 @@ def test_the_compiled_relay_is_built_where_a_compiler_exists() -> None:
     assert sockets.SocketTransport is not None
 
 
+def test_accepting_gives_none_on_an_empty_backlog_and_a_non_blocking_no_delay_socket_for_a_connection() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    app = None
+    try:
+        assert sockets._accept_socket(listener.fileno(), listener.family) is None
+        app = socket.create_connection(listener.getsockname())
+        accepted = sockets._accept_socket(listener.fileno(), listener.family)
+        try:
+            assert accepted.getpeername() == app.getsockname()
+            assert accepted.gettimeout() == 0.0  # non-blocking in Python's eyes, as the fd is
+            assert not os.get_blocking(accepted.fileno())
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert accepted.type == socket.SOCK_STREAM
+        finally:
+            accepted.close()
+        assert sockets._accept_socket(listener.fileno(), listener.family) is None
+    finally:
+        listener.close()
+        if app is not None:
+            app.close()
+
+
 class Recorder:
     """A protocol that writes down what its transport tells it, and answers the relay as it is told to."""
 
@@ -153,6 +176,7 @@ class Edge:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.app, near = socket.socketpair()
+        near.setblocking(False)  # as the listener's accept and a connect give it
         self.protocol = Recorder()
         self.transport = sockets.adopt(loop, near, self.protocol)
 
@@ -282,6 +306,7 @@ async def test_a_peer_reset_reaches_connection_lost_as_the_socket_error() -> Non
     listener = socket.create_server(("127.0.0.1", 0))
     app = socket.create_connection(listener.getsockname())
     near, _ = listener.accept()
+    near.setblocking(False)
     listener.close()
     protocol = Recorder()
     transport = sockets.adopt(asyncio.get_running_loop(), near, protocol)
