@@ -494,8 +494,12 @@ def _vanish(conn: psycopg.Connection, how: str) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     sock.close()
     if how == "rst":
-        os.close(conn.fileno())  # the last descriptor: the kernel resets the connection
-        os.dup2(os.open(os.devnull, os.O_RDWR), conn.fileno())  # psycopg closes a harmless descriptor later
+        # The last descriptor goes, so the kernel resets the connection; dup2 closes it and puts a harmless one
+        # (psycopg closes it later) in its place in one step. Not close() then dup2(): pgmux runs in this
+        # process, and a socket it opens in between (the cancel for this very client) would get the number.
+        harmless = os.open(os.devnull, os.O_RDWR)
+        os.dup2(harmless, conn.fileno())
+        os.close(harmless)
 
 
 def _advisory_locks_held(direct: psycopg.Connection) -> int:
