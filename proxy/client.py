@@ -917,8 +917,12 @@ class ClientConnection(ClientPeer, Cancellable):
 
     def _sync_parameters(self, server: ServerConnection, in_transaction: bool) -> bool:
         """Send the server this client's parameters where they differ; True when a sync was sent."""
-        sync = parameter_sync(self.params, self.unreported, server.params, server.unreported, in_transaction)
+        params, unreported = self.params, self.unreported
+        if server.holds(params, unreported):
+            return False  # the usual case: clients of a pool share their parameter dicts (ParameterSets)
+        sync = parameter_sync(params, unreported, server.params, server.unreported, in_transaction)
         if sync is None:
+            server.found_holding(params, unreported)
             return False
         server.send_parameter_sync(sync)
         return True

@@ -251,6 +251,11 @@ class ServerConnection:
         self.params: dict[str, str] = {}  # what the server reported with ParameterStatus
         self.unreported: dict[str, str] = {}  # settings of the session beyond those it reports (pgmux's and clients')
         self.reported: frozenset[str] = frozenset()  # what the backend reported at login: it reports their changes
+        # A client's parameter dicts (replaced, never changed in place) this backend was last found to hold:
+        # the next link with the same dicts is one identity check, not a comparison of every value. Forgotten
+        # whenever params or unreported change (_parameters_changed).
+        self._held_params: dict[str, str] | None = None
+        self._held_unreported: dict[str, str] | None = None
         self.backend_key: tuple[int, int] | None = None
         # The process id the client it serves, or last served, was given (0: none yet): a NOTIFY sent
         # through this backend reaches listeners with it (Backends.client_pid). Set on each link.
@@ -524,6 +529,7 @@ class ServerConnection:
             self.params.update(sync.params)
             if sync.unreported is not None:
                 self.unreported = sync.unreported
+            self._parameters_changed()
             if self.client is not None:
                 self.client.on_parameter_sync_done()
             return
@@ -559,6 +565,7 @@ class ServerConnection:
         if error is None:
             report = read_report(rows, self.upstream.user, self.reported & SYNCED_PARAMETERS)
             self.unreported = dict(report.settings)
+            self._parameters_changed()
         else:
             self.unclean = True
         if self.client is not None:
@@ -568,7 +575,19 @@ class ServerConnection:
         """Record a ParameterStatus the backend sent: what it now has, whoever asked for it."""
         name, value = m.parse_parameter_status(body)
         self.params[name] = value
+        self._parameters_changed()
         return name, value
+
+    def holds(self, params: dict[str, str], unreported: dict[str, str]) -> bool:
+        """Whether this backend was found holding these very dicts (a client's) and nothing changed since."""
+        return params is self._held_params and unreported is self._held_unreported
+
+    def found_holding(self, params: dict[str, str], unreported: dict[str, str]) -> None:
+        """The backend has ``params`` and ``unreported`` (compared): the next ``holds`` of them is true."""
+        self._held_params, self._held_unreported = params, unreported
+
+    def _parameters_changed(self) -> None:
+        self._held_params = self._held_unreported = None
 
     def _unsolicited(self, frame: Frame) -> None:
         if frame.kind == m.PARAMETER_STATUS:
@@ -764,6 +783,7 @@ class ServerConnection:
         let the next client inherit whatever the RESET left (a role, a work_mem).
         """
         self.unreported = dict.fromkeys(self.unreported, UNKNOWN_VALUE)
+        self._parameters_changed()
         sync = self._sync
         if sync is not None and sync.unreported is not None:
             sync.unreported = dict.fromkeys(sync.unreported, UNKNOWN_VALUE)

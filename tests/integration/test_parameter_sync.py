@@ -180,17 +180,20 @@ def test_a_query_mentioning_reset_never_leaves_another_clients_settings_on_the_b
 
 def test_a_setting_one_client_changes_never_reaches_clients_that_logged_in_with_the_same_parameters(pgmux) -> None:
     # Clients with equal parameters share one copy of them (idle clients are many): a SET by one of them must
-    # change its own view only, neither another client's nor that of a client logging in afterwards.
+    # change its own view only, neither another client's nor that of a client logging in afterwards, nor what
+    # the backend was found to hold for their shared copy (ServerConnection.holds).
     proxy = pgmux(default_pool_size=1)
 
     async def scenario() -> tuple[list[str], list[str], str, str]:
         changer = await _connect(proxy, application_name="same-app")
         other = await _connect(proxy, application_name="same-app")
+        for conn in (changer, other, changer):  # the backend is found holding their shared parameters, and kept so
+            await conn.fetchval("SELECT 1")
         await changer.execute("SET application_name = 'changed'")
         seen_by_changer, seen_by_other = [], []
-        for _ in range(2):  # the one backend goes back and forth between them
-            seen_by_changer.append(await changer.fetchval("SHOW application_name"))
+        for _ in range(2):  # the one backend goes back and forth between them, straight from the SET to other
             seen_by_other.append(await other.fetchval("SHOW application_name"))
+            seen_by_changer.append(await changer.fetchval("SHOW application_name"))
         newcomer = await _connect(proxy, application_name="same-app")
         welcomed_with = newcomer.get_settings().application_name
         shown_to_newcomer = await newcomer.fetchval("SHOW application_name")
