@@ -28,6 +28,13 @@ def _wait_for_listeners(process, count: int) -> None:
         time.sleep(0.05)
 
 
+def _two_workers(pgmux_process, **env: str):
+    """pgmux with two workers, once both listen: the process and its port."""
+    process = pgmux_process(PGMUX_WORKERS="2", **env)
+    _wait_for_listeners(process, 2)
+    return process, process.ports()[0]
+
+
 async def _backends(postgres) -> int:
     conn = await asyncpg.connect(postgres.dsn(postgres.superuser, postgres.password, "postgres", sslmode="disable"))
     try:
@@ -38,9 +45,7 @@ async def _backends(postgres) -> int:
 
 
 def test_two_workers_keep_postgres_backends_within_the_pool_size_for_1000_clients(pgmux_process, postgres) -> None:
-    process = pgmux_process(PGMUX_WORKERS="2", PGMUX_DEFAULT_POOL_SIZE="4", PGMUX_MAX_CLIENT_CONN="200")
-    _wait_for_listeners(process, 2)
-    port = process.ports()[0]
+    process, port = _two_workers(pgmux_process, PGMUX_DEFAULT_POOL_SIZE="4", PGMUX_MAX_CLIENT_CONN="200")
     most = 0
 
     async def client(gate: asyncio.Semaphore) -> None:
@@ -71,10 +76,7 @@ def test_two_workers_keep_postgres_backends_within_the_pool_size_for_1000_client
 
 
 def test_a_client_storm_is_refused_with_53300_within_the_global_client_limit(pgmux_process) -> None:
-    process = pgmux_process(PGMUX_WORKERS="2", PGMUX_MAX_CLIENT_CONN="4",
-                            PGMUX_MAX_LOGIN_CLIENTS="100")
-    _wait_for_listeners(process, 2)
-    port = process.ports()[0]
+    process, port = _two_workers(pgmux_process, PGMUX_MAX_CLIENT_CONN="4", PGMUX_MAX_LOGIN_CLIENTS="100")
 
     async def scenario() -> tuple[list[asyncpg.Connection], list[BaseException]]:
         results = await asyncio.gather(*(_connect(port) for _ in range(40)), return_exceptions=True)
@@ -91,9 +93,7 @@ def test_a_client_storm_is_refused_with_53300_within_the_global_client_limit(pgm
 
 
 def test_a_worker_killed_with_sigkill_is_replaced_and_the_other_workers_clients_keep_working(pgmux_process) -> None:
-    process = pgmux_process(PGMUX_WORKERS="2")
-    _wait_for_listeners(process, 2)
-    port = process.ports()[0]
+    process, port = _two_workers(pgmux_process)
     victim = process.worker_pids()[1]
 
     async def scenario() -> None:
@@ -127,9 +127,7 @@ def test_a_worker_killed_with_sigkill_is_replaced_and_the_other_workers_clients_
 
 
 def test_sighup_reloads_every_worker_and_sigterm_drains_them_and_ends_the_supervisor(pgmux_process) -> None:
-    process = pgmux_process(PGMUX_WORKERS="2", PGMUX_SHUTDOWN_TIMEOUT="10")
-    _wait_for_listeners(process, 2)
-    port = process.ports()[0]
+    process, port = _two_workers(pgmux_process, PGMUX_SHUTDOWN_TIMEOUT="10")
     process.signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
     while process.log_path.read_text().count("configuration reloaded") < 2:
@@ -163,9 +161,7 @@ def test_metrics_and_readiness_answer_for_every_worker(pgmux_process) -> None:
     with socket.socket() as probe:  # a free loopback port for the supervisor's metrics listener
         probe.bind(("127.0.0.1", 0))
         metrics_port = probe.getsockname()[1]
-    process = pgmux_process(PGMUX_WORKERS="2", PGMUX_METRICS_LISTEN=f"127.0.0.1:{metrics_port}")
-    _wait_for_listeners(process, 2)
-    port = process.ports()[0]
+    process, port = _two_workers(pgmux_process, PGMUX_METRICS_LISTEN=f"127.0.0.1:{metrics_port}")
 
     async def clients() -> list[asyncpg.Connection]:
         return [await _connect(port) for _ in range(8)]
@@ -247,9 +243,7 @@ async def _watch_backends(postgres, done: asyncio.Event) -> int:
 
 def test_the_clients_of_one_worker_get_the_whole_pool_even_the_backends_another_worker_opened(pgmux_process,
                                                                                               postgres) -> None:
-    process = pgmux_process(PGMUX_WORKERS="2", PGMUX_DEFAULT_POOL_SIZE="4", PGMUX_QUERY_WAIT_TIMEOUT="2")
-    _wait_for_listeners(process, 2)
-    port = process.ports()[0]
+    process, port = _two_workers(pgmux_process, PGMUX_DEFAULT_POOL_SIZE="4", PGMUX_QUERY_WAIT_TIMEOUT="2")
 
     async def scenario() -> None:
         zero = await _clients_on(process, port, 0, 4)
@@ -280,9 +274,7 @@ def test_the_clients_of_one_worker_get_the_whole_pool_even_the_backends_another_
 
 def test_a_burst_over_both_workers_stays_within_the_pool_size_and_every_client_is_served(pgmux_process,
                                                                                         postgres) -> None:
-    process = pgmux_process(PGMUX_WORKERS="2", PGMUX_DEFAULT_POOL_SIZE="4", PGMUX_MAX_CLIENT_CONN="400")
-    _wait_for_listeners(process, 2)
-    port = process.ports()[0]
+    process, port = _two_workers(pgmux_process, PGMUX_DEFAULT_POOL_SIZE="4", PGMUX_MAX_CLIENT_CONN="400")
 
     async def client() -> str:
         try:
@@ -314,9 +306,7 @@ def test_a_burst_over_both_workers_stays_within_the_pool_size_and_every_client_i
 
 
 def test_the_slots_of_a_worker_killed_with_sigkill_go_to_the_other_workers(pgmux_process, postgres) -> None:
-    process = pgmux_process(PGMUX_WORKERS="2", PGMUX_DEFAULT_POOL_SIZE="4", PGMUX_QUERY_WAIT_TIMEOUT="20")
-    _wait_for_listeners(process, 2)
-    port = process.ports()[0]
+    process, port = _two_workers(pgmux_process, PGMUX_DEFAULT_POOL_SIZE="4", PGMUX_QUERY_WAIT_TIMEOUT="20")
     victim = process.worker_pids()[1]
 
     async def scenario() -> None:
@@ -339,9 +329,7 @@ def test_the_slots_of_a_worker_killed_with_sigkill_go_to_the_other_workers(pgmux
 
 def test_a_workers_clients_get_their_fair_share_while_another_worker_has_clients_waiting_all_the_time(
         pgmux_process) -> None:
-    process = pgmux_process(PGMUX_WORKERS="2", PGMUX_DEFAULT_POOL_SIZE="4", PGMUX_QUERY_WAIT_TIMEOUT="5")
-    _wait_for_listeners(process, 2)
-    port = process.ports()[0]
+    process, port = _two_workers(pgmux_process, PGMUX_DEFAULT_POOL_SIZE="4", PGMUX_QUERY_WAIT_TIMEOUT="5")
 
     async def scenario() -> float:
         busy = await _clients_on(process, port, 0, 8)
