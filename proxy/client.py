@@ -1086,7 +1086,7 @@ class ClientConnection(ClientPeer, Cancellable):
         # Asked first: with INFO off (the usual setting under load) the call and its ``extra`` dict would
         # still cost ~0.15 µs, paid by every connection (pgbench -C: every transaction); asked through
         # enabled_for, as isEnabledFor itself is an interpreted call.
-        if was_logged_in and enabled_for(log, logging.INFO):
+        if was_logged_in and enabled_for(log, logging.INFO) and self.router.settings.log_disconnections:
             log.info("client gone: %s", reason, extra={"conn": self.id})
 
     def _return_server(self, server: ServerConnection, pool: Pool) -> None:

@@ -400,7 +400,7 @@ class Reception(Login):
         client = self.client
         process_id, secret = client.cancel_key
         client.write(pool.welcome.message(pool.server_params or {}, client.params, process_id, secret))
-        if enabled_for(log, logging.INFO):  # asked first, as in ClientConnection._finish
+        if enabled_for(log, logging.INFO) and self.router.settings.log_connections:  # as in ClientConnection._finish
             log.info("login ok: %s@%s from %s (%s mode)", client.user, client.database, client.peer,
                      "transaction" if client.transaction_mode else "session", extra={"conn": client.id})
         pool.stats.client_logins += 1

@@ -376,6 +376,11 @@ class Settings(BaseSettings):
     metrics_listen: Address | None = None
     log_format: Literal["plain", "json"] = "plain"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # PgBouncer's names: a "login ok" line per client login and a "client gone" line per logged-in client's end,
+    # at info. Off, a connect-per-request fleet keeps info's other lines without two lines per request (whose
+    # formatting costs as much user CPU as the rest of a plain login).
+    log_connections: bool = True
+    log_disconnections: bool = True
 
     @classmethod
     def settings_customise_sources(
