@@ -26,8 +26,15 @@ def _hide_keyword(match: re.Match[str]) -> str:
     return f"{match['head']}{quote}***{quote}"
 
 
+# Each pattern above needs "://" or "password" (in any case) in the text; most lines have neither, and one search
+# for them costs a sixth of the three substitutions (which were 6 µs of every "login ok" line).
+_MAY_HOLD_A_PASSWORD = re.compile(r"://|password", re.IGNORECASE)
+
+
 def redact(text: str) -> str:
     """Hide passwords in URLs and key=value DSNs; the one place every printed string goes through."""
+    if _MAY_HOLD_A_PASSWORD.search(text) is None:
+        return text
     text = _URL_PASSWORD.sub(lambda m: f"{m['head']}***{m['tail']}", text)
     text = _QUERY_PASSWORD.sub(lambda m: f"{m['head']}***", text)
     return _KEYWORD_PASSWORD.sub(_hide_keyword, text)
