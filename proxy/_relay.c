@@ -64,7 +64,7 @@ static _Thread_local unsigned char read_buffer[READ_SIZE];
 static PyObject *str_call_soon, *str_call_exception_handler;
 static PyObject *str_data_received, *str_eof_received, *str_connection_lost, *str_pause_writing;
 static PyObject *str_resume_writing, *str_relay_request, *str_relay_target, *str_relayed, *str_close;
-static PyObject *str_socket, *str_peername, *str_sockname, *str_getpeername, *str_getsockname;
+static PyObject *str_socket, *str_peername, *str_sockname, *str_getpeername, *str_getsockname, *str_fileno;
 static PyObject *socket_type;  /* _socket.socket: what accept_socket makes */
 
 #define POLL_BATCH 256
@@ -649,9 +649,17 @@ Transport_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *keywords[] = {"loop", "poller", "sock", "protocol", NULL};
     PyObject *loop, *poller, *sock, *protocol;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OO", keywords, &loop, &PollerType, &poller, &sock, &protocol))
+    /* Every accepted connection makes one: positional arguments (as pgmux passes them) skip the keyword parser. */
+    if (kwds == NULL && PyTuple_GET_SIZE(args) == 4 && Py_IS_TYPE(PyTuple_GET_ITEM(args, 1), &PollerType)) {
+        loop = PyTuple_GET_ITEM(args, 0);
+        poller = PyTuple_GET_ITEM(args, 1);
+        sock = PyTuple_GET_ITEM(args, 2);
+        protocol = PyTuple_GET_ITEM(args, 3);
+    }
+    else if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!OO", keywords, &loop, &PollerType, &poller, &sock,
+                                          &protocol))
         return NULL;
-    PyObject *fileno = PyObject_CallMethod(sock, "fileno", NULL);
+    PyObject *fileno = PyObject_CallMethodNoArgs(sock, str_fileno);
     if (fileno == NULL)
         return NULL;
     long fd = PyLong_AsLong(fileno);
@@ -1030,6 +1038,7 @@ PyInit__relay(void)
     INTERN(str_sockname, "sockname");
     INTERN(str_getpeername, "getpeername");
     INTERN(str_getsockname, "getsockname");
+    INTERN(str_fileno, "fileno");
     if (PyType_Ready(&TransportType) < 0 || PyType_Ready(&PollerType) < 0)
         return NULL;
     PyObject *socket_module = PyImport_ImportModule("_socket");
