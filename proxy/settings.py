@@ -8,7 +8,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ByteSize, ConfigDict, Field, SecretStr, model_validator
@@ -259,6 +259,23 @@ SPLIT_LIMITS: tuple[str, ...] = ("min_pool_size", "max_client_conn", "max_login_
 SPLIT_DATABASE_LIMITS: tuple[str, ...] = ("min_pool_size", "max_db_client_connections")
 
 
+CGROUP_CPU_MAX: Final = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The cores this process may use: those its CPU affinity allows, fewer under a cgroup v2 CPU quota (a container's
+    CPU limit, rounded up). Not os.cpu_count(): in a pod limited to 2 CPUs on a 64-core node that says 64."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]  # "max 100000", or "150000 100000": 1.5 CPUs
+        if quota == "max":
+            return cpus
+        limit = -(-int(quota) // int(period))
+    except (OSError, ValueError, ZeroDivisionError):
+        return cpus  # no cgroup v2 CPU controller here, or nothing it says that can be read as a quota
+    return max(1, min(cpus, limit))
+
+
 class Settings(BaseSettings):
     """Everything pgmux can be told; validated once, then frozen."""
 
@@ -360,7 +377,7 @@ class Settings(BaseSettings):
     # HTTP listeners: the largest request body read (larger ones get 413, nothing of them is buffered).
     http_max_request_size: Annotated[ByteSize, Field(ge=1)] = ByteSize(10 * 1024 * 1024)
 
-    # Worker processes sharing each listener (SO_REUSEPORT) under a supervisor; "auto": one per core. The
+    # Worker processes sharing each listener (SO_REUSEPORT) under a supervisor; "auto": one per usable core (usable_cpus). The
     # limits above hold for the whole pgmux: the backend limits through a table the workers share
     # (proxy/slots.py), the others as each worker's fixed share (proxy/workers.py).
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
@@ -456,8 +473,8 @@ class Settings(BaseSettings):
                              "matches certificates to PostgreSQL users, which an HTTP listener cannot; use verify-ca")
 
     def worker_count(self) -> int:
-        """How many worker processes serve: ``workers``, with "auto" the machine's cores."""
-        return self.workers if isinstance(self.workers, int) else os.cpu_count() or 1
+        """How many worker processes serve: ``workers``, with "auto" the cores this process may use."""
+        return self.workers if isinstance(self.workers, int) else usable_cpus()
 
     def all_databases(self) -> dict[str, DatabaseSettings]:
         """The [databases] sections plus the one the upstream_url shorthand names."""

@@ -3,10 +3,12 @@ the backend limits are not split (the workers' slot table holds them for the who
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
-from proxy.settings import load_settings
+from proxy.settings import load_settings, usable_cpus
 from proxy.slots import share
 from proxy.workers import merge_expositions, worker_settings
 
@@ -81,8 +83,34 @@ def test_a_backend_limit_smaller_than_the_number_of_workers_is_fine_the_workers_
     assert settings.worker_count() == 4
 
 
-def test_workers_auto_is_the_number_of_cores() -> None:
+def test_workers_auto_is_the_number_of_cores_this_process_may_use() -> None:
     import os
 
-    assert load_settings(None, ["--workers", "auto"], upstream_url=UPSTREAM).worker_count() == (os.cpu_count() or 1)
+    auto = load_settings(None, ["--workers", "auto"], upstream_url=UPSTREAM).worker_count()
+    assert auto == usable_cpus()
+    assert 1 <= auto <= len(os.sched_getaffinity(0))
     assert load_settings(None, [], upstream_url=UPSTREAM).worker_count() == 1
+
+
+@pytest.mark.parametrize(("cpu_max", "expected"), [
+    ("max 100000\n", 64),  # no limit
+    ("200000 100000\n", 2),  # a pod's `limits: cpu: 2`
+    ("150000 100000\n", 2),  # 1.5 CPUs: rounded up
+    ("50000 100000\n", 1),  # half a CPU: still one worker
+    ("6400000 100000\n", 64),  # a quota above the cores this process may use
+    ("", 64),  # unreadable: no quota
+])
+def test_usable_cpus_follow_a_cgroup_cpu_quota_below_the_affinity(tmp_path, monkeypatch, cpu_max: str,
+                                                                  expected: int) -> None:
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))  # a 64-core node
+    path = tmp_path / "cpu.max"
+    path.write_text(cpu_max)
+    assert usable_cpus(path) == expected
+
+
+def test_usable_cpus_without_a_cgroup_file_are_the_affinity() -> None:
+    import os
+
+    assert usable_cpus(Path("/nonexistent/cpu.max")) == len(os.sched_getaffinity(0))
