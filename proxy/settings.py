@@ -377,9 +377,9 @@ class Settings(BaseSettings):
     # HTTP listeners: the largest request body read (larger ones get 413, nothing of them is buffered).
     http_max_request_size: Annotated[ByteSize, Field(ge=1)] = ByteSize(10 * 1024 * 1024)
 
-    # Worker processes sharing each listener (SO_REUSEPORT) under a supervisor; "auto": one per usable core (usable_cpus). The
-    # limits above hold for the whole pgmux: the backend limits through a table the workers share
-    # (proxy/slots.py), the others as each worker's fixed share (proxy/workers.py).
+    # Worker processes sharing each listener (SO_REUSEPORT) under a supervisor; "auto": one per usable core
+    # (usable_cpus). The limits above hold for the whole pgmux: the backend limits through a table the workers
+    # share (proxy/slots.py), the others as each worker's fixed share (proxy/workers.py).
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
 
     # Peering, as PgBouncer names it: each pgmux of a fleet behind one address (a load balancer, a Kubernetes
