@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         from proxy.demo import embedded_demo
 
         with embedded_demo() as demo:
-            settings = load_or_exit(None, setting_flags, upstream_url=demo.upstream_url)
+            settings = demo.settings(load_or_exit(None, setting_flags, upstream_url=demo.upstream_url))
             setup_logging(settings.log_format, settings.log_level)
             serve(settings, on_ready=demo.announce)
         return

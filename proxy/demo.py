@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 from proxy.embedded import EmbeddedPostgres, start_embedded_postgres
 from proxy.logs import get_logger
+from proxy.settings import Settings
 
 log = get_logger("demo")
 
@@ -23,6 +24,11 @@ class Demo:
         self.password = password
         self.upstream_url = postgres.dsn(DEMO_USER, password, DEMO_DATABASE, sslmode="disable")
 
+    def settings(self, settings: Settings) -> Settings:
+        """The demo's pgmux: in front of its PostgreSQL, with its user allowed on the admin console too."""
+        admins = settings.admin_users if DEMO_USER in settings.admin_users else [*settings.admin_users, DEMO_USER]
+        return settings.model_copy(update={"admin_users": admins})
+
     def announce(self, proxy: object) -> None:
         """Print the URLs once pgmux listens (``proxy``: the running app.Proxy)."""
         postgres, password = self.postgres, self.password
@@ -32,7 +38,8 @@ class Demo:
             "\npgmux is ready. Point your app at the pooled URL; keep the direct one for migrations.\n\n"
             f"  DATABASE_URL=postgresql://{DEMO_USER}:{password}@{host}:{port}/{DEMO_DATABASE}\n"
             f"  DIRECT_URL={direct_url}\n\n"
-            f"  try: psql \"postgresql://{DEMO_USER}:{password}@{host}:{port}/{DEMO_DATABASE}\"\n\n"
+            f"  try: psql \"postgresql://{DEMO_USER}:{password}@{host}:{port}/{DEMO_DATABASE}\"\n"
+            f"  admin console: psql \"postgresql://{DEMO_USER}:{password}@{host}:{port}/pgmux\" -c 'SHOW POOLS'\n\n"
             f"PostgreSQL: pid {postgres.pid}, data directory {postgres.data_dir}\n"
             "Press Ctrl-C to stop pgmux and PostgreSQL (its data directory is removed).\n",
             flush=True,

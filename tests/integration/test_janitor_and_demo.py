@@ -16,6 +16,7 @@ import pytest
 
 from harness import ROOT
 from pgusers import APP, APP_DATABASE
+from proxy.embedded import postgres_bin_dir
 
 
 async def _connect(proxy, **kwargs) -> asyncpg.Connection:
@@ -103,6 +104,7 @@ def test_demo_prints_urls_serves_them_and_cleans_up_on_ctrl_c(tmp_path: Path) ->
             text = log.read_text()
         pooled = re.search(r"DATABASE_URL=(\S+)", text).group(1)
         direct = re.search(r"DIRECT_URL=(\S+)", text).group(1)
+        console = re.search(r'admin console: psql "(\S+)"', text).group(1)
 
         async def scenario() -> tuple[int, str]:
             via_pgmux = await asyncpg.connect(pooled)
@@ -114,6 +116,11 @@ def test_demo_prints_urls_serves_them_and_cleans_up_on_ctrl_c(tmp_path: Path) ->
             return answer, name
 
         assert asyncio.run(scenario()) == (42, "app")
+        # The admin console line as printed, run as the user would: the pool the pooled client used is there.
+        pools = subprocess.run([str(postgres_bin_dir() / "psql"), "-X", "-At", console, "-c", "SHOW POOLS"],
+                               capture_output=True, text=True, timeout=30)
+        assert pools.returncode == 0, pools.stderr
+        assert pools.stdout.startswith("app|app|"), pools.stdout
         found = re.search(r"PostgreSQL: pid (\d+), data directory (\S+)", text)
         postmaster, data_dir = int(found.group(1)), Path(found.group(2))
         assert psutil.Process(postmaster).is_running() and (data_dir / "PG_VERSION").exists()
