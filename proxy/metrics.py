@@ -111,6 +111,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "pgmux_server_connects_total": ("counter", "Server logins that succeeded", POOL_LABELS),
     "pgmux_server_connect_failures_total": ("counter", "Server connects or logins that failed", POOL_LABELS),
     "pgmux_server_assignments_total": ("counter", "Times a server was linked to a client", POOL_LABELS),
+    "pgmux_servers_yielded_total": ("counter", "Servers closed so that another worker, whose clients waited at a "
+                                    "shared backend limit, could open one (workers = N)", POOL_LABELS),
     "pgmux_transactions_total": ("counter", "Transactions completed (transaction pooling)", POOL_LABELS),
     "pgmux_queries_total": ("counter", "Requests answered (Query, Sync, FunctionCall)", POOL_LABELS),
     "pgmux_received_bytes_total": ("counter", "Bytes received from clients", POOL_LABELS),
@@ -140,6 +142,7 @@ _POOL_COUNTERS = {
     "pgmux_server_connects_total": "server_connects",
     "pgmux_server_connect_failures_total": "server_connect_failures",
     "pgmux_server_assignments_total": "server_assignments",
+    "pgmux_servers_yielded_total": "servers_yielded",
     "pgmux_transactions_total": "xacts",
     "pgmux_queries_total": "queries",
     "pgmux_received_bytes_total": "bytes_received",

@@ -374,7 +374,7 @@ class Pool:
             return
         if self.owed:
             self.owed -= 1
-            self.close_server(server, "another worker's clients need the connection")
+            self._yield_to_another_worker(server)
             return
         if self.waiters:
             if server.state is not ServerState.ACTIVE:
@@ -492,9 +492,14 @@ class Pool:
         """Let ``count`` backends go for another process's waiting clients: idle ones close now, the rest as
         they come back (instead of going to this pool's next client)."""
         while count and self.idle:
-            self.close_server(self.idle[0], "another worker's clients need the connection")
+            self._yield_to_another_worker(self.idle[0])
             count -= 1
         self.owed = count
+
+    def _yield_to_another_worker(self, server: ServerConnection) -> None:
+        """Close ``server`` so that another worker, whose clients wait at a shared limit, opens one."""
+        self.stats.servers_yielded += 1
+        self.close_server(server, "another worker's clients need the connection")
 
     def grow(self) -> None:
         """Open servers for the clients in line, within every limit."""

@@ -79,7 +79,8 @@ class PoolStats:
 
     __slots__ = ("xacts", "queries", "bytes_received", "bytes_sent", "wait_time", "xact_time",
                  "server_assignments", "server_connects", "server_connect_failures", "cancels_forwarded",
-                 "wait_histogram", "xact_histogram", "prepared", "query_time", "client_logins")
+                 "wait_histogram", "xact_histogram", "prepared", "query_time", "client_logins",
+                 "servers_yielded")
 
     def __init__(self) -> None:
         self.xacts = 0  # transactions completed (transaction mode: server releases)
@@ -97,6 +98,7 @@ class PoolStats:
         self.prepared = PreparedCounters()
         self.query_time = 0.0  # seconds from a request's send to its ReadyForQuery
         self.client_logins = 0
+        self.servers_yielded = 0  # backends closed for another worker's waiting clients (workers = N: Pool.lend)
 
 
 # ---- PgBouncer-style totals and per-period averages (SHOW STATS, the "stats:" log line) ----------

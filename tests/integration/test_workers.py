@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import socket
 import time
 import urllib.error
+import urllib.request
 
 import asyncpg
 import pytest
@@ -26,6 +28,13 @@ def _wait_for_listeners(process, count: int) -> None:
     while process.log_path.read_text().count("listening on") < count:
         assert time.monotonic() < deadline, process.log_path.read_text()
         time.sleep(0.05)
+
+
+def _free_loopback_port() -> int:
+    """A free loopback port, for the supervisor's metrics listener."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _two_workers(pgmux_process, **env: str):
@@ -155,12 +164,7 @@ def test_sighup_reloads_every_worker_and_sigterm_drains_them_and_ends_the_superv
 
 
 def test_metrics_and_readiness_answer_for_every_worker(pgmux_process) -> None:
-    import socket
-    import urllib.request
-
-    with socket.socket() as probe:  # a free loopback port for the supervisor's metrics listener
-        probe.bind(("127.0.0.1", 0))
-        metrics_port = probe.getsockname()[1]
+    metrics_port = _free_loopback_port()
     process, port = _two_workers(pgmux_process, PGMUX_METRICS_LISTEN=f"127.0.0.1:{metrics_port}")
 
     async def clients() -> list[asyncpg.Connection]:
@@ -243,7 +247,9 @@ async def _watch_backends(postgres, done: asyncio.Event) -> int:
 
 def test_the_clients_of_one_worker_get_the_whole_pool_even_the_backends_another_worker_opened(pgmux_process,
                                                                                               postgres) -> None:
-    process, port = _two_workers(pgmux_process, PGMUX_DEFAULT_POOL_SIZE="4", PGMUX_QUERY_WAIT_TIMEOUT="2")
+    metrics_port = _free_loopback_port()
+    process, port = _two_workers(pgmux_process, PGMUX_DEFAULT_POOL_SIZE="4", PGMUX_QUERY_WAIT_TIMEOUT="2",
+                                 PGMUX_METRICS_LISTEN=f"127.0.0.1:{metrics_port}")
 
     async def scenario() -> None:
         zero = await _clients_on(process, port, 0, 4)
@@ -270,6 +276,12 @@ def test_the_clients_of_one_worker_get_the_whole_pool_even_the_backends_another_
 
     asyncio.run(scenario())
     assert "another worker's clients need the connection" in process.log_path.read_text()
+    # Each worker's four backends went to the other (the pool was full for the whole pgmux both times), counted.
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    yielded = {int(worker): float(value) for worker, value in re.findall(
+        r'^pgmux_servers_yielded_total\{worker="(\d)"[^}]*\} (\S+)$', text, re.M)}
+    assert set(yielded) == {0, 1} and min(yielded.values()) >= 4, yielded
 
 
 def test_a_burst_over_both_workers_stays_within_the_pool_size_and_every_client_is_served(pgmux_process,
