@@ -10,10 +10,17 @@ import threading
 
 import pytest
 
-from proxy.slots import SlotTable, may_open, to_give
+from proxy.slots import Scope, SlotTable, may_open, to_give
 
 POOL = ("pool", "shop", "alice")
 DATABASE = ("database", "shop")
+
+
+def _new_row(table: SlotTable, scope: Scope) -> int:
+    """The row for ``scope``, made if need be (the table holds its lock)."""
+    row = table.row(scope, create=True)
+    assert row is not None
+    return row
 
 
 @pytest.fixture
@@ -26,8 +33,7 @@ def table():
 def test_every_worker_counts_in_one_row_per_scope_and_the_row_adds_them_up(table: SlotTable) -> None:
     with table.locked():
         assert table.row(POOL) is None  # nobody counts anything under it yet
-        row = table.row(POOL, create=True)
-        assert row is not None
+        row = _new_row(table, POOL)
         table.add_opened(row, 0, 3)
         assert table.row(POOL) == row  # the other worker finds the same row
         table.add_opened(table.row(POOL) or 0, 1, 1)
@@ -40,8 +46,7 @@ def test_every_worker_counts_in_one_row_per_scope_and_the_row_adds_them_up(table
 
 def test_a_row_whose_counts_all_return_to_zero_is_free_again(table: SlotTable) -> None:
     with table.locked():
-        row = table.row(POOL, create=True)
-        assert row is not None
+        row = _new_row(table, POOL)
         table.add_opened(row, 0, 1)
         table.set_waiting(row, 1, 2)
         table.add_opened(row, 0, -1)
@@ -53,8 +58,7 @@ def test_a_row_whose_counts_all_return_to_zero_is_free_again(table: SlotTable) -
 def test_clients_waiting_are_counted_per_worker_and_flagged_for_everyone(table: SlotTable) -> None:
     assert not table.any_waiting()
     with table.locked():
-        row = table.row(POOL, create=True)
-        assert row is not None
+        row = _new_row(table, POOL)
         table.set_waiting(row, 1, 3)
         table.add_opened(row, 0, 2)
         assert table.any_waiting()
@@ -69,13 +73,11 @@ def test_clients_waiting_are_counted_per_worker_and_flagged_for_everyone(table: 
 
 def test_a_dead_workers_column_is_zeroed_and_the_rest_kept(table: SlotTable) -> None:
     with table.locked():
-        pool = table.row(POOL, create=True)
-        assert pool is not None
+        pool = _new_row(table, POOL)
         table.add_opened(pool, 0, 2)
         table.add_opened(pool, 1, 2)
         table.set_waiting(pool, 1, 5)
-        database = table.row(DATABASE, create=True)
-        assert database is not None
+        database = _new_row(table, DATABASE)
         table.add_opened(database, 1, 4)
     table.forget_worker(1)
     with table.locked():
@@ -90,8 +92,7 @@ def test_a_full_table_finds_no_row_for_a_new_scope_until_one_frees_up() -> None:
         with table.locked():
             rows = []
             for user in "abcd":
-                row = table.row(("user", user), create=True)
-                assert row is not None
+                row = _new_row(table, ("user", user))
                 table.add_opened(row, 0, 1)
                 rows.append(row)
             assert len(set(rows)) == 4
@@ -130,8 +131,7 @@ def test_the_lock_holds_across_fork_and_a_killed_holder_does_not_keep_it(table: 
     if pid == 0:  # the child: counts a backend, then dies holding the lock
         try:
             with table.locked():
-                row = table.row(POOL, create=True)
-                assert row is not None
+                row = _new_row(table, POOL)
                 table.add_opened(row, 1, 1)
                 os.write(ready_write, b"!")
                 signal.pause()
