@@ -57,9 +57,6 @@
 
 enum { ROLE_NONE = 0, ROLE_CLIENT = 1, ROLE_SERVER = 2 };
 
-/* Per thread: a thread runs one event loop, whose reads run one at a time; another thread's loop (tests run
-   pgmux in threads) has its own. */
-static _Thread_local unsigned char read_buffer[READ_SIZE];
 
 static PyObject *str_call_soon, *str_call_exception_handler;
 static PyObject *str_data_received, *str_eof_received, *str_connection_lost, *str_pause_writing;
@@ -73,6 +70,10 @@ typedef struct {
     PyObject_HEAD
     int epfd;
     PyObject *loop_ref; /* a weak reference: the loop holds the poller (its reader), not the other way round */
+    /* Where its transports read: one loop's reads run one at a time (another thread's loop, as tests run
+       pgmux, has its own poller). Not thread-local storage: in a shared library every access to that is a
+       __tls_get_addr call, about 1.5% of pgmux's CPU. */
+    unsigned char *read_buffer;
 } Poller;
 
 static PyTypeObject PollerType;
@@ -208,6 +209,43 @@ fail_with_errno(Transport *t, int code)
     int status = finish(t, exc);
     Py_DECREF(exc);
     return status;
+}
+
+/* ---- calling the protocol ------------------------------------------------------------------------ */
+
+/* A protocol method looked up once per protocol type. PyObject_VectorcallMethod finds the name in the type's
+   MRO on every call (_PyObject_GetMethod, _PyType_Lookup: about 2% of pgmux's CPU at -c 50), and a relay calls
+   three per transaction on the same two types. Only for instances without a __dict__ (compiled classes), where
+   no instance attribute can shadow the method, and for plain methods (Py_TPFLAGS_METHOD_DESCRIPTOR: called
+   with self first, as the lookup would bind it); anything else takes the usual lookup. */
+typedef struct {
+    PyObject **name;
+    PyTypeObject *type;        /* strong; NULL: nothing cached */
+    unsigned int version;      /* the type's tp_version_tag when found: a changed type is looked up again */
+    PyObject *function;        /* strong */
+} MethodCache;
+
+static MethodCache call_relay_request = {&str_relay_request}, call_relay_target = {&str_relay_target};
+static MethodCache call_relayed = {&str_relayed}, call_data_received = {&str_data_received};
+
+/* ``args[0]`` is the protocol; the rest its arguments (``nargs`` counts them all). */
+static PyObject *
+call_cached(MethodCache *cache, PyObject *const *args, size_t nargs)
+{
+    PyTypeObject *type = Py_TYPE(args[0]);
+    if (cache->type != type || cache->version != type->tp_version_tag
+            || !PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG)) {
+        PyObject *function = type->tp_dictoffset == 0 ? _PyType_Lookup(type, *cache->name) : NULL;  /* borrowed */
+        if (function == NULL || !PyType_HasFeature(Py_TYPE(function), Py_TPFLAGS_METHOD_DESCRIPTOR)
+                || !PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG))
+            return PyObject_VectorcallMethod(*cache->name, (PyObject **)args, nargs, NULL);
+        Py_INCREF(function);
+        Py_INCREF(type);
+        Py_XSETREF(cache->function, function);
+        Py_XSETREF(cache->type, type);
+        cache->version = type->tp_version_tag;
+    }
+    return PyObject_Vectorcall(cache->function, args, nargs, NULL);
 }
 
 /* ---- writing ------------------------------------------------------------------------------------ */
@@ -432,7 +470,7 @@ relay_from_client(Transport *t, const unsigned char *data, Py_ssize_t n)
                          PyLong_FromSsize_t(binds)};
     PyObject *server = NULL;
     if (args[1] && args[2] && args[3] && args[4] && args[5] && args[6])
-        server = PyObject_VectorcallMethod(str_relay_request, args, 7 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        server = call_cached(&call_relay_request, args, 7);
     for (int i = 1; i < 7; i++)
         Py_XDECREF(args[i]);
     return relay_to(server, data, n);
@@ -458,7 +496,7 @@ relay_from_server(Transport *t, const unsigned char *data, Py_ssize_t n)
             parse_completes++;
         pos = end;
     }
-    int relayed = relay_to(PyObject_CallMethodNoArgs(t->protocol, str_relay_target), data, n);
+    int relayed = relay_to(call_cached(&call_relay_target, &t->protocol, 1), data, n);
     if (relayed <= 0)
         return relayed;
     t->unreported += n;
@@ -469,7 +507,7 @@ relay_from_server(Transport *t, const unsigned char *data, Py_ssize_t n)
     t->unreported = 0;
     PyObject *result = NULL;
     if (args[1] && args[2] && args[3])
-        result = PyObject_VectorcallMethod(str_relayed, args, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        result = call_cached(&call_relayed, args, 4);
     for (int i = 1; i < 4; i++)
         Py_XDECREF(args[i]);
     if (result == NULL)
@@ -502,6 +540,7 @@ read_ready(Transport *t)
 {
     if (t->closed || !t->reading)
         return 0;
+    unsigned char *read_buffer = t->poller->read_buffer;
     Py_ssize_t n = recv(t->fd, read_buffer, READ_SIZE, 0);
     if (n < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
@@ -522,7 +561,8 @@ read_ready(Transport *t)
     PyObject *data = PyBytes_FromStringAndSize((const char *)read_buffer, n);
     if (data == NULL)
         return -1;
-    PyObject *result = PyObject_CallMethodOneArg(t->protocol, str_data_received, data);
+    PyObject *args[2] = {t->protocol, data};
+    PyObject *result = call_cached(&call_data_received, args, 2);
     Py_DECREF(data);
     if (result == NULL)
         return -1;
@@ -569,6 +609,12 @@ Poller_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     Poller *poller = (Poller *)type->tp_alloc(type, 0);
     if (poller == NULL)
         return NULL;
+    poller->epfd = -1;
+    poller->read_buffer = PyMem_RawMalloc(READ_SIZE);
+    if (poller->read_buffer == NULL) {
+        Py_DECREF(poller);
+        return PyErr_NoMemory();
+    }
     poller->epfd = epoll_create1(EPOLL_CLOEXEC);
     if (poller->epfd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
@@ -589,6 +635,7 @@ Poller_dealloc(Poller *poller)
     if (poller->epfd >= 0)
         close(poller->epfd);
     Py_XDECREF(poller->loop_ref);
+    PyMem_RawFree(poller->read_buffer);
     Py_TYPE(poller)->tp_free((PyObject *)poller);
 }
 

@@ -64,22 +64,47 @@ set_may_begin_statement(const unsigned char *s, Py_ssize_t i, Py_ssize_t start)
     return k < start || !(is_word_byte(s[k]) || s[k] == '"');
 }
 
+/* What a byte may be to session_state_in (GNU range initializers, as gcc and clang take them). */
+#define WORD_BYTE 1   /* a word character: what \b means in a bytes regex */
+#define WORD_FIRST 2  /* the first letter, in either case, of a word the test looks for at a word's start */
+#define WORD_A 4      /* "a" or "A": "advisory" counts inside a word too (pg_advisory_lock) */
+
+static const unsigned char word_classes[256] = {
+    ['0' ... '9'] = WORD_BYTE,
+    ['A' ... 'Z'] = WORD_BYTE,
+    ['a' ... 'z'] = WORD_BYTE,
+    ['_'] = WORD_BYTE,
+    ['A'] = WORD_BYTE | WORD_A, ['a'] = WORD_BYTE | WORD_A,
+    ['C'] = WORD_BYTE | WORD_FIRST, ['c'] = WORD_BYTE | WORD_FIRST,
+    ['D'] = WORD_BYTE | WORD_FIRST, ['d'] = WORD_BYTE | WORD_FIRST,
+    ['L'] = WORD_BYTE | WORD_FIRST, ['l'] = WORD_BYTE | WORD_FIRST,
+    ['P'] = WORD_BYTE | WORD_FIRST, ['p'] = WORD_BYTE | WORD_FIRST,
+    ['R'] = WORD_BYTE | WORD_FIRST, ['r'] = WORD_BYTE | WORD_FIRST,
+    ['S'] = WORD_BYTE | WORD_FIRST, ['s'] = WORD_BYTE | WORD_FIRST,
+    ['T'] = WORD_BYTE | WORD_FIRST, ['t'] = WORD_BYTE | WORD_FIRST,
+    ['U'] = WORD_BYTE | WORD_FIRST, ['u'] = WORD_BYTE | WORD_FIRST,
+};
+
 /* The session-state words of sql_words.mentions_session_state_python in a whole Query or Parse message
-   `s` of `n` bytes (its 5-byte header is skipped). */
+   `s` of `n` bytes (its 5-byte header is skipped). Every Query and Parse the relay passes is read here, so
+   most bytes cost one table look-up: only an "a", or a word's start with one of the letters, is looked at. */
 static inline int
 session_state_in(const unsigned char *s, Py_ssize_t n)
 {
     Py_ssize_t start = 5;
-    int found = 0;
-    for (Py_ssize_t i = start; i < n && !found; i++) {
-        unsigned char c = s[i] | 0x20;
-        if (c == 'a') {
-            found = prefix_at(s, i, n, "advisory", 8);  /* inside a word too: pg_advisory_lock */
+    for (Py_ssize_t i = start; i < n; i++) {
+        unsigned char what = word_classes[s[i]];
+        if (!(what & (WORD_FIRST | WORD_A)))
+            continue;
+        if (what & WORD_A) {
+            if (prefix_at(s, i, n, "advisory", 8))
+                return 1;
             continue;
         }
-        if (i > start && is_word_byte(s[i - 1]))
+        if (i > start && (word_classes[s[i - 1]] & WORD_BYTE))
             continue;
-        switch (c) {
+        int found = 0;
+        switch (s[i] | 0x20) {
         case 'r':
             found = word_at(s, i, n, "reset", 5);
             break;
@@ -107,8 +132,10 @@ session_state_in(const unsigned char *s, Py_ssize_t n)
                     || (word_at(s, i, n, "set", 3) && set_may_begin_statement(s, i, start));
             break;
         }
+        if (found)
+            return 1;
     }
-    return found;
+    return 0;
 }
 
 #endif
