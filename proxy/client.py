@@ -16,6 +16,7 @@ from proxy.flow import FlowControl
 from proxy.log_levels import enabled_for
 from proxy.logs import get_logger
 from proxy.parameters import SYNCED_PARAMETERS, parameter_sync
+from proxy.pool import InLine
 from proxy.prepared import ClientStatements, deallocate_sql, needs_whole, resets_all_statements
 from proxy.protocol import errors
 from proxy.protocol import messages as m
@@ -45,6 +46,9 @@ from proxy.settings import ListenerSettings, PoolMode, SessionStatePolicy
 from proxy.sockets import BATCH_END, CLIENT_EDGE, NEUTRAL, QUERY, UNNAMED, WORDS, relay_edge, relay_table
 from proxy.states import ClientState, ServerState
 from proxy.tls import TlsError, TlsTransport
+
+# A C static when compiled, where time.monotonic is a lookup per call (see pool.py).
+_monotonic: Final = time.monotonic
 
 if TYPE_CHECKING:
     from proxy.pool import Pool, Waiter
@@ -134,7 +138,7 @@ class Login:
         raise NotImplementedError
 
 
-class ClientConnection(ClientPeer, Cancellable):
+class ClientConnection(ClientPeer, Cancellable, InLine):
     """An application connection, relayed to a pooled server one transaction (or session) at a time.
 
     An asyncio protocol by its methods, not by inheriting asyncio.Protocol: a class with a Python
@@ -182,7 +186,7 @@ class ClientConnection(ClientPeer, Cancellable):
         self._query_mark = 0  # the scanner's count at the end of the read that held the last Query
         self._copy_ignored = 0  # Syncs counted in ``pending`` that the server ignores during that COPY
         self.cancel_key = (0, b"")
-        self.connected_at = time.monotonic()
+        self.connected_at = _monotonic()
         self.login: Login | None = None  # set by whoever accepts the connection; None once logged in
         self._scanner = _BEFORE_SESSION
         self._queued: list[bytes] | None = None  # requests waiting for a server; None when none wait
@@ -325,7 +329,7 @@ class ClientConnection(ClientPeer, Cancellable):
             self.pending -= 1
             return
         self.pending = 0
-        now = self.last_active = time.monotonic()
+        now = self.last_active = _monotonic()
         if self.query_started:
             pool = self.pool
             assert pool is not None  # narrowed, not ignored: compiled code then reads its stats natively
@@ -427,7 +431,7 @@ class ClientConnection(ClientPeer, Cancellable):
                     log.info("client unpinned from server %s", server.id, extra={"conn": self.id})
                 self.pins = pins
         if not self.pins and not self._queued and server.tx_status is _IDLE:
-            self._unlink_and_release(time.monotonic())
+            self._unlink_and_release(_monotonic())
             return
         # Staying (pinned, or requests came meanwhile): this client's values first where the session lost
         # them (a RESET ALL), then what waited.
@@ -619,7 +623,7 @@ class ClientConnection(ClientPeer, Cancellable):
         stats.bytes_received += nbytes
         if batch_ends:
             if not self.pending:
-                self.query_started = time.monotonic()
+                self.query_started = _monotonic()
             self.pending += batch_ends
             stats.queries += batch_ends
 
@@ -829,15 +833,15 @@ class ClientConnection(ClientPeer, Cancellable):
 
     def _wait_for_server(self) -> None:
         assert self.pool is not None
-        self.wait_started = time.monotonic()
+        self.wait_started = _monotonic()
         try:
-            self._waiter = self.pool.wait(self._server_ready, self._server_refused)
+            self._waiter = self.pool.wait(self)
         except PgError as exc:
             self._reject_batch(exc)
             return
         self.state = ClientState.WAITING
 
-    def _server_ready(self, server: ServerConnection) -> None:
+    def server_ready(self, server: ServerConnection) -> None:
         assert self.pool is not None
         self._waiter = None
         if self.state is not ClientState.WAITING:
@@ -859,7 +863,7 @@ class ClientConnection(ClientPeer, Cancellable):
             self.fail(errors.internal_error(f"the request could not be relayed ({type(exc).__name__})"),
                       reason="internal_error")
 
-    def _server_refused(self, error: PgError) -> None:
+    def server_refused(self, error: PgError) -> None:
         self._waiter = None
         if self.state is ClientState.WAITING:
             self.state = ClientState.IDLE
@@ -899,7 +903,7 @@ class ClientConnection(ClientPeer, Cancellable):
 
     def link(self, server: ServerConnection) -> None:
         """Make ``server`` this client's: for a transaction, or (session mode, from the login on) for good."""
-        self._linked_at = time.monotonic()
+        self._linked_at = _monotonic()
         pool = self.pool
         assert pool is not None
         pool.stats.server_assignments += 1

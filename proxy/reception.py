@@ -28,12 +28,16 @@ from proxy.login import (
     StartTls,
 )
 from proxy.parameters import SYNCED_PARAMETERS, settings_to_check
+from proxy.pool import InLine
 from proxy.protocol import errors
 from proxy.protocol.errors import PgError
 from proxy.registry import Registry
 from proxy.routing import Router
 from proxy.states import ClientState
 from proxy.tls import ClientTls
+
+# A C static when compiled, where time.monotonic is a lookup per call (see pool.py).
+_monotonic: Final = time.monotonic
 
 if TYPE_CHECKING:
     from proxy.pool import Pool, Waiter
@@ -48,7 +52,7 @@ ADMIN_DATABASES = frozenset({"pgmux", "pgbouncer"})  # the console answers to Pg
 PIPELINED_PASSWORD_WAIT: Final = 0.02
 
 
-class Reception(Login):
+class Reception(Login, InLine):
     """One connection's login: asks the pooler what the machine's events need, and tells the client.
 
     Secret lookup, client limits, admission, the pool and its warm-up, the startup-settings check,
@@ -96,7 +100,7 @@ class Reception(Login):
         address = self._address()
         if not address:
             return None
-        retry_in = self.registry.failed_logins.blocked_for(address, time.monotonic(), settings.auth_failure_limit,
+        retry_in = self.registry.failed_logins.blocked_for(address, _monotonic(), settings.auth_failure_limit,
                                                            settings.auth_failure_window)
         if not retry_in:
             return None
@@ -248,7 +252,7 @@ class Reception(Login):
         client = self.client
         address = self._address()
         if address:
-            self.registry.failed_logins.failed(address, time.monotonic(), self.router.settings.auth_failure_window)
+            self.registry.failed_logins.failed(address, _monotonic(), self.router.settings.auth_failure_window)
         if self._database_unknown():
             self.registry.count_auth_failure("unknown_database", self.registry.transport_of(client))
             self.registry.count_rejection("unknown_database")
@@ -359,14 +363,15 @@ class Reception(Login):
             return
         client = self.client
         try:
-            self._waiter = pool.wait(self._session_server_ready, self._session_server_refused)
+            self._waiter = pool.wait(self)
         except PgError as exc:  # the line is full, or the upstream is down
             self._fail(exc)
             return
         client.state = ClientState.WAITING  # what it is: in line (SHOW CLIENTS, cl_waiting, pgmux_clients)
-        client.wait_started = time.monotonic()
+        client.wait_started = _monotonic()
 
-    def _session_server_ready(self, server: ServerConnection) -> None:
+    def server_ready(self, server: ServerConnection) -> None:
+        """The session's server (see _take_session_server)."""
         self._waiter = None
         pool = self.client.pool
         assert pool is not None
@@ -378,7 +383,7 @@ class Reception(Login):
         else:
             self._greet_linked(pool, server)
 
-    def _session_server_refused(self, error: PgError) -> None:
+    def server_refused(self, error: PgError) -> None:
         self._waiter = None
         if self.client.state is ClientState.WAITING:
             self._fail(error)

@@ -40,6 +40,9 @@ from proxy.sockets import (
 from proxy.states import ServerState
 from proxy.stats import PoolStats
 
+# A C static when compiled, where time.monotonic is a lookup per call (see pool.py).
+_monotonic: Final = time.monotonic
+
 log = get_logger("server")
 _ids = itertools.count(1)
 
@@ -262,7 +265,7 @@ class ServerConnection:
         self.client_pid = 0
         self.tx_status = m.TransactionStatus.IDLE
         self.swallow = 0
-        self.created_at = time.monotonic()
+        self.created_at = _monotonic()
         self.idle_since = self.created_at
         self.closing_since = 0.0  # when the pool began closing it (the janitor enforces a deadline)
         self.close_reason: str | None = None
