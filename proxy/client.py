@@ -80,7 +80,7 @@ _PREPARED_RELAY_TABLE: Final = relay_table(
     {**_RELAY_BITS, m.PARSE: WORDS | UNNAMED, m.BIND: UNNAMED, m.DESCRIBE: UNNAMED, m.CLOSE: UNNAMED})
 _IDLE: Final = m.TransactionStatus.IDLE
 _IN_TRANSACTION: Final = m.TransactionStatus.IN_TRANSACTION
-_QUEUE_HIGH_WATER = 1 << 20  # bytes queued while waiting for a server before we stop reading
+_QUEUE_HIGH_WATER: Final = 1 << 20  # bytes queued while waiting for a server before we stop reading
 # A captured message larger than this is not held: its head (enough for every decision pgmux makes
 # about it) comes back from the scanner, and its rest streams on to the server as it arrives.
 _CAPTURE_HEAD: Final = 1 << 16
@@ -822,7 +822,7 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
         else:
             self._queued.append(data)
         self._queued_bytes += len(data)
-        if self._queued_bytes > min(_QUEUE_HIGH_WATER, self.router.settings.max_client_buffer):
+        if self._queued_bytes > min(_QUEUE_HIGH_WATER, self.router.max_client_buffer):
             self.flow.pause_for_queue()
 
     def _take_queued(self) -> list[bytes]:
@@ -960,7 +960,7 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
         """Between transactions: keep the server within max_prepared_statements, or drop every statement
         when pgmux's record of them may be wrong (a stale plan, a statement drop)."""
         held = server.prepared.statements
-        limit = self.router.settings.max_prepared_statements
+        limit = self.router.max_prepared_statements
         if not server.prepared.discard_all and len(held) <= limit:
             return  # the common case: nothing to drop
         if server.prepared.discard_all:

@@ -141,13 +141,17 @@ class ServerPrepared:
     """What rewriting needs to know about the server a client is linked to, kept on that server."""
 
     __slots__ = ("statements", "pending", "injected", "batches_sent", "batches_answered", "discard_all",
-                 "unnamed_drop", "trusted", "_server_params")
+                 "unnamed_drop", "trusted", "_server_params", "_plain", "_plain_batch")
 
     def __init__(self, server_params: dict[str, str]) -> None:
         self._server_params = server_params  # the server's parameters as pgmux knows them (kept current there)
         self.statements = ServerStatements()
         self.pending: deque[PendingParse] = deque()
         self.injected = 0  # entries of ``pending`` that are pgmux's own: while any, replies need sorting
+        # Client Parses of the unnamed statement in flight, all closed by batch ``_plain_batch``, counted instead
+        # of queued while ``pending`` is empty (see expect_plain); 0 whenever ``pending`` holds anything.
+        self._plain = 0
+        self._plain_batch = 0
         self.batches_sent = 0
         self.batches_answered = 0
         # ``statements`` may be wrong (a stale plan, a statement drop): DEALLOCATE ALL at the next safe point.
@@ -178,12 +182,33 @@ class ServerPrepared:
         self.discard_all = False
 
     def expect(self, parse: PendingParse) -> None:
+        if self._plain:
+            self._queue_plain()  # ahead of it, as they were sent
         self.pending.append(parse)
         if parse.injected:
             self.injected += 1
 
+    def expect_plain(self, batch: int) -> None:
+        """A client's Parse of the unnamed statement, closed by batch ``batch``: nothing to undo if it fails, and
+        only its place counts. While nothing else is in flight (most extended-protocol transactions) it is
+        counted, not queued: a PendingParse and a deque entry per transaction cost more than the rest of this
+        bookkeeping."""
+        if not self.pending and (not self._plain or self._plain_batch == batch):
+            self._plain += 1
+            self._plain_batch = batch
+        else:
+            self.expect(PendingParse(batch, False, None, None))
+
+    def _queue_plain(self) -> None:
+        for _ in range(self._plain):
+            self.pending.append(PendingParse(self._plain_batch, False, None, None))
+        self._plain = 0
+
     def on_parse_complete(self) -> bool:
         """A ParseComplete arrived: True if it answers a client's Parse (forward it), False if ours."""
+        if self._plain:
+            self._plain -= 1  # nothing else is in flight: it is one of those
+            return True
         if not self.pending:
             return True
         return not self._pop().injected
@@ -196,6 +221,7 @@ class ServerPrepared:
 
     def start_link(self) -> None:
         """A client is linked at a batch boundary: nothing is in flight, batch numbers restart."""
+        self._plain = 0
         if self.pending:
             self.pending.clear()
             self.injected = 0
@@ -204,6 +230,8 @@ class ServerPrepared:
     def on_ready_for_query(self, client_statements: ClientStatements) -> None:
         """A batch ended: Parses of it still unanswered were skipped after an error; undo them."""
         self.batches_answered += 1
+        if self._plain and self._plain_batch <= self.batches_answered:
+            self._plain = 0  # unnamed: nothing to undo
         while self.pending and self.pending[0].batch <= self.batches_answered:
             failed = self._pop()
             if failed.client_name is not None:
@@ -256,7 +284,7 @@ class ClientStatements:
         """The compiled relay sent on messages naming none of the client's statements: ``parses`` unnamed Parses,
         all before the first of ``batch_ends`` batch ends, whose texts drop no statement. What rewrite notes of them."""
         for _ in range(parses):
-            link.expect(PendingParse(link.batches_sent + 1, False, None, None))
+            link.expect_plain(link.batches_sent + 1)
         if parses:
             link.unnamed_drop = None
         link.batches_sent += batch_ends
@@ -309,7 +337,7 @@ class ClientStatements:
         if data[5] == 0:
             # Unnamed statements are the client's own business, but their ParseComplete is counted
             # like any other so that swallowed ones are told apart by position.
-            link.expect(PendingParse(link.batches_sent + 1, False, None, None))
+            link.expect_plain(link.batches_sent + 1)
             # Nothing is dropped before it runs: its Binds, however late in the batch, are where to look.
             may_drop = mentions_statement_drop(data) or not is_whole(data)
             link.unnamed_drop = bytes(data[6:]) if may_drop else None
@@ -322,7 +350,7 @@ class ClientStatements:
         if existing is not None:
             # PostgreSQL refuses to redefine a name: let the server say so (42P05) about our statement.
             out = self._ensure(existing, link)
-            link.expect(PendingParse(link.batches_sent + 1, False, None, None))
+            link.expect_plain(link.batches_sent + 1)
             self._counters.server_parses += 1
             return out + existing.parse
         statement = self._registry.statement(body[end:], link.search_path())

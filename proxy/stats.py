@@ -16,13 +16,14 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 class Histogram:
     """Cumulative-at-read histogram: ``observe`` is a short walk and two additions, no locks, no labels."""
 
-    __slots__ = ("bounds", "counts", "sum", "count")
+    __slots__ = ("bounds", "counts", "sum", "count", "_zeros")
 
     def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
         self.sum = 0.0
         self.count = 0
+        self._zeros = 0  # observations of 0 (observe_zero), added to the first bucket when read
 
     def observe(self, value: float) -> None:
         # A compiled walk from the smallest bound, not bisect: called twice per transaction, and most values
@@ -36,9 +37,15 @@ class Histogram:
         self.sum += value
         self.count += 1
 
+    def observe_zero(self) -> None:
+        """An observation of 0 (a client served at once: most waits), in two native additions. observe's walk
+        and its list item (a boxed int, allocated anew past 256) cost about 450 instructions."""
+        self._zeros += 1
+        self.count += 1
+
     def cumulative(self) -> list[tuple[float, int]]:
         """(upper bound, observations at or below it) per bucket, +Inf last, as Prometheus wants."""
-        total = 0
+        total = self._zeros
         out = []
         for bound, count in zip((*self.bounds, float("inf")), self.counts):
             total += count
