@@ -380,6 +380,24 @@ async def test_a_query_that_may_change_the_session_goes_to_python() -> None:
 
 
 @in_loop
+async def test_a_query_that_may_change_the_session_goes_to_python_after_a_clean_one_differing_only_in_its_first_word(
+) -> None:
+    """Clean texts are remembered (the same statements come again and again); one of the same length that
+    agrees everywhere past its first word may share its slot, and must still be tested."""
+    client, server = await linked()
+    clean = query("SHOW search_path; SELECT 'the same text from here on, long enough'")
+    setter = query("SET  search_path; SELECT 'the same text from here on, long enough'")
+    assert len(clean) == len(setter)
+    for _ in range(2):  # the second is a remembered one
+        client.app.sendall(clean)
+        assert await recv_exactly(server.app, len(clean)) == clean
+    client.app.sendall(setter)
+    await settle(lambda: client.protocol.received)
+    assert b"".join(client.protocol.received) == setter
+    assert len(client.protocol.requests) == 2
+
+
+@in_loop
 async def test_a_message_the_table_stops_goes_to_python_with_the_whole_read() -> None:
     client, server = await linked()
     read = query("SELECT 1") + m.message(m.TERMINATE)
