@@ -15,14 +15,19 @@ class Admission:
     """
 
     def __init__(self, max_client_conn: int, max_db_client_connections: int, max_user_client_connections: int,
-                 db_overrides: dict[str, int] | None = None) -> None:
+                 db_overrides: dict[str, int] | None = None, max_login_clients: int = 0) -> None:
         self.max_client_conn = max_client_conn
+        self.max_login_clients = max_login_clients  # 0: max_client_conn
         self.max_db_client_connections = max_db_client_connections
         self.max_user_client_connections = max_user_client_connections
         self.db_overrides = db_overrides or {}
         # Plain dicts, not Counters: compiled, their lookups are native calls (each login adds and removes one).
         self.per_database: dict[str, int] = {}
         self.per_user: dict[str, int] = {}
+
+    def login_limit(self) -> int:
+        """How many connections may be logging in at once (the oldest gives way to a newer one past it)."""
+        return self.max_login_clients or self.max_client_conn
 
     def check_connection(self, connected: int) -> PgError | None:
         """For a login, ``connected`` logged-in clients counting it: the max_client_conn refusal, if any."""

@@ -46,7 +46,7 @@ class Proxy:
         admission = Admission(
             settings.max_client_conn, settings.max_db_client_connections, settings.max_user_client_connections,
             {name: db.max_db_client_connections for name, db in settings.all_databases().items()
-             if db.max_db_client_connections is not None})
+             if db.max_db_client_connections is not None}, settings.max_login_clients)
         self.registry: Registry[ClientConnection] = Registry(admission, self._open_console)
         self.router = Router(settings, admission, self.registry.spawn, self.registry.count_rejection, ledger)
         # Cancel routing: keys name this (peer_id, worker); other peers' and sibling workers' keys are forwarded.
@@ -155,7 +155,7 @@ class Proxy:
 
     def _admit(self, client: ClientConnection, transport: str) -> ClientConnection:
         registry = self.registry
-        limit = self.settings.max_login_clients or self.settings.max_client_conn
+        limit = registry.admission.login_limit()  # not Settings: a pydantic attribute read costs more than this
         oldest = registry.oldest_logging_in(limit)
         if oldest is not None:
             oldest.fail(errors.login_crowded_out(limit), reason="login_limit")

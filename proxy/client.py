@@ -49,6 +49,7 @@ from proxy.tls import TlsError, TlsTransport
 
 # A C static when compiled, where time.monotonic is a lookup per call (see pool.py).
 _monotonic: Final = time.monotonic
+_intern: Final = sys.intern
 
 if TYPE_CHECKING:
     from proxy.pool import Pool, Waiter
@@ -511,17 +512,17 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
         self.state = ClientState.LOGIN
         # One copy of each name for all the pool's clients, not one per client. Only now: interned before
         # authentication, any name a StartupMessage sends would be kept.
-        self.user, self.database = sys.intern(self.user), sys.intern(self.database)
+        self.user, self.database = _intern(self.user), _intern(self.database)
         capture = _RELAY_CAPTURE
         keep_whole = None  # a simple Query's head is enough: a huge one counts as mentioning RESET
-        if self.transaction_mode and self.router.settings.max_prepared_statements:
+        if self.transaction_mode and self.router.max_prepared_statements:
             self.statements = ClientStatements(self.router.statement_names, pool.stats.prepared)
             capture = _PREPARED_CAPTURE
             keep_whole = needs_whole
             self._relay_table = _PREPARED_RELAY_TABLE
         self._scanner = FrameScanner(capture, counted=_RELAY_COUNTED, neutral=_RELAY_NEUTRAL,
                                      head_limit=_CAPTURE_HEAD, keep_whole=keep_whole,
-                                     max_whole=self.router.settings.max_client_buffer)
+                                     max_whole=self.router.max_client_buffer)
 
     def logged_in(self) -> None:
         """The welcome is sent: requests go to the pool (session mode: to the server linked at login) from

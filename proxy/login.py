@@ -320,21 +320,29 @@ class Welcome:
     once: nearly every login is told the same parameters, the server's defaults with the same few of its own.
     Only the cancel key differs from one welcome to the next."""
 
-    __slots__ = ("_defaults", "_own", "_head")
+    __slots__ = ("_defaults", "_own", "_head", "_defaults_given", "_own_given")
 
     def __init__(self) -> None:
         self._defaults: dict[str, str] | None = None  # copies of what the head was built from
         self._own: dict[str, str] = {}
         self._head = b""
+        # The very mappings last given: the pooler's are replaced, never changed in place (a pool's server_params,
+        # a client's shared parameters), so the same objects again need no comparison.
+        self._defaults_given: Mapping[str, str] | None = None
+        self._own_given: Mapping[str, str] | None = None
 
     def message(self, defaults: Mapping[str, str], own: Mapping[str, str], process_id: int,
                 secret_key: bytes) -> bytes:
-        """The welcome with ``defaults`` (the server's parameters) and ``own`` (the client's) over them."""
-        if own != self._own or defaults != self._defaults:  # dict equality: C, and mostly identical strings
-            parameters = dict(defaults)
-            parameters.update(own)
-            self._head = _welcome_head(parameters)
-            self._defaults, self._own = dict(defaults), dict(own)
+        """The welcome with ``defaults`` (the server's parameters) and ``own`` (the client's) over them.
+
+        Callers never change a mapping in place once they have given it here."""
+        if own is not self._own_given or defaults is not self._defaults_given:
+            if own != self._own or defaults != self._defaults:  # dict equality: C, and mostly identical strings
+                parameters = dict(defaults)
+                parameters.update(own)
+                self._head = _welcome_head(parameters)
+                self._defaults, self._own = dict(defaults), dict(own)
+            self._defaults_given, self._own_given = defaults, own
         return self._head + _welcome_tail(process_id, secret_key)
 
 

@@ -14,7 +14,7 @@ from mypy_extensions import trait
 
 from proxy.login import Welcome
 from proxy.logs import get_logger
-from proxy.parameters import ParameterSets, check_sql
+from proxy.parameters import SYNCED_PARAMETERS, ParameterSets, check_sql
 from proxy.protocol import errors
 from proxy.protocol.errors import PgError
 from proxy.protocol.messages import TransactionStatus
@@ -188,6 +188,8 @@ class Pool:
                       ServerState.BEING_CANCELED: self.being_canceled}
         self.waiters: deque[Waiter] = deque()
         self.server_params: dict[str, str] | None = None  # what a fresh server reports; clients start from these
+        self._synced_of: dict[str, str] | None = None  # the server_params _synced_defaults was made from
+        self._synced_defaults: dict[str, str] = {}
         # Startup settings PostgreSQL accepted here, each with the value as PostgreSQL reports it: a login
         # using only these needs no check. Cleared whenever a sync fails or the upstream changes, so it is
         # never trusted across a failure.
@@ -652,6 +654,15 @@ class Pool:
         if len(self.accepted_settings) + len(settings) > _MAX_ACCEPTED_SETTINGS:
             self.accepted_settings.clear()
         self.accepted_settings.update(spelled)
+
+    def synced_defaults(self) -> dict[str, str]:
+        """The server's parameters that clients are kept in step with (SYNCED_PARAMETERS): where each client's
+        own start. Picked out once per server_params (replaced, never changed in place), not per login."""
+        server_params = self.server_params
+        if server_params is not self._synced_of:
+            self._synced_of = server_params
+            self._synced_defaults = {k: v for k, v in (server_params or {}).items() if k in SYNCED_PARAMETERS}
+        return self._synced_defaults
 
     def spelled(self, name: str, value: str) -> str:
         """A startup setting's value as PostgreSQL reports it (``utf8``: ``UTF8``), once checked here."""

@@ -27,7 +27,7 @@ from proxy.login import (
     Reply,
     StartTls,
 )
-from proxy.parameters import SYNCED_PARAMETERS, settings_to_check
+from proxy.parameters import settings_to_check
 from proxy.pool import InLine
 from proxy.protocol import errors
 from proxy.protocol.errors import PgError
@@ -68,7 +68,7 @@ class Reception(Login, InLine):
         self.cancel_keys = cancel_keys
         self.client = client
         self.tls = tls  # what the listener offers, as it was when the connection came
-        self.machine = LoginMachine(router.settings.ignore_startup_parameters, tls.offered, tls.required)
+        self.machine = LoginMachine(router.ignore_startup_parameters, tls.offered, tls.required)
         # A WebSocket session: the host name its HTTP request named (selects a database as SNI does), and the
         # checks for a password the client sends before it is asked (the Neon driver's pipelineConnect).
         self.server_name = server_name
@@ -341,7 +341,7 @@ class Reception(Login, InLine):
             client.startup_params = {name: pool.spelled(name, value)
                                      for name, value in client.startup_params.items()}
         # The server's synced parameters with the client's over them (its own keys only after the server's).
-        params = {k: v for k, v in (pool.server_params or {}).items() if k in SYNCED_PARAMETERS}
+        params = dict(pool.synced_defaults())
         params.update(client.startup_params)
         # Held from now on as the pool's shared copies: idle clients are many, their parameters mostly alike.
         client.params = sets.shared(params)

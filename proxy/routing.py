@@ -55,10 +55,9 @@ class Router:
                  spawn: Callable[..., asyncio.Task[None]], count_rejection: Callable[[str], None],
                  ledger: BackendLedger | None = None) -> None:
         self.settings = settings
-        # Copies of the settings compiled code reads per transaction: a Settings attribute is a pydantic
-        # lookup (about 450 instructions, a tenth of pgmux's own work on an extended-protocol transaction).
-        self.max_prepared_statements = settings.max_prepared_statements
-        self.max_client_buffer = settings.max_client_buffer
+        self.max_prepared_statements = self.max_client_buffer = 0
+        self.ignore_startup_parameters: frozenset[str] = frozenset()
+        self._copy_hot_settings(settings)
         self._ledger = ledger  # the other workers' backends under the same limits, if any (proxy/slots.py)
         self.admission = admission
         self.pools: dict[PoolKey, Pool] = {}
@@ -293,12 +292,19 @@ class Router:
         # SHOW STATS totals and the stats line's averages must not go backwards.
         self._totals.retire(pool.key.database, pool.stats)
 
+    def _copy_hot_settings(self, settings: Settings) -> None:
+        """Copy the settings compiled code reads per login or per transaction: a Settings attribute is a pydantic
+        lookup (its __getattr__ hook: 350-450 instructions, a tenth of pgmux's own work on a transaction)."""
+        self.max_prepared_statements = settings.max_prepared_statements
+        self.max_client_buffer = settings.max_client_buffer
+        self.ignore_startup_parameters = frozenset(settings.ignore_startup_parameters)
+
     def reload(self, settings: Settings) -> None:
         """Take a new configuration: limits, databases, secrets and pool settings (see Proxy.reload)."""
         self.settings = settings
-        self.max_prepared_statements = settings.max_prepared_statements
-        self.max_client_buffer = settings.max_client_buffer
+        self._copy_hot_settings(settings)
         self.admission.max_client_conn = settings.max_client_conn
+        self.admission.max_login_clients = settings.max_login_clients
         self.admission.max_db_client_connections = settings.max_db_client_connections
         self.admission.max_user_client_connections = settings.max_user_client_connections
         self.admission.db_overrides = {name: db.max_db_client_connections

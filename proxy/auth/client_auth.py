@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import secrets
 import struct
-from typing import NoReturn
+from typing import Final, NoReturn
 
 from scramp import ScramException, ScramMechanism
 from scramp.core import ScramServer
@@ -72,17 +72,27 @@ class _Stage(enum.Enum):
     FAILED = "failed"
 
 
+# Enum members as C statics when compiled: reading one off its class goes through EnumType.__getattr__ (about
+# 800 instructions: a trust login read two).
+_TRUST: Final = AuthMethod.TRUST
+_MD5: Final = AuthMethod.MD5
+_SCRAM: Final = AuthMethod.SCRAM_SHA_256
+
+
 class ClientAuthenticator:
     """One login attempt: ``start()`` once, then feed each 'p' message body to ``receive()``.
 
     Neither returns AuthenticationOk: the caller sends it once ``done`` is True.
     """
 
-    method: AuthMethod  # the method actually run (md5 configured + SCRAM verifier only => SCRAM)
-
     def __init__(self, user: str) -> None:
         self.user = user
         self._stage = _Stage.NEW
+
+    @property
+    def method(self) -> AuthMethod:
+        """The method actually run (md5 configured + SCRAM verifier only => SCRAM)."""
+        raise NotImplementedError
 
     def start(self) -> bytes:
         """The first Authentication request to send (b"" when none is needed)."""
@@ -127,7 +137,9 @@ class ClientAuthenticator:
 
 
 class _TrustAuthenticator(ClientAuthenticator):
-    method = AuthMethod.TRUST
+    @property
+    def method(self) -> AuthMethod:
+        return _TRUST
 
     def _start(self) -> bytes:
         self._stage = _Stage.DONE
@@ -135,7 +147,9 @@ class _TrustAuthenticator(ClientAuthenticator):
 
 
 class _Md5Authenticator(ClientAuthenticator):
-    method = AuthMethod.MD5
+    @property
+    def method(self) -> AuthMethod:
+        return _MD5
 
     def __init__(self, user: str, md5_hash: str | None) -> None:
         super().__init__(user)
@@ -167,7 +181,10 @@ class _CleartextAuthenticator(ClientAuthenticator):
     whose driver sends it before the server has asked for anything. The connection is already encrypted (wss) or
     runs behind a TLS-terminating proxy, as the HTTP listener's configuration requires off loopback."""
 
-    method = AuthMethod.SCRAM_SHA_256  # what the secret is ultimately checked as; never shown to the client
+    @property
+    def method(self) -> AuthMethod:
+        """What the secret is ultimately checked as; never shown to the client."""
+        return _SCRAM
 
     def __init__(self, user: str, secret: UserSecret | None, checks: CleartextChecks) -> None:
         super().__init__(user)
@@ -201,7 +218,9 @@ class _CleartextAuthenticator(ClientAuthenticator):
 
 
 class _ScramAuthenticator(ClientAuthenticator):
-    method = AuthMethod.SCRAM_SHA_256
+    @property
+    def method(self) -> AuthMethod:
+        return _SCRAM
 
     def __init__(self, user: str, auth_info: ScramAuthInfo, missing: tuple[str, str] | None = None,
                  end_point: bytes | None = None) -> None:
@@ -335,11 +354,11 @@ def client_authenticator(method: AuthMethod, user: str, secret: UserSecret | Non
     """
     if secret is not None and secret.user != user:
         raise ValueError(f"secret for user {secret.user!r} given to authenticate user {user!r}")
-    if method is AuthMethod.TRUST:
+    if method is _TRUST:
         return _TrustAuthenticator(user)
     if cleartext is not None:
         return _CleartextAuthenticator(user, secret, cleartext)
-    if method is AuthMethod.MD5:
+    if method is _MD5:
         if secret is not None and secret.md5_hash is not None:
             return _Md5Authenticator(user, secret.md5_hash)
         if secret is not None and secret.password is not None:

@@ -429,7 +429,9 @@ def test_the_admin_consoles_welcome_has_a_zero_cancel_key() -> None:
 def test_a_pools_prebuilt_welcome_says_what_welcome_would_as_the_parameters_change() -> None:
     prebuilt = Welcome()
     defaults = {"server_version": "16.4", "TimeZone": "UTC", "application_name": ""}
+    shared = {"application_name": "pgbench"}  # the same objects again: the head is reused without comparing
     logins = [(defaults, {"application_name": "pgbench"}, 7), (defaults, {"application_name": "pgbench"}, 8),
+              (defaults, shared, 11), (defaults, shared, 12),
               (defaults, {"application_name": "psql"}, 9), ({**defaults, "TimeZone": "CET"}, {}, 10)]
     for server, own, process_id in logins:
         assert prebuilt.message(server, own, process_id, b"\x00\x00\x00\x01") == welcome(
