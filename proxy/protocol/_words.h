@@ -85,54 +85,96 @@ static const unsigned char word_classes[256] = {
     ['U'] = WORD_BYTE | WORD_FIRST, ['u'] = WORD_BYTE | WORD_FIRST,
 };
 
+/* Whether a session-state word begins at s[i], a word's first letter (one of WORD_FIRST) where a word starts. */
+static inline int
+session_word_at(const unsigned char *s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t start)
+{
+    switch (s[i] | 0x20) {
+    case 'r':
+        return word_at(s, i, n, "reset", 5);
+    case 'd':
+        return word_at(s, i, n, "discard", 7) || word_at(s, i, n, "deallocate", 10) || word_at(s, i, n, "declare", 7);
+    case 'l':
+        return word_at(s, i, n, "listen", 6) || word_at(s, i, n, "load", 4);
+    case 'u':
+        return word_at(s, i, n, "unlisten", 8);
+    case 'p':
+        return word_at(s, i, n, "prepare", 7) || prefix_at(s, i, n, "pg_temp", 7);
+    case 'c':
+        return word_at(s, i, n, "close", 5);
+    case 't':
+        return word_at(s, i, n, "temp", 4) || word_at(s, i, n, "temporary", 9);
+    case 's':
+        return prefix_at(s, i, n, "set_config", 10) || (word_at(s, i, n, "set", 3) && set_may_begin_statement(s, i, start));
+    default:
+        return 0;
+    }
+}
+
+/* The test at s[i], one byte at a time: an "a" anywhere, a first letter where a word starts. */
+static inline int
+session_state_at(const unsigned char *s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t start)
+{
+    unsigned char what = word_classes[s[i]];
+    if (what & WORD_A)
+        return prefix_at(s, i, n, "advisory", 8);
+    if (!(what & WORD_FIRST) || (i > start && (word_classes[s[i - 1]] & WORD_BYTE)))
+        return 0;
+    return session_word_at(s, i, n, start);
+}
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+
+/* 16 bytes at once: bit k set where s[k] is a word character, an "a", or a WORD_FIRST letter. */
+static inline void
+classify_16(const unsigned char *s, unsigned *word, unsigned *a, unsigned *first)
+{
+    __m128i bytes = _mm_loadu_si128((const __m128i *)s);
+    __m128i folded = _mm_or_si128(bytes, _mm_set1_epi8(0x20));  /* A-Z onto a-z; nothing else onto a letter */
+    /* Unsigned ranges as signed compares: shifted so that the range begins at -128. */
+    __m128i letter = _mm_cmplt_epi8(_mm_add_epi8(folded, _mm_set1_epi8((char)(0x80 - 'a'))),
+                                    _mm_set1_epi8((char)(0x80 + 26)));
+    __m128i digit = _mm_cmplt_epi8(_mm_add_epi8(bytes, _mm_set1_epi8((char)(0x80 - '0'))),
+                                   _mm_set1_epi8((char)(0x80 + 10)));
+    __m128i underscore = _mm_cmpeq_epi8(bytes, _mm_set1_epi8('_'));
+    *word = (unsigned)_mm_movemask_epi8(_mm_or_si128(_mm_or_si128(letter, digit), underscore));
+    *a = (unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(folded, _mm_set1_epi8('a')));
+    __m128i firsts = _mm_or_si128(
+        _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(folded, _mm_set1_epi8('c')), _mm_cmpeq_epi8(folded, _mm_set1_epi8('d'))),
+                     _mm_or_si128(_mm_cmpeq_epi8(folded, _mm_set1_epi8('l')), _mm_cmpeq_epi8(folded, _mm_set1_epi8('p')))),
+        _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(folded, _mm_set1_epi8('r')), _mm_cmpeq_epi8(folded, _mm_set1_epi8('s'))),
+                     _mm_or_si128(_mm_cmpeq_epi8(folded, _mm_set1_epi8('t')), _mm_cmpeq_epi8(folded, _mm_set1_epi8('u')))));
+    *first = (unsigned)_mm_movemask_epi8(firsts);
+}
+#endif
+
 /* The session-state words of sql_words.mentions_session_state_python in a whole Query or Parse message
-   `s` of `n` bytes (its 5-byte header is skipped). Every Query and Parse the relay passes is read here, so
-   most bytes cost one table look-up: only an "a", or a word's start with one of the letters, is looked at. */
+   `s` of `n` bytes (its 5-byte header is skipped). Every Query and Parse the relay passes is read here: with
+   SSE2, 16 bytes are classified at once and only an "a", or a first letter where a word starts, is looked at
+   (about 4 instructions a byte, against 18 one byte at a time). */
 static inline int
 session_state_in(const unsigned char *s, Py_ssize_t n)
 {
-    Py_ssize_t start = 5;
-    for (Py_ssize_t i = start; i < n; i++) {
-        unsigned char what = word_classes[s[i]];
-        if (!(what & (WORD_FIRST | WORD_A)))
-            continue;
-        if (what & WORD_A) {
-            if (prefix_at(s, i, n, "advisory", 8))
+    Py_ssize_t start = 5, i = start;
+#if defined(__SSE2__)
+    unsigned after_word = 0;  /* the byte before the block is a word character (never so before `start`) */
+    for (; i + 16 <= n; i += 16) {
+        unsigned word, a, first;
+        classify_16(s + i, &word, &a, &first);
+        unsigned starts = word & ~((word << 1) | after_word);
+        unsigned candidates = (starts & first) | a;
+        while (candidates) {
+            Py_ssize_t k = i + __builtin_ctz(candidates);
+            candidates &= candidates - 1;
+            if (s[k] == 'a' || s[k] == 'A' ? prefix_at(s, k, n, "advisory", 8) : session_word_at(s, k, n, start))
                 return 1;
-            continue;
         }
-        if (i > start && (word_classes[s[i - 1]] & WORD_BYTE))
-            continue;
-        int found = 0;
-        switch (s[i] | 0x20) {
-        case 'r':
-            found = word_at(s, i, n, "reset", 5);
-            break;
-        case 'd':
-            found = word_at(s, i, n, "discard", 7) || word_at(s, i, n, "deallocate", 10)
-                    || word_at(s, i, n, "declare", 7);
-            break;
-        case 'l':
-            found = word_at(s, i, n, "listen", 6) || word_at(s, i, n, "load", 4);
-            break;
-        case 'u':
-            found = word_at(s, i, n, "unlisten", 8);
-            break;
-        case 'p':
-            found = word_at(s, i, n, "prepare", 7) || prefix_at(s, i, n, "pg_temp", 7);
-            break;
-        case 'c':
-            found = word_at(s, i, n, "close", 5);
-            break;
-        case 't':
-            found = word_at(s, i, n, "temp", 4) || word_at(s, i, n, "temporary", 9);
-            break;
-        case 's':
-            found = prefix_at(s, i, n, "set_config", 10)
-                    || (word_at(s, i, n, "set", 3) && set_may_begin_statement(s, i, start));
-            break;
-        }
-        if (found)
+        after_word = (word >> 15) & 1;
+    }
+#endif
+    for (; i < n; i++) {
+        if (session_state_at(s, i, n, start))
             return 1;
     }
     return 0;

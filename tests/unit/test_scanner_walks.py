@@ -106,6 +106,31 @@ def test_property_compiled_and_python_session_state_tests_agree(sql) -> None:
     assert len(set(answers.values())) == 1, answers
 
 
+@FUZZ
+@given(sql=st.lists(_SESSION_PIECES, max_size=60).map(b"".join))
+def test_property_compiled_and_python_session_state_tests_agree_on_long_texts(sql) -> None:
+    """Long enough for the compiled test's 16-byte blocks, with words across their boundaries."""
+    implementations = sql_words.SESSION_STATE_IMPLEMENTATIONS
+    if len(implementations) < 2:
+        pytest.skip("no compiled scanner on this machine")
+    message = b"Q\x00\x00\x00A" + sql
+    answers = {name: test(message) for name, test in implementations.items()}
+    assert len(set(answers.values())) == 1, answers
+
+
+@pytest.mark.parametrize("implementation", sorted(sql_words.SESSION_STATE_IMPLEMENTATIONS))
+@pytest.mark.parametrize("offset", range(40))
+def test_a_session_state_word_counts_at_every_offset_and_not_inside_a_longer_word(implementation, offset) -> None:
+    test = sql_words.SESSION_STATE_IMPLEMENTATIONS[implementation]
+    padding = b" " * offset
+    assert test(b"Q\x00\x00\x00A" + padding + b"SET x = 1; SELECT 1 FROM t") is True
+    assert test(b"Q\x00\x00\x00A" + padding + b"SELECT pg_advisory_lock(1)") is True
+    assert test(b"Q\x00\x00\x00A" + padding + b"SELECT 1 FROM t WHERE x = 2 -- LISTEN") is True
+    # The word's first letter right after a word character (in the byte before, across a block's edge too).
+    assert test(b"Q\x00\x00\x00A" + b"x" * offset + b"listen c") is (offset == 0)
+    assert test(b"Q\x00\x00\x00A" + padding + b"SELECT offset, settings, xreset FROM t") is False
+
+
 @pytest.mark.parametrize("implementation", sorted(sql_words.SESSION_STATE_IMPLEMENTATIONS))
 @pytest.mark.parametrize(("sql", "mentions"), [
     (b"SET work_mem = '8MB'", True), (b"select 1;set role x", True), (b"/* c */ SET x = 1", True),
