@@ -607,24 +607,25 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
             error = errors.client_buffer_exceeded(chr(too_large.kind), too_large.size, too_large.limit)
             self.fail(error, reason=error.reason)
 
-    def _link_idle_server(self) -> ServerConnection | None:
+    def _link_idle_server(self, now: float = 0.0) -> ServerConnection | None:
         """Link an idle server at once when one is warm and nobody is ahead in line (Pool.take_idle)."""
         pool = self.pool
         assert pool is not None
         server = pool.take_idle()
         if server is not None:
-            self.link(server)
+            self.link(server, now)
         return server
 
-    def _count_requests(self, nbytes: int, batch_ends: int) -> None:
-        """``nbytes`` of requests go to the linked server, ending ``batch_ends`` batches (each earns a ReadyForQuery)."""
+    def _count_requests(self, nbytes: int, batch_ends: int, now: float = 0.0) -> None:
+        """``nbytes`` of requests go to the linked server, ending ``batch_ends`` batches (each earns a ReadyForQuery).
+        ``now``: the monotonic clock, when the caller has just read it."""
         pool = self.pool
         assert pool is not None
         stats = pool.stats
         stats.bytes_received += nbytes
         if batch_ends:
             if not self.pending:
-                self.query_started = _monotonic()
+                self.query_started = now or _monotonic()
             self.pending += batch_ends
             stats.queries += batch_ends
 
@@ -640,11 +641,13 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
         idle server here, as _relay lends one, when the bytes begin a request.
         """
         server = self.server
+        now = 0.0  # read once where a transaction begins: the link and the request's start share it
         if server is None:
             if (self.state is not ClientState.IDLE or self._queued or self._skipper is not None
                     or (not batch_ends and mid_batch <= 0)):
                 return None
-            server = self._link_idle_server()
+            now = _monotonic()
+            server = self._link_idle_server(now)
             if server is None:
                 # The bytes come to data_received next, to wait for a server: what was counted goes with them.
                 self._whole_request = WholeRequest(nbytes, batch_ends, queries, mid_batch, parses, binds)
@@ -652,12 +655,12 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
         target = server.relay_transport
         if target is None or self._held_for_sync or self._inspecting:
             return None
-        if not self._pass_whole(server, nbytes, batch_ends, queries, mid_batch, parses, binds):
+        if not self._pass_whole(server, nbytes, batch_ends, queries, mid_batch, parses, binds, now):
             return None
         return target
 
     def _pass_whole(self, server: ServerConnection, nbytes: int, batch_ends: int, queries: int, mid_batch: int,
-                    parses: int, binds: int) -> bool:
+                    parses: int, binds: int, now: float = 0.0) -> bool:
         """Whether a request the compiled relay walked whole may go to ``server`` as it is; if so, counted here as
         _forward counts what it sends (the caller sends the bytes)."""
         scanner = self._scanner
@@ -666,7 +669,7 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
             return False
         scanner.passed(batch_ends, mid_batch)
         self.replay = None
-        self._count_requests(nbytes, batch_ends)
+        self._count_requests(nbytes, batch_ends, now)
         if queries:
             self._query_mark = scanner.count  # see _note_query
         if statements is not None:
@@ -801,14 +804,14 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
         log.info("statement refused: it would create %s (session_state = refuse)", kind, extra={"conn": self.id})
         return refused
 
-    def _forward_queued(self) -> None:
+    def _forward_queued(self, now: float = 0.0) -> None:
         if self._held_for_sync or self._inspecting:
             return  # sent once the server has confirmed this client's parameters, or said what it holds
         whole = self._whole_request
         server = self.server
         if (whole is not None and server is not None and server.relay_transport is not None
                 and self._pass_whole(server, whole.nbytes, whole.batch_ends, whole.queries, whole.mid_batch,
-                                     whole.parses, whole.binds)):
+                                     whole.parses, whole.binds, now)):
             server.write(self._take_queued()[0])  # a waiting client's request, as the relay would have sent it
             return
         for chunk in self._take_queued():
@@ -834,19 +837,19 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
 
     def _wait_for_server(self) -> None:
         assert self.pool is not None
-        self.wait_started = _monotonic()
+        self.wait_started = now = _monotonic()
         try:
-            self._waiter = self.pool.wait(self)
+            self._waiter = self.pool.wait(self, now)
         except PgError as exc:
             self._reject_batch(exc)
             return
         self.state = ClientState.WAITING
 
-    def server_ready(self, server: ServerConnection) -> None:
+    def server_ready(self, server: ServerConnection, now: float = 0.0) -> None:
         assert self.pool is not None
         self._waiter = None
         if self.state is not ClientState.WAITING:
-            self.pool.release(server)
+            self.pool.release(server, now)
             return
         if not server.usable:
             # It died between being promised to us and now (a FATAL arrived): line up again.
@@ -855,8 +858,8 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
             self._wait_for_server()
             return
         try:
-            self.link(server)
-            self._forward_queued()
+            self.link(server, now)
+            self._forward_queued(now)
         except Exception as exc:
             # Called by the loop, not by the transport: nothing else would end this client, which
             # would hang holding a server in an unknown state.
@@ -902,9 +905,10 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
         if end < len(data):
             self._relay(data[end:])
 
-    def link(self, server: ServerConnection) -> None:
-        """Make ``server`` this client's: for a transaction, or (session mode, from the login on) for good."""
-        self._linked_at = _monotonic()
+    def link(self, server: ServerConnection, now: float = 0.0) -> None:
+        """Make ``server`` this client's: for a transaction, or (session mode, from the login on) for good.
+        ``now``: the monotonic clock, when the caller has just read it."""
+        self._linked_at = now or _monotonic()
         pool = self.pool
         assert pool is not None
         pool.stats.server_assignments += 1
@@ -955,7 +959,7 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
             return
         if self.statements is not None:
             self._trim_statements(server)
-        self.pool.release(server)
+        self.pool.release(server, now)
 
     def _trim_statements(self, server: ServerConnection) -> None:
         """Between transactions: keep the server within max_prepared_statements, or drop every statement

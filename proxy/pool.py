@@ -123,8 +123,8 @@ class InLine:
     (at 50 clients on a pool of 20 most transactions wait).
     """
 
-    def server_ready(self, server: ServerConnection) -> None:
-        """``server`` is now this one's."""
+    def server_ready(self, server: ServerConnection, now: float = 0.0) -> None:
+        """``server`` is now this one's (``now``: the monotonic clock as the pool read it, 0 when it did not)."""
         raise NotImplementedError
 
     def server_refused(self, error: PgError) -> None:
@@ -155,7 +155,7 @@ class _Acquisition(InLine):
         self.pool = pool
         self.future = future
 
-    def server_ready(self, server: ServerConnection) -> None:
+    def server_ready(self, server: ServerConnection, now: float = 0.0) -> None:
         if self.future.done():
             self.pool.release(server)  # cancelled while the server was on its way
         else:
@@ -246,7 +246,7 @@ class Pool:
 
     # ---- the one place server states change --------------------------------------------------
 
-    def _move(self, server: ServerConnection, state: ServerState) -> None:
+    def _move(self, server: ServerConnection, state: ServerState, now: float = 0.0) -> None:
         old = server.state
         if old is ServerState.IDLE:
             self.idle.remove(server)
@@ -254,7 +254,7 @@ class Pool:
             self._sets[old].discard(server)
         server.state = state
         if state is ServerState.IDLE:
-            server.idle_since = _monotonic()
+            server.idle_since = now or _monotonic()
             self.idle.append(server)
         elif state in self._sets:
             self._sets[state].add(server)
@@ -272,7 +272,7 @@ class Pool:
         self.active.add(server)
         return server
 
-    def wait(self, in_line: InLine) -> Waiter:
+    def wait(self, in_line: InLine, now: float = 0.0) -> Waiter:
         """Join the line (FIFO) for a server; raises PgError 53300 when the line is full or the upstream down.
 
         Exactly one of ``in_line``'s methods runs later, never inside this call: ``server_ready`` with a server
@@ -284,7 +284,7 @@ class Pool:
         if config.max_wait_clients and len(self.waiters) >= config.max_wait_clients:
             raise errors.wait_queue_full(str(self.key), len(self.waiters), config.max_wait_clients,
                                          len(self.active), config.pool_size)
-        now = _monotonic()
+        now = now or _monotonic()
         deadline = now + config.query_wait_timeout if config.query_wait_timeout else math.inf
         waiter = Waiter(in_line, now, deadline)
         self.waiters.append(waiter)
@@ -317,21 +317,21 @@ class Pool:
             self.cancel_wait(waiter)
             raise
 
-    def _settle(self, waiter: Waiter) -> None:
+    def _settle(self, waiter: Waiter, now: float = 0.0) -> None:
         waiter.settled = True
-        waited = _monotonic() - waiter.since
+        waited = (now or _monotonic()) - waiter.since
         self.stats.wait_time += waited
         self.stats.wait_histogram.observe(waited)
 
-    def _hand_over(self, waiter: Waiter, server: ServerConnection) -> None:
-        self._settle(waiter)
+    def _hand_over(self, waiter: Waiter, server: ServerConnection, now: float) -> None:
+        self._settle(waiter, now)
         if server.read_delivered:
             # The compiled relay delivered the whole read that freed the server: the next client may send
             # its request now, from the same wake-up, rather than one loop turn later (at -c 50 on a pool
             # of 20 most transactions pass through here). Once per read: if that client passes the server
             # on, the next hand-over goes through the loop.
             server.read_delivered = False
-            waiter.in_line.server_ready(server)
+            waiter.in_line.server_ready(server, now)
         else:
             # Called soon, not now: release() runs inside the previous client's read handler, and bytes
             # behind the ReadyForQuery in that read are still to be delivered to the previous client.
@@ -379,8 +379,9 @@ class Pool:
             self._refuse(waiter, errors.wait_timeout(str(self.key), waiter.deadline - waiter.since,
                                                      len(self.active), others, self.config.pool_size))
 
-    def release(self, server: ServerConnection) -> None:
-        """Take back a server that is known clean (idle, no transaction, nothing pending)."""
+    def release(self, server: ServerConnection, now: float = 0.0) -> None:
+        """Take back a server that is known clean (idle, no transaction, nothing pending). ``now``: the monotonic
+        clock, when the caller has just read it (a transaction reads it once at its end, not once per step)."""
         state = server.state
         if state is ServerState.CLOSING or state is ServerState.CLOSED:
             return
@@ -394,7 +395,8 @@ class Pool:
             self.close_server(server, "a cancel request to it was not confirmed: it could stop a later query")
             return
         config = self.config
-        if config.server_lifetime and _monotonic() - server.created_at > config.server_lifetime:
+        now = now or _monotonic()
+        if config.server_lifetime and now - server.created_at > config.server_lifetime:
             self.close_server(server, "server_lifetime reached")
             return
         if self.will_retire(server):
@@ -410,12 +412,12 @@ class Pool:
         if self.waiters:
             if server.state is not ServerState.ACTIVE:
                 self._move(server, ServerState.ACTIVE)  # before the hand-over: the next client may act on it at once
-            self._hand_over(self.waiters.popleft(), server)
+            self._hand_over(self.waiters.popleft(), server, now)
             return
         if self._budgets and self._budget_wanted_elsewhere():
             self.close_server(server, "another pool of the database needs the connection")
             return
-        self._move(server, ServerState.IDLE)
+        self._move(server, ServerState.IDLE, now)
         if not self.waiters:
             self._reserve_open = False
 

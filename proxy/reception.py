@@ -370,7 +370,7 @@ class Reception(Login, InLine):
         client.state = ClientState.WAITING  # what it is: in line (SHOW CLIENTS, cl_waiting, pgmux_clients)
         client.wait_started = _monotonic()
 
-    def server_ready(self, server: ServerConnection) -> None:
+    def server_ready(self, server: ServerConnection, now: float = 0.0) -> None:
         """The session's server (see _take_session_server)."""
         self._waiter = None
         pool = self.client.pool
