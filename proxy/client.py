@@ -152,7 +152,7 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
         "_copy_done_early", "_copy_ignored", "_copy_in", "_query_mark", "_held_for_sync",
         "_queued_bytes", "_reset_seen", "_resync", "_scanner", "_skipper", "cancel_keys", "registry", "router",
         "startup_params", "_waiter", "cancel_key",
-        "connected_at", "database", "flow", "id", "last_active", "listener", "login", "params", "peer", "pending",
+        "connected_at", "database", "flow", "id", "last_active", "listener", "login", "params", "_peer", "pending",
         "pool", "query_started", "replay", "server", "state", "statements", "transaction_mode", "transport",
         "unreported", "startup_unreported", "pins", "_session_touched", "_custom_names", "_inspecting", "_loaded",
         "user", "wait_started",
@@ -172,7 +172,8 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
         self.relay_transport: object | None = None  # the transport, once logged in, if the compiled relay drives it
         self._relay_table = _RELAY_TABLE  # what that relay may send on itself
         self.flow = FlowControl()
-        self.peer = ""
+        self._peer: str | None = None  # "ip:port" or "unix", asked of the transport when first needed (peer)
+        self._peer_transport: asyncio.BaseTransport | None = None
         self.user = ""
         self.database = ""
         self.pool: Pool | None = None
@@ -235,11 +236,23 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
         if self.state is ClientState.CLOSED:  # crowded out by newer logins before the loop got to it
             transport.close()
             return
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        self._peer_transport = transport  # the connection's own, even once TLS runs over it
         self.transport.set_write_buffer_limits(high=256 * 1024)
         assert self.login is not None
         self.login.connection_made()
+
+    @property
+    def peer(self) -> str:
+        """The client's address, "ip:port" ("unix" for a Unix socket). Asked of the socket the first time it is
+        needed (a failed login, a log line at INFO), not at every connection: getpeername and the formatting
+        cost about 4% of a trust login's CPU."""
+        if self._peer is None:
+            transport = self._peer_transport
+            if transport is None:
+                return ""  # not connected yet
+            address = transport.get_extra_info("peername")
+            self._peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else "unix"
+        return self._peer
 
     def data_received(self, data: bytes) -> None:
         if self.tls is not None:
