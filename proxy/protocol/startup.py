@@ -116,11 +116,30 @@ def _check_length(length: int) -> None:
         raise ProtocolViolation(f"invalid length of startup packet: {length}")
 
 
+# Parameter sections parsed lately, by their bytes: an application's connections nearly all send the same one
+# (user, database, application_name...), and a copy of the parse costs a tenth of parsing it again.
+_PARSED_KEPT: Final = 32
+_parsed: Final[dict[bytes, dict[str, str]]] = {}
+
+
 def _parse_parameters(data: bytes, start: int, end: int) -> dict[str, str]:
     """The parameters in ``data[start:end]``: NUL-terminated names and values, the list ending with an empty name."""
     size = end - start
     if size == 1 and data[start] == 0:
         return {}
+    section = data[start:end]
+    known = _parsed.get(section)
+    if known is not None:
+        return dict(known)  # a copy: the caller's to keep
+    parameters = _parse_section(data, start, end)
+    if len(_parsed) >= _PARSED_KEPT:
+        _parsed.clear()  # ever new sections (a new application_name per process...): start again
+    _parsed[section] = dict(parameters)
+    return parameters
+
+
+def _parse_section(data: bytes, start: int, end: int) -> dict[str, str]:
+    size = end - start
     if size < 2 or data[end - 2] != 0 or data[end - 1] != 0:
         raise ProtocolViolation("startup packet parameters are not NUL-terminated")
     try:

@@ -44,6 +44,21 @@ def test_startup_message_parses_its_parameters() -> None:
     assert (parsed.user, parsed.database) == ("app", "shop")
 
 
+def test_the_same_startup_packet_again_parses_to_its_own_equal_parameters() -> None:
+    """Parameter sections are remembered (most connections repeat one): each login still gets a dict of its own."""
+    params = {"user": "app", "database": "shop", "application_name": "worker-7"}
+    packet = build_startup_message(params)
+    first, _ = read_startup_packet(packet)
+    first.parameters["application_name"] = "changed by its holder"
+    second, _ = read_startup_packet(packet)
+    assert second.parameters == params
+    second.parameters["application_name"] = "changed by its holder"
+    third, _ = read_startup_packet(packet)
+    assert third.parameters == params
+    other, _ = read_startup_packet(build_startup_message({**params, "application_name": "worker-8"}))
+    assert other.parameters["application_name"] == "worker-8"
+
+
 def test_startup_database_defaults_to_the_user() -> None:
     parsed, _ = read_startup_packet(build_startup_message({"user": "alice"}))
     assert parsed.database == "alice"
