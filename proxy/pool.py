@@ -128,7 +128,7 @@ class InLine:
         raise NotImplementedError
 
     def server_refused(self, error: PgError) -> None:
-        """No server came: a 53300 after query_wait_timeout, or the pool's line closed."""
+        """No server came: ``error`` is query_wait_timeout's 53300, or the upstream is down (login failures)."""
         raise NotImplementedError
 
 
