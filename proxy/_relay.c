@@ -217,7 +217,7 @@ fail_with_errno(Transport *t, int code)
 /* ---- calling the protocol ------------------------------------------------------------------------ */
 
 /* A protocol method looked up once per protocol type. PyObject_VectorcallMethod finds the name in the type's
-   MRO on every call (_PyObject_GetMethod, _PyType_Lookup: about 2% of pgmux's CPU at -c 50), and a relay calls
+   MRO on every call (_PyObject_GetMethod: about 2% of pgmux's CPU at -c 50), and a relay calls
    three per transaction on the same two types. Only for instances without a __dict__ (compiled classes), where
    no instance attribute can shadow the method, and for plain methods (Py_TPFLAGS_METHOD_DESCRIPTOR: called
    with self first, as the lookup would bind it); anything else takes the usual lookup. */
@@ -238,11 +238,17 @@ call_cached(MethodCache *cache, PyObject *const *args, size_t nargs)
     PyTypeObject *type = Py_TYPE(args[0]);
     if (cache->type != type || cache->version != type->tp_version_tag
             || !PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG)) {
-        PyObject *function = type->tp_dictoffset == 0 ? _PyType_Lookup(type, *cache->name) : NULL;  /* borrowed */
+        PyObject *function = NULL;
+        if (type->tp_dictoffset == 0) {
+            function = PyObject_GetAttr((PyObject *)type, *cache->name);  /* a method descriptor comes as it is */
+            if (function == NULL)
+                PyErr_Clear();  /* the usual lookup below raises what a caller expects */
+        }
         if (function == NULL || !PyType_HasFeature(Py_TYPE(function), Py_TPFLAGS_METHOD_DESCRIPTOR)
-                || !PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG))
+                || !PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG)) {
+            Py_XDECREF(function);
             return PyObject_VectorcallMethod(*cache->name, (PyObject **)args, nargs, NULL);
-        Py_INCREF(function);
+        }
         Py_INCREF(type);
         Py_XSETREF(cache->function, function);
         Py_XSETREF(cache->type, type);
