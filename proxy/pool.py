@@ -265,7 +265,7 @@ class Pool:
         """The fast path: a ready server now, if one is idle and nobody is ahead in line."""
         if self.waiters or not self.idle:
             return None
-        self.stats.wait_histogram.observe_zero()
+        self.stats.wait_histogram.observe(0.0)
         server = self.idle.pop()  # LIFO keeps the hottest server busy and lets the rest time out
         # _move would search the list for it again; it is already out.
         server.state = ServerState.ACTIVE

@@ -58,14 +58,6 @@ class Histogram:
             index += 1
         self.counts[index] += 1
 
-    def observe_zero(self) -> None:
-        """An observation of 0 (a client served at once: most waits), at or below every bound."""
-        self.count += 1
-        if 0.0 <= self._b0:
-            self._c0 += 1
-        else:
-            self._observe_slow(0.0)
-
     def cumulative(self) -> list[tuple[float, int]]:
         """(upper bound, observations at or below it) per bucket, +Inf last, as Prometheus wants."""
         counts = list(self.counts)

@@ -8,11 +8,32 @@
 
 #include <Python.h>
 
+/* What a byte may be to the word tests (GNU range initializers, as gcc and clang take them). */
+#define WORD_BYTE 1   /* a word character: what \b means in a bytes regex */
+#define WORD_FIRST 2  /* the first letter, in either case, of a word the test looks for at a word's start */
+#define WORD_A 4      /* "a" or "A": "advisory" counts inside a word too (pg_advisory_lock) */
+
+static const unsigned char word_classes[256] = {
+    ['0' ... '9'] = WORD_BYTE,
+    ['A' ... 'Z'] = WORD_BYTE,
+    ['a' ... 'z'] = WORD_BYTE,
+    ['_'] = WORD_BYTE,
+    ['A'] = WORD_BYTE | WORD_A, ['a'] = WORD_BYTE | WORD_A,
+    ['C'] = WORD_BYTE | WORD_FIRST, ['c'] = WORD_BYTE | WORD_FIRST,
+    ['D'] = WORD_BYTE | WORD_FIRST, ['d'] = WORD_BYTE | WORD_FIRST,
+    ['L'] = WORD_BYTE | WORD_FIRST, ['l'] = WORD_BYTE | WORD_FIRST,
+    ['P'] = WORD_BYTE | WORD_FIRST, ['p'] = WORD_BYTE | WORD_FIRST,
+    ['R'] = WORD_BYTE | WORD_FIRST, ['r'] = WORD_BYTE | WORD_FIRST,
+    ['S'] = WORD_BYTE | WORD_FIRST, ['s'] = WORD_BYTE | WORD_FIRST,
+    ['T'] = WORD_BYTE | WORD_FIRST, ['t'] = WORD_BYTE | WORD_FIRST,
+    ['U'] = WORD_BYTE | WORD_FIRST, ['u'] = WORD_BYTE | WORD_FIRST,
+};
+
 /* ASCII word characters: what \b means in a bytes regex. */
 static inline int
 is_word_byte(unsigned char c)
 {
-    return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || c == '_';
+    return word_classes[c] & WORD_BYTE;
 }
 
 /* `word` (lower case letters) at s[i], in any case, ending at a word boundary. */
@@ -64,26 +85,6 @@ set_may_begin_statement(const unsigned char *s, Py_ssize_t i, Py_ssize_t start)
     return k < start || !(is_word_byte(s[k]) || s[k] == '"');
 }
 
-/* What a byte may be to session_state_in (GNU range initializers, as gcc and clang take them). */
-#define WORD_BYTE 1   /* a word character: what \b means in a bytes regex */
-#define WORD_FIRST 2  /* the first letter, in either case, of a word the test looks for at a word's start */
-#define WORD_A 4      /* "a" or "A": "advisory" counts inside a word too (pg_advisory_lock) */
-
-static const unsigned char word_classes[256] = {
-    ['0' ... '9'] = WORD_BYTE,
-    ['A' ... 'Z'] = WORD_BYTE,
-    ['a' ... 'z'] = WORD_BYTE,
-    ['_'] = WORD_BYTE,
-    ['A'] = WORD_BYTE | WORD_A, ['a'] = WORD_BYTE | WORD_A,
-    ['C'] = WORD_BYTE | WORD_FIRST, ['c'] = WORD_BYTE | WORD_FIRST,
-    ['D'] = WORD_BYTE | WORD_FIRST, ['d'] = WORD_BYTE | WORD_FIRST,
-    ['L'] = WORD_BYTE | WORD_FIRST, ['l'] = WORD_BYTE | WORD_FIRST,
-    ['P'] = WORD_BYTE | WORD_FIRST, ['p'] = WORD_BYTE | WORD_FIRST,
-    ['R'] = WORD_BYTE | WORD_FIRST, ['r'] = WORD_BYTE | WORD_FIRST,
-    ['S'] = WORD_BYTE | WORD_FIRST, ['s'] = WORD_BYTE | WORD_FIRST,
-    ['T'] = WORD_BYTE | WORD_FIRST, ['t'] = WORD_BYTE | WORD_FIRST,
-    ['U'] = WORD_BYTE | WORD_FIRST, ['u'] = WORD_BYTE | WORD_FIRST,
-};
 
 /* Whether a session-state word begins at s[i], a word's first letter (one of WORD_FIRST) where a word starts. */
 static inline int
@@ -118,7 +119,7 @@ session_state_at(const unsigned char *s, Py_ssize_t i, Py_ssize_t n, Py_ssize_t 
     unsigned char what = word_classes[s[i]];
     if (what & WORD_A)
         return prefix_at(s, i, n, "advisory", 8);
-    if (!(what & WORD_FIRST) || (i > start && (word_classes[s[i - 1]] & WORD_BYTE)))
+    if (!(what & WORD_FIRST) || (i > start && is_word_byte(s[i - 1])))
         return 0;
     return session_word_at(s, i, n, start);
 }
@@ -167,7 +168,7 @@ session_state_in(const unsigned char *s, Py_ssize_t n)
         while (candidates) {
             Py_ssize_t k = i + __builtin_ctz(candidates);
             candidates &= candidates - 1;
-            if (s[k] == 'a' || s[k] == 'A' ? prefix_at(s, k, n, "advisory", 8) : session_word_at(s, k, n, start))
+            if (word_classes[s[k]] & WORD_A ? prefix_at(s, k, n, "advisory", 8) : session_word_at(s, k, n, start))
                 return 1;
         }
         after_word = (word >> 15) & 1;

@@ -21,11 +21,11 @@ def test_observations_past_the_largest_bound_count_only_under_infinity() -> None
     assert histogram.cumulative() == [(0.5, 0), (1.0, 0), (float("inf"), 1)]
 
 
-def test_an_observed_zero_counts_in_every_bucket_and_in_the_total() -> None:
+def test_zeros_and_values_between_bounds_add_up_in_every_bucket() -> None:
     histogram = Histogram((0.5, 1.0))
-    histogram.observe_zero()
+    histogram.observe(0.0)
     histogram.observe(0.7)
-    histogram.observe_zero()
+    histogram.observe(0.0)
     assert histogram.cumulative() == [(0.5, 2), (1.0, 3), (float("inf"), 3)]
     assert histogram.count == 3
     assert histogram.sum == 0.7
