@@ -7,7 +7,9 @@
  * and Python hears of it in one call to its protocol:
  *
  * - a client's read: protocol.relay_request(nbytes, batch_ends, queries, mid_batch, parses, binds) returns the linked
- *   server's SocketTransport (taking a server from the pool first when the client has none), or None;
+ *   server's SocketTransport (taking a server from the pool first when the client has none), or None; or the
+ *   client's own transport when no server is free: the transport keeps the read ("held") while the client waits
+ *   in line, until Python sends it on to the server it is lent (send_held) or takes it back as bytes (take_held);
  * - a server's read: protocol.relay_target() returns the linked client's SocketTransport, or None; a read
  *   that ends in ReadyForQuery, or holds ParseCompletes, is then reported with
  *   protocol.relayed(nbytes, status, parse_completes).
@@ -107,6 +109,8 @@ typedef struct {
     int head_len;
     Py_ssize_t body_left;
     Py_ssize_t unreported; /* a server's relayed bytes not yet given to Python (with the next ReadyForQuery) */
+    char *held;            /* a client's read kept while it waits for a server (relay_request said so) */
+    Py_ssize_t held_len;
 } Transport;
 
 static PyTypeObject TransportType;
@@ -167,6 +171,14 @@ drop_write_buffer(Transport *t)
     t->wstart = t->wend = t->wcap = 0;
 }
 
+static void
+drop_held(Transport *t)
+{
+    PyMem_Free(t->held);
+    t->held = NULL;
+    t->held_len = 0;
+}
+
 /* Close the socket now and tell the protocol on the loop's next turn; ``exc`` (may be NULL) is why. */
 static int
 finish(Transport *t, PyObject *exc)
@@ -181,6 +193,7 @@ finish(Transport *t, PyObject *exc)
     if (watch(t) < 0)
         status = -1;
     drop_write_buffer(t);
+    drop_held(t);
     PyObject *result = PyObject_CallMethodNoArgs(t->sock, str_close);
     if (result == NULL)
         status = -1;
@@ -478,7 +491,26 @@ mentions_session_state(Poller *poller, const unsigned char *s, Py_ssize_t n)
     return 0;
 }
 
-/* A client's read of whole messages that may pass: 1 when it went to the server, 0 when Python takes it. */
+/* Keep a client's read while it waits for a server: no bytes object, no queue, no data_received. */
+static int
+hold(Transport *t, const unsigned char *data, Py_ssize_t n)
+{
+    if (t->held_len) {
+        PyErr_SetString(PyExc_RuntimeError, "relay_request asked to hold a read behind one already held");
+        return -1;
+    }
+    t->held = PyMem_Malloc(n);
+    if (t->held == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(t->held, data, n);
+    t->held_len = n;
+    return 1;
+}
+
+/* A client's read of whole messages that may pass: 1 when it went to the server (or is held for one), 0 when
+   Python takes it. */
 static int
 relay_from_client(Transport *t, const unsigned char *data, Py_ssize_t n)
 {
@@ -520,6 +552,10 @@ relay_from_client(Transport *t, const unsigned char *data, Py_ssize_t n)
         server = call_cached(&call_relay_request, args, 7);
     for (int i = 1; i < 7; i++)
         Py_XDECREF(args[i]);
+    if (server == (PyObject *)t) {  /* no server is free: the client waits in line, and its read with it */
+        Py_DECREF(server);
+        return hold(t, data, n);
+    }
     return relay_to(server, data, n);
 }
 
@@ -805,6 +841,7 @@ Transport_dealloc(Transport *t)
     PyObject_GC_UnTrack(t);
     Transport_clear(t);
     PyMem_Free(t->wbuf);
+    PyMem_Free(t->held);
     Py_TYPE(t)->tp_free((PyObject *)t);
 }
 
@@ -1023,6 +1060,32 @@ Transport_relay(Transport *t, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* send_held(peer): write the held read to ``peer`` (the server the waiting client is lent), as the relay would
+   have written it at once. */
+static PyObject *
+Transport_send_held(Transport *t, PyObject *peer)
+{
+    if (!Transport_Check(peer)) {
+        PyErr_SetString(PyExc_TypeError, "send_held(peer): a SocketTransport");
+        return NULL;
+    }
+    int status = t->held_len ? write_bytes((Transport *)peer, t->held, t->held_len) : 0;
+    drop_held(t);
+    if (status < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* take_held(): the held read as bytes (b"" when none), no longer held. */
+static PyObject *
+Transport_take_held(Transport *t, PyObject *unused)
+{
+    PyObject *data = PyBytes_FromStringAndSize(t->held, t->held_len);
+    if (data != NULL)
+        drop_held(t);
+    return data;
+}
+
 static PyObject *
 Transport_repr(Transport *t)
 {
@@ -1033,6 +1096,8 @@ Transport_repr(Transport *t)
 static PyMethodDef Transport_methods[] = {
     {"start", (PyCFunction)Transport_start, METH_NOARGS, "Begin reading: after the protocol's connection_made."},
     {"relay", (PyCFunction)(void (*)(void))Transport_relay, METH_FASTCALL, "Become a relay edge (see the module)."},
+    {"send_held", (PyCFunction)Transport_send_held, METH_O, "Write the held read to the peer transport."},
+    {"take_held", (PyCFunction)Transport_take_held, METH_NOARGS, "The held read as bytes (b\"\" when none)."},
     {"write", (PyCFunction)Transport_write, METH_O, NULL},
     {"writelines", (PyCFunction)Transport_writelines, METH_O, NULL},
     {"close", (PyCFunction)Transport_close, METH_NOARGS, NULL},

@@ -43,7 +43,7 @@ from proxy.routing import Router
 from proxy.server import ClientPeer, ServerConnection
 from proxy.session_state import SessionReport, refuse_session_only
 from proxy.settings import ListenerSettings, PoolMode, SessionStatePolicy
-from proxy.sockets import BATCH_END, CLIENT_EDGE, NEUTRAL, QUERY, UNNAMED, WORDS, relay_edge, relay_table
+from proxy.sockets import BATCH_END, CLIENT_EDGE, NEUTRAL, QUERY, UNNAMED, WORDS, RelayEdge, relay_edge, relay_table
 from proxy.states import ClientState, ServerState
 from proxy.tls import TlsError, TlsTransport
 
@@ -101,9 +101,10 @@ _NO_PARAMETERS: Final[dict[str, str]] = {}
 
 
 class WholeRequest:
-    """What the compiled relay counted in a read it walked whole and found passable, kept with those bytes while
-    the client waits for a server: at the hand-over they go to the server as relay_request would have sent them,
-    without a second walk (ClientConnection._forward_queued)."""
+    """What the compiled relay counted in a read it walked whole and found passable, kept while the client waits
+    for a server and the transport holds those bytes: at the hand-over they go to the server as relay_request
+    would have sent them, without a second walk and without becoming a Python object
+    (ClientConnection._forward_queued)."""
 
     __slots__ = ("nbytes", "batch_ends", "queries", "mid_batch", "parses", "binds")
 
@@ -156,7 +157,7 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
         "pool", "query_started", "replay", "server", "state", "statements", "transaction_mode", "transport",
         "unreported", "startup_unreported", "pins", "_session_touched", "_custom_names", "_inspecting", "_loaded",
         "user", "wait_started",
-        "_stall_mark", "_stalled_since", "tls", "relay_transport", "_relay_table", "_whole_request",
+        "_stall_mark", "_stalled_since", "tls", "relay_transport", "_relay_table", "_held",
     )
 
     def __init__(self, router: Router, registry: Registry[ClientConnection], cancel_keys: CancelKeys,
@@ -169,7 +170,7 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
         self.state = ClientState.STARTUP
         self.transport: asyncio.Transport | None = None
         self.tls: TlsTransport | None = None  # the client's TLS, once begun (then also its ``transport``)
-        self.relay_transport: object | None = None  # the transport, once logged in, if the compiled relay drives it
+        self.relay_transport: RelayEdge | None = None  # the transport, once logged in, if the compiled relay drives it
         self._relay_table = _RELAY_TABLE  # what that relay may send on itself
         self.flow = FlowControl()
         self._peer: str | None = None  # "ip:port" or "unix", asked of the transport when first needed (peer)
@@ -192,10 +193,11 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
         self.login: Login | None = None  # set by whoever accepts the connection; None once logged in
         self._scanner = _BEFORE_SESSION
         self._queued: list[bytes] | None = None  # requests waiting for a server; None when none wait
-        self._queued_bytes = 0
-        # Set by relay_request for the read it found passable but had no server for, and kept while that read
-        # is the only thing queued: the relay's counts of it.
-        self._whole_request: WholeRequest | None = None
+        self._queued_bytes = 0  # held and queued
+        # A read relay_request found passable but had no server for: its counts, while the compiled transport
+        # holds its bytes (see _hold). Held bytes come before anything queued, so a second read takes them back
+        # into the queue first (_queue): while one is held, nothing is queued.
+        self._held: WholeRequest | None = None
         self._skipper: BatchSkipper | None = None  # answering a refused request: skipping to its batch end
         self._admin: Console | None = None
         self.statements: ClientStatements | None = None  # named statements, when pgmux rewrites them
@@ -444,7 +446,7 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
                 else:
                     log.info("client unpinned from server %s", server.id, extra={"conn": self.id})
                 self.pins = pins
-        if not self.pins and not self._queued and server.tx_status is _IDLE:
+        if not self.pins and not self._has_queued() and server.tx_status is _IDLE:
             self._unlink_and_release(_monotonic())
             return
         # Staying (pinned, or requests came meanwhile): this client's values first where the session lost
@@ -505,7 +507,7 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
             self.state = ClientState.IDLE
             log.warning("server %s lost while pgmux read its session state: %s", server.id, server.close_reason,
                         extra={"conn": self.id})
-            if self._queued:
+            if self._has_queued():
                 self._wait_for_server()
             return
         log.warning("server %s at %s lost while it served this client: %s", server.id, server.upstream.redacted(),
@@ -545,7 +547,7 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
         self.login = None
         if self.tls is None:
             self.relay_transport = relay_edge(self.transport, CLIENT_EDGE, self._relay_table)
-        if self._queued:
+        if self._has_queued():
             self._relay(b"".join(self._take_queued()))
 
     def open_console(self, console: Console) -> None:
@@ -558,8 +560,6 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
 
     def _relay(self, data: bytes) -> None:
         """Client bytes after login: to the linked server, or queued until the pool lends one."""
-        whole = self._whole_request  # relay_request's counts of these very bytes, if it walked them
-        self._whole_request = None
         if self.server is not None:
             if self._held_for_sync or self._inspecting:
                 self._queue(data)
@@ -569,7 +569,7 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
         if self._skipper is not None:
             self._skip_rejected_batch(data)
             return
-        if self.state is ClientState.IDLE and not self._queued:
+        if self.state is ClientState.IDLE and not self._has_queued():
             if data[0] == m.TERMINATE:
                 # Saying goodbye between transactions needs no server (and must not wait for one).
                 self._close_quietly("client sent Terminate")
@@ -586,8 +586,6 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
                     self._forward(data)
                 return
         self._queue(data)
-        if whole is not None and self._queued is not None and len(self._queued) == 1 and whole.nbytes == len(data):
-            self._whole_request = whole
         if self.state is ClientState.IDLE:
             self._wait_for_server()
 
@@ -656,21 +654,31 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
         server = self.server
         now = 0.0  # read once where a transaction begins: the link and the request's start share it
         if server is None:
-            if (self.state is not ClientState.IDLE or self._queued or self._skipper is not None
+            if (self.state is not ClientState.IDLE or self._has_queued() or self._skipper is not None
                     or (not batch_ends and mid_batch <= 0)):
                 return None
             now = _monotonic()
             server = self._link_idle_server(now)
             if server is None:
-                # The bytes come to data_received next, to wait for a server: what was counted goes with them.
-                self._whole_request = WholeRequest(nbytes, batch_ends, queries, mid_batch, parses, binds)
-                return None
+                return self._hold(WholeRequest(nbytes, batch_ends, queries, mid_batch, parses, binds), now)
         target = server.relay_transport
         if target is None or self._held_for_sync or self._inspecting:
             return None
         if not self._pass_whole(server, nbytes, batch_ends, queries, mid_batch, parses, binds, now):
             return None
         return target
+
+    def _hold(self, request: WholeRequest, now: float) -> RelayEdge | None:
+        """No server is free for a request the compiled relay walked whole: the client joins the line and its
+        transport keeps the bytes (returning it says so) until the hand-over sends them on (_forward_queued).
+        None when the line refuses the client at once: the bytes then come to data_received, which skips them
+        up to their batch end as _reject_batch set up."""
+        self._wait_for_server(now)
+        if self.state is not ClientState.WAITING:
+            return None
+        self._held = request
+        self._count_queued(request.nbytes)
+        return self.relay_transport
 
     def _pass_whole(self, server: ServerConnection, nbytes: int, batch_ends: int, queries: int, mid_batch: int,
                     parses: int, binds: int, now: float = 0.0) -> bool:
@@ -820,37 +828,60 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
     def _forward_queued(self, now: float = 0.0) -> None:
         if self._held_for_sync or self._inspecting:
             return  # sent once the server has confirmed this client's parameters, or said what it holds
-        whole = self._whole_request
+        held = self._held
         server = self.server
-        if (whole is not None and server is not None and server.relay_transport is not None
-                and self._pass_whole(server, whole.nbytes, whole.batch_ends, whole.queries, whole.mid_batch,
-                                     whole.parses, whole.binds, now)):
-            server.write(self._take_queued()[0])  # a waiting client's request, as the relay would have sent it
+        target = server.relay_transport if server is not None else None
+        if (held is not None and server is not None and target is not None
+                and self._pass_whole(server, held.nbytes, held.batch_ends, held.queries, held.mid_batch,
+                                     held.parses, held.binds, now)):
+            # A waiting client's request, from its transport to the server's as the relay would have sent it.
+            self._held = None
+            self._queued_bytes = 0
+            self.flow.resume_for_queue()
+            transport = self.relay_transport
+            assert transport is not None
+            transport.send_held(target)
             return
         for chunk in self._take_queued():
             if self.server is None:
                 return
             self._forward(chunk)
 
+    def _has_queued(self) -> bool:
+        """Whether requests wait for a server (held by the transport or queued here)."""
+        return self._queued is not None or self._held is not None
+
     def _queue(self, data: bytes) -> None:
-        self._whole_request = None  # counts of one read, valid while it is all that is queued
+        if self._held is not None:
+            self._queued = [self._take_held()]  # the held read came first
         if self._queued is None:
             self._queued = [data]
         else:
             self._queued.append(data)
-        self._queued_bytes += len(data)
+        self._count_queued(len(data))
+
+    def _count_queued(self, nbytes: int) -> None:
+        self._queued_bytes += nbytes
         if self._queued_bytes > min(_QUEUE_HIGH_WATER, self.router.max_client_buffer):
             self.flow.pause_for_queue()
 
+    def _take_held(self) -> bytes:
+        """The held read's bytes, back from the transport (its counts are forgotten: it is walked again)."""
+        self._held = None
+        transport = self.relay_transport
+        return transport.take_held() if transport is not None else b""
+
     def _take_queued(self) -> list[bytes]:
+        """Everything waiting for a server, in order: no longer waiting."""
+        if self._held is not None:
+            self._queued = [self._take_held()]  # nothing is queued while a read is held
         queued, self._queued, self._queued_bytes = self._queued, None, 0
-        self._whole_request = None
         self.flow.resume_for_queue()
         return queued if queued is not None else []
 
-    def _wait_for_server(self) -> None:
+    def _wait_for_server(self, now: float = 0.0) -> None:
         assert self.pool is not None
-        self.wait_started = now = _monotonic()
+        self.wait_started = now = now or _monotonic()
         try:
             self._waiter = self.pool.wait(self, now)
         except PgError as exc:
@@ -1003,9 +1034,9 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
         # A session-mode login in line for its server (its Login still set) has nothing under way either.
         if (self.state in (ClientState.STARTUP, ClientState.AUTH, ClientState.IDLE)
                 or (self.state is ClientState.WAITING and self.login is not None)):
-            return not self._queued and self._skipper is None
+            return not self._has_queued() and self._skipper is None
         if self.state is ClientState.ACTIVE and self.server is not None:
-            return not self.pending and not self._queued and self.server.tx_status is m.TransactionStatus.IDLE
+            return not self.pending and not self._has_queued() and self.server.tx_status is m.TransactionStatus.IDLE
         return False
 
     # ---- timeouts (checked by the janitor) --------------------------------------------------------

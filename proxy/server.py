@@ -30,6 +30,7 @@ from proxy.sockets import (
     PARSE_COMPLETE,
     READY,
     SERVER_EDGE,
+    RelayEdge,
     bytes_waiting,
     connect,
     deliver_cancel_request,
@@ -131,7 +132,7 @@ class ClientPeer:
     statements: ClientStatements | None  # the client's named statements, when pgmux rewrites them
     replay: list[Segment] | None  # the batch in flight, while it may be re-sent (see _hold_for_replay)
     pins: frozenset[str]  # the session-only state that keeps the client on this server (transaction mode)
-    relay_transport: object | None  # its compiled transport, when the relay may write to it itself
+    relay_transport: RelayEdge | None  # its compiled transport, when the relay may write to it itself
 
     def write(self, data: bytes | memoryview) -> None:
         raise NotImplementedError
@@ -248,7 +249,7 @@ class ServerConnection:
         self.stats = stats  # its pool's: what it sends to clients is counted there
         self.state = ServerState.LOGIN
         self.transport: asyncio.Transport | None = None
-        self.relay_transport: object | None = None  # the transport, once logged in, if the compiled relay drives it
+        self.relay_transport: RelayEdge | None = None  # the transport, once logged in, if the compiled relay drives it
         self.flow = FlowControl()
         self.client: ClientPeer | None = None
         self.params: dict[str, str] = {}  # what the server reported with ParameterStatus

@@ -18,7 +18,7 @@ import errno
 import socket
 import weakref
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from proxy.logs import get_logger
 
@@ -69,14 +69,25 @@ def relay_table(passing: frozenset[int], bits: dict[int, int]) -> bytes:
     return bytes((PASS if kind in passing else 0) | bits.get(kind, 0) for kind in range(256))
 
 
-def relay_edge(transport: object, role: int, table: bytes) -> object | None:
+class RelayEdge(Protocol):
+    """A compiled transport that is a relay edge (relay_edge): what Python asks of it beyond asyncio's interface."""
+
+    def send_held(self, peer: object) -> None:
+        """Write the read it holds for a waiting client (see _relay.c) to ``peer``, the server's transport."""
+
+    def take_held(self) -> bytes:
+        """The read it holds, as bytes (b"" when none): no longer held."""
+
+
+def relay_edge(transport: object, role: int, table: bytes) -> RelayEdge | None:
     """Make ``transport`` a relay edge (CLIENT_EDGE or SERVER_EDGE; ``table``: relay_table's) when it is the
     compiled one, which then relays the steady state itself: return it; None for any other transport."""
     if SocketTransport is None or type(transport) is not SocketTransport:
         return None
     relaying: Any = transport
     relaying.relay(role, table)
-    return transport
+    edge: RelayEdge = relaying
+    return edge
 
 
 def _tune(sock: _socket.socket) -> None:

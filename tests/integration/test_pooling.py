@@ -11,6 +11,8 @@ import psycopg
 import pytest
 
 from pgusers import APP, APP_DATABASE
+from proxy.protocol import messages as m
+from test_admission import RawClient, extended_query
 
 
 async def _connect(pgmux, listener: int = 0, **kwargs) -> asyncpg.Connection:
@@ -288,3 +290,65 @@ def test_requests_that_wait_for_the_only_server_are_each_answered_and_counted_on
     before = query_count()
     asyncio.run(run())
     assert query_count() - before == clients * rounds
+
+
+def _values(client: RawClient) -> list[bytes]:
+    """The first column of each DataRow up to the next ReadyForQuery."""
+    values = []
+    while True:
+        kind, body = client.read_message()
+        assert kind != m.ERROR_RESPONSE, body
+        if kind == m.DATA_ROW:
+            length = int.from_bytes(body[2:6], "big")
+            values.append(body[6:6 + length])
+        if kind == m.READY_FOR_QUERY:
+            return values
+
+
+def test_requests_a_waiting_client_sends_in_separate_reads_are_answered_in_order(pgmux) -> None:
+    # The first read of a client in line stays in its transport (the compiled hand-over sends it to the server it
+    # is lent); a second read must go behind it, not ahead of it or instead of it.
+    proxy = pgmux(auth_type="trust", default_pool_size=1)
+    holder = RawClient(proxy.host, proxy.port())
+    holder.send(m.query("BEGIN"))
+    holder.read_until_ready()  # the only server is taken
+    waiting = RawClient(proxy.host, proxy.port())
+    waiting.send(m.query("SELECT 1"))
+    time.sleep(0.1)
+    waiting.send(extended_query("SELECT 2"))
+    time.sleep(0.1)
+    waiting.send(m.query("SELECT 3"))
+    time.sleep(0.1)
+    holder.send(m.query("COMMIT"))
+    holder.read_until_ready()
+    assert [_values(waiting) for _ in range(3)] == [[b"1"], [b"2"], [b"3"]]
+    waiting.send(m.query("SELECT 4"))  # and the session goes on
+    assert _values(waiting) == [b"4"]
+    waiting.close()
+    holder.close()
+
+
+def test_the_request_of_a_client_that_leaves_the_line_never_runs(pgmux, postgres) -> None:
+    postgres.psql(f"DROP TABLE IF EXISTS left_line; CREATE TABLE left_line (id int); "
+                  f"ALTER TABLE left_line OWNER TO {APP.name}", database=APP_DATABASE)
+    proxy = pgmux(auth_type="trust", default_pool_size=1)
+    try:
+        holder = RawClient(proxy.host, proxy.port())
+        holder.send(m.query("BEGIN"))
+        holder.read_until_ready()
+        leaving = RawClient(proxy.host, proxy.port())
+        leaving.send(m.query("INSERT INTO left_line VALUES (1)"))  # held for it while it waits
+        time.sleep(0.1)
+        leaving.close()
+        time.sleep(0.1)
+        holder.send(m.query("COMMIT"))
+        holder.read_until_ready()
+        holder.send(m.query("SELECT count(*) FROM left_line"))  # the server is still this pool's, and clean
+        assert _values(holder) == [b"0"]
+        other = RawClient(proxy.host, proxy.port())
+        other.send(m.query("SELECT count(*) FROM left_line"))
+        assert _values(other) == [b"0"]
+        other.close()
+        holder.close()
+    finally:
+        postgres.psql("DROP TABLE IF EXISTS left_line", database=APP_DATABASE)

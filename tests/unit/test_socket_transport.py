@@ -407,6 +407,74 @@ async def test_a_message_the_table_stops_goes_to_python_with_the_whole_read() ->
 
 
 @in_loop
+async def test_python_answering_the_clients_own_transport_holds_the_read_until_it_is_sent_to_a_server() -> None:
+    """The compiled hand-over: a client that waits for a server leaves its request in its transport, which
+    sends it on as it is when Python names the server, without data_received or a bytes object."""
+    client, server = await linked()
+    client.protocol.target = client.transport  # no server free: hold it
+    request = query("SELECT 1") + query("SELECT 2")
+    client.app.sendall(request)
+    await settle(lambda: client.protocol.requests)
+    await asyncio.sleep(0.02)
+    assert client.protocol.received == []
+    assert client.protocol.requests == [(len(request), 2, 2, 0, 0, 0)]
+    client.transport.send_held(server.transport)
+    assert await recv_exactly(server.app, len(request)) == request
+    client.transport.send_held(server.transport)  # nothing held any more: nothing sent
+    assert client.transport.take_held() == b""
+    client.protocol.target = server.transport  # linked now: the next read goes straight through
+    later = query("SELECT 3")
+    client.app.sendall(later)
+    assert await recv_exactly(server.app, len(later)) == later
+    assert client.protocol.received == []
+
+
+@in_loop
+async def test_a_held_read_taken_back_comes_as_bytes_and_later_reads_go_to_python_behind_it() -> None:
+    client, _ = await linked()
+    client.protocol.target = client.transport
+    first = query("SELECT 1")
+    client.app.sendall(first)
+    await settle(lambda: client.protocol.requests)
+    client.protocol.target = None  # still waiting: the next read is Python's, to queue behind the held one
+    second = query("SELECT 2")
+    client.app.sendall(second)
+    await settle(lambda: client.protocol.received)
+    assert client.protocol.received == [second]
+    assert client.transport.take_held() == first
+    assert client.transport.take_held() == b""
+
+
+@in_loop
+async def test_holding_a_second_read_behind_a_held_one_is_refused_and_reported() -> None:
+    """Python takes a held read back before anything else is kept; a relay_request that breaks that rule is a
+    bug, reported through the loop's exception handler, and the first read stays held."""
+    reported: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+    client, _ = await linked()
+    client.protocol.target = client.transport
+    first, second = query("SELECT 1"), query("SELECT 2")
+    client.app.sendall(first)
+    await settle(lambda: client.protocol.requests)
+    client.app.sendall(second)
+    await settle(lambda: reported)
+    assert isinstance(reported[0]["exception"], RuntimeError)
+    assert client.transport.take_held() == first
+
+
+@in_loop
+async def test_a_closed_transport_drops_its_held_read() -> None:
+    client, _ = await linked()
+    client.protocol.target = client.transport
+    client.app.sendall(query("SELECT 1"))
+    await settle(lambda: client.protocol.requests)
+    client.transport.abort()
+    assert client.transport.take_held() == b""
+    with pytest.raises(TypeError):
+        client.transport.send_held(None)
+
+
+@in_loop
 async def test_python_answering_none_takes_the_read_itself() -> None:
     client, server = await linked()
     client.protocol.target = None  # e.g. no server to lend yet
