@@ -246,9 +246,6 @@ class Pool:
         self.resetting: set[ServerConnection] = set()
         self.closing: set[ServerConnection] = set()
         self.being_canceled: set[ServerConnection] = set()  # back from their client, waiting for its cancels
-        self._sets = {ServerState.ACTIVE: self.active, ServerState.LOGIN: self.login,
-                      ServerState.RESETTING: self.resetting, ServerState.CLOSING: self.closing,
-                      ServerState.BEING_CANCELED: self.being_canceled}
         self.waiters: WaitLine[Waiter] = WaitLine()
         self.server_params: dict[str, str] | None = None  # what a fresh server reports; clients start from these
         self._synced_of: dict[str, str] | None = None  # the server_params _synced_defaults was made from
@@ -292,7 +289,23 @@ class Pool:
         """The servers in ``state`` now (CLOSED: none, the pool has let go of them)."""
         if state is ServerState.IDLE:
             return self.idle
-        return self._sets.get(state, ())
+        found = self._set_of(state)
+        return found if found is not None else ()
+
+    def _set_of(self, state: ServerState) -> set[ServerConnection] | None:
+        """The set that holds the servers in ``state``; None for IDLE (a list) and CLOSED (none). Compared, not
+        looked up in a dict: that costs two dict operations per transaction."""
+        if state is ServerState.ACTIVE:
+            return self.active
+        if state is ServerState.LOGIN:
+            return self.login
+        if state is ServerState.RESETTING:
+            return self.resetting
+        if state is ServerState.CLOSING:
+            return self.closing
+        if state is ServerState.BEING_CANCELED:
+            return self.being_canceled
+        return None
 
     def oldest_wait(self, now: float) -> float:
         """Seconds the first client in line has waited (PgBouncer's maxwait)."""
@@ -313,14 +326,18 @@ class Pool:
         old = server.state
         if old is ServerState.IDLE:
             self.idle.remove(server)
-        elif old in self._sets:
-            self._sets[old].discard(server)
+        else:
+            before = self._set_of(old)
+            if before is not None:
+                before.discard(server)
         server.state = state
         if state is ServerState.IDLE:
             server.idle_since = now or _monotonic()
             self.idle.append(server)
-        elif state in self._sets:
-            self._sets[state].add(server)
+        else:
+            after = self._set_of(state)
+            if after is not None:
+                after.add(server)
 
     # ---- acquire / release ----------------------------------------------------------------------
 
@@ -559,7 +576,7 @@ class Pool:
 
     def server_lost(self, server: ServerConnection) -> None:
         """Called by the server itself once its connection is gone, whatever the cause."""
-        for collection in self._sets.values():
+        for collection in (self.active, self.login, self.resetting, self.closing, self.being_canceled):
             collection.discard(server)
         try:
             self.idle.remove(server)

@@ -200,7 +200,7 @@ class ServerPrepared:
             self.expect(PendingParse(batch, False, None, None))
 
     def _queue_plain(self) -> None:
-        for _ in range(self._plain):
+        for _unused in range(self._plain):
             self.pending.append(PendingParse(self._plain_batch, False, None, None))
         self._plain = 0
 
@@ -283,7 +283,7 @@ class ClientStatements:
     def relayed(self, parses: int, batch_ends: int, link: ServerPrepared) -> None:
         """The compiled relay sent on messages naming none of the client's statements: ``parses`` unnamed Parses,
         all before the first of ``batch_ends`` batch ends, whose texts drop no statement. What rewrite notes of them."""
-        for _ in range(parses):
+        for _unused in range(parses):
             link.expect_plain(link.batches_sent + 1)
         if parses:
             link.unnamed_drop = None

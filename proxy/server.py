@@ -66,6 +66,8 @@ _COLLECTING_FLAGS: Final = kind_flags(_RELAY_CAPTURE | COLLECTED_KINDS, frozense
 # A COPY FROM STDIN in a statement run for the HTTP endpoint: there is no client to send the data.
 _COPY_FAIL: Final = m.message(m.COPY_FAIL, m.cstring("COPY FROM STDIN is not supported over HTTP"))
 _TX_STATUS: Final = m.TRANSACTION_STATUS_BY_BYTE
+_IDLE_BYTE: Final = m.TransactionStatus.IDLE.value
+_IDLE_STATUS: Final = m.TransactionStatus.IDLE
 _SYNC: Final = m.message(m.SYNC)
 _FETCHED_LIMIT: Final = 1 << 20  # row bytes kept of fetch_internal's answer (pgmux's own small queries)
 
@@ -435,7 +437,7 @@ class ServerConnection:
         """The compiled relay sent the client ``nbytes`` since it last said, holding ``parse_completes``
         ParseCompletes and ending in a ReadyForQuery with transaction status byte ``status`` (-1: none)."""
         self.stats.bytes_sent += nbytes
-        for _ in range(parse_completes):
+        for _unused in range(parse_completes):
             self.prepared.on_parse_complete()
         client = self.client
         if status >= 0 and client is not None:
@@ -447,7 +449,8 @@ class ServerConnection:
 
     def _ready(self, status_byte: int, client: ClientPeer) -> None:
         """A ReadyForQuery reached the client: the transaction status, and the client's turn to decide."""
-        self.tx_status = status = _TX_STATUS[status_byte]
+        # Idle, the usual answer, without a dict lookup (an int boxed and hashed per transaction).
+        self.tx_status = status = _IDLE_STATUS if status_byte == _IDLE_BYTE else _TX_STATUS[status_byte]
         statements = client.statements
         if statements is not None:
             self.prepared.on_ready_for_query(statements)

@@ -232,7 +232,7 @@ async def listen(loop: asyncio.AbstractEventLoop, host: str, port: int,
 
 def _accept_ready(loop: asyncio.AbstractEventLoop, poller: Any, listening: socket.socket, fd: int, family: int,
                   protocol_factory: Callable[[], Any]) -> None:
-    for _ in range(_ACCEPTS_PER_WAKE):
+    for _unused in range(_ACCEPTS_PER_WAKE):
         try:
             sock = _accept_socket(fd, family)  # see _relay.c: what socket.accept() costs a login more
         except OSError as exc:
