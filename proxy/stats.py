@@ -53,10 +53,13 @@ class Histogram:
         """Past the native buckets: a walk from the fifth bound (or from the last native one there is)."""
         bounds = self.bounds
         last = len(bounds)
-        index = min(4, last)
+        index = 4 if last > 4 else last
         while index < last and bounds[index] < value:
             index += 1
-        self.counts[index] += 1
+        # Read, add, store: compiled, ``counts[index] += 1`` is a generic in-place add on objects.
+        counts = self.counts
+        count: int = counts[index]
+        counts[index] = count + 1
 
     def cumulative(self) -> list[tuple[float, int]]:
         """(upper bound, observations at or below it) per bucket, +Inf last, as Prometheus wants."""
