@@ -272,6 +272,7 @@ class ServerConnection:
         self.idle_since = self.created_at
         self.closing_since = 0.0  # when the pool began closing it (the janitor enforces a deadline)
         self.close_reason: str | None = None
+        self._terminated = False  # Terminate sent: the backend's own close ends the connection
         self._on_lost = on_lost
         self._scanner = FrameScanner(_LOGIN_CAPTURE, max_length=1 << 20)
         self._login_frames: asyncio.Queue[Frame | None] | None = asyncio.Queue()
@@ -885,9 +886,16 @@ class ServerConnection:
             self.close_reason = reason
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            if self._login_frames is None:
+            if self._login_frames is not None:
+                transport.close()
+            elif not self._terminated:
+                # Then wait for PostgreSQL to close its end (eof_received), rather than close ours now: the backend
+                # counts against the pool's bound until its process is gone, as PostgreSQL counts it. Closed at
+                # once, its slot could let another worker's new backend in while this one still exits. A backend
+                # that never closes is aborted by the janitor (pool.SERVER_CLOSE_DEADLINE).
+                self._terminated = True
                 transport.write(m.terminate())
-            transport.close()
+                transport.resume_reading()  # a paused read would never see the close
         elif transport is None and self.state is not ServerState.CLOSED:
             self.connection_lost(None)
 

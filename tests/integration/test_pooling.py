@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 
@@ -352,3 +354,29 @@ def test_the_request_of_a_client_that_leaves_the_line_never_runs(pgmux, postgres
         holder.close()
     finally:
         postgres.psql("DROP TABLE IF EXISTS left_line", database=APP_DATABASE)
+
+
+def test_a_closed_server_counts_against_the_pool_until_postgresql_has_ended_its_backend(pgmux, postgres) -> None:
+    # pgmux sends Terminate and waits for PostgreSQL to close the connection: until then the backend still exists
+    # (and counts against max_connections), so its place in the pool is not given to a new one. The backend is
+    # stopped (SIGSTOP, by its pid) so that its exit cannot come before pgmux would open the next.
+    proxy = pgmux(default_pool_size=1, auth_type="trust", admin_users=[APP.name], query_wait_timeout=10)
+    first = RawClient(proxy.host, proxy.port())
+    first.send(m.query("SELECT pg_backend_pid()"))
+    pid = int(_values(first)[0])
+    first.close()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with psycopg.connect(proxy.dsn(APP.name, APP.password, "pgmux"), autocommit=True) as console:
+            console.execute("RECONNECT")  # closes the idle server now: Terminate sent, the backend cannot act on it
+        waiting = RawClient(proxy.host, proxy.port())
+        waiting.send(m.query("SELECT 1"))
+        waiting.sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            waiting.read_message()  # no second backend while the first still exists
+        assert _pgmux_backends(postgres) == 1
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    waiting.sock.settimeout(10)
+    assert _values(waiting) == [b"1"]  # the backend exited, pgmux saw its close, and the next one serves
+    waiting.close()
