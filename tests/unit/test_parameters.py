@@ -88,6 +88,9 @@ class _Transport:
     def close(self) -> None:
         self.closed = True
 
+    def resume_reading(self) -> None:
+        pass
+
 
 def _relaying_server() -> tuple[ServerConnection, _Transport]:
     """A ServerConnection past its login, talking to a fake transport (no sockets, no loop needed)."""
@@ -122,7 +125,9 @@ def test_a_failed_sync_records_nothing_and_closes_the_backend() -> None:
     server.data_received(error_response(Severity.ERROR, "42704", 'unrecognized configuration parameter "statment_timeout"')
                          + m.ready_for_query(m.TransactionStatus.FAILED))
     assert server.params == {"search_path": "tenant_p"} and server.unreported == {}
-    assert transport.closed and (server.close_reason or "").startswith("parameter sync failed: 42704")
+    # Closed as a healthy backend is: Terminate, then PostgreSQL's own close ends the connection.
+    assert transport.written[-1] == m.terminate() and not transport.closed
+    assert (server.close_reason or "").startswith("parameter sync failed: 42704")
 
 
 def test_after_a_reset_what_pgmux_set_is_unknown_and_set_or_reset_again() -> None:
