@@ -152,6 +152,7 @@ def test_the_lock_holds_across_fork_and_a_killed_holder_does_not_keep_it(table: 
         os.waitpid(pid, 0)
         pid = 0
         assert taken.wait(5)  # the kernel released it with the child
+        waiting.join(5)  # out of its own ``with`` too: the fixture closes the table's lock file next
         with table.locked():
             row = table.row(POOL)
             assert row is not None and table.opened(row, 1) == 1  # the child's count is in the shared memory
