@@ -877,7 +877,8 @@ class ServerConnection:
     # ---- ending ---------------------------------------------------------------------------------
 
     def close(self, reason: str) -> None:
-        """Say goodbye to a healthy backend: Terminate, then close once the write buffer is sent; idempotent.
+        """Say goodbye to a healthy backend: Terminate, and the backend's own close ends the connection; idempotent.
+        (During its login, before any Terminate could be read: pgmux closes.)
 
         Only for a server in a known state: the close waits for pgmux's queued bytes to reach the
         backend, which never happens while the backend is itself blocked writing to pgmux.
