@@ -79,6 +79,11 @@ typedef struct {
        __tls_get_addr call, about 1.5% of pgmux's CPU. */
     unsigned char *read_buffer;
     struct clean_text *clean;  /* CLEAN_SLOTS of them: see mentions_session_state */
+    int dispatching;           /* inside _ready: serving its sockets' events */
+    /* Protocols whose connections closed quietly during this _ready (close_quietly): let go of when it ends,
+       when no callback of this wake runs any more, rather than through a connection_lost per connection. */
+    PyObject **parked;
+    Py_ssize_t parked_len, parked_cap;
 } Poller;
 
 static PyTypeObject PollerType;
@@ -98,7 +103,8 @@ typedef struct {
     char paused;          /* pause_reading() in force */
     char writing;         /* watched for writing (something is queued) */
     char closing;
-    char closed;          /* the socket is closed; connection_lost is scheduled */
+    char closed;          /* the socket is closed; connection_lost is scheduled (unless quiet) */
+    char quiet;           /* close_quietly(): the protocol has ended the connection and hears nothing more */
     char protocol_paused; /* pause_writing() was called, resume_writing() not yet */
     char role;
     PyObject *table_owner; /* the relay table's bytes object (shared by every edge of a kind) */
@@ -180,6 +186,30 @@ drop_held(Transport *t)
 }
 
 /* Close the socket now and tell the protocol on the loop's next turn; ``exc`` (may be NULL) is why. */
+/* Keep ``protocol`` (its reference passes to the poller) until the poller's _ready ends: 0, or -1 when there is
+   no room (the caller then lets go of it as after any close). */
+static int
+park(Poller *poller, PyObject *protocol)
+{
+    if (poller->parked_len == poller->parked_cap) {
+        Py_ssize_t cap = poller->parked_cap ? poller->parked_cap * 2 : 16;
+        PyObject **parked = PyMem_RawRealloc(poller->parked, cap * sizeof(PyObject *));
+        if (parked == NULL)
+            return -1;
+        poller->parked = parked;
+        poller->parked_cap = cap;
+    }
+    poller->parked[poller->parked_len++] = protocol;
+    return 0;
+}
+
+static void
+release_parked(Poller *poller)
+{
+    while (poller->parked_len > 0)
+        Py_DECREF(poller->parked[--poller->parked_len]);  /* may run any finalizer: the array is consistent */
+}
+
 static int
 finish(Transport *t, PyObject *exc)
 {
@@ -198,17 +228,23 @@ finish(Transport *t, PyObject *exc)
     if (result == NULL)
         status = -1;
     Py_XDECREF(result);
-    PyObject *lost = PyObject_GetAttr(t->protocol, str_connection_lost);
-    if (lost != NULL) {
-        result = PyObject_CallMethodObjArgs(t->loop, str_call_soon, lost, exc != NULL ? exc : Py_None, NULL);
-        Py_DECREF(lost);
-        Py_XDECREF(result);
-    }
     /* The protocol holds its transport: let go of it, so that the pair is freed by reference counting rather
        than left to the cycle collector (one such cycle per connection otherwise). */
-    Py_SETREF(t->protocol, Py_NewRef(Py_None));
+    if (t->quiet && t->poller->dispatching && park(t->poller, t->protocol) == 0) {
+        t->protocol = Py_NewRef(Py_None);  /* its reference is the poller's until _ready ends */
+    }
+    else {
+        PyObject *lost = PyObject_GetAttr(t->protocol, str_connection_lost);
+        result = lost == NULL ? NULL : PyObject_CallMethodObjArgs(t->loop, str_call_soon, lost,
+                                                                  exc != NULL ? exc : Py_None, NULL);
+        Py_XDECREF(lost);
+        if (result == NULL)
+            status = -1;
+        Py_XDECREF(result);
+        Py_SETREF(t->protocol, Py_NewRef(Py_None));
+    }
     Py_DECREF(t);
-    return lost == NULL || result == NULL ? -1 : status;
+    return status;
 }
 
 /* A socket error: drop the connection, queued bytes and all, with the OSError for errno ``code``. */
@@ -719,6 +755,8 @@ Poller_dealloc(Poller *poller)
     if (poller->epfd >= 0)
         close(poller->epfd);
     Py_XDECREF(poller->loop_ref);
+    release_parked(poller);
+    PyMem_RawFree(poller->parked);
     PyMem_RawFree(poller->read_buffer);
     PyMem_RawFree(poller->clean);
     Py_TYPE(poller)->tp_free((PyObject *)poller);
@@ -744,6 +782,7 @@ Poller_ready(Poller *poller, PyObject *unused)
     /* Held for the whole batch: a transport the first events close stays valid for its own later ones. */
     for (int i = 0; i < count; i++)
         Py_INCREF((PyObject *)events[i].data.ptr);
+    poller->dispatching++;
     for (int i = 0; i < count; i++) {
         Transport *t = events[i].data.ptr;
         uint32_t ready = events[i].events;
@@ -752,8 +791,10 @@ Poller_ready(Poller *poller, PyObject *unused)
         if ((ready & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && t->writing && write_ready(t) < 0)
             report_exception(poller, t);
     }
+    poller->dispatching--;
     for (int i = 0; i < count; i++)
         Py_DECREF((PyObject *)events[i].data.ptr);
+    release_parked(poller);
     Py_RETURN_NONE;
 }
 
@@ -899,6 +940,16 @@ Transport_close(Transport *t, PyObject *unused)
     if (t->wend == t->wstart && finish(t, NULL) < 0)
         return NULL;
     Py_RETURN_NONE;
+}
+
+/* close(), for a protocol that has ended the connection itself (ClientConnection._close_quietly): during the
+   poller's _ready no connection_lost follows, so no call_soon and no handle; the protocol is let go of when
+   _ready ends. Elsewhere it is close(), connection_lost and all. */
+static PyObject *
+Transport_close_quietly(Transport *t, PyObject *unused)
+{
+    t->quiet = 1;
+    return Transport_close(t, unused);
 }
 
 static PyObject *
@@ -1101,6 +1152,8 @@ static PyMethodDef Transport_methods[] = {
     {"write", (PyCFunction)Transport_write, METH_O, NULL},
     {"writelines", (PyCFunction)Transport_writelines, METH_O, NULL},
     {"close", (PyCFunction)Transport_close, METH_NOARGS, NULL},
+    {"close_quietly", (PyCFunction)Transport_close_quietly, METH_NOARGS,
+     "close(); within the poller's wake, the protocol hears nothing more (it has ended the connection itself)."},
     {"abort", (PyCFunction)Transport_abort, METH_NOARGS, NULL},
     {"is_closing", (PyCFunction)Transport_is_closing, METH_NOARGS, NULL},
     {"pause_reading", (PyCFunction)Transport_pause_reading, METH_NOARGS, NULL},

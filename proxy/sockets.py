@@ -78,6 +78,10 @@ class RelayEdge(Protocol):
     def take_held(self) -> bytes:
         """The read it holds, as bytes (b"" when none): no longer held."""
 
+    def close_quietly(self) -> None:
+        """close(), for a protocol that has ended the connection itself: within the poller's wake (where every
+        relayed read is handled) no connection_lost follows, and with it no call_soon per connection."""
+
 
 def relay_edge(transport: object, role: int, table: bytes) -> RelayEdge | None:
     """Make ``transport`` a relay edge (CLIENT_EDGE or SERVER_EDGE; ``table``: relay_table's) when it is the

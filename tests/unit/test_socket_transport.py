@@ -15,6 +15,7 @@ import shutil
 import socket
 import struct
 import tracemalloc
+import weakref
 
 import pytest
 
@@ -291,6 +292,44 @@ async def test_abort_drops_what_is_queued() -> None:
     while chunk := one.app.recv(1 << 20):
         received += len(chunk)
     assert received < 4 * 1024 * 1024
+
+
+class QuietCloser(Recorder):
+    """A protocol that ends the connection itself on its first read, as ClientConnection does at Terminate."""
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self.transport.close_quietly()  # type: ignore[attr-defined]
+
+
+@in_loop
+async def test_close_quietly_within_the_wake_closes_without_connection_lost_and_lets_the_protocol_go() -> None:
+    one = edge()
+    protocol = QuietCloser()
+    protocol.connection_made(one.transport)
+    one.transport.set_protocol(protocol)
+    one.protocol = protocol
+    gone = weakref.ref(protocol)
+    del protocol
+    one.app.sendall(b"bye")
+    await settle(lambda: one.transport.is_closing())
+    one.app.settimeout(2)
+    assert one.app.recv(1) == b""  # closed
+    for _unused in range(5):  # a connection_lost would be a call_soon away
+        await asyncio.sleep(0)
+    assert one.protocol.received == [b"bye"] and one.protocol.events == []
+    assert one.transport.is_closing() and one.transport.get_protocol() is None
+    one.protocol = None
+    assert gone() is None  # the transport kept no reference once its wake ended: no cycle left to the collector
+
+
+@in_loop
+async def test_close_quietly_outside_the_wake_is_close_and_reports_the_loss() -> None:
+    one = edge()
+    one.transport.close_quietly()
+    assert await asyncio.wait_for(one.protocol.lost, 2) is None
+    one.app.settimeout(2)
+    assert one.app.recv(1) == b""
 
 
 @in_loop
