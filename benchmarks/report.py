@@ -595,8 +595,8 @@ def markdown(results: Results, image: str | None) -> str:
     lines += _edge_markdown(results)
     checks = results.get("targets_check", [])
     if checks:
-        lines += ["", "## Issue targets (issue 7; TLS: issue 17; compiled data plane: issue 19)", "", "| goal | measured | met | note |",
-                  "|---|---|---|---|"]
+        lines += ["", "## Issue targets (issue 7; TLS: issue 17; compiled data plane: issue 19)", "",
+                  "| goal | measured | met | note |", "|---|---|---|---|"]
         for check in checks:
             met = {True: "yes", False: "**no**", None: "n/a"}[check["met"]]
             lines.append(f"| {check['goal']} | {check['measured']} | {met} | {check.get('note', '')} |")

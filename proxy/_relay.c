@@ -30,7 +30,8 @@
  * Writes go straight to the socket while nothing is queued; what the kernel does not take is queued and
  * sent when the socket is writable, with pause_writing/resume_writing at the limits asyncio uses.
  * close() sends what is queued first; abort() does not. connection_lost comes through loop.call_soon,
- * as from asyncio's transports.
+ * as from asyncio's transports; close_quietly(), for a protocol that has ended the connection itself, skips
+ * it within the poller's wake (the poller keeps the protocol until the wake ends).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -185,7 +186,6 @@ drop_held(Transport *t)
     t->held_len = 0;
 }
 
-/* Close the socket now and tell the protocol on the loop's next turn; ``exc`` (may be NULL) is why. */
 /* Keep ``protocol`` (its reference passes to the poller) until the poller's _ready ends: 0, or -1 when there is
    no room (the caller then lets go of it as after any close). */
 static int
@@ -210,6 +210,8 @@ release_parked(Poller *poller)
         Py_DECREF(poller->parked[--poller->parked_len]);  /* may run any finalizer: the array is consistent */
 }
 
+/* Close the socket now and tell the protocol on the loop's next turn (a quiet close within a wake: not at all);
+   ``exc`` (may be NULL) is why. */
 static int
 finish(Transport *t, PyObject *exc)
 {

@@ -1111,7 +1111,7 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
         self._finish(reason)
         if self.relay_transport is not None:
             # Finished already, the connection needs no connection_lost: the compiled transport skips it (a
-            # call_soon and its handle, ~2,000 instructions of each pgbench -C login).
+            # call_soon and its handle: ~3,300 of the ~60,000 instructions of a pgbench -C login).
             self.relay_transport.close_quietly()
         elif self.transport is not None:
             self.transport.close()

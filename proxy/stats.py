@@ -13,6 +13,8 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
 
+_NATIVE_BUCKETS: Final = 8  # the buckets Histogram counts in fields of its own
+
 
 class Histogram:
     """Cumulative-at-read histogram: ``observe`` is a few native comparisons and additions, no locks, no labels.
@@ -85,9 +87,6 @@ class Histogram:
             total += count
             out.append((bound, total))
         return out
-
-
-_NATIVE_BUCKETS: Final = 8
 
 
 class HttpStats:
