@@ -852,8 +852,7 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
         return self._queued is not None or self._held is not None
 
     def _queue(self, data: bytes) -> None:
-        if self._held is not None:
-            self._queued = [self._take_held()]  # the held read came first
+        self._unhold()
         if self._queued is None:
             self._queued = [data]
         else:
@@ -865,16 +864,18 @@ class ClientConnection(ClientPeer, Cancellable, InLine):
         if self._queued_bytes > min(_QUEUE_HIGH_WATER, self.router.max_client_buffer):
             self.flow.pause_for_queue()
 
-    def _take_held(self) -> bytes:
-        """The held read's bytes, back from the transport (its counts are forgotten: it is walked again)."""
+    def _unhold(self) -> None:
+        """The held read's bytes, back from the transport to the head of the queue, where they belong: they came
+        first, and nothing is queued while a read is held. Its counts are forgotten: it is walked again."""
+        if self._held is None:
+            return
         self._held = None
         transport = self.relay_transport
-        return transport.take_held() if transport is not None else b""
+        self._queued = [transport.take_held() if transport is not None else b""]
 
     def _take_queued(self) -> list[bytes]:
         """Everything waiting for a server, in order: no longer waiting."""
-        if self._held is not None:
-            self._queued = [self._take_held()]  # nothing is queued while a read is held
+        self._unhold()
         queued, self._queued, self._queued_bytes = self._queued, None, 0
         self.flow.resume_for_queue()
         return queued if queued is not None else []
