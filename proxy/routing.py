@@ -405,9 +405,10 @@ class Router:
         self._reconfigure(database)
 
     def servers_in_use(self, database: str | None) -> int:
-        """Servers of ``database`` still lent, being reset, canceled or logging in: what PAUSE waits for."""
+        """Servers of ``database`` still lent, being reset, canceled, logging in or closing: what PAUSE waits for.
+        A closing server is gone once PostgreSQL has closed its end (ServerConnection.close), not before."""
         return sum(len(pool.active) + len(pool.resetting) + len(pool.login) + len(pool.being_canceled)
-                   for pool in self._pools_of(database))
+                   + len(pool.closing) for pool in self._pools_of(database))
 
     def reconnect(self, database: str | None) -> None:
         """Close every server of ``database`` (None: all) once it is not in use; new ones connect as needed."""
